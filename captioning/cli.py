@@ -1,0 +1,67 @@
+"""Command line: ``captioning fit|validate|test|predict`` (LightningCLI) and ``captioning caption``.
+
+``fit`` & co. take ``--config configs/<experiment>.yaml``; the datamodule's vocabulary is
+linked into the model at instantiation so it is saved in every checkpoint.
+``caption`` needs only a checkpoint: it captions image files in batches, prints one line
+per image and writes an attention overlay PNG and a JSON per image.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any, Sequence
+
+COMMANDS = {
+    "caption": "captioning.caption_command:main",
+    "translate": "captioning.translate_command:main",
+}
+
+
+def vocab_data(datamodule: Any) -> dict:
+    """The datamodule's vocabulary as plain data (image: {"itos"}, text: source/target)."""
+    if hasattr(datamodule, "vocab_data"):
+        return datamodule.vocab_data
+    return datamodule.vocab.to_dict()
+
+
+def _lightning_cli(args: Sequence[str] | None) -> Any:
+    import lightning.pytorch as pl
+    from lightning.pytorch.cli import LightningCLI
+
+    class CaptioningCLI(LightningCLI):
+        def add_arguments_to_parser(self, parser: Any) -> None:
+            parser.link_arguments("data", "model.init_args.vocab", compute_fn=vocab_data, apply_on="instantiate")
+
+    return CaptioningCLI(
+        pl.LightningModule,
+        pl.LightningDataModule,
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        args=args,
+        parser_kwargs={"parser_mode": "omegaconf"} if _has_omegaconf() else None,
+        auto_configure_optimizers=False,
+    )
+
+
+def _has_omegaconf() -> bool:
+    try:
+        import omegaconf  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``captioning`` console script and ``python -m captioning``."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args and args[0] in COMMANDS:
+        module, func = COMMANDS[args[0]].split(":")
+        import importlib
+
+        return int(getattr(importlib.import_module(module), func)(args[1:]) or 0)
+    _lightning_cli(None if argv is None else args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,228 @@
+"""The image captioning LightningModule: loss, optimisation, decoding for metrics, logging.
+
+The maths lives in plain modules (encoder, :class:`ShowAttendTellDecoder`, search); this
+class wires them, computes the loss with padding masked out, and scores validation/test
+by real decoding (beam or greedy), never teacher forcing.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from captioning.decoders import ShowAttendTellDecoder
+from captioning.distributed import gather_objects
+from captioning.search import SearchResult, beam_search, greedy_search
+from captioning.vocab import Vocabulary
+
+
+class ImageCaptioner(pl.LightningModule):
+    """Show, Attend and Tell captioner.
+
+    Args:
+        encoder: image encoder module: images (B, 3, H, W) -> features (B, S, C), with
+            ``out_channels`` (C) and ``grid_size`` attributes (see captioning.encoders).
+        vocab: the vocabulary as plain data ({"itos": [...]}) — linked from the datamodule
+            by the CLI and stored in the checkpoint.
+        attention: score function or ``"none"`` (mean-feature baseline); num_heads > 1 for
+            multi-head. embed_dim, decoder_dim, attention_dim, dropout, gate: decoder sizes.
+        alpha_c: weight of the doubly stochastic attention regulariser.
+        lr, encoder_lr, weight_decay: AdamW; encoder_lr applies to trainable encoder params.
+        scheduler: "none", "cosine" (linear warmup then cosine decay per step) or "plateau"
+            (halve the learning rate when val/cider stops improving).
+        beam_size: 1 = greedy; used for validation, test and predict.
+        max_length, length_penalty: decoding limits.
+        label_smoothing: cross-entropy label smoothing.
+        compile_decoder: torch.compile the decoder step (GPU speed option).
+        image_size: input side in pixels; filled from the datamodule at setup so the caption
+            command resizes images as in training.
+    """
+
+    def __init__(self, encoder: nn.Module, vocab: dict | None = None, attention: str = "additive",
+                 num_heads: int = 1, embed_dim: int = 512, decoder_dim: int = 512, attention_dim: int = 512,
+                 dropout: float = 0.5, gate: bool = True, alpha_c: float = 1.0, lr: float = 4e-4,
+                 encoder_lr: float = 1e-4, weight_decay: float = 0.0, scheduler: str = "none",
+                 warmup_steps: int = 0, beam_size: int = 3, max_length: int = 30, length_penalty: float = 0.0,
+                 label_smoothing: float = 0.0, compile_decoder: bool = False, image_size: int | None = None) -> None:
+        super().__init__()
+        if vocab is None:
+            raise ValueError("ImageCaptioner needs a vocabulary: the CLI links it from the datamodule "
+                             "(data.vocab); in Python pass vocab=datamodule.vocab.to_dict()")
+        if scheduler not in ("none", "cosine", "plateau"):
+            raise ValueError(f"scheduler must be 'none', 'cosine' or 'plateau', got {scheduler!r}")
+        self.save_hyperparameters(ignore=["encoder"])
+        self.hparams["encoder"] = module_config(encoder)
+        self.vocab = Vocabulary.from_dict(vocab)
+        self.encoder = encoder
+        self.grid_size = int(getattr(encoder, "grid_size"))
+        self.decoder = ShowAttendTellDecoder(
+            len(self.vocab), encoder.out_channels, embed_dim, decoder_dim, attention_dim, attention=attention,
+            num_heads=num_heads, gate=gate, dropout=dropout, max_positions=self.grid_size ** 2)
+        self._eval_outputs: list[dict] = []
+
+    def setup(self, stage: str) -> None:
+        datamodule = getattr(self.trainer, "datamodule", None)
+        size = getattr(datamodule, "image_size", None)
+        if isinstance(size, int):
+            self.hparams["image_size"] = size  # saved with the checkpoint for the caption command
+
+    # ------------------------------------------------------------------ core
+    def encode(self, batch: dict) -> Tensor:
+        """Batch -> features (B, S, C); uses cached features when the batch carries them."""
+        if "features" in batch:
+            return batch["features"].to(self.dtype if self.dtype.is_floating_point else torch.float32)
+        return self.encoder(batch["images"])
+
+    def loss(self, features: Tensor, captions: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Teacher-forced loss. captions (B, L) = BOS w.. EOS PAD.. -> (total, cross-entropy, regulariser)."""
+        inputs, targets = captions[:, :-1], captions[:, 1:]
+        out = self.decoder(features, inputs)
+        ce = F.cross_entropy(out.logits.reshape(-1, out.logits.shape[-1]).float(), targets.reshape(-1),
+                             ignore_index=self.vocab.pad_id, label_smoothing=self.hparams.label_smoothing)
+        if self.decoder.attention is None or self.hparams.alpha_c == 0:
+            reg = ce.new_zeros(())
+        else:
+            # Doubly stochastic attention: every cell should receive ~1 unit of attention
+            # over the caption (padding steps excluded).
+            valid = (targets != self.vocab.pad_id).unsqueeze(-1).to(out.alphas.dtype)  # (B, T, 1)
+            reg = self.hparams.alpha_c * ((1.0 - (out.alphas * valid).sum(1)) ** 2).mean()
+        return ce + reg, ce, reg
+
+    @torch.no_grad()
+    def generate(self, features: Tensor, beam_size: int | None = None, max_length: int | None = None) -> SearchResult:
+        """Decode captions for features (B, S, C); beam_size 1 = greedy."""
+        beam = self.hparams.beam_size if beam_size is None else beam_size
+        length = self.hparams.max_length if max_length is None else max_length
+        memory = self.decoder.prepare_memory(features)
+        common = dict(bos_id=self.vocab.bos_id, eos_id=self.vocab.eos_id, pad_id=self.vocab.pad_id, max_length=length)
+        if beam <= 1:
+            return greedy_search(self.decoder, memory, features.shape[0], **common)
+        return beam_search(self.decoder, memory, features.shape[0], beam_size=beam,
+                           length_penalty=self.hparams.length_penalty, **common)
+
+    def words(self, result: SearchResult) -> list[list[str]]:
+        return [self.vocab.decode(row.tolist()) for row in result.tokens]
+
+    def attention_grids(self, result: SearchResult) -> list[Tensor]:
+        """Per item (T_i, H, W) attention of each generated word (EOS excluded)."""
+        g = self.grid_size
+        out = []
+        for row, alpha in zip(result.tokens, result.alphas):
+            n = len(self.vocab.decode(row.tolist()))
+            out.append(alpha[:n].reshape(n, g, g).float().cpu())
+        return out
+
+    # ------------------------------------------------------------------ training
+    def training_step(self, batch: dict, batch_idx: int) -> Tensor:
+        total, ce, reg = self.loss(self.encode(batch), batch["captions"])
+        b = batch["captions"].shape[0]
+        self.log("train/loss", total, prog_bar=True, batch_size=b)
+        self.log("train/ce", ce, batch_size=b)
+        self.log("train/doubly_stochastic", reg, batch_size=b)
+        return total
+
+    def _eval_step(self, batch: dict, stage: str) -> None:
+        features = self.encode(batch)
+        total, _, _ = self.loss(features, batch["captions"])
+        self.log(f"{stage}/loss", total, batch_size=features.shape[0], sync_dist=True)
+        result = self.generate(features)
+        words = self.words(result)
+        grids = self.attention_grids(result) if "objects" in batch else [None] * len(words)
+        for i, w in enumerate(words):
+            item = {"image_id": batch["image_ids"][i], "caption": " ".join(w), "references": batch["references"][i]}
+            if "objects" in batch:
+                item.update(words=w, alpha=grids[i], objects=batch["objects"][i])
+            self._eval_outputs.append(item)
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        self._eval_step(batch, "val")
+
+    def test_step(self, batch: dict, batch_idx: int) -> None:
+        self._eval_step(batch, "test")
+
+    def on_validation_epoch_start(self) -> None:
+        self._eval_outputs = []
+
+    on_test_epoch_start = on_validation_epoch_start
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_caption_metrics("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_caption_metrics("test")
+
+    def _log_caption_metrics(self, stage: str) -> None:
+        from captioning.metrics import caption_scores, localisation_score
+
+        # Gather every rank's captions, drop the distributed sampler's padding duplicates,
+        # and score the corpus once: each rank computes (and logs) the same numbers.
+        items = {it["image_id"]: it for it in gather_objects(self._eval_outputs)}
+        self._eval_outputs = []
+        if not items or self.trainer.sanity_checking:
+            return
+        scores = caption_scores({k: v["caption"] for k, v in items.items()},
+                                {k: v["references"] for k, v in items.items()})
+        with_objects = [v for v in items.values() if "objects" in v]
+        if with_objects:
+            object_words = set(getattr(self.trainer.datamodule, "object_words", None) or
+                               {o["shape"] for v in with_objects for o in v["objects"]})
+            color_words = set(getattr(self.trainer.datamodule, "color_words", None) or
+                              {o["color"] for v in with_objects for o in v["objects"]})
+            loc = localisation_score([v["words"] for v in with_objects], [v["alpha"] for v in with_objects],
+                                     [v["objects"] for v in with_objects], object_words, color_words)
+            scores["localisation"] = loc["localisation"]
+        for name, value in scores.items():
+            if isinstance(value, (int, float)) and math.isfinite(value):
+                self.log(f"{stage}/{name}", float(value), rank_zero_only=False, sync_dist=False)
+        self.log(f"{stage}/num_images", float(len(items)))
+        self.last_eval_captions = {k: v["caption"] for k, v in items.items()}
+
+    # ------------------------------------------------------------------ predict
+    def predict_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> list[dict]:
+        result = self.generate(self.encode(batch))
+        return [{"image_id": i, "caption": " ".join(w)} for i, w in zip(batch["image_ids"], self.words(result))]
+
+    # ------------------------------------------------------------------ optimisation
+    def configure_optimizers(self) -> Any:
+        hp = self.hparams
+        enc = [p for p in self.encoder.parameters() if p.requires_grad]
+        groups = [{"params": [p for p in self.decoder.parameters() if p.requires_grad], "lr": hp.lr}]
+        if enc:
+            groups.append({"params": enc, "lr": hp.encoder_lr})
+        optimizer = torch.optim.AdamW(groups, lr=hp.lr, weight_decay=hp.weight_decay)
+        if hp.scheduler == "cosine":
+            total = max(1, int(self.trainer.estimated_stepping_batches))
+            warm = min(hp.warmup_steps, total - 1)
+
+            def factor(step: int) -> float:
+                if step < warm:
+                    return (step + 1) / (warm + 1)
+                return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warm) / max(1, total - warm))))
+
+            sched = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+            return {"optimizer": optimizer, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+        if hp.scheduler == "plateau":
+            sched = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="max", factor=0.5, patience=2)
+            return {"optimizer": optimizer, "lr_scheduler": {"scheduler": sched, "monitor": "val/cider"}}
+        return optimizer
+
+
+def module_config(module: nn.Module | dict) -> dict:
+    """A module's constructor config as plain data: {"class_path": ..., "init_args": {...}}.
+
+    Our encoders record their init args in ``config``; this is what goes in the
+    checkpoint so it loads with ``weights_only=True``.
+    """
+    if isinstance(module, dict):
+        return module
+    init_args = getattr(module, "config", None)
+    if init_args is None:
+        raise TypeError(f"{type(module).__name__} does not record its init args (a `config` dict attribute); "
+                        "cannot store it in the checkpoint")
+    cls = type(module)
+    return {"class_path": f"{cls.__module__}.{cls.__qualname__}", "init_args": dict(init_args)}

@@ -1,0 +1,158 @@
+"""Greedy and batched beam search, shared by the image captioner and the text seq2seq model.
+
+Both drive any decoder with the step interface::
+
+    memory = decoder.prepare_memory(...)          # batch-first tensors, computed once
+    state = decoder.init_state(memory)            # dict of (N, ...) tensors
+    logits, alpha, state = decoder.step(tokens, state, memory)   # tokens (N,) -> (N, V), (N, S)
+
+Beam search keeps all images x beams in one (B*K) batch: every step is a handful of tensor
+ops (one top-k over K*V candidates per image, one gather to reorder states), no Python loop
+over images or beams. Finished beams stay in their slot and can only be extended by padding
+at zero cost, so a batch never crashes when no beam emits EOS; it just stops at
+``max_length``. Each image's result depends only on that image (rows never mix).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple
+
+import torch
+from torch import Tensor
+
+
+class SearchResult(NamedTuple):
+    """tokens (B, T) without BOS, EOS included when produced, padded with pad_id after it;
+    lengths (B,) tokens up to and including EOS; scores (B,) sum of log-probabilities
+    (length-normalised for beam search when ``length_penalty`` > 0); alphas (B, T, S)."""
+
+    tokens: Tensor
+    lengths: Tensor
+    scores: Tensor
+    alphas: Tensor
+
+
+def map_tensors(fn: Callable[[Tensor], Tensor], obj: Any) -> Any:
+    """Apply ``fn`` to every tensor in a nest of dicts/tuples/NamedTuples; other leaves pass."""
+    if isinstance(obj, Tensor):
+        return fn(obj)
+    if isinstance(obj, dict):
+        return {k: map_tensors(fn, v) for k, v in obj.items()}
+    if isinstance(obj, tuple) and hasattr(obj, "_fields"):
+        return type(obj)(*(map_tensors(fn, v) for v in obj))
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(map_tensors(fn, v) for v in obj)
+    return obj
+
+
+def _lengths(tokens: Tensor, eos_id: int) -> Tensor:
+    """(B, T) -> (B,) position of the first EOS + 1, or T when there is none."""
+    is_eos = tokens == eos_id
+    first = torch.where(is_eos.any(1), is_eos.float().argmax(1), torch.full_like(tokens[:, 0], tokens.shape[1] - 1))
+    return first + 1
+
+
+@torch.no_grad()
+def greedy_search(decoder: Any, memory: Any, batch_size: int, bos_id: int, eos_id: int, pad_id: int = 0,
+                  max_length: int = 50) -> SearchResult:
+    """Pick the most likely word at every step, for the whole batch at once."""
+    state = decoder.init_state(memory)
+    device = next(t for t in _leaves(state)).device
+    tokens = torch.full((batch_size,), bos_id, dtype=torch.long, device=device)
+    finished = torch.zeros(batch_size, dtype=torch.bool, device=device)
+    scores = torch.zeros(batch_size, device=device)
+    out_tokens, out_alphas = [], []
+    for step in range(max_length):
+        logits, alpha, state = decoder.step(tokens, state, memory)
+        logp = torch.log_softmax(logits.float(), -1)
+        best_logp, tokens = logp.max(-1)
+        tokens = tokens.masked_fill(finished, pad_id)
+        scores = scores + best_logp.masked_fill(finished, 0.0)
+        out_tokens.append(tokens)
+        out_alphas.append(alpha.float())
+        finished = finished | (tokens == eos_id)
+        if step % 4 == 3 and bool(finished.all()):  # one host sync every few steps to stop early
+            break
+    toks = torch.stack(out_tokens, 1)
+    return SearchResult(toks, _lengths(toks, eos_id), scores, torch.stack(out_alphas, 1))
+
+
+def _leaves(obj: Any):
+    if isinstance(obj, Tensor):
+        yield obj
+    elif isinstance(obj, dict):
+        for v in obj.values():
+            yield from _leaves(v)
+    elif isinstance(obj, (list, tuple)):
+        for v in obj:
+            yield from _leaves(v)
+
+
+def length_normaliser(lengths: Tensor, length_penalty: float) -> Tensor:
+    """GNMT length penalty ((5 + len) / 6) ** alpha; alpha = 0 disables it."""
+    return ((5.0 + lengths.float()) / 6.0) ** length_penalty
+
+
+@torch.no_grad()
+def beam_search(decoder: Any, memory: Any, batch_size: int, bos_id: int, eos_id: int, pad_id: int = 0,
+                beam_size: int = 3, max_length: int = 50, length_penalty: float = 0.0) -> SearchResult:
+    """Batched beam search: all B images and K beams advance together.
+
+    Args:
+        memory: from ``decoder.prepare_memory`` for B items; expanded here to B*K once.
+        length_penalty: GNMT alpha applied when choosing among finished hypotheses.
+    Returns:
+        the best hypothesis per item (see :class:`SearchResult`).
+    """
+    if beam_size < 1:
+        raise ValueError(f"beam_size must be >= 1, got {beam_size}")
+    b, k = batch_size, beam_size
+    memory = map_tensors(lambda t: t.repeat_interleave(k, 0), memory)  # (B*K, ...) once
+    state = decoder.init_state(memory)
+    device = next(t for t in _leaves(state)).device
+    tokens = torch.full((b * k,), bos_id, dtype=torch.long, device=device)
+    # Only beam 0 is alive at the start, so the first top-k does not pick K copies of one word.
+    scores = torch.full((b, k), float("-inf"), device=device)
+    scores[:, 0] = 0.0
+    finished = torch.zeros(b, k, dtype=torch.bool, device=device)
+    history = torch.empty(b, k, 0, dtype=torch.long, device=device)
+    alpha_history: Tensor | None = None
+    base = (torch.arange(b, device=device) * k).unsqueeze(1)  # (B, 1) offset of each item's beams
+
+    for step in range(max_length):
+        logits, alpha, state = decoder.step(tokens, state, memory)
+        logp = torch.log_softmax(logits.float(), -1).view(b, k, -1)  # (B, K, V)
+        vocab = logp.shape[-1]
+        # A finished beam continues only with PAD at no cost: it keeps its score and slot.
+        pad_row = torch.full((vocab,), float("-inf"), device=device)
+        pad_row[pad_id] = 0.0
+        logp = torch.where(finished.unsqueeze(-1), pad_row, logp)
+        candidates = (scores.unsqueeze(-1) + logp).view(b, k * vocab)
+        scores, flat = candidates.topk(k, dim=1)  # (B, K)
+        origin, tokens_bk = flat // vocab, flat % vocab  # which beam each came from, its word
+        rows = (base + origin).view(-1)  # (B*K,) rows to gather states from
+        state = map_tensors(lambda t: t.index_select(0, rows), state)
+        history = torch.cat([history.gather(1, origin.unsqueeze(-1).expand(-1, -1, history.shape[2])),
+                             tokens_bk.unsqueeze(-1)], 2)
+        step_alpha = alpha.float().view(b, k, -1).gather(1, origin.unsqueeze(-1).expand(-1, -1, alpha.shape[-1]))
+        if alpha_history is None:
+            alpha_history = step_alpha.unsqueeze(2)
+        else:
+            alpha_history = alpha_history.gather(
+                1, origin[:, :, None, None].expand(-1, -1, alpha_history.shape[2], alpha_history.shape[3]))
+            alpha_history = torch.cat([alpha_history, step_alpha.unsqueeze(2)], 2)
+        finished = finished.gather(1, origin) | (tokens_bk == eos_id)
+        tokens = tokens_bk.view(-1)
+        if step % 4 == 3 and bool(finished.all()):  # one host sync every few steps to stop early
+            break
+
+    assert alpha_history is not None
+    lengths = _lengths(history.view(b * k, -1), eos_id).view(b, k)
+    final = scores / length_normaliser(lengths, length_penalty)
+    best = final.argmax(1)  # (B,)
+    pick = best.view(b, 1, 1)
+    tokens_out = history.gather(1, pick.expand(-1, 1, history.shape[2])).squeeze(1)
+    alphas_out = alpha_history.gather(
+        1, pick.unsqueeze(-1).expand(-1, 1, alpha_history.shape[2], alpha_history.shape[3])).squeeze(1)
+    return SearchResult(tokens_out, lengths.gather(1, best.unsqueeze(1)).squeeze(1),
+                        final.gather(1, best.unsqueeze(1)).squeeze(1), alphas_out)

@@ -1,0 +1,385 @@
+"""Pictures of where the model looked: per-word attention overlays and seq2seq heatmaps.
+
+Everything is drawn with PIL + numpy (matplotlib only supplies colormap tables), so it runs
+headless and fast (a 15-word overlay takes well under 0.5 s on one core).
+
+Overlay layout (all sizes in pixels, ``P = panel_size``):
+    font  = max(10, P // 10)            line = font + font // 2
+    width  = cols * P + (cols + 1) * GAP
+    height = header + rows * (P + line) + (rows + 1) * GAP,  header = GAP + n_lines * line
+where ``n_lines`` is the number of lines of the optional title plus the wrapped caption, and
+``cols x rows`` holds ``1 + T`` panels (the plain image first, then one per word). Each panel
+is a ``P x P`` box with the image fitted inside (aspect kept) and its label in a strip below.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import threading
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw, ImageFont
+
+GAP = 6
+MAX_COLUMNS = 6
+_BACKGROUND = (255, 255, 255)
+_TEXT = (20, 20, 20)
+
+__all__ = ["attention_overlay", "seq2seq_heatmap", "write_caption_result", "GAP", "MAX_COLUMNS"]
+
+
+# --------------------------------------------------------------------------- helpers
+@functools.lru_cache(maxsize=8)
+def _colormap(name: str) -> np.ndarray:
+    """(256, 3) float32 RGB table of a matplotlib colormap (import deferred: it is slow)."""
+    import matplotlib
+
+    return matplotlib.colormaps[name](np.linspace(0.0, 1.0, 256))[:, :3].astype(np.float32)
+
+
+@functools.lru_cache(maxsize=16)
+def _font(size: int, bold: bool = False) -> ImageFont.ImageFont:
+    names = ["DejaVuSans-Bold.ttf", "DejaVuSans.ttf"] if bold else ["DejaVuSans.ttf"]
+    for name in names:
+        try:
+            return ImageFont.truetype(name, size)
+        except OSError:
+            continue
+    try:  # Pillow >= 10.1 ships a scalable default font
+        return ImageFont.load_default(size=size)
+    except TypeError:
+        return ImageFont.load_default()
+
+
+def _text_width(font: ImageFont.ImageFont, text: str) -> float:
+    return font.getlength(text)
+
+
+def _fit_text(font: ImageFont.ImageFont, text: str, width: int) -> str:
+    """Shorten ``text`` with an ellipsis so it fits in ``width`` pixels."""
+    if _text_width(font, text) <= width:
+        return text
+    while text and _text_width(font, text + "…") > width:
+        text = text[:-1]
+    return text + "…"
+
+
+def _wrap(font: ImageFont.ImageFont, text: str, width: int) -> list[str]:
+    """Greedy word wrap to ``width`` pixels; a single over-long word is ellipsised."""
+    lines: list[str] = []
+    current = ""
+    for word in text.split():
+        candidate = f"{current} {word}" if current else word
+        if _text_width(font, candidate) <= width:
+            current = candidate
+            continue
+        if current:
+            lines.append(current)
+        current = _fit_text(font, word, width)
+    if current or not lines:
+        lines.append(current)
+    return lines
+
+
+def _to_numpy(x: Any, what: str) -> np.ndarray:
+    if isinstance(x, torch.Tensor):
+        x = x.detach().to("cpu", torch.float32).numpy()
+    arr = np.asarray(x, dtype=np.float32)
+    if not np.isfinite(arr).all():
+        raise ValueError(f"{what} contains NaN or inf values")
+    return arr
+
+
+def _image_array(image: Any) -> np.ndarray:
+    """PIL image, (3, H, W) float tensor/array in [0, 1], or (H, W, 3) uint8 -> (H, W, 3) uint8."""
+    if isinstance(image, Image.Image):
+        return np.asarray(image.convert("RGB"))
+    is_uint8 = (isinstance(image, np.ndarray) and image.dtype == np.uint8) or (
+        isinstance(image, torch.Tensor) and image.dtype == torch.uint8)
+    arr = _to_numpy(image, "image")
+    if arr.ndim == 3 and arr.shape[0] == 3 and arr.shape[-1] != 3:
+        arr = arr.transpose(1, 2, 0)
+    elif not (arr.ndim == 3 and arr.shape[-1] == 3):
+        raise ValueError(f"image must be a PIL image, (3, H, W) or (H, W, 3); got shape {tuple(arr.shape)}")
+    if is_uint8:
+        return arr.astype(np.uint8)
+    lo, hi = float(arr.min()), float(arr.max())
+    if lo < -1e-3 or hi > 1 + 1e-3:
+        raise ValueError(
+            f"image tensor values must be in [0, 1], got [{lo:.3f}, {hi:.3f}]; an ImageNet-normalised "
+            "tensor must go through captioning.images.denormalize first")
+    return np.round(np.clip(arr, 0, 1) * 255).astype(np.uint8)
+
+
+def _fit_box(image: np.ndarray, box: int) -> np.ndarray:
+    """Resize (H, W, 3) uint8 to fit in a box x box square, keeping the aspect ratio."""
+    h, w = image.shape[:2]
+    scale = box / max(h, w)
+    size = (max(1, round(w * scale)), max(1, round(h * scale)))
+    return np.asarray(Image.fromarray(image).resize(size, Image.BILINEAR))
+
+
+def _resample_matrix(n_in: int, n_out: int) -> np.ndarray:
+    """(n_out, n_in) matrix: bilinear upsampling (half-pixel centres, like align_corners=False)
+    followed by a Gaussian blur of a third of an input cell (removes the bilinear ridges, like
+    the paper's smoothed figures). Rows sum to 1, so a constant map stays constant."""
+    pos = np.clip((np.arange(n_out) + 0.5) * n_in / n_out - 0.5, 0, n_in - 1)
+    i0 = np.floor(pos).astype(np.int64)
+    i1 = np.minimum(i0 + 1, n_in - 1)
+    frac = (pos - i0).astype(np.float64)
+    up = np.zeros((n_out, n_in))
+    np.add.at(up, (np.arange(n_out), i0), 1 - frac)
+    np.add.at(up, (np.arange(n_out), i1), frac)
+    sigma = n_out / n_in / 3.0
+    if sigma >= 1.0:
+        d = np.arange(n_out)[:, None] - np.arange(n_out)[None, :]
+        blur = np.exp(-0.5 * (d / sigma) ** 2)
+        up = (blur / blur.sum(1, keepdims=True)) @ up
+    return up.astype(np.float32)
+
+
+def _smooth_maps(maps: np.ndarray, height: int, width: int) -> np.ndarray:
+    """(T, h, w) -> (T, height, width) in [0, 1]: smooth upsampling (two small matrix
+    products per map, see :func:`_resample_matrix`), then per-word min-max. A constant map
+    has no peak to show: it becomes a flat 0.5 instead of 0/0."""
+    t, h, w = maps.shape
+    if t == 0:
+        return np.zeros((0, height, width), np.float32)
+    x = _resample_matrix(h, height) @ maps.astype(np.float32) @ _resample_matrix(w, width).T
+    flat_in = (maps.reshape(t, -1).max(1) - maps.reshape(t, -1).min(1)) <= 1e-12
+    lo = x.reshape(t, -1).min(1)[:, None, None]
+    span = x.reshape(t, -1).max(1)[:, None, None] - lo
+    flat = flat_in[:, None, None] | (span <= 1e-12)
+    out = np.where(flat, 0.5, (x - lo) / np.where(flat, 1.0, span))
+    return np.clip(out, 0.0, 1.0).astype(np.float32)
+
+
+def _heat(image: np.ndarray, m: np.ndarray, cmap: np.ndarray) -> np.ndarray:
+    """Blend a colormap of ``m`` (H, W) in [0, 1] over ``image`` (H, W, 3) uint8, darkening
+    the image where attention is low so the attended region stands out even in grey print."""
+    img = image.astype(np.float32) / 255.0
+    colour = cmap[np.round(m * 255).astype(np.int64)]
+    lit = img * (0.4 + 0.6 * m[..., None])
+    out = 0.6 * lit + 0.4 * colour
+    return np.round(np.clip(out, 0, 1) * 255).astype(np.uint8)
+
+
+# --------------------------------------------------------------------------- public API
+def attention_overlay(
+    image: Image.Image | torch.Tensor | np.ndarray,
+    words: list[str],
+    alphas: torch.Tensor | np.ndarray,
+    title: str | None = None,
+    panel_size: int = 160,
+    columns: int | None = None,
+    colormap: str = "jet",
+) -> Image.Image:
+    """One picture: the plain image, then one panel per word with its attention heatmap.
+
+    Args:
+        image: PIL image, (3, H, W) float tensor in [0, 1] (denormalised), or (H, W, 3) uint8.
+        words: the T caption words; panel ``t + 1`` is labelled ``words[t]``.
+        alphas: (T, h, w) attention over the feature grid, one map per word. Each map is
+            min-max normalised for display (relative, per word).
+        title: optional first header line (e.g. the file name or score).
+        panel_size: P, side of each square panel in pixels.
+        columns: panels per row; default balances rows with at most ``MAX_COLUMNS`` per row.
+        colormap: any matplotlib colormap name.
+
+    Returns:
+        RGB image of the size given in the module docstring.
+    """
+    words = [str(w) for w in words]
+    a = _to_numpy(alphas, "alphas")
+    if a.ndim != 3:
+        raise ValueError(f"alphas must be (T, h, w), one map per word; got shape {tuple(a.shape)} "
+                         "(reshape a (T, S) decoder output to the feature grid first)")
+    if a.shape[0] != len(words):
+        raise ValueError(f"got {len(words)} words but {a.shape[0]} attention maps; they must match")
+    if panel_size < 16:
+        raise ValueError(f"panel_size must be >= 16 pixels, got {panel_size}")
+    n = len(words) + 1
+    if columns is None:
+        rows = math.ceil(n / MAX_COLUMNS)
+        columns = math.ceil(n / rows)
+    if columns < 1:
+        raise ValueError(f"columns must be >= 1, got {columns}")
+    columns = min(columns, n)
+    rows = math.ceil(n / columns)
+
+    fsize = max(10, panel_size // 10)
+    line = fsize + fsize // 2
+    font, bold = _font(fsize), _font(fsize, bold=True)
+    width = columns * panel_size + (columns + 1) * GAP
+    caption = " ".join(words) if words else "(empty caption)"
+    header_lines = [(l, bold) for l in _wrap(bold, title, width - 2 * GAP)] if title else []
+    header_lines += [(l, font) for l in _wrap(font, caption, width - 2 * GAP)]
+    header = GAP + len(header_lines) * line
+    height = header + rows * (panel_size + line) + (rows + 1) * GAP
+
+    canvas = Image.new("RGB", (width, height), _BACKGROUND)
+    draw = ImageDraw.Draw(canvas)
+    for i, (text, f) in enumerate(header_lines):
+        draw.text((GAP, GAP + i * line + line // 2), text, fill=_TEXT, font=f, anchor="lm")
+
+    base = _fit_box(_image_array(image), panel_size)
+    bh, bw = base.shape[:2]
+    maps = _smooth_maps(a, bh, bw)
+    cmap = _colormap(colormap)
+    labels = ["(image)"] + words
+    for k in range(n):
+        r, c = divmod(k, columns)
+        x0 = GAP + c * (panel_size + GAP)
+        y0 = header + GAP + r * (panel_size + line + GAP)
+        pixels = base if k == 0 else _heat(base, maps[k - 1], cmap)
+        canvas.paste(Image.fromarray(pixels), (x0 + (panel_size - bw) // 2, y0 + (panel_size - bh) // 2))
+        label = _fit_text(font, labels[k], panel_size)
+        draw.text((x0 + panel_size // 2, y0 + panel_size + line // 2), label, fill=_TEXT,
+                  font=font, anchor="mm")
+    return canvas
+
+
+def seq2seq_heatmap(
+    source_tokens: list[str],
+    target_tokens: list[str],
+    alpha: torch.Tensor | np.ndarray,
+    colormap: str = "inferno",
+) -> Image.Image:
+    """Attention matrix of a text seq2seq model as a labelled heatmap (Bahdanau et al. style).
+
+    Args:
+        source_tokens: the S source tokens (columns, labels written vertically on top).
+        target_tokens: the T generated tokens (rows, labels on the left).
+        alpha: (T, S) attention weights; colours run from 0 to the largest weight, shown on
+            the colour bar on the right.
+    """
+    src, tgt = [str(t) for t in source_tokens], [str(t) for t in target_tokens]
+    a = _to_numpy(alpha, "alpha")
+    if a.ndim != 2 or a.shape != (len(tgt), len(src)):
+        raise ValueError(f"alpha must be (T, S) = ({len(tgt)}, {len(src)}) for {len(tgt)} target and "
+                         f"{len(src)} source tokens; got shape {tuple(a.shape)}")
+    t, s = a.shape
+    cell = int(min(32, max(12, 480 // max(t, s, 1))))
+    fsize = max(9, min(14, int(cell * 0.6)))
+    font = _font(fsize)
+    label_w = min(200, math.ceil(max([_text_width(font, w) for w in src + tgt] + [10])) + 2 * GAP)
+    bar_w, bar_gap = 12, 2 * GAP
+    vmax = float(a.max()) if a.size else 0.0
+    vtext = f"{vmax:.2f}"
+    width = label_w + s * cell + bar_gap + bar_w + GAP + int(_text_width(font, vtext)) + GAP
+    height = label_w + max(t * cell, 4 * cell) + GAP
+
+    canvas = Image.new("RGB", (width, height), _BACKGROUND)
+    draw = ImageDraw.Draw(canvas)
+    cmap = _colormap(colormap)
+    x0, y0 = label_w, label_w
+    if a.size:
+        norm = a / vmax if vmax > 0 else np.zeros_like(a)
+        grid = (cmap[np.round(np.clip(norm, 0, 1) * 255).astype(np.int64)] * 255).astype(np.uint8)
+        cells = Image.fromarray(grid).resize((s * cell, t * cell), Image.NEAREST)
+        canvas.paste(cells, (x0, y0))
+    for i, word in enumerate(tgt):
+        draw.text((x0 - GAP, y0 + i * cell + cell // 2), _fit_text(font, word, label_w - 2 * GAP),
+                  fill=_TEXT, font=font, anchor="rm")
+    for j, word in enumerate(src):
+        # Vertical source labels: draw horizontally on a strip, rotate, paste above column j.
+        text = _fit_text(font, word, label_w - 2 * GAP)
+        strip = Image.new("RGB", (label_w - GAP, cell), _BACKGROUND)
+        ImageDraw.Draw(strip).text((GAP, cell // 2), text, fill=_TEXT, font=font, anchor="lm")
+        canvas.paste(strip.rotate(90, expand=True), (x0 + j * cell, 0))
+    # colour bar: 0 at the bottom, vmax at the top
+    bx, bh = x0 + s * cell + bar_gap, max(t * cell, 4 * cell)
+    ramp = (cmap[np.linspace(255, 0, bh).round().astype(np.int64)] * 255).astype(np.uint8)
+    canvas.paste(Image.fromarray(np.repeat(ramp[:, None, :], bar_w, axis=1)), (bx, y0))
+    draw.text((bx + bar_w + GAP // 2, y0), vtext, fill=_TEXT, font=font, anchor="lt")
+    draw.text((bx + bar_w + GAP // 2, y0 + bh), "0", fill=_TEXT, font=font, anchor="lb")
+    return canvas
+
+
+# Output files written by this process -> the image they describe. With overwrite=True a
+# file is only replaced when it came from the same image, so two inputs sharing a stem
+# (a/cat.jpg, b/cat.jpg) in one run never overwrite each other.
+_WRITTEN: dict[Path, str] = {}
+_WRITTEN_LOCK = threading.Lock()
+
+
+def _claim(output_dir: Path, stem: str, source: str, overwrite: bool) -> tuple[Path, Path]:
+    with _WRITTEN_LOCK:
+        for k in range(10_000):
+            name = stem if k == 0 else f"{stem}-{k}"
+            png, js = output_dir / f"{name}.png", output_dir / f"{name}.json"
+            owners = {_WRITTEN.get(png.resolve()), _WRITTEN.get(js.resolve())} - {None}
+            if owners - {source}:
+                continue  # written earlier in this process for another image
+            if not overwrite:
+                if png.exists() or js.exists():
+                    continue
+                try:  # exclusive create: another process writing into the same folder loses
+                    js.open("x").close()
+                except FileExistsError:
+                    continue
+            _WRITTEN[png.resolve()] = _WRITTEN[js.resolve()] = source
+            return png, js
+    raise FileExistsError(f"{output_dir}: no free file name for {stem!r} (tried {stem}-1 .. -9999)")
+
+
+def write_caption_result(
+    output_dir: str | Path,
+    image_path: str | Path,
+    words: list[str],
+    alphas: torch.Tensor | np.ndarray,
+    image: Image.Image | torch.Tensor | np.ndarray | None = None,
+    score: float | None = None,
+    overwrite: bool = False,
+) -> tuple[Path, Path]:
+    """Write ``<stem>.png`` (the attention overlay) and ``<stem>.json`` for one captioned image.
+
+    JSON: {"image", "caption", "words", "grid_size": [h, w], "attention": (T, h, w) nested
+    lists rounded to 5 decimals, "score"} (a non-finite score is written as null).
+    Existing files are never replaced unless ``overwrite``; a free name ``<stem>-1``,
+    ``<stem>-2``, ... is used instead. Returns the (png, json) paths actually written.
+
+    Args:
+        output_dir: folder, created if missing.
+        image_path: the source image; read with captioning.images.load_image if ``image``
+            is not given.
+        words, alphas: T words and (T, h, w) attention maps, as for :func:`attention_overlay`.
+    """
+    words = [str(w) for w in words]
+    a = _to_numpy(alphas, "alphas")
+    if a.ndim != 3 or a.shape[0] != len(words):
+        raise ValueError(f"{image_path}: got {len(words)} words but alphas of shape {tuple(a.shape)}; "
+                         "expected (T, h, w) with T == number of words")
+    if image is None:
+        from captioning.images import load_image
+
+        image = load_image(image_path)
+    overlay = attention_overlay(image, words, a, title=Path(image_path).name)
+    if score is not None:
+        score = float(score)
+        score = score if math.isfinite(score) else None
+    record = {
+        "image": str(image_path),
+        "caption": " ".join(words),
+        "words": words,
+        "grid_size": [int(a.shape[1]), int(a.shape[2])],
+        "attention": np.round(a.astype(np.float64), 5).tolist(),
+        "score": score,
+    }
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    source = str(Path(image_path).resolve())
+    png, js = _claim(output_dir, Path(image_path).stem, source, overwrite)
+    try:
+        overlay.save(png)
+        js.write_text(json.dumps(record) + "\n", encoding="utf-8")
+    except BaseException:
+        if not overwrite and js.exists() and js.stat().st_size == 0:
+            js.unlink()  # do not leave our empty placeholder behind
+        raise
+    return png, js

@@ -1,0 +1,147 @@
+"""Greedy and batched beam search, on a toy decoder whose best sequence we can enumerate."""
+
+import itertools
+
+import pytest
+import torch
+
+from captioning.decoders import ShowAttendTellDecoder
+from captioning.search import beam_search, greedy_search
+
+PAD, BOS, EOS = 0, 1, 2
+
+
+class MarkovDecoder(torch.nn.Module):
+    """Next-word log-probs depend only on the previous word: table[item, prev] (V,)."""
+
+    def __init__(self, table):  # (B, V, V) logits
+        super().__init__()
+        self.table = table
+
+    def prepare_memory(self):
+        return {"table": self.table, "s": torch.zeros(self.table.shape[0], 3)}
+
+    def init_state(self, memory):
+        return {"dummy": memory["s"].clone()}
+
+    def step(self, tokens, state, memory):
+        rows = memory["table"][torch.arange(tokens.shape[0]), tokens]  # (N, V)
+        alpha = torch.softmax(memory["s"], -1)
+        return rows, alpha, state
+
+
+def _best_by_enumeration(table, length):
+    """Highest total log-prob sequence of exactly ``length`` words or ending in EOS earlier."""
+    logp = torch.log_softmax(table, -1)
+    v = table.shape[-1]
+    best, best_seq = -float("inf"), None
+    for n in range(1, length + 1):
+        for seq in itertools.product(range(v), repeat=n):
+            if EOS in seq[:-1] or (n < length and seq[-1] != EOS) or PAD in seq:
+                continue
+            prev, total = BOS, 0.0
+            for w in seq:
+                total += float(logp[prev, w])
+                prev = w
+            if total > best:
+                best, best_seq = total, seq
+    return best, best_seq
+
+
+def test_beam_search_finds_the_best_sequence_greedy_misses():
+    torch.manual_seed(3)
+    v, length = 5, 4
+    found_gap = False
+    for _ in range(20):
+        table = torch.randn(1, v, v) * 2.0
+        table[..., PAD] = -1e9
+        dec = MarkovDecoder(table)
+        best, seq = _best_by_enumeration(table[0], length)
+        res = beam_search(dec, dec.prepare_memory(), 1, BOS, EOS, PAD, beam_size=v * v, max_length=length)
+        n = int(res.lengths[0])
+        assert tuple(res.tokens[0, :n].tolist()) == seq
+        assert res.scores[0].item() == pytest.approx(best, abs=1e-4)
+        greedy = greedy_search(dec, dec.prepare_memory(), 1, BOS, EOS, PAD, max_length=length)
+        assert greedy.scores[0] <= res.scores[0] + 1e-5
+        found_gap |= bool(greedy.scores[0] < res.scores[0] - 1e-3)
+    assert found_gap, "toy problem never had a greedy-suboptimal case"
+
+
+def test_no_beam_emits_eos_does_not_crash():
+    table = torch.zeros(2, 6, 6)
+    table[..., EOS] = -1e9  # EOS impossible
+    table[..., PAD] = -1e9
+    dec = MarkovDecoder(table)
+    res = beam_search(dec, dec.prepare_memory(), 2, BOS, EOS, PAD, beam_size=3, max_length=7)
+    assert res.tokens.shape == (2, 7) and torch.all(res.lengths == 7)
+    assert not (res.tokens == EOS).any()
+    g = greedy_search(dec, dec.prepare_memory(), 2, BOS, EOS, PAD, max_length=7)
+    assert torch.all(g.lengths == 7)
+
+
+def _decoder(score="additive"):
+    torch.manual_seed(0)
+    return ShowAttendTellDecoder(30, 12, 8, 16, 10, attention=score, dropout=0.0, max_positions=9).double().eval()
+
+
+@pytest.mark.parametrize("score", ["additive", "none"])
+def test_caption_does_not_depend_on_the_other_images_in_the_batch(score):
+    dec = _decoder(score)
+    feats = torch.randn(5, 9, 12, dtype=torch.double)
+    full = beam_search(dec, dec.prepare_memory(feats), 5, BOS, EOS, PAD, beam_size=3, max_length=15)
+    for i in range(5):
+        alone = beam_search(dec, dec.prepare_memory(feats[i:i + 1]), 1, BOS, EOS, PAD, beam_size=3, max_length=15)
+        n = int(alone.lengths[0])
+        assert torch.equal(alone.tokens[0, :n], full.tokens[i, :n])
+        torch.testing.assert_close(alone.scores[0], full.scores[i])
+        torch.testing.assert_close(alone.alphas[0, :n], full.alphas[i, :n])
+    shuffled = beam_search(dec, dec.prepare_memory(feats.flip(0)), 5, BOS, EOS, PAD, beam_size=3, max_length=15)
+    assert torch.equal(shuffled.tokens.flip(0), full.tokens)
+
+
+def test_beam_of_one_equals_greedy_and_results_are_consistent():
+    dec = _decoder()
+    feats = torch.randn(4, 9, 12, dtype=torch.double)
+    mem = dec.prepare_memory(feats)
+    g = greedy_search(dec, mem, 4, BOS, EOS, PAD, max_length=12)
+    b = beam_search(dec, mem, 4, BOS, EOS, PAD, beam_size=1, max_length=12)
+    assert torch.equal(g.tokens, b.tokens)
+    torch.testing.assert_close(g.scores, b.scores)
+    # alphas: one distribution per generated word, each summing to 1
+    torch.testing.assert_close(b.alphas.sum(-1), torch.ones(4, b.tokens.shape[1], dtype=torch.float))
+    # after EOS only padding
+    for row, n in zip(b.tokens, b.lengths):
+        assert torch.all(row[int(n):] == PAD)
+
+
+def test_wider_beam_never_scores_worse_without_length_penalty():
+    dec = _decoder()
+    feats = torch.randn(6, 9, 12, dtype=torch.double)
+    mem = dec.prepare_memory(feats)
+    s1 = beam_search(dec, mem, 6, BOS, EOS, PAD, beam_size=1, max_length=10).scores
+    s4 = beam_search(dec, mem, 6, BOS, EOS, PAD, beam_size=4, max_length=10).scores
+    assert torch.all(s4 >= s1 - 1e-6)
+
+
+def test_length_penalty_prefers_longer_finished_hypotheses():
+    # After word 3, EOS (log p -0.60) beats going on (-0.80, then -0.47): the short caption
+    # [3, EOS] totals -0.60 against -1.27 for [3, 4, 5, EOS]. With GNMT alpha=4 the long one
+    # wins (-0.60/1.85 = -0.32 vs -1.27/5.06 = -0.25).
+    table = torch.full((1, 6, 6), -1e9)
+    table[0, BOS, 3] = 0.0
+    table[0, 3, EOS] = 0.0
+    table[0, 3, 4] = -0.2
+    table[0, 4, 5] = 0.5
+    table[0, 4, EOS] = 0.0
+    table[0, 5, EOS] = 0.0
+    dec = MarkovDecoder(table)
+    short = beam_search(dec, dec.prepare_memory(), 1, BOS, EOS, PAD, beam_size=3, max_length=6)
+    long = beam_search(dec, dec.prepare_memory(), 1, BOS, EOS, PAD, beam_size=3, max_length=6, length_penalty=4.0)
+    assert short.tokens[0, :2].tolist() == [3, EOS]
+    assert long.tokens[0, :4].tolist() == [3, 4, 5, EOS]
+
+
+def test_invalid_beam_size():
+    dec = _decoder()
+    with pytest.raises(ValueError, match="beam_size"):
+        beam_search(dec, dec.prepare_memory(torch.randn(1, 9, 12, dtype=torch.double)), 1, BOS, EOS, beam_size=0)
