@@ -22,7 +22,8 @@ from captioning.images import ImageReadError, load_image, to_tensor
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="captioning caption", description=__doc__.split("\n\n")[1])
     p.add_argument("images", nargs="+", metavar="IMAGE", help="image files to caption")
-    p.add_argument("--ckpt_path", required=True, help="Lightning checkpoint written by `captioning fit`")
+    p.add_argument("--ckpt_path", required=True,
+                   help="checkpoint written by `captioning fit`, or a run folder (its newest best*.ckpt is used)")
     p.add_argument("--output", required=True, help="folder for the overlay PNGs and JSON files (created)")
     p.add_argument("--beam_size", type=int, default=None, help="default: the model's own (1 = greedy)")
     p.add_argument("--max_length", type=int, default=None, help="longest caption in words")
@@ -36,11 +37,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from captioning.checkpoints import load_model
+    from captioning.checkpoints import load_model, resolve_checkpoint
     from captioning.viz import write_caption_result
 
     try:
-        model = load_model(args.ckpt_path, map_location=args.device)
+        ckpt = resolve_checkpoint(args.ckpt_path)
+        print(f"using checkpoint {ckpt}", file=sys.stderr)
+        model = load_model(ckpt, map_location=args.device)
     except (FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -20,6 +20,18 @@ import torch
 _TRUSTED_PREFIXES = ("captioning.", "datamodules.")
 
 
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A checkpoint file, or a run folder: then the newest ``best*.ckpt`` under it (else ``last.ckpt``)."""
+    path = Path(path)
+    if path.is_dir():
+        found = sorted(path.rglob("best*.ckpt"), key=lambda p: p.stat().st_mtime) or \
+            sorted(path.rglob("last*.ckpt"), key=lambda p: p.stat().st_mtime)
+        if not found:
+            raise FileNotFoundError(f"no best*.ckpt or last.ckpt under {path}")
+        return found[-1]
+    return path
+
+
 def read_checkpoint(path: str | Path) -> dict:
     """torch.load with weights_only=True and an error that names the file."""
     path = Path(path)
@@ -53,7 +65,8 @@ def build_module(config: dict, **overrides: Any) -> Any:
 
 def load_model(path: str | Path, default_class: str = "captioning.models.ImageCaptioner",
                map_location: str | torch.device = "cpu") -> pl.LightningModule:
-    """Rebuild the LightningModule saved in ``path`` and load its weights (eval mode)."""
+    """Rebuild the LightningModule saved in ``path`` (file or run folder) and load its weights (eval mode)."""
+    path = resolve_checkpoint(path)
     ckpt = read_checkpoint(path)
     hparams = dict(ckpt["hyper_parameters"])
     class_path = hparams.pop("_class_path", None) or default_class

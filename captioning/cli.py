@@ -9,7 +9,7 @@ per image and writes an attention overlay PNG and a JSON per image.
 from __future__ import annotations
 
 import sys
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
 COMMANDS = {
     "caption": "captioning.caption_command:main",
@@ -31,6 +31,23 @@ def _lightning_cli(args: Sequence[str] | None) -> Any:
     class CaptioningCLI(LightningCLI):
         def add_arguments_to_parser(self, parser: Any) -> None:
             parser.link_arguments("data", "model.init_args.vocab", compute_fn=vocab_data, apply_on="instantiate")
+            parser.add_argument("--test_after_fit", type=bool, default=False,
+                                help="fit only: run `test` on the best checkpoint when training ends")
+            parser.add_argument("--predictions_path", type=Optional[str], default=None,
+                                help="predict only: COCO results JSON (default <log_dir>/predictions.json)")
+
+        def _extra(self, key: str) -> Any:
+            return self.config[self.subcommand].get(key) if self.subcommand else None
+
+        def after_fit(self) -> None:
+            if self._extra("test_after_fit") and not self.trainer.interrupted:
+                has_best = bool(getattr(self.trainer.checkpoint_callback, "best_model_path", ""))
+                self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path="best" if has_best else None)
+
+        def before_predict(self) -> None:
+            from captioning.prediction_writer import CocoResultsWriter
+
+            self.trainer.callbacks.append(CocoResultsWriter(self._extra("predictions_path")))
 
     return CaptioningCLI(
         pl.LightningModule,

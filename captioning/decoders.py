@@ -52,7 +52,13 @@ class ShowAttendTellDecoder(nn.Module):
         super().__init__()
         self.vocab_size, self.encoder_dim, self.decoder_dim = vocab_size, encoder_dim, decoder_dim
         self.attention_name = attention
-        self.attention = build_attention(attention, decoder_dim, encoder_dim, attention_dim, num_heads, max_positions)
+        # Dot-product scores compare the query with the keys directly, so they need the same
+        # size: when the LSTM state is not C wide, the decoder projects its query (the layer
+        # itself stays strict about it).
+        needs_same_size = attention in ("dot", "scaled_dot") and num_heads == 1 and decoder_dim != encoder_dim
+        self.query_proj = nn.Linear(decoder_dim, encoder_dim, bias=False) if needs_same_size else None
+        query_dim = encoder_dim if needs_same_size else decoder_dim
+        self.attention = build_attention(attention, query_dim, encoder_dim, attention_dim, num_heads, max_positions)
         self.embedding = nn.Embedding(vocab_size, embed_dim)
         self.init_h = nn.Linear(encoder_dim, decoder_dim)
         self.init_c = nn.Linear(encoder_dim, decoder_dim)
@@ -101,7 +107,7 @@ class ShowAttendTellDecoder(nn.Module):
             alpha = memory["mean"].new_full((h.shape[0], s), 1.0 / s)
             return memory["mean"], alpha
         attn: PreparedMemory = memory["attn"]
-        context, alpha = self.attention(h, attn)
+        context, alpha = self.attention(h if self.query_proj is None else self.query_proj(h), attn)
         if self.gate is not None:
             context = torch.sigmoid(self.gate(h)) * context
         return context, alpha

@@ -1,0 +1,80 @@
+"""The commands users run: fit (+ test), predict, caption, on a tiny built-in dataset."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from captioning.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["--data.init_args.train_size", "64", "--data.init_args.val_size", "8", "--data.init_args.test_size", "8",
+        "--data.init_args.batch_size", "16", "--trainer.max_epochs", "1", "--trainer.check_val_every_n_epoch", "1",
+        "--trainer.enable_progress_bar", "false", "--trainer.log_every_n_steps", "1",
+        "--model.init_args.embed_dim", "16", "--model.init_args.decoder_dim", "32",
+        "--model.init_args.attention_dim", "16", "--model.init_args.encoder.init_args.channels", "16",
+        "--model.init_args.max_length", "8"]
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("shapes_run")
+    main(["fit", "--config", str(ROOT / "configs/shapes.yaml"), *TINY, "--trainer.default_root_dir", str(root),
+          "--trainer.logger.init_args.save_dir", str(root)])
+    return root
+
+
+def test_fit_writes_checkpoints_and_test_scores(run_dir):
+    ckpts = {p.name for p in run_dir.rglob("*.ckpt")}
+    assert "last.ckpt" in ckpts and any(n.startswith("best-epoch00-cider") for n in ckpts)
+    metrics = (next(run_dir.rglob("metrics.csv"))).read_text().splitlines()[0].split(",")
+    for key in ("val/bleu4", "val/cider", "val/rougeL", "val/localisation", "test/bleu4", "test/cider",
+                "test/localisation", "train/loss"):
+        assert key in metrics, key
+
+
+def test_predict_writes_coco_results_json_without_overwriting(run_dir, tmp_path):
+    ckpt = next(run_dir.rglob("last.ckpt"))
+    out = tmp_path / "preds.json"
+    out.write_text("user data")
+    main(["predict", "--config", str(ROOT / "configs/shapes.yaml"), *TINY, "--ckpt_path", str(ckpt),
+          "--predictions_path", str(out), "--trainer.logger", "false"])
+    assert out.read_text() == "user data"  # not overwritten
+    results = json.loads((tmp_path / "preds-1.json").read_text())
+    assert len(results) == 8 and {"image_id", "caption"} == set(results[0])
+    assert len({r["image_id"] for r in results}) == 8
+
+
+def test_caption_command_writes_overlays_and_reports_bad_files(run_dir, tmp_path, capsys):
+    from datamodules.shapes import ShapesDataModule
+
+    images = ShapesDataModule().export_images("test", [0, 1], tmp_path / "imgs")
+    bad = tmp_path / "imgs" / "notes.txt"
+    bad.write_text("not an image")
+    out = tmp_path / "overlays"
+    code = main(["caption", "--ckpt_path", str(run_dir), "--output", str(out), *map(str, images), str(bad),
+                 "--beam_size", "2"])
+    captured = capsys.readouterr()
+    assert code == 1  # one file failed, the others were captioned
+    assert "notes.txt" in captured.err
+    lines = [ln for ln in captured.out.splitlines() if "\t" in ln]
+    assert len(lines) == 2
+    for img in images:
+        meta = json.loads((out / f"{img.stem}.json").read_text())
+        assert meta["grid_size"] == [8, 8]
+        assert len(meta["attention"]) == len(meta["words"]) == len(meta["caption"].split())
+        with Image.open(out / f"{img.stem}.png") as png:
+            assert png.width > 64 and png.height > 64
+
+
+def test_caption_command_missing_checkpoint_is_a_clear_error(tmp_path, capsys):
+    assert main(["caption", "--ckpt_path", str(tmp_path / "missing.ckpt"), "--output", str(tmp_path), "x.png"]) == 2
+    assert "missing.ckpt" in capsys.readouterr().err
+
+
+def test_console_entry_point_help():
+    done = subprocess.run([sys.executable, "-m", "captioning", "caption", "--help"], capture_output=True, text=True)
+    assert done.returncode == 0 and "--ckpt_path" in done.stdout

@@ -1,0 +1,83 @@
+"""ImageCaptioner: loss masks padding, regulariser, decoding for metrics, checkpoint round trip."""
+
+import pytest
+import torch
+
+from captioning.checkpoints import load_model, read_checkpoint
+from captioning.encoders import SmallCNN
+from captioning.models import ImageCaptioner
+from captioning.vocab import Vocabulary
+
+VOCAB = Vocabulary(["a", "red", "blue", "circle", "square"])
+
+
+def _model(**kw):
+    args = dict(embed_dim=16, decoder_dim=24, attention_dim=16, dropout=0.0)
+    args.update(kw)
+    return ImageCaptioner(SmallCNN(channels=16, grid_size=4, width=4), VOCAB.to_dict(), **args)
+
+
+def test_loss_ignores_padding():
+    model = _model().eval()
+    feats = torch.randn(2, 16, 16)
+    caps = torch.tensor([[1, 4, 5, 6, 2, 0, 0], [1, 4, 7, 8, 5, 6, 2]])
+    base, ce, _ = model.loss(feats, caps)
+    longer = torch.cat([caps, torch.zeros(2, 3, dtype=torch.long)], 1)  # more padding
+    again, ce2, _ = model.loss(feats, longer)
+    torch.testing.assert_close(ce, ce2)
+    torch.testing.assert_close(base, again)
+
+
+def test_doubly_stochastic_regulariser_weight():
+    feats = torch.randn(2, 16, 16)
+    caps = torch.tensor([[1, 4, 5, 2], [1, 6, 7, 2]])
+    torch.manual_seed(0)
+    with_reg = _model(alpha_c=1.0).eval()
+    torch.manual_seed(0)
+    without = _model(alpha_c=0.0).eval()
+    total, ce, reg = with_reg.loss(feats, caps)
+    assert reg > 0 and torch.isclose(total, ce + reg)
+    total0, ce0, reg0 = without.loss(feats, caps)
+    assert reg0 == 0 and torch.isclose(ce0, ce)
+
+
+def test_generate_returns_words_and_grids():
+    model = _model().eval()
+    result = model.generate(torch.randn(3, 16, 16), beam_size=2, max_length=6)
+    words = model.words(result)
+    grids = model.attention_grids(result)
+    assert len(words) == 3 and all(g.shape == (len(w), 4, 4) for w, g in zip(words, grids))
+    assert all(t in VOCAB for w in words for t in w)
+
+
+def test_missing_vocab_and_bad_scheduler_are_clear_errors():
+    with pytest.raises(ValueError, match="vocabulary"):
+        ImageCaptioner(SmallCNN(channels=8, grid_size=2, width=4), None)
+    with pytest.raises(ValueError, match="scheduler"):
+        _model(scheduler="sometimes")
+
+
+def test_checkpoint_holds_vocab_as_plain_data_and_loads_weights_only(tmp_path):
+    import lightning.pytorch as pl
+
+    model = _model(attention="general")
+    trainer = pl.Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False, max_epochs=0)
+    trainer.strategy.connect(model)
+    path = tmp_path / "m.ckpt"
+    trainer.save_checkpoint(path)
+    ckpt = read_checkpoint(path)  # torch.load(weights_only=True) inside
+    assert ckpt["hyper_parameters"]["vocab"] == VOCAB.to_dict()
+    assert ckpt["hyper_parameters"]["encoder"]["class_path"] == "captioning.encoders.SmallCNN"
+    loaded = load_model(path)
+    assert loaded.vocab == VOCAB and loaded.hparams.attention == "general"
+    for (name, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items()):
+        assert torch.equal(a, b), name
+
+
+def test_load_model_errors_name_the_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope.ckpt"):
+        load_model(tmp_path / "nope.ckpt")
+    bad = tmp_path / "bad.ckpt"
+    bad.write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="bad.ckpt"):
+        load_model(bad)
