@@ -14,6 +14,7 @@ from typing import Any, Optional, Sequence
 COMMANDS = {
     "caption": "captioning.caption_command:main",
     "translate": "captioning.translate_command:main",
+    "cache-features": "captioning.features:main",
 }
 
 
@@ -44,14 +45,32 @@ def _lightning_cli(args: Sequence[str] | None) -> Any:
                 has_best = bool(getattr(self.trainer.checkpoint_callback, "best_model_path", ""))
                 self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path="best" if has_best else None)
 
+        def _resolve_ckpt_path(self, continue_run: bool = False) -> None:
+            # `--ckpt_path last` finds the newest last.ckpt of earlier runs (and their W&B run).
+            from captioning.runs import resolve_checkpoint
+
+            config = self.config_init[self.subcommand]
+            config["ckpt_path"] = resolve_checkpoint(self.trainer, config.get("ckpt_path"), continue_run, self.model)
+
+        def before_fit(self) -> None:
+            self._resolve_ckpt_path(continue_run=True)
+
+        def before_validate(self) -> None:
+            self._resolve_ckpt_path()
+
+        before_test = before_validate
+
         def before_predict(self) -> None:
             from captioning.prediction_writer import CocoResultsWriter
 
             self.trainer.callbacks.append(CocoResultsWriter(self._extra("predictions_path")))
 
+    from captioning.runs import RunConfigSaver
+
     return CaptioningCLI(
         pl.LightningModule,
         pl.LightningDataModule,
+        save_config_callback=RunConfigSaver,  # config.yaml in each run's folder, pushed to W&B
         subclass_mode_model=True,
         subclass_mode_data=True,
         args=args,

@@ -70,6 +70,10 @@ class ImageCaptioner(pl.LightningModule):
         size = getattr(datamodule, "image_size", None)
         if isinstance(size, int):
             self.hparams["image_size"] = size  # saved with the checkpoint for the caption command
+            # Loggers merge hparams_initial with the datamodule's: keep them consistent.
+            self._hparams_initial["image_size"] = size
+        if self.hparams.compile_decoder:
+            compile_decoder_step(self.decoder)
 
     # ------------------------------------------------------------------ core
     def encode(self, batch: dict) -> Tensor:
@@ -162,6 +166,8 @@ class ImageCaptioner(pl.LightningModule):
         # Gather every rank's captions, drop the distributed sampler's padding duplicates,
         # and score the corpus once: each rank computes (and logs) the same numbers.
         items = {it["image_id"]: it for it in gather_objects(self._eval_outputs)}
+        # Score in a fixed order: float sums (CIDEr's mean) then match bit for bit on any world size.
+        items = dict(sorted(items.items(), key=lambda kv: str(kv[0])))
         self._eval_outputs = []
         if not items or self.trainer.sanity_checking:
             return
@@ -210,6 +216,23 @@ class ImageCaptioner(pl.LightningModule):
             sched = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="max", factor=0.5, patience=2)
             return {"optimizer": optimizer, "lr_scheduler": {"scheduler": sched, "monitor": "val/cider"}}
         return optimizer
+
+
+def compile_decoder_step(decoder: nn.Module) -> None:
+    """torch.compile the decoder's per-step functions, once: ``step`` (beam/greedy search) and,
+    when the decoder has them, ``_attend``/``_cell`` (the steps of the teacher-forced loop).
+
+    Compiling per step rather than the whole forward keeps one graph for every caption
+    length (the loop stays in Python); ``dynamic=True`` avoids recompiling when the beam
+    batch shrinks. Only the instance's attributes change: state_dict and checkpoints do not.
+    """
+    if getattr(decoder, "_step_compiled", False):
+        return
+    for name in ("step", "_attend", "_cell"):
+        fn = getattr(decoder, name, None)
+        if callable(fn):
+            setattr(decoder, name, torch.compile(fn, dynamic=True))
+    decoder._step_compiled = True
 
 
 def module_config(module: nn.Module | dict) -> dict:

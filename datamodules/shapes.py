@@ -332,6 +332,10 @@ class ShapesDataModule(L.LightningDataModule):
     def vocab(self) -> Vocabulary:
         return self._vocab
 
+    # Which words name objects / colours: the captioner's localisation score reads these.
+    object_words: tuple[str, ...] = SHAPES
+    color_words: tuple[str, ...] = COLORS
+
     @property
     def image_size(self) -> int:
         return self._image_size
