@@ -1,0 +1,210 @@
+"""Text sequence-to-sequence maths: a BiLSTM encoder and an attention LSTM decoder.
+
+The decoder uses the SAME attention layer as the image captioner
+(:func:`captioning.attention.build_attention`) and implements the SAME step interface as
+:class:`captioning.decoders.ShowAttendTellDecoder` (``prepare_memory`` / ``init_state`` /
+``step``), so :func:`captioning.search.greedy_search` and :func:`~captioning.search.beam_search`
+drive it unchanged.
+
+Two query styles (who asks the attention layer, and when):
+
+``bahdanau`` (Bahdanau et al. 2015): the PREVIOUS state asks, the context enters the LSTM::
+
+    c_t, alpha_t = attention(h_{t-1}, encoder states)
+    h_t = LSTM([embed(y_{t-1}); c_t], h_{t-1})
+    p(y_t) = softmax(W_out tanh(W_c [h_t; c_t]))
+
+``luong`` (Luong et al. 2015, with input feeding): the CURRENT state asks, and the
+attentional vector of the previous step is fed back as input::
+
+    h_t = LSTM([embed(y_{t-1}); h~_{t-1}], h_{t-1})
+    c_t, alpha_t = attention(h_t, encoder states)
+    h~_t = tanh(W_c [h_t; c_t]);   p(y_t) = softmax(W_out h~_t)
+
+``attention="none"`` is the fixed-context baseline (Cho et al. 2014 "RNNenc"): ``c_t`` is the
+encoder summary (last forward + first backward state) at every step; its reported alpha is
+uniform over the real source positions.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import Tensor, nn
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+from captioning.attention import build_attention
+from captioning.decoders import DecoderOutput
+
+QUERY_STYLES = ("bahdanau", "luong")
+
+
+class EncoderOutput(NamedTuple):
+    """states (B, S, 2H) (exactly 0 at padding); mask (B, S) True = real token; summary (B, 2H)
+    = [last forward state; first backward state] of the top layer."""
+
+    states: Tensor
+    mask: Tensor
+    summary: Tensor
+
+
+def length_mask(lengths: Tensor, max_len: int) -> Tensor:
+    """lengths (B,) -> (B, max_len) bool, True for positions < length."""
+    return torch.arange(max_len, device=lengths.device).unsqueeze(0) < lengths.unsqueeze(1)
+
+
+class BiLSTMEncoder(nn.Module):
+    """Bidirectional LSTM over embedded source tokens, run on packed sequences so padding
+    never enters the recurrence: an item's states do not depend on how much it is padded.
+
+    Args:
+        vocab_size: source vocabulary size.
+        embed_dim: E; hidden_dim: H per direction (states are 2H wide, ``out_dim``).
+        num_layers: stacked BiLSTM layers; dropout between layers and on the embeddings.
+    """
+
+    def __init__(self, vocab_size: int, embed_dim: int = 128, hidden_dim: int = 128, num_layers: int = 1,
+                 dropout: float = 0.0, pad_id: int = 0) -> None:
+        super().__init__()
+        self.embedding = nn.Embedding(vocab_size, embed_dim, padding_idx=pad_id)
+        self.lstm = nn.LSTM(embed_dim, hidden_dim, num_layers, batch_first=True, bidirectional=True,
+                            dropout=dropout if num_layers > 1 else 0.0)
+        self.dropout = nn.Dropout(dropout)
+        self.out_dim = 2 * hidden_dim
+
+    def forward(self, source: Tensor, lengths: Tensor) -> EncoderOutput:
+        """source (B, S) token ids, lengths (B,) real tokens per row (>= 1) -> :class:`EncoderOutput`."""
+        if source.dim() != 2 or lengths.shape != source.shape[:1]:
+            raise ValueError(f"source must be (B, S) with lengths (B,), got {tuple(source.shape)} "
+                             f"and {tuple(lengths.shape)}")
+        if bool((lengths < 1).any()) or bool((lengths > source.shape[1]).any()):
+            raise ValueError(f"source lengths must be in 1..{source.shape[1]}, got {lengths.tolist()}")
+        emb = self.dropout(self.embedding(source))  # (B, S, E)
+        packed = pack_padded_sequence(emb, lengths.cpu(), batch_first=True, enforce_sorted=False)
+        out, (h, _) = self.lstm(packed)
+        states, _ = pad_packed_sequence(out, batch_first=True, total_length=source.shape[1])  # (B, S, 2H)
+        summary = torch.cat([h[-2], h[-1]], dim=-1)  # top layer: forward final, backward final
+        return EncoderOutput(states, length_mask(lengths, source.shape[1]), summary)
+
+
+class AttentionLSTMDecoder(nn.Module):
+    """LSTM decoder attending over encoder states before every word (see module docstring).
+
+    Args:
+        vocab_size: V (target vocabulary).
+        encoder_dim: C, width of each encoder state (2H for :class:`BiLSTMEncoder`).
+        embed_dim, decoder_dim, attention_dim: E, D, A.
+        attention: a score of :data:`captioning.attention.SCORERS` (or alias) or ``"none"``.
+        query: ``"bahdanau"`` (previous state) or ``"luong"`` (current state + input feeding).
+        num_heads: > 1 for multi-head attention.
+        dropout: on the vector fed to the output layer.
+        max_positions: longest source (S incl. EOS); only the ``location`` score needs it.
+    """
+
+    def __init__(self, vocab_size: int, encoder_dim: int, embed_dim: int = 128, decoder_dim: int = 256,
+                 attention_dim: int = 128, attention: str = "additive", query: str = "bahdanau",
+                 num_heads: int = 1, dropout: float = 0.2, max_positions: int | None = None) -> None:
+        super().__init__()
+        if query not in QUERY_STYLES:
+            raise ValueError(f"query must be one of {QUERY_STYLES}, got {query!r}")
+        self.vocab_size, self.encoder_dim, self.decoder_dim = vocab_size, encoder_dim, decoder_dim
+        self.query, self.attention_name = query, attention
+        # Dot-product scores need query and key of one size: project the keys (values stay the
+        # encoder states, so the context keeps width C) instead of forcing D == C on the user.
+        needs_bridge = (attention in ("dot", "scaled_dot") and num_heads == 1 and encoder_dim != decoder_dim)
+        self.key_bridge = nn.Linear(encoder_dim, decoder_dim, bias=False) if needs_bridge else None
+        key_dim = decoder_dim if needs_bridge else encoder_dim
+        self.attention = build_attention(attention, decoder_dim, key_dim, attention_dim, num_heads, max_positions)
+        self.embedding = nn.Embedding(vocab_size, embed_dim)
+        self.init_h = nn.Linear(encoder_dim, decoder_dim)
+        self.init_c = nn.Linear(encoder_dim, decoder_dim)
+        # LSTM input projection split by input (embedding / context or fed-back vector / state),
+        # so the embedding part is one matrix product over all steps in teacher forcing.
+        self.input_embed = nn.Linear(embed_dim, 4 * decoder_dim)  # carries the LSTM bias
+        extra_dim = encoder_dim if query == "bahdanau" else decoder_dim
+        self.input_extra = nn.Linear(extra_dim, 4 * decoder_dim, bias=False)
+        self.recurrent = nn.Linear(decoder_dim, 4 * decoder_dim, bias=False)
+        self.combine = nn.Linear(decoder_dim + encoder_dim, decoder_dim)
+        self.dropout = nn.Dropout(dropout)
+        self.output = nn.Linear(decoder_dim, vocab_size)
+        with torch.no_grad():  # forget-gate bias 1: remember by default early in training
+            self.input_embed.bias.zero_()
+            self.input_embed.bias[decoder_dim: 2 * decoder_dim] = 1.0
+
+    # ------------------------------------------------------------------ step interface
+    def prepare_memory(self, states: Tensor, mask: Tensor | None = None, summary: Tensor | None = None) -> dict:
+        """Everything that does not change across steps.
+
+        Args:
+            states: (B, S, C) encoder states; mask: (B, S) bool, True = real source token.
+            summary: (B, C) fixed sentence vector (initial state; the context without
+                attention); default: the mean of the unmasked states.
+        Returns:
+            dict of batch-first tensors (search expands them per beam): ``attn``
+            (PreparedMemory, keys projected once, or None), ``summary`` (B, C), ``mask`` (B, S).
+        """
+        if mask is None:
+            mask = torch.ones(states.shape[:2], dtype=torch.bool, device=states.device)
+        if summary is None:
+            m = mask.unsqueeze(-1).to(states.dtype)
+            summary = (states * m).sum(1) / m.sum(1).clamp(min=1)
+        attn = None
+        if self.attention is not None:
+            keys = states if self.key_bridge is None else self.key_bridge(states)
+            attn = self.attention.prepare(keys, states, mask)
+        return {"attn": attn, "summary": summary, "mask": mask}
+
+    def init_state(self, memory: dict) -> dict:
+        """Initial state from the summary: {"h", "c"} (B, D), plus "feed" (B, D) for luong."""
+        summary = memory["summary"]
+        state = {"h": torch.tanh(self.init_h(summary)), "c": torch.tanh(self.init_c(summary))}
+        if self.query == "luong":
+            state["feed"] = summary.new_zeros(summary.shape[0], self.decoder_dim)
+        return state
+
+    def _attend(self, query: Tensor, memory: dict) -> tuple[Tensor, Tensor]:
+        """query (B, D) -> context (B, C), alpha (B, S)."""
+        if self.attention is None:
+            mask = memory["mask"].to(query.dtype)
+            return memory["summary"], mask / mask.sum(1, keepdim=True).clamp(min=1)
+        return self.attention(query, memory["attn"])
+
+    def _cell(self, x_gates: Tensor, extra: Tensor, h: Tensor, c: Tensor) -> tuple[Tensor, Tensor]:
+        gates = x_gates + self.input_extra(extra) + self.recurrent(h)  # (B, 4D)
+        i, f, g, o = gates.chunk(4, dim=-1)
+        c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+        return torch.sigmoid(o) * torch.tanh(c), c
+
+    def _advance(self, x_gates: Tensor, state: dict, memory: dict) -> tuple[Tensor, Tensor, dict]:
+        """One step given the embedding gates (B, 4D) -> attentional vector (B, D), alpha (B, S), state."""
+        if self.query == "bahdanau":
+            context, alpha = self._attend(state["h"], memory)  # query: previous state
+            h, c = self._cell(x_gates, context, state["h"], state["c"])
+            attentional = torch.tanh(self.combine(torch.cat([h, context], -1)))
+            return attentional, alpha, {"h": h, "c": c}
+        h, c = self._cell(x_gates, state["feed"], state["h"], state["c"])
+        context, alpha = self._attend(h, memory)  # query: current state
+        attentional = torch.tanh(self.combine(torch.cat([h, context], -1)))
+        return attentional, alpha, {"h": h, "c": c, "feed": attentional}
+
+    def step(self, tokens: Tensor, state: dict, memory: dict) -> tuple[Tensor, Tensor, dict]:
+        """tokens (B,) previous words -> logits (B, V), alpha (B, S), new state."""
+        attentional, alpha, state = self._advance(self.input_embed(self.embedding(tokens)), state, memory)
+        return self.output(self.dropout(attentional)), alpha, state
+
+    # ------------------------------------------------------------------ teacher forcing
+    def forward(self, states: Tensor, inputs: Tensor, mask: Tensor | None = None,
+                summary: Tensor | None = None) -> DecoderOutput:
+        """Teacher-forced pass: states (B, S, C), inputs (B, T) = BOS y_1 .. y_{T-1}, mask (B, S)
+        -> logits (B, T, V), alphas (B, T, S) (row t is the attention used to predict y_{t+1})."""
+        memory = self.prepare_memory(states, mask, summary)
+        state = self.init_state(memory)
+        x_gates = self.input_embed(self.embedding(inputs))  # (B, T, 4D): one GEMM for all steps
+        outs, alphas = [], []
+        for t in range(inputs.shape[1]):
+            attentional, alpha, state = self._advance(x_gates[:, t], state, memory)
+            outs.append(attentional)
+            alphas.append(alpha)
+        logits = self.output(self.dropout(torch.stack(outs, 1)))  # (B, T, V): one GEMM for all steps
+        return DecoderOutput(logits, torch.stack(alphas, 1))

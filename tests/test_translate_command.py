@@ -1,0 +1,94 @@
+"""`captioning fit` on the synthetic text config, then `captioning translate` from its checkpoint."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from captioning.cli import main as cli_main
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models: one thread is as fast, and it avoids OpenMP spin-waits that make two
+    threads many times slower when other processes share the 2 cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    out = tmp_path_factory.mktemp("fit")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # module fixtures run before the per-test _one_thread
+    try:
+        _fit(out)
+    finally:
+        torch.set_num_threads(threads)
+    ckpts = sorted(out.rglob("last.ckpt"))
+    assert len(ckpts) == 1, list(out.rglob("*"))
+    metrics = (ckpts[0].parents[1] / "metrics.csv").read_text()
+    for key in ("val/exact_match", "val/alignment", "val/bleu", "test/exact_match"):  # test: test_after_fit
+        assert key in metrics
+    return ckpts[0]
+
+
+def _fit(out):
+    cli_main(["fit", "--config", str(ROOT / "configs" / "text_dates.yaml"),
+              "--trainer.max_epochs", "1", "--trainer.default_root_dir", str(out),
+              "--trainer.logger.init_args.save_dir", str(out), "--trainer.enable_progress_bar", "false",
+              "--data.init_args.train_size", "64", "--data.init_args.val_size", "16",
+              "--data.init_args.test_size", "16",
+              "--data.init_args.max_items", "2", "--data.init_args.batch_size", "16"])
+
+
+def test_fit_stores_vocab_and_tokenizer_as_plain_data(checkpoint):
+    hp = torch.load(checkpoint, weights_only=True)["hyper_parameters"]
+    assert set(hp["vocab"]) == {"source", "target", "tokenizer"}
+    assert "nov" in hp["vocab"]["source"]["itos"] and hp["vocab"]["tokenizer"]["kind"] == "word"
+
+
+def test_translate_text_arguments_and_heatmaps_never_overwritten(checkpoint, tmp_path, capsys):
+    heat = tmp_path / "heat"
+    args = ["translate", "--ckpt_path", str(checkpoint), "--heatmap_dir", str(heat), "--beam_size", "2",
+            "21 nov 2026", "3 feb 1999, 4 mar 2000"]
+    assert cli_main(args) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 2
+    first = sorted(heat.glob("*.png"))
+    assert [p.name for p in first] == ["0001-21-nov-2026.png", "0002-3-feb-1999-4-mar-2000.png"]
+    record = json.loads((heat / "0001-21-nov-2026.json").read_text())
+    assert record["source_tokens"] == ["21", "nov", "2026", "<eos>"] and record["translation"] == lines[0]
+    assert len(record["attention"]) == len(record["target_tokens"])
+    assert Image.open(first[0]).size[0] > 0
+    before = first[0].read_bytes()
+    assert cli_main(args) == 0  # second run: new names, the first files untouched
+    assert sorted(p.name for p in heat.glob("0001*.png")) == ["0001-21-nov-2026-1.png", "0001-21-nov-2026.png"]
+    assert first[0].read_bytes() == before
+
+
+def test_translate_input_file_keeps_line_alignment(checkpoint, tmp_path, capsys):
+    src = tmp_path / "in.tsv"
+    src.write_text("21 nov 2026\t2026-11-21\n\n1 jan 2000\n", encoding="utf-8")
+    assert cli_main(["translate", "--ckpt_path", str(checkpoint), "--input", str(src)]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert len(out) == 3 and out[1] == ""
+
+
+def test_translate_errors_name_the_file(checkpoint, tmp_path, capsys):
+    assert cli_main(["translate", "--ckpt_path", str(tmp_path / "missing.ckpt"), "hello"]) == 2
+    assert "missing.ckpt" in capsys.readouterr().err
+    assert cli_main(["translate", "--ckpt_path", str(checkpoint), "--input", str(tmp_path / "none.txt")]) == 2
+    assert "none.txt" in capsys.readouterr().err
+    bad = tmp_path / "bad.txt"
+    bad.write_bytes(b"1 jan 2000\n\xff\xfe\n")
+    assert cli_main(["translate", "--ckpt_path", str(checkpoint), "--input", str(bad)]) == 2
+    assert f"{bad}, line 2" in capsys.readouterr().err
+    assert cli_main(["translate", "--ckpt_path", str(checkpoint)]) == 2  # no sentences given
