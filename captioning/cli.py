@@ -8,8 +8,13 @@ per image and writes an attention overlay PNG and a JSON per image.
 
 from __future__ import annotations
 
+import os
 import sys
 from typing import Any, Optional, Sequence
+
+# Before torch is imported: OpenMP threads that spin while waiting make a 2-core machine
+# shared with data loading several times slower; passive waiting costs little elsewhere.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 COMMANDS = {
     "caption": "captioning.caption_command:main",

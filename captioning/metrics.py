@@ -285,19 +285,21 @@ def _peak_centres(alpha: Tensor, where: str) -> tuple[Tensor, Tensor, int, int]:
 
 def localisation_score(words: Sequence[Sequence[str]], alphas: Sequence[Tensor],
                        objects: Sequence[Sequence[Mapping]], object_words: set[str],
-                       color_words: set[str] | None = None) -> dict[str, float | int]:
+                       color_words: set[str] | None = None,
+                       attribute_words: set[str] | None = None) -> dict[str, float | int]:
     """Share of generated object words whose attention peak lies on the object they name.
 
-    Definition, per image i and generated position t with ``w = words[i][t]`` in
-    ``object_words`` (every such position counts once in ``localisation_total``):
+    An object phrase is a shape word (``object_words``, the noun) and the attribute words
+    (``attribute_words``, e.g. sizes and colours) since the previous noun: "large red
+    circle". Every word of the phrase refers to the same object. Definition, per image i:
 
-    1. Referred objects: the scene objects with ``shape == w``. If the nearest preceding
-       colour word -- searching back from t-1 and stopping at the previous object word or
-       the caption start -- is the colour of at least one of them, keep only those of that
-       colour (otherwise keep all of them).
-    2. No scene object has that shape -> a miss (hallucinated object).
-    3. Peak: the cell (row, col) of ``alphas[i][t]`` with the largest weight (first one on
-       ties), centre ``x = (col + 0.5) / W, y = (row + 0.5) / H``.
+    1. Referred objects of a noun w at position t: the scene objects with ``shape == w``.
+       If the nearest preceding colour word -- searching back from t-1 and stopping at the
+       previous noun or the caption start -- is the colour of at least one of them, keep
+       only those of that colour (otherwise keep all of them).
+    2. No scene object has that shape -> every word of the phrase is a miss (hallucinated).
+    3. Peak of a word: the cell (row, col) of ``alphas[i][t]`` with the largest weight (first
+       on ties), centre ``x = (col + 0.5) / W, y = (row + 0.5) / H``.
     4. Hit if the centre lies in some referred object's box ``[x0, y0, x1, y1]`` widened by
        half a cell on every side (``0.5 / W`` horizontally, ``0.5 / H`` vertically), so
        boxes smaller than a cell can still be hit by the nearest cell.
@@ -309,17 +311,22 @@ def localisation_score(words: Sequence[Sequence[str]], alphas: Sequence[Tensor],
         objects: per image its objects ``{"shape", "color", "size", "box"}``, box in [0, 1].
         object_words: the shape words that name objects (e.g. {"circle", "square"}).
         color_words: colour words; None = every colour that occurs in ``objects``.
+        attribute_words: words describing the next named object (sizes, colours); None =
+            nouns only.
 
     Returns:
-        ``localisation`` = hits / total (0.0 when no object word was generated),
-        ``localisation_hits``, ``localisation_total``.
+        ``localisation`` = hits / total over all object-phrase words (nouns and
+        attributes; 0.0 when none was generated), ``localisation_hits``,
+        ``localisation_total``, and the same over nouns only: ``localisation_nouns``,
+        ``localisation_nouns_hits``, ``localisation_nouns_total``.
     """
     if not (len(words) == len(alphas) == len(objects)):
         raise ValueError(f"localisation_score: got {len(words)} word lists, {len(alphas)} "
                          f"alphas and {len(objects)} object lists; they must match")
     if color_words is None:
         color_words = {str(o["color"]) for scene in objects for o in scene}
-    hits = total = 0
+    attribute_words = set(attribute_words or ())
+    hits = total = noun_hits = noun_total = 0
     for i, (ws, alpha, scene) in enumerate(zip(words, alphas, objects)):
         ws = ws.split() if isinstance(ws, str) else list(ws)
         where = f"localisation_score: image {i}"
@@ -332,24 +339,35 @@ def localisation_score(words: Sequence[Sequence[str]], alphas: Sequence[Tensor],
                 raise ValueError(f"{where}, object {k}: box must be [x0, y0, x1, y1] in [0, 1] "
                                  f"with x0 <= x1 and y0 <= y1, got {box!r}")
         tol_x, tol_y = 0.5 / w, 0.5 / h
+
+        def on_object(t: int, referred: list) -> bool:
+            x, y = float(xs[t]), float(ys[t])
+            return any(o["box"][0] - tol_x <= x <= o["box"][2] + tol_x
+                       and o["box"][1] - tol_y <= y <= o["box"][3] + tol_y for o in referred)
+
+        phrase_start = 0
         for t, word in enumerate(ws):
             if word not in object_words:
                 continue
-            total += 1
+            attributes = [j for j in range(phrase_start, t) if ws[j] in attribute_words]
+            phrase_start = t + 1
             referred = [o for o in scene if o["shape"] == word]
-            if not referred:
-                continue  # hallucinated object
             for prev in reversed(ws[:t]):
                 if prev in object_words or prev in color_words:
                     if prev not in object_words:
                         referred = [o for o in referred if o["color"] == prev] or referred
                     break
-            x, y = float(xs[t]), float(ys[t])
-            if any(o["box"][0] - tol_x <= x <= o["box"][2] + tol_x
-                   and o["box"][1] - tol_y <= y <= o["box"][3] + tol_y for o in referred):
-                hits += 1
+            noun_total += 1
+            total += 1 + len(attributes)
+            if not referred:
+                continue  # hallucinated object: every word of the phrase misses
+            noun_hit = on_object(t, referred)
+            noun_hits += noun_hit
+            hits += noun_hit + sum(on_object(j, referred) for j in attributes)
     return {"localisation": hits / total if total else 0.0,
-            "localisation_hits": hits, "localisation_total": total}
+            "localisation_hits": hits, "localisation_total": total,
+            "localisation_nouns": noun_hits / noun_total if noun_total else 0.0,
+            "localisation_nouns_hits": noun_hits, "localisation_nouns_total": noun_total}
 
 
 def text_scores(hypotheses: Sequence[str], references: Sequence[str]) -> dict[str, float | str]:

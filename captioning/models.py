@@ -109,15 +109,22 @@ class ImageCaptioner(pl.LightningModule):
         return beam_search(self.decoder, memory, features.shape[0], beam_size=beam,
                            length_penalty=self.hparams.length_penalty, **common)
 
+    def _caption_length(self, row: Tensor) -> int:
+        """Number of generated words before EOS (special tokens mid-caption included, so
+        words and attention maps stay aligned)."""
+        ids = row.tolist()
+        return ids.index(self.vocab.eos_id) if self.vocab.eos_id in ids else len(ids)
+
     def words(self, result: SearchResult) -> list[list[str]]:
-        return [self.vocab.decode(row.tolist()) for row in result.tokens]
+        """Generated words per item, up to EOS (one word per attention map)."""
+        return [[self.vocab.itos[i] for i in row.tolist()[: self._caption_length(row)]] for row in result.tokens]
 
     def attention_grids(self, result: SearchResult) -> list[Tensor]:
         """Per item (T_i, H, W) attention of each generated word (EOS excluded)."""
         g = self.grid_size
         out = []
         for row, alpha in zip(result.tokens, result.alphas):
-            n = len(self.vocab.decode(row.tolist()))
+            n = self._caption_length(row)
             out.append(alpha[:n].reshape(n, g, g).float().cpu())
         return out
 
@@ -179,9 +186,12 @@ class ImageCaptioner(pl.LightningModule):
                                {o["shape"] for v in with_objects for o in v["objects"]})
             color_words = set(getattr(self.trainer.datamodule, "color_words", None) or
                               {o["color"] for v in with_objects for o in v["objects"]})
+            attribute_words = set(getattr(self.trainer.datamodule, "attribute_words", None) or color_words)
             loc = localisation_score([v["words"] for v in with_objects], [v["alpha"] for v in with_objects],
-                                     [v["objects"] for v in with_objects], object_words, color_words)
-            scores["localisation"] = loc["localisation"]
+                                     [v["objects"] for v in with_objects], object_words, color_words,
+                                     attribute_words)
+            scores["localisation"] = loc["localisation"]  # size, colour and shape words of each object
+            scores["localisation_nouns"] = loc["localisation_nouns"]  # shape words only
         for name, value in scores.items():
             if isinstance(value, (int, float)) and math.isfinite(value):
                 self.log(f"{stage}/{name}", float(value), rank_zero_only=False, sync_dist=False)

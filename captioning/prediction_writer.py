@@ -1,4 +1,8 @@
-"""Write ``predict`` output as a COCO results file: ``[{"image_id": ..., "caption": ...}]``."""
+"""Write ``predict`` output as one JSON list.
+
+Image models give a COCO results file ``[{"image_id": ..., "caption": ...}]``; text models
+give ``[{"id": ..., "source": ..., "translation": ...}]``.
+"""
 
 from __future__ import annotations
 
@@ -44,7 +48,7 @@ class CocoResultsWriter(pl.Callback):
     def on_predict_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         items = {}
         for item in gather_objects(self._items):  # de-duplicates the sampler's padding
-            items[item["image_id"]] = item
+            items[item["image_id"] if "image_id" in item else item["id"]] = item
         if not trainer.is_global_zero:
             return
         target = Path(self.path) if self.path else Path(trainer.log_dir or ".") / "predictions.json"
@@ -52,4 +56,4 @@ class CocoResultsWriter(pl.Callback):
         target = free_path(target)
         target.write_text(json.dumps(list(items.values()), indent=1))
         self.written = target
-        print(f"wrote {len(items)} captions to {target}")
+        print(f"wrote {len(items)} predictions to {target}")

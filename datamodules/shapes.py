@@ -335,6 +335,7 @@ class ShapesDataModule(L.LightningDataModule):
     # Which words name objects / colours: the captioner's localisation score reads these.
     object_words: tuple[str, ...] = SHAPES
     color_words: tuple[str, ...] = COLORS
+    attribute_words: tuple[str, ...] = SIZES + COLORS  # words describing the object named next
 
     @property
     def image_size(self) -> int:

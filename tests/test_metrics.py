@@ -214,7 +214,27 @@ def test_localisation_colour_disambiguates():
 def test_localisation_hallucinated_object_is_a_miss():
     words = ["a", "triangle"]
     out = localisation_score([words], [_peaks([(0, 0), (0, 0)])], [SCENE], OBJECT_WORDS)
-    assert out == {"localisation": 0.0, "localisation_hits": 0, "localisation_total": 1}
+    assert (out["localisation"], out["localisation_hits"], out["localisation_total"]) == (0.0, 0, 1)
+    assert (out["localisation_nouns_hits"], out["localisation_nouns_total"]) == (0, 1)
+
+
+def test_localisation_scores_attribute_words_of_the_phrase_separately_from_nouns():
+    # "a large green square and a small blue circle": attributes look at their object,
+    # the first noun looks away, the second noun looks at its object.
+    words = ["a", "large", "green", "square", "and", "a", "small", "blue", "circle"]
+    cells = [(0, 0), (0, 3), (1, 2), (3, 0), (0, 0), (0, 0), (3, 3), (2, 2), (3, 3)]
+    out = localisation_score([words], [_peaks(cells)], [SCENE], OBJECT_WORDS,
+                             attribute_words={"large", "small", "green", "blue", "red"})
+    assert (out["localisation_hits"], out["localisation_total"]) == (5, 6)
+    assert (out["localisation_nouns_hits"], out["localisation_nouns_total"]) == (1, 2)
+    assert out["localisation"] == pytest.approx(5 / 6) and out["localisation_nouns"] == pytest.approx(0.5)
+    # Without attribute words only nouns count (the noun-only score is the same).
+    nouns = localisation_score([words], [_peaks(cells)], [SCENE], OBJECT_WORDS)
+    assert (nouns["localisation_hits"], nouns["localisation_total"]) == (1, 2)
+    # A hallucinated noun makes its attributes miss too.
+    ghost = localisation_score([["a", "small", "red", "triangle"]], [_peaks([(0, 0)] * 4)], [SCENE],
+                               OBJECT_WORDS, attribute_words={"small", "red"})
+    assert (ghost["localisation_hits"], ghost["localisation_total"]) == (0, 3)
 
 
 def test_localisation_half_cell_tolerance_and_flat_alpha():
