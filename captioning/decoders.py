@@ -8,7 +8,10 @@ Step t (Xu et al. 2015, with h_{t-1} as the query):
 
 Teacher forcing is written for speed: the embedding half of the LSTM input projection and
 the output projection are one matrix product over all steps; only the recurrent part runs
-in the Python loop, and the key projection is prepared once per image.
+in the Python loop, and the key projection is prepared once per image. With additive
+attention (the Show-Attend-Tell default) the loop is :class:`captioning.sat_recurrence.SATRecurrence`:
+the same maths with every product on h_{t-1} fused into one GEMM and a hand-written backward
+that forms each weight gradient once over all steps (``fused=False`` runs the plain loop).
 
 The step interface (``prepare_memory`` / ``init_state`` / ``step``) is what
 :mod:`captioning.search` drives; the text seq2seq decoder implements the same one.
@@ -21,7 +24,13 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
-from captioning.attention import PreparedMemory, build_attention
+from captioning.attention import AdditiveScorer, Attention, PreparedMemory, build_attention
+from captioning.sat_recurrence import SATRecurrence, additive_attention_into
+
+
+# Size of the attention scratch of search (elements): 8 MB in float32, fits the last-level
+# cache; larger chunks fall out of it, smaller ones mean more (parallel) ops per step.
+SCRATCH_ELEMENTS = 1 << 21
 
 
 class DecoderOutput(NamedTuple):
@@ -44,12 +53,15 @@ class ShowAttendTellDecoder(nn.Module):
         gate: use the gating scalar beta_t.
         dropout: before the output projection.
         max_positions: S, needed by the ``location`` score (grid H*W).
+        fused: teacher forcing with additive attention uses the fused recurrence (same
+            outputs and gradients as the plain loop, faster); False forces the plain loop.
     """
 
     def __init__(self, vocab_size: int, encoder_dim: int, embed_dim: int = 512, decoder_dim: int = 512,
                  attention_dim: int = 512, attention: str = "additive", num_heads: int = 1, gate: bool = True,
-                 dropout: float = 0.5, max_positions: int | None = None) -> None:
+                 dropout: float = 0.5, max_positions: int | None = None, fused: bool = True) -> None:
         super().__init__()
+        self.fused = fused
         self.vocab_size, self.encoder_dim, self.decoder_dim = vocab_size, encoder_dim, decoder_dim
         self.attention_name = attention
         # Dot-product scores compare the query with the keys directly, so they need the same
@@ -95,19 +107,54 @@ class ShowAttendTellDecoder(nn.Module):
         attn = self.attention.prepare(features, features, mask) if self.attention is not None else None
         return {"attn": attn, "mean": mean, "num_positions": features.shape[1]}
 
+    def expand_memory(self, memory: dict, beam_size: int) -> dict:
+        """Memory for ``beam_size`` hypotheses per item (beam search), WITHOUT copying the grid:
+        the step then attends with the K queries of an item at once, so each step reads the
+        (B, S, C) features once instead of K times. Only ``mean`` (B, C), which seeds the
+        initial state, is repeated to (B*K, C). Greedy search calls it with ``beam_size=1``.
+        """
+        out = dict(memory)
+        if beam_size > 1:
+            out.update(mean=memory["mean"].repeat_interleave(beam_size, 0), group=beam_size)
+        attn = memory["attn"]
+        device = attn.keys.device.type if attn is not None else "cpu"
+        if self._additive and not torch.is_grad_enabled() and torch.is_autocast_enabled(device):
+            # Once per search instead of every step: values in the autocast dtype (the context
+            # product reads half the bytes), keys in float32 (the attention's elementwise maths
+            # is faster, and more precise, in float32 on CPUs).
+            attn = attn._replace(keys=attn.keys.float(), values=attn.values.to(torch.get_autocast_dtype(device)))
+            out["attn"] = attn
+        if self._additive and not torch.is_grad_enabled():
+            # Reused by every step (see _attend): a few items at a time, so it stays in cache.
+            per_item = beam_size * attn.keys.shape[1] * attn.keys.shape[2]
+            n = max(1, min(attn.keys.shape[0], SCRATCH_ELEMENTS // per_item))
+            out["scratch"] = attn.keys.new_empty(n, beam_size, *attn.keys.shape[1:])
+        return out
+
     def init_state(self, memory: dict) -> dict:
         """Initial (h, c) from the mean feature: dict of (B, D) tensors."""
         mean = memory["mean"]
         return {"h": torch.tanh(self.init_h(mean)), "c": torch.tanh(self.init_c(mean))}
 
     def _attend(self, h: Tensor, memory: dict) -> tuple[Tensor, Tensor]:
-        """h (B, D) -> context (B, C), alpha (B, S)."""
+        """h (N, D) -> context (N, C), alpha (N, S); N = B, or B*K after :meth:`expand_memory`."""
         if self.attention is None:
             s = memory["num_positions"]
             alpha = memory["mean"].new_full((h.shape[0], s), 1.0 / s)
             return memory["mean"], alpha
         attn: PreparedMemory = memory["attn"]
-        context, alpha = self.attention(h if self.query_proj is None else self.query_proj(h), attn)
+        query = h if self.query_proj is None else self.query_proj(h)
+        group = memory.get("group", 1)
+        scratch = memory.get("scratch")
+        if scratch is not None and not torch.is_grad_enabled():  # search: no large temporaries
+            context, alpha = additive_attention_into(self.attention.scorer, query.view(-1, group, query.shape[-1]),
+                                                     attn.keys, attn.values, attn.mask, scratch)
+            context, alpha = context.reshape(h.shape[0], -1), alpha.reshape(h.shape[0], -1)
+        elif group > 1:  # K hypotheses per item (expand_memory): the item's K queries attend at once
+            context, alpha = self.attention(query.view(-1, group, query.shape[-1]), attn)  # (B, K, C), (B, K, S)
+            context, alpha = context.reshape(h.shape[0], -1), alpha.reshape(h.shape[0], -1)
+        else:
+            context, alpha = self.attention(query, attn)
         if self.gate is not None:
             context = torch.sigmoid(self.gate(h)) * context
         return context, alpha
@@ -128,6 +175,30 @@ class ShowAttendTellDecoder(nn.Module):
         return self.output(self.dropout(h)), alpha, {"h": h, "c": c}
 
     # ------------------------------------------------------------------ teacher forcing
+    @property
+    def _additive(self) -> bool:
+        return isinstance(self.attention, Attention) and isinstance(self.attention.scorer, AdditiveScorer)
+
+    @property
+    def uses_fused_recurrence(self) -> bool:
+        """True when :meth:`forward` runs :class:`SATRecurrence` (single-head additive attention)."""
+        return self.fused and self._additive
+
+    def _fused_forward(self, memory: dict, inputs: Tensor) -> tuple[Tensor, Tensor]:
+        """(hidden (B, T, D), alphas (B, T, S)) through SATRecurrence; see its docstring."""
+        scorer: AdditiveScorer = self.attention.scorer
+        state = self.init_state(memory)
+        x_gates = self.input_embed(self.embedding(inputs))  # (B, T, 4D): one GEMM for all steps
+        # Every matrix that multiplies h_{t-1}, stacked: one (B, D) x (D, 4D + C + A) GEMM a step.
+        parts = [self.recurrent.weight] + ([self.gate.weight] if self.gate is not None else [])
+        w_h = torch.cat(parts + [scorer.query_proj.weight], 0)
+        device = inputs.device.type
+        matmul_dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
+        attn: PreparedMemory = memory["attn"]
+        return SATRecurrence.apply(x_gates, attn.keys, attn.values, attn.mask, state["h"], state["c"], w_h,
+                                   None if self.gate is None else self.gate.bias, scorer.v.weight.view(-1),
+                                   self.input_context.weight, matmul_dtype)
+
     def forward(self, features: Tensor, inputs: Tensor, mask: Tensor | None = None) -> DecoderOutput:
         """Teacher-forced pass.
 
@@ -139,6 +210,9 @@ class ShowAttendTellDecoder(nn.Module):
             logits (B, T, V) and alphas (B, T, S).
         """
         memory = self.prepare_memory(features, mask)
+        if self.uses_fused_recurrence:
+            hidden, alphas = self._fused_forward(memory, inputs)
+            return DecoderOutput(self.output(self.dropout(hidden)), alphas)
         state = self.init_state(memory)
         h, c = state["h"], state["c"]
         x_gates = self.input_embed(self.embedding(inputs))  # (B, T, 4D): one GEMM for all steps

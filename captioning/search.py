@@ -8,9 +8,16 @@ Both drive any decoder with the step interface::
 
 Beam search keeps all images x beams in one (B*K) batch: every step is a handful of tensor
 ops (one top-k over K*V candidates per image, one gather to reorder states), no Python loop
-over images or beams. Finished beams stay in their slot and can only be extended by padding
-at zero cost, so a batch never crashes when no beam emits EOS; it just stops at
-``max_length``. Each image's result depends only on that image (rows never mix).
+over images or beams, and no host-device sync except one every 4 steps to stop early.
+Words and backpointers are recorded per step and the hypotheses read back once at the end
+(no per-step copy of the histories). Finished beams stay in their slot and can only be
+extended by padding at zero cost, so a batch never crashes when no beam emits EOS; it just
+stops at ``max_length``. Each image's result depends only on that image (rows never mix).
+
+Optional decoder hook: ``decoder.expand_memory(memory, K)`` returns the memory for K
+hypotheses per item (e.g. without copying the image grid); without it every memory tensor is
+repeated K times. Search normalises the step's logits in place: ``step`` must return a
+fresh tensor (any layer output is), not a view of something it keeps.
 """
 
 from __future__ import annotations
@@ -56,6 +63,8 @@ def _lengths(tokens: Tensor, eos_id: int) -> Tensor:
 def greedy_search(decoder: Any, memory: Any, batch_size: int, bos_id: int, eos_id: int, pad_id: int = 0,
                   max_length: int = 50) -> SearchResult:
     """Pick the most likely word at every step, for the whole batch at once."""
+    expand = getattr(decoder, "expand_memory", None)
+    memory = expand(memory, 1) if expand is not None else memory
     state = decoder.init_state(memory)
     device = next(t for t in _leaves(state)).device
     tokens = torch.full((batch_size,), bos_id, dtype=torch.long, device=device)
@@ -64,8 +73,9 @@ def greedy_search(decoder: Any, memory: Any, batch_size: int, bos_id: int, eos_i
     out_tokens, out_alphas = [], []
     for step in range(max_length):
         logits, alpha, state = decoder.step(tokens, state, memory)
-        logp = torch.log_softmax(logits.float(), -1)
-        best_logp, tokens = logp.max(-1)
+        logits = logits.float()
+        best, tokens = logits.max(-1)
+        best_logp = best - torch.logsumexp(logits, -1)  # log_softmax of the best word only
         tokens = tokens.masked_fill(finished, pad_id)
         scores = scores + best_logp.masked_fill(finished, 0.0)
         out_tokens.append(tokens)
@@ -99,7 +109,10 @@ def beam_search(decoder: Any, memory: Any, batch_size: int, bos_id: int, eos_id:
     """Batched beam search: all B images and K beams advance together.
 
     Args:
-        memory: from ``decoder.prepare_memory`` for B items; expanded here to B*K once.
+        memory: from ``decoder.prepare_memory`` for B items. Expanded to K hypotheses per item
+            once: by ``decoder.expand_memory(memory, K)`` when the decoder has it (it may avoid
+            copying, e.g. by attending with an item's K queries at once), else every tensor
+            is repeated K times along the batch.
         length_penalty: GNMT alpha applied when choosing among finished hypotheses.
     Returns:
         the best hypothesis per item (see :class:`SearchResult`).
@@ -107,7 +120,8 @@ def beam_search(decoder: Any, memory: Any, batch_size: int, bos_id: int, eos_id:
     if beam_size < 1:
         raise ValueError(f"beam_size must be >= 1, got {beam_size}")
     b, k = batch_size, beam_size
-    memory = map_tensors(lambda t: t.repeat_interleave(k, 0), memory)  # (B*K, ...) once
+    expand = getattr(decoder, "expand_memory", None)
+    memory = expand(memory, k) if expand is not None else map_tensors(lambda t: t.repeat_interleave(k, 0), memory)
     state = decoder.init_state(memory)
     device = next(t for t in _leaves(state)).device
     tokens = torch.full((b * k,), bos_id, dtype=torch.long, device=device)
@@ -115,44 +129,54 @@ def beam_search(decoder: Any, memory: Any, batch_size: int, bos_id: int, eos_id:
     scores = torch.full((b, k), float("-inf"), device=device)
     scores[:, 0] = 0.0
     finished = torch.zeros(b, k, dtype=torch.bool, device=device)
-    history = torch.empty(b, k, 0, dtype=torch.long, device=device)
-    alpha_history: Tensor | None = None
     base = (torch.arange(b, device=device) * k).unsqueeze(1)  # (B, 1) offset of each item's beams
+    # Per step: the word chosen in each slot, the slot it extends (backpointer), and the
+    # attention of every slot. Hypotheses are read back once at the end, so no step copies
+    # the whole history.
+    step_tokens, step_origins, step_alphas = [], [], []
 
     for step in range(max_length):
         logits, alpha, state = decoder.step(tokens, state, memory)
-        logp = torch.log_softmax(logits.float(), -1).view(b, k, -1)  # (B, K, V)
+        logp = torch.log_softmax(logits.float(), -1).view(b, k, -1)  # (B, K, V); then in place
         vocab = logp.shape[-1]
         # A finished beam continues only with PAD at no cost: it keeps its score and slot.
-        pad_row = torch.full((vocab,), float("-inf"), device=device)
-        pad_row[pad_id] = 0.0
-        logp = torch.where(finished.unsqueeze(-1), pad_row, logp)
-        candidates = (scores.unsqueeze(-1) + logp).view(b, k * vocab)
+        pad_logp = torch.where(finished, 0.0, logp[:, :, pad_id])
+        logp.masked_fill_(finished.unsqueeze(-1), float("-inf"))
+        logp[:, :, pad_id] = pad_logp
+        candidates = logp.add_(scores.unsqueeze(-1)).view(b, k * vocab)
         scores, flat = candidates.topk(k, dim=1)  # (B, K)
         origin, tokens_bk = flat // vocab, flat % vocab  # which beam each came from, its word
-        rows = (base + origin).view(-1)  # (B*K,) rows to gather states from
-        state = map_tensors(lambda t: t.index_select(0, rows), state)
-        history = torch.cat([history.gather(1, origin.unsqueeze(-1).expand(-1, -1, history.shape[2])),
-                             tokens_bk.unsqueeze(-1)], 2)
-        step_alpha = alpha.float().view(b, k, -1).gather(1, origin.unsqueeze(-1).expand(-1, -1, alpha.shape[-1]))
-        if alpha_history is None:
-            alpha_history = step_alpha.unsqueeze(2)
-        else:
-            alpha_history = alpha_history.gather(
-                1, origin[:, :, None, None].expand(-1, -1, alpha_history.shape[2], alpha_history.shape[3]))
-            alpha_history = torch.cat([alpha_history, step_alpha.unsqueeze(2)], 2)
+        state = map_tensors(lambda t: t.index_select(0, (base + origin).view(-1)), state)
+        step_tokens.append(tokens_bk)
+        step_origins.append(origin)
+        step_alphas.append(alpha.float().view(b, k, -1))
         finished = finished.gather(1, origin) | (tokens_bk == eos_id)
         tokens = tokens_bk.view(-1)
         if step % 4 == 3 and bool(finished.all()):  # one host sync every few steps to stop early
             break
 
-    assert alpha_history is not None
+    history, slots = _backtrack(step_tokens, step_origins)  # (B, K, T) words, (B, K, T) slot at each step
     lengths = _lengths(history.view(b * k, -1), eos_id).view(b, k)
     final = scores / length_normaliser(lengths, length_penalty)
-    best = final.argmax(1)  # (B,)
-    pick = best.view(b, 1, 1)
-    tokens_out = history.gather(1, pick.expand(-1, 1, history.shape[2])).squeeze(1)
-    alphas_out = alpha_history.gather(
-        1, pick.unsqueeze(-1).expand(-1, 1, alpha_history.shape[2], alpha_history.shape[3])).squeeze(1)
-    return SearchResult(tokens_out, lengths.gather(1, best.unsqueeze(1)).squeeze(1),
-                        final.gather(1, best.unsqueeze(1)).squeeze(1), alphas_out)
+    best = final.argmax(1, keepdim=True)  # (B, 1)
+    tokens_out = history.gather(1, best.unsqueeze(-1).expand(-1, 1, history.shape[2])).squeeze(1)  # (B, T)
+    # The attention that produced word t of the best hypothesis: that of its parent slot at step t.
+    parent = slots.gather(1, best.unsqueeze(-1).expand(-1, 1, slots.shape[2])).squeeze(1)  # (B, T)
+    alphas = torch.stack(step_alphas, 1)  # (B, T, K, S)
+    alphas_out = alphas.gather(2, parent[:, :, None, None].expand(-1, -1, 1, alphas.shape[-1])).squeeze(2)
+    return SearchResult(tokens_out, lengths.gather(1, best).squeeze(1), final.gather(1, best).squeeze(1), alphas_out)
+
+
+def _backtrack(step_tokens: list[Tensor], step_origins: list[Tensor]) -> tuple[Tensor, Tensor]:
+    """Follow backpointers from the final slots: per step t, tokens (B, K) and origins (B, K).
+
+    Returns (history (B, K, T) the words of each final hypothesis, parents (B, K, T) the slot
+    whose state produced word t, i.e. whose attention belongs to that word).
+    """
+    slot = torch.arange(step_tokens[0].shape[1], device=step_tokens[0].device).expand_as(step_tokens[0])
+    words, parents = [], []
+    for tokens, origin in zip(reversed(step_tokens), reversed(step_origins)):
+        words.append(tokens.gather(1, slot))
+        slot = origin.gather(1, slot)
+        parents.append(slot)
+    return torch.stack(words[::-1], 2), torch.stack(parents[::-1], 2)

@@ -1,0 +1,288 @@
+"""Train the decoder from cached encoder features: wraps an image datamodule (shapes, COCO).
+
+Batches follow INTERFACES.md with ``"features"`` (B, S, C) float16 in place of ``"images"``;
+:meth:`captioning.models.ImageCaptioner.encode` uses them as they are (cast to the model's
+dtype). Every image is encoded once, by the model's own frozen encoder, when the cache is
+missing or stale (checked by the encoder's weight hash and the data settings); see
+:mod:`captioning.features` for the format and for bringing features from another extractor.
+
+* train: (image, caption) items. ``captions_per_epoch="all"`` visits every pair once per epoch
+  (the COCO convention); ``"one"`` visits every image once with a random caption (the shapes
+  convention). ``bucket_by_length`` batches captions of similar length (less padding).
+  Captions of one image in one batch share its features (read from disk once).
+* val/test: one item per image ("captions" = first reference, "references" = all);
+  predict: the test images, empty captions. Shapes batches also carry "objects".
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.pytorch import LightningDataModule
+from lightning.pytorch.utilities.rank_zero import rank_zero_info
+from torch.nn.utils.rnn import pad_sequence
+from torch.utils.data import DataLoader, Dataset, RandomSampler
+
+from captioning.features import FeatureCache, build_feature_cache, encoder_fingerprint
+from captioning.images import load_image, to_tensor
+from captioning.vocab import Vocabulary
+from datamodules.sampling import LengthBucketBatchSampler, OneCaptionPerImageSampler
+
+SPLITS = ("train", "val", "test")
+# Datamodule settings that do not change which images there are or how they look.
+_NOT_IMAGE_SETTINGS = {"batch_size", "num_workers", "verify_files", "vocab_path", "min_count", "max_vocab_size",
+                       "max_caption_length", "seed_loader", "use_provided_tokens"}
+
+
+class _Items(Dataset):
+    """(cache row, caption ids, image id, references[, objects]) items of one split."""
+
+    def __init__(self, rows: list[int], ids: list, refs: list[list[str]], objects: list | None,
+                 encoded: list[list[list[int]]], pairs: bool, with_captions: bool = True) -> None:
+        self.rows, self.ids, self.refs, self.objects, self.encoded = rows, ids, refs, objects, encoded
+        self.index = ([(i, j) for i, caps in enumerate(encoded) for j in range(len(caps))] if pairs else
+                      [(i, 0 if with_captions else None) for i in range(len(rows))])
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __getitem__(self, k: int) -> dict:
+        i, j = self.index[k]
+        item = {"row": self.rows[i], "caption": self.encoded[i][j] if j is not None else [],
+                "image_id": self.ids[i], "references": self.refs[i]}
+        if self.objects is not None:
+            item["objects"] = self.objects[i]
+        return item
+
+
+class _Collate:
+    """Items -> batch; the features of the batch's images are read in one sorted pass."""
+
+    def __init__(self, cache: FeatureCache) -> None:
+        self.cache = cache
+
+    def __call__(self, items: list[dict]) -> dict:
+        caps = [torch.tensor(it["caption"], dtype=torch.long) for it in items]
+        batch = {"features": self.cache.read([it["row"] for it in items]),  # (B, S, C) float16
+                 "captions": pad_sequence(caps, batch_first=True, padding_value=Vocabulary.pad_id).view(len(caps), -1),
+                 "lengths": torch.tensor([len(c) for c in caps], dtype=torch.long),
+                 "image_ids": [it["image_id"] for it in items],
+                 "references": [it["references"] for it in items]}
+        if "objects" in items[0]:
+            batch["objects"] = [it["objects"] for it in items]
+        return batch
+
+
+class _ImageFiles(Dataset):
+    """Per-image loader for building a cache from files: (image_id, path) records."""
+
+    def __init__(self, records: list[tuple[Any, str]], image_size: int) -> None:
+        self.records, self.image_size = records, image_size
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, k: int) -> dict:
+        image_id, path = self.records[k]
+        return {"image": to_tensor(load_image(path), self.image_size), "image_id": image_id}
+
+
+def _collate_files(items: list[dict]) -> dict:
+    return {"images": torch.stack([it["image"] for it in items]), "image_ids": [it["image_id"] for it in items]}
+
+
+class CachedFeaturesDataModule(LightningDataModule):
+    """Cached-feature batches for an image datamodule.
+
+    Args:
+        data: the image datamodule (e.g. ShapesDataModule, CocoCaptionsDataModule): source of
+            the images (to build the cache), captions and vocabulary.
+        cache_dir: cache root: ``<cache_dir>/<split>/`` per split, or one folder for all.
+        build: build missing or stale caches with the model's encoder (prepare_data, rank 0);
+            False: use the folders as they are (e.g. features from another extractor).
+        batch_size, num_workers: of these loaders; batch_size None = the wrapped datamodule's.
+        captions_per_epoch: "all" (every (image, caption) pair) or "one" (a random caption
+            per image) per training epoch.
+        bucket_by_length: train batches of similar caption lengths.
+        max_caption_length: words kept per caption (before bos/eos).
+        build_batch_size: images per encoder call while building.
+        seed: shuffling seed.
+    """
+
+    def __init__(self, data: LightningDataModule, cache_dir: str, build: bool = True, batch_size: int | None = None,
+                 num_workers: int = 0, captions_per_epoch: str = "all", bucket_by_length: bool = True,
+                 max_caption_length: int = 50, build_batch_size: int = 64, seed: int = 0) -> None:
+        super().__init__()
+        if captions_per_epoch not in ("all", "one"):
+            raise ValueError(f"captions_per_epoch must be 'all' or 'one', got {captions_per_epoch!r}")
+        self.data, self.cache_dir, self.build = data, Path(cache_dir), build
+        self.batch_size = batch_size or getattr(data, "batch_size", 32)
+        self.num_workers, self.captions_per_epoch = num_workers, captions_per_epoch
+        self.bucket_by_length, self.max_caption_length = bucket_by_length, max_caption_length
+        self.build_batch_size, self.seed = build_batch_size, seed
+        self._items: dict[str, _Items] = {}
+        self._caches: dict[str, FeatureCache] = {}
+
+    # ------------------------------------------------------------------ pass-through
+    @property
+    def vocab(self) -> Vocabulary:
+        return self.data.vocab
+
+    @property
+    def image_size(self) -> int | None:
+        return getattr(self.data, "image_size", None)
+
+    @property
+    def object_words(self) -> Any:  # the built-in dataset's word lists, used by the localisation metric
+        return getattr(self.data, "object_words", None)
+
+    @property
+    def color_words(self) -> Any:
+        return getattr(self.data, "color_words", None)
+
+    # ------------------------------------------------------------------ caches
+    def cache_path(self, split: str) -> Path:
+        """``<cache_dir>/<split>`` if it (or nothing) is there, else the shared ``<cache_dir>``."""
+        per_split = self.cache_dir / split
+        shared = (self.cache_dir / "index.json").is_file()
+        return self.cache_dir if shared and not per_split.exists() else per_split
+
+    def _source(self) -> dict:
+        """The wrapped datamodule and the settings that change its images (not loader settings)."""
+        hp = {k: v for k, v in dict(getattr(self.data, "hparams", {})).items() if k not in _NOT_IMAGE_SETTINGS}
+        cls = type(self.data)
+        init_args = json.loads(json.dumps(hp, default=str))  # as index.json stores it
+        return {"class_path": f"{cls.__module__}.{cls.__qualname__}", "init_args": init_args}
+
+    def _stale(self, split: str, encoder: torch.nn.Module | None) -> str | None:
+        """Why the cache of ``split`` cannot be used with this encoder and data (None: it can)."""
+        path = self.cache_path(split)
+        if not (path / "index.json").is_file():
+            return f"no cache at {path}"
+        index = json.loads((path / "index.json").read_text())
+        if encoder is not None and index.get("encoder_sha1") not in (None, encoder_fingerprint(encoder)):
+            return f"{path} was built by a different encoder (weights hash differs)"
+        if "source" in index and index["source"] != self._source():
+            return f"{path} was built from different data settings"
+        return None
+
+    def build_cache(self, encoder: torch.nn.Module, force: bool = False,
+                    device: str | torch.device | None = None) -> dict[str, FeatureCache]:
+        """Encode each split's images once with ``encoder`` (frozen) unless a valid cache exists."""
+        out = {}
+        for split in SPLITS:
+            reason = "forced" if force else self._stale(split, encoder)
+            if reason is not None:
+                rank_zero_info(f"Building the {split} feature cache ({reason})")
+                loader, count = self._image_batches(split)
+                build_feature_cache(encoder, loader, count, self.cache_dir / split, device=device,
+                                    image_size=self.image_size, source=self._source())
+            out[split] = FeatureCache(self.cache_path(split))
+        return out
+
+    def _image_batches(self, split: str) -> tuple[DataLoader, int]:
+        """One item per image of ``split`` from the wrapped datamodule, as image batches."""
+        kw = dict(batch_size=self.build_batch_size, shuffle=False, num_workers=self.num_workers)
+        if hasattr(self.data, "image_records"):  # COCO-style: files on disk
+            dataset = _ImageFiles(self.data.image_records(split), self.data.image_size)
+            return DataLoader(dataset, collate_fn=_collate_files, **kw), len(dataset)
+        if hasattr(self.data, "dataset") and hasattr(self.data, "train_dataloader"):  # shapes: generated
+            from datamodules.shapes import collate
+
+            dataset = self.data.dataset(split)  # eval dataset: one item per image, all references
+            return DataLoader(dataset, collate_fn=collate, **kw), len(dataset)
+        raise TypeError(f"cannot list the images of {type(self.data).__name__}: it needs image_records(split) "
+                        "or dataset(split); build the cache yourself (captioning.features.write_feature_cache)")
+
+    def prepare_data(self) -> None:
+        if not self.build:
+            return
+        model = getattr(getattr(self, "trainer", None), "lightning_module", None)
+        encoder = getattr(model, "encoder", None)
+        if encoder is None:
+            raise RuntimeError("CachedFeaturesDataModule: no model encoder to build the cache with; "
+                               "call build_cache(encoder) first or set build=False")
+        if any(self._stale(s, encoder) for s in SPLITS):
+            self.build_cache(encoder)
+
+    # ------------------------------------------------------------------ datasets
+    def setup(self, stage: str | None = None) -> None:
+        model = getattr(getattr(self, "trainer", None), "lightning_module", None)
+        for split in SPLITS:
+            if split in self._items:
+                continue
+            cache = self._caches[split] = FeatureCache(self.cache_path(split))
+            if model is not None:
+                _check_model(model, cache)
+            self._items[split] = self._make_items(split, cache)
+
+    def _make_items(self, split: str, cache: FeatureCache) -> _Items:
+        if hasattr(self.data, "references"):  # authoritative split membership (COCO)
+            by_id = self.data.references(split)
+            ids, objects = list(by_id), None
+            refs = [by_id[i] for i in ids]
+        elif cache.captions and cache.captions.get("references"):  # captured while building (shapes)
+            captured, objs = cache.captions["references"], cache.captions.get("objects") or {}
+            ids = [i for i in cache.image_ids if str(i) in captured]
+            refs = [captured[str(i)] for i in ids]
+            objects = [objs.get(str(i)) for i in ids] if objs else None
+        else:
+            raise ValueError(f"{cache.path}: no captions.json and {type(self.data).__name__} has no "
+                             "references(split): nothing to train on")
+        vocab, n = self.vocab, self.max_caption_length
+        encoded = [[vocab.encode(r.split()[:n]) for r in rs] for rs in refs]
+        return _Items(cache.rows_of(ids), ids, refs, objects, encoded, pairs=split == "train")
+
+    def _loader(self, split: str, **kw: Any) -> DataLoader:
+        if split not in self._items:
+            self.setup()
+        return DataLoader(self._items[split], collate_fn=_Collate(self._caches[split]), num_workers=self.num_workers,
+                          persistent_workers=self.num_workers > 0, pin_memory=torch.cuda.is_available(), **kw)
+
+    def train_dataloader(self) -> DataLoader:
+        if "train" not in self._items:
+            self.setup()
+        items = self._items["train"]
+        if self.captions_per_epoch == "one":
+            groups: list[list[int]] = [[] for _ in items.rows]
+            for k, (i, _) in enumerate(items.index):
+                groups[i].append(k)
+            sampler = OneCaptionPerImageSampler(groups, seed=self.seed)
+        else:
+            sampler = RandomSampler(items, generator=torch.Generator().manual_seed(self.seed))
+        if not self.bucket_by_length:
+            return self._loader("train", sampler=sampler, batch_size=self.batch_size)
+        lengths = [len(items.encoded[i][j]) for i, j in items.index]
+        batches = LengthBucketBatchSampler(sampler, self.batch_size, False, lengths=lengths, seed=self.seed)
+        return self._loader("train", batch_sampler=batches)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", batch_size=self.batch_size, shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", batch_size=self.batch_size, shuffle=False)
+
+    def predict_dataloader(self) -> DataLoader:
+        if "test" not in self._items:
+            self.setup()
+        t = self._items["test"]
+        items = _Items(t.rows, t.ids, t.refs, t.objects, t.encoded, pairs=False, with_captions=False)
+        return DataLoader(items, batch_size=self.batch_size, shuffle=False, collate_fn=_Collate(self._caches["test"]),
+                          num_workers=self.num_workers)
+
+
+def _check_model(model: Any, cache: FeatureCache) -> None:
+    """The model must take these features: frozen encoder (else it would not train), same grid/C."""
+    encoder = getattr(model, "encoder", None)
+    if encoder is None:
+        return
+    if any(p.requires_grad for p in encoder.parameters()):
+        raise ValueError(f"the model's {type(encoder).__name__} is trainable, but training from cached features "
+                         f"({cache.path}) never updates it: freeze it (ImageEncoder trainable_from: null)")
+    grid, channels = getattr(encoder, "grid_size", None), getattr(encoder, "out_channels", None)
+    if (grid is not None and cache.grid != (grid, grid)) or (channels is not None and cache.channels != channels):
+        raise ValueError(f"{cache.path} holds {cache.grid[0]}x{cache.grid[1]}x{cache.channels} features but the "
+                         f"model's encoder makes {grid}x{grid}x{channels}")
