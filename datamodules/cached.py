@@ -246,16 +246,18 @@ class CachedFeaturesDataModule(LightningDataModule):
         if "train" not in self._items:
             self.setup()
         items = self._items["train"]
+        lengths = [len(items.encoded[i][j]) for i, j in items.index] if self.bucket_by_length else None
         if self.captions_per_epoch == "one":
             groups: list[list[int]] = [[] for _ in items.rows]
             for k, (i, _) in enumerate(items.index):
                 groups[i].append(k)
-            sampler = OneCaptionPerImageSampler(groups, seed=self.seed)
-        else:
-            sampler = RandomSampler(items, generator=torch.Generator().manual_seed(self.seed))
-        if not self.bucket_by_length:
+            # Shards itself under DDP (a DistributedSampler Lightning keeps) and buckets by length.
+            sampler = OneCaptionPerImageSampler(groups, seed=self.seed, lengths=lengths, batch_size=self.batch_size)
             return self._loader("train", sampler=sampler, batch_size=self.batch_size)
-        lengths = [len(items.encoded[i][j]) for i, j in items.index]
+        sampler = RandomSampler(items, generator=torch.Generator().manual_seed(self.seed))
+        if lengths is None:
+            return self._loader("train", sampler=sampler, batch_size=self.batch_size)
+        # Under DDP Lightning puts a DistributedSampler under the bucketing batch sampler.
         batches = LengthBucketBatchSampler(sampler, self.batch_size, False, lengths=lengths, seed=self.seed)
         return self._loader("train", batch_sampler=batches)
 

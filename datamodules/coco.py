@@ -35,10 +35,11 @@ from lightning.pytorch import LightningDataModule
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from torch import Tensor
 from torch.nn.utils.rnn import pad_sequence
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, RandomSampler
 
 from captioning.images import load_image, to_tensor
 from captioning.vocab import Vocabulary, tokenize
+from datamodules.sampling import LengthBucketBatchSampler
 
 log = logging.getLogger(__name__)
 
@@ -360,10 +361,9 @@ class CocoCaptionsDataModule(LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         if not self.hparams.bucket_by_length:
             return self._loader("train", shuffle=True)
-        from torch.utils.data import RandomSampler
-
-        from datamodules.sampling import LengthBucketBatchSampler
-
+        # LengthBucketBatchSampler is imported at module level on purpose: Lightning records the
+        # init args of BatchSampler subclasses that exist when it calls this hook, which lets it
+        # rebuild the sampler with a DistributedSampler underneath under DDP.
         if "train" not in self._datasets:
             self.setup("fit")
         data = self._datasets["train"]

@@ -58,7 +58,7 @@ def test_one_caption_per_image_each_epoch_and_epochs_differ(cached):
     loader = cached.train_dataloader()
     seen = []
     for epoch in range(2):
-        loader.batch_sampler.set_epoch(epoch)
+        loader.sampler.set_epoch(epoch)  # what Lightning calls every epoch
         seen.append([(i, tuple(c.tolist())) for b in loader for i, c in zip(b["image_ids"], b["captions"])])
     assert sorted(i for i, _ in seen[0]) == list(range(24))  # every image exactly once
     assert seen[0] != seen[1]
@@ -81,6 +81,27 @@ def test_length_buckets_cover_everything_once_with_less_padding():
     assert padded < 0.8 * random
     one = list(OneCaptionPerImageSampler([[0, 1], [2], [3, 4, 5]]))
     assert len(one) == 3 and {0, 1} & set(one) and 2 in one and {3, 4, 5} & set(one)
+
+
+def test_one_caption_per_image_shards_across_ranks_buckets_and_reshuffles():
+    import torch.utils.data as tud
+
+    groups = [[2 * i, 2 * i + 1] for i in range(101)]  # 101 images, 2 captions each
+    lengths = torch.randint(3, 30, (202,)).tolist()
+    ranks = [OneCaptionPerImageSampler(groups, seed=1, lengths=lengths, batch_size=8, pool=4, num_replicas=2, rank=r)
+             for r in (0, 1)]
+    assert all(isinstance(s, tud.DistributedSampler) for s in ranks)  # Lightning keeps it under DDP
+    shards = [list(s) for s in ranks]
+    assert len(shards[0]) == len(shards[1]) == 51  # ceil(101 / 2), padded
+    images = [i // 2 for i in shards[0] + shards[1]]
+    assert set(images) == set(range(101)) and len(images) == 102  # every image, one padding repeat
+    for shard in shards:  # consecutive runs of batch_size are length buckets: less padding than random
+        batches = [shard[i:i + 8] for i in range(0, len(shard), 8)]
+        assert all(len(b) == 8 for b in batches[:-1])  # only the last batch is short
+        padded = sum(max(lengths[i] for i in b) * len(b) for b in batches)
+        assert padded <= sum(max(lengths[i] for i in sorted(shard, key=str)[k:k + 8]) * 8 for k in range(0, 51, 8))
+    ranks[0].set_epoch(1)
+    assert list(ranks[0]) != shards[0]
 
 
 def test_stale_cache_is_rebuilt_when_encoder_or_data_change(tmp_path):
