@@ -10,7 +10,9 @@ os.environ.setdefault("CAPTIONING_OFFLINE", "1")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-torch.set_num_threads(min(2, torch.get_num_threads()))
+# Tiny models: one thread is as fast, and no OpenMP spin-waits between threads when other
+# processes share the 2 cores (several times slower). Subprocess tests set OMP_NUM_THREADS=1.
+torch.set_num_threads(1)
 
 
 @pytest.fixture(autouse=True)

@@ -10,13 +10,6 @@ from captioning.encoders import ImageEncoder, SmallCNN
 from captioning.features import FeatureCache, build_feature_cache, encoder_fingerprint, write_feature_cache
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # small tensors: a second thread only adds synchronisation
-    yield
-    torch.set_num_threads(threads)
-
 
 def test_user_features_round_trip_row_major_float16(tmp_path):
     grid = np.random.default_rng(0).normal(size=(3, 2, 2, 5)).astype(np.float32)  # N, H, W, C

@@ -13,14 +13,6 @@ V, C, S = 30, 12, 9
 PAD, BOS, EOS = 0, 1, 2
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny tensors: a second OpenMP thread only adds synchronisation (on a busy machine, a lot).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def _decoder(**kw):
     torch.manual_seed(0)

@@ -18,15 +18,6 @@ from captioning.text_model import Seq2SeqModel
 from datamodules.text import SyntheticTextDataModule, collate
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: one thread is as fast, and it avoids OpenMP spin-waits that make two
-    threads many times slower when other processes share the 2 cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 BOS, EOS, PAD = 1, 2, 0
 

@@ -15,15 +15,6 @@ from captioning.text_model import Seq2SeqModel
 from datamodules.text import SyntheticTextDataModule, collate
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: one thread is as fast, and it avoids OpenMP spin-waits that make two
-    threads many times slower when other processes share the 2 cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 SIZES = dict(embed_dim=32, encoder_dim=32, decoder_dim=64, attention_dim=32, dropout=0.0)
 

@@ -10,15 +10,6 @@ from PIL import Image
 from captioning.cli import main as cli_main
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: one thread is as fast, and it avoids OpenMP spin-waits that make two
-    threads many times slower when other processes share the 2 cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -26,12 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     out = tmp_path_factory.mktemp("fit")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # module fixtures run before the per-test _one_thread
-    try:
-        _fit(out)
-    finally:
-        torch.set_num_threads(threads)
+    _fit(out)
     ckpts = sorted(out.rglob("last.ckpt"))
     assert len(ckpts) == 1, list(out.rglob("*"))
     metrics = (ckpts[0].parents[1] / "metrics.csv").read_text()

@@ -15,13 +15,6 @@ from datamodules.sampling import LengthBucketBatchSampler, OneCaptionPerImageSam
 from datamodules.shapes import ShapesDataModule
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # small tensors: a second thread only adds synchronisation
-    yield
-    torch.set_num_threads(threads)
-
 
 def _encoder():
     torch.manual_seed(0)

@@ -16,15 +16,6 @@ def write(tmp_path, name, data: bytes):
     return path
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: one thread is as fast, and it avoids OpenMP spin-waits that make two
-    threads many times slower when other processes share the 2 cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 GOOD = "Go.\tVa !\tCC-BY 2.0 attribution\nHi.\tSalut !\n\nRun!\tCours !\r\n"
 
