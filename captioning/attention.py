@@ -174,6 +174,12 @@ SCORERS: dict[str, type[nn.Module]] = {
 SCORE_ALIASES = {"bahdanau": "additive", "concat": "additive", "cosine": "content", "luong": "general"}
 
 
+def compares_directly(score: str, num_heads: int = 1) -> bool:
+    """True when the score multiplies query and key directly (dot, scaled dot), so a
+    single-head layer needs ``query_dim == key_dim``; the decoders bridge the sizes."""
+    return num_heads == 1 and SCORE_ALIASES.get(score, score) in ("dot", "scaled_dot")
+
+
 def _make_scorer(score: str, query_dim: int, key_dim: int, attention_dim: int, max_positions: int | None) -> nn.Module:
     name = SCORE_ALIASES.get(score, score)
     if name not in SCORERS:

@@ -37,11 +37,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from captioning.checkpoints import load_model, resolve_checkpoint
+    from captioning.checkpoints import load_model, find_checkpoint
     from captioning.viz import write_caption_result
 
     try:
-        ckpt = resolve_checkpoint(args.ckpt_path)
+        ckpt = find_checkpoint(args.ckpt_path)
         print(f"using checkpoint {ckpt}", file=sys.stderr)
         model = load_model(ckpt, map_location=args.device)
     except (FileNotFoundError, ValueError) as err:

@@ -20,7 +20,7 @@ import torch
 _TRUSTED_PREFIXES = ("captioning.", "datamodules.")
 
 
-def resolve_checkpoint(path: str | Path) -> Path:
+def find_checkpoint(path: str | Path) -> Path:
     """A checkpoint file, or a run folder: then the newest ``best*.ckpt`` under it (else ``last.ckpt``)."""
     path = Path(path)
     if path.is_dir():
@@ -66,7 +66,7 @@ def build_module(config: dict, **overrides: Any) -> Any:
 def load_model(path: str | Path, default_class: str = "captioning.models.ImageCaptioner",
                map_location: str | torch.device = "cpu") -> pl.LightningModule:
     """Rebuild the LightningModule saved in ``path`` (file or run folder) and load its weights (eval mode)."""
-    path = resolve_checkpoint(path)
+    path = find_checkpoint(path)
     ckpt = read_checkpoint(path)
     hparams = dict(ckpt["hyper_parameters"])
     class_path = hparams.pop("_class_path", None) or default_class

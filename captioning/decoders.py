@@ -24,7 +24,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
-from captioning.attention import AdditiveScorer, Attention, PreparedMemory, build_attention
+from captioning.attention import AdditiveScorer, Attention, PreparedMemory, build_attention, compares_directly
 from captioning.sat_recurrence import SATRecurrence, additive_attention_into
 
 
@@ -67,7 +67,7 @@ class ShowAttendTellDecoder(nn.Module):
         # Dot-product scores compare the query with the keys directly, so they need the same
         # size: when the LSTM state is not C wide, the decoder projects its query (the layer
         # itself stays strict about it).
-        needs_same_size = attention in ("dot", "scaled_dot") and num_heads == 1 and decoder_dim != encoder_dim
+        needs_same_size = compares_directly(attention, num_heads) and decoder_dim != encoder_dim
         self.query_proj = nn.Linear(decoder_dim, encoder_dim, bias=False) if needs_same_size else None
         query_dim = encoder_dim if needs_same_size else decoder_dim
         self.attention = build_attention(attention, query_dim, encoder_dim, attention_dim, num_heads, max_positions)

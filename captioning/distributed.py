@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import torch.distributed as dist
 
@@ -22,3 +22,15 @@ def gather_objects(items: list[Any]) -> list[Any]:
     gathered: list[list[Any] | None] = [None] * world_size()
     dist.all_gather_object(gathered, list(items))
     return [x for part in gathered for x in (part or [])]
+
+
+def gather_unique(items: list[dict], key: str | Callable[[dict], Any]) -> dict[Any, dict]:
+    """Every rank's items, one per id (``item[key]``, or ``key(item)``), in a fixed (sorted) order.
+
+    The distributed sampler pads the last shard by repeating items: they share an id and
+    collapse here. The fixed order makes float sums (e.g. CIDEr's mean) bit-identical on
+    any number of processes.
+    """
+    get = key if callable(key) else (lambda item: item[key])
+    unique = {get(item): item for item in gather_objects(items)}
+    return dict(sorted(unique.items(), key=lambda kv: str(kv[0])))

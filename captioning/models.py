@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from captioning.decoders import ShowAttendTellDecoder
-from captioning.distributed import gather_objects
+from captioning.distributed import gather_unique
 from captioning.search import SearchResult, beam_search, greedy_search
 from captioning.vocab import Vocabulary
 
@@ -172,9 +172,7 @@ class ImageCaptioner(pl.LightningModule):
 
         # Gather every rank's captions, drop the distributed sampler's padding duplicates,
         # and score the corpus once: each rank computes (and logs) the same numbers.
-        items = {it["image_id"]: it for it in gather_objects(self._eval_outputs)}
-        # Score in a fixed order: float sums (CIDEr's mean) then match bit for bit on any world size.
-        items = dict(sorted(items.items(), key=lambda kv: str(kv[0])))
+        items = gather_unique(self._eval_outputs, "image_id")
         self._eval_outputs = []
         if not items or self.trainer.sanity_checking:
             return

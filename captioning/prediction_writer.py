@@ -12,17 +12,8 @@ from typing import Any
 
 import lightning.pytorch as pl
 
-from captioning.distributed import gather_objects
-
-
-def free_path(path: Path) -> Path:
-    """``path`` if it does not exist, else ``stem-1.ext``, ``stem-2.ext``, ... (never overwrite)."""
-    if not path.exists():
-        return path
-    n = 1
-    while (candidate := path.with_name(f"{path.stem}-{n}{path.suffix}")).exists():
-        n += 1
-    return candidate
+from captioning.distributed import gather_unique
+from captioning.runs import free_path
 
 
 class CocoResultsWriter(pl.Callback):
@@ -46,9 +37,8 @@ class CocoResultsWriter(pl.Callback):
         self._items.extend(outputs or [])
 
     def on_predict_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        items = {}
-        for item in gather_objects(self._items):  # de-duplicates the sampler's padding
-            items[item["image_id"] if "image_id" in item else item["id"]] = item
+        # Image models key by "image_id", text models by "id"; padding duplicates collapse.
+        items = gather_unique(self._items, lambda item: item.get("image_id", item.get("id")))
         if not trainer.is_global_zero:
             return
         target = Path(self.path) if self.path else Path(trainer.log_dir or ".") / "predictions.json"

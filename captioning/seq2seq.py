@@ -34,7 +34,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
-from captioning.attention import build_attention
+from captioning.attention import compares_directly, build_attention
 from captioning.decoders import DecoderOutput
 
 QUERY_STYLES = ("bahdanau", "luong")
@@ -112,7 +112,7 @@ class AttentionLSTMDecoder(nn.Module):
         self.query, self.attention_name = query, attention
         # Dot-product scores need query and key of one size: project the keys (values stay the
         # encoder states, so the context keeps width C) instead of forcing D == C on the user.
-        needs_bridge = (attention in ("dot", "scaled_dot") and num_heads == 1 and encoder_dim != decoder_dim)
+        needs_bridge = compares_directly(attention, num_heads) and encoder_dim != decoder_dim
         self.key_bridge = nn.Linear(encoder_dim, decoder_dim, bias=False) if needs_bridge else None
         key_dim = decoder_dim if needs_bridge else encoder_dim
         self.attention = build_attention(attention, decoder_dim, key_dim, attention_dim, num_heads, max_positions)

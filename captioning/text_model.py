@@ -29,7 +29,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 from torch.nn.utils.rnn import pad_sequence
 
-from captioning.distributed import gather_objects
+from captioning.distributed import gather_unique
 from captioning.search import SearchResult, beam_search, greedy_search
 from captioning.seq2seq import AttentionLSTMDecoder, BiLSTMEncoder
 from captioning.text_vocab import TextVocab
@@ -219,7 +219,7 @@ class Seq2SeqModel(pl.LightningModule):
 
         # Every rank gathers every sentence (corpus BLEU is not a mean of batch scores); the
         # distributed sampler's padding duplicates share an id and collapse here.
-        items = {it["id"]: it for it in gather_objects(self._eval_outputs)}
+        items = gather_unique(self._eval_outputs, "id")
         self._eval_outputs = []
         if not items or self.trainer.sanity_checking:
             return

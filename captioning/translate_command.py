@@ -65,24 +65,11 @@ def _slug(text: str, limit: int = 40) -> str:
 
 def write_heatmap(directory: Path, stem: str, record: dict, figure, overwrite: bool = False) -> Path:
     """Save ``<stem>.png`` and ``<stem>.json``; never replaces existing files unless ``overwrite``."""
+    from captioning.viz import claim_output_pair
+
     directory.mkdir(parents=True, exist_ok=True)
-    for k in range(10_000):
-        name = stem if k == 0 else f"{stem}-{k}"
-        png, js = directory / f"{name}.png", directory / f"{name}.json"
-        if overwrite:
-            break
-        if png.exists():
-            continue
-        try:  # exclusive create: a concurrent run writing into the same folder cannot collide
-            with js.open("x", encoding="utf-8") as fh:
-                fh.write(json.dumps(record) + "\n")
-        except FileExistsError:
-            continue
-        break
-    else:
-        raise FileExistsError(f"{directory}: no free file name for {stem!r}")
-    if overwrite:
-        js.write_text(json.dumps(record) + "\n", encoding="utf-8")
+    png, js = claim_output_pair(directory, stem, str(record.get("source", stem)), overwrite)
+    js.write_text(json.dumps(record) + "\n", encoding="utf-8")
     figure.save(png)
     return png
 
@@ -92,12 +79,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if bool(args.texts) == bool(args.input):
         print("error: give the sentences either as TEXT arguments or with --input FILE (not both)", file=sys.stderr)
         return 2
-    from captioning.checkpoints import load_model, resolve_checkpoint
+    from captioning.checkpoints import load_model, find_checkpoint
     from captioning.viz import seq2seq_heatmap
 
     try:
         inputs = read_lines(args.input) if args.input else [(f"argument {i}", t) for i, t in enumerate(args.texts, 1)]
-        model = load_model(resolve_checkpoint(args.ckpt_path), default_class="captioning.text_model.Seq2SeqModel",
+        model = load_model(find_checkpoint(args.ckpt_path), default_class="captioning.text_model.Seq2SeqModel",
                            map_location=args.device)
     except (FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)

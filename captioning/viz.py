@@ -308,7 +308,10 @@ _WRITTEN: dict[Path, str] = {}
 _WRITTEN_LOCK = threading.Lock()
 
 
-def _claim(output_dir: Path, stem: str, source: str, overwrite: bool) -> tuple[Path, Path]:
+def claim_output_pair(output_dir: Path, stem: str, source: str, overwrite: bool) -> tuple[Path, Path]:
+    """Free ``<stem>.png``/``<stem>.json`` names in ``output_dir`` for ``source``: existing files
+    (and files this process wrote for another source) are kept, ``<stem>-1``, ``-2``, ... are
+    tried instead; the JSON is created exclusively so concurrent writers never collide."""
     with _WRITTEN_LOCK:
         for k in range(10_000):
             name = stem if k == 0 else f"{stem}-{k}"
@@ -374,7 +377,7 @@ def write_caption_result(
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     source = str(Path(image_path).resolve())
-    png, js = _claim(output_dir, Path(image_path).stem, source, overwrite)
+    png, js = claim_output_pair(output_dir, Path(image_path).stem, source, overwrite)
     try:
         overlay.save(png)
         js.write_text(json.dumps(record) + "\n", encoding="utf-8")

@@ -78,3 +78,15 @@ def test_translate_errors_name_the_file(checkpoint, tmp_path, capsys):
     assert cli_main(["translate", "--ckpt_path", str(checkpoint), "--input", str(bad)]) == 2
     assert f"{bad}, line 2" in capsys.readouterr().err
     assert cli_main(["translate", "--ckpt_path", str(checkpoint)]) == 2  # no sentences given
+
+
+def test_predict_with_a_text_config_writes_one_translation_per_test_sentence(checkpoint, tmp_path):
+    out = tmp_path / "translations.json"
+    cli_main(["predict", "--config", str(ROOT / "configs" / "text_dates.yaml"), "--ckpt_path", str(checkpoint),
+              "--predictions_path", str(out), "--trainer.logger", "false", "--trainer.enable_progress_bar", "false",
+              "--data.init_args.train_size", "64", "--data.init_args.val_size", "16",
+              "--data.init_args.test_size", "16", "--data.init_args.max_items", "2",
+              "--data.init_args.batch_size", "16"])
+    results = json.loads(out.read_text())
+    assert len(results) == 16 and len({r["id"] for r in results}) == 16
+    assert {"id", "source", "translation"} <= set(results[0])
