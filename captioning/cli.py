@@ -1,9 +1,9 @@
-"""Command line: ``captioning fit|validate|test|predict`` (LightningCLI) and ``captioning caption``.
+"""Command line: ``captioning <command>``; ``captioning --help`` lists the commands.
 
-``fit`` & co. take ``--config configs/<experiment>.yaml``; the datamodule's vocabulary is
-linked into the model at instantiation so it is saved in every checkpoint.
-``caption`` needs only a checkpoint: it captions image files in batches, prints one line
-per image and writes an attention overlay PNG and a JSON per image.
+``fit``, ``validate``, ``test`` and ``predict`` are LightningCLI subcommands: they take
+``--config configs/<experiment>.yaml``, and the datamodule's vocabulary is linked into the
+model at instantiation so it is saved in every checkpoint. The other commands (``caption``,
+``translate``, ...) are plain argparse programs that need only a trained model.
 """
 
 from __future__ import annotations
@@ -16,11 +16,23 @@ from typing import Any, Optional, Sequence
 # shared with data loading several times slower; passive waiting costs little elsewhere.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
+# Commands that are not LightningCLI subcommands: name -> (module:function, one-line help).
 COMMANDS = {
-    "caption": "captioning.caption_command:main",
-    "translate": "captioning.translate_command:main",
-    "cache-features": "captioning.features:main",
+    "caption": ("captioning.caption_command:main", "caption images or folders with a trained model; "
+                "writes attention overlays (PNG) and JSON"),
+    "translate": ("captioning.translate_command:main", "translate sentences with a text model; "
+                  "writes source x target heatmaps"),
+    "cache-features": ("captioning.features:main", "encode every image of a cached config once "
+                       "(features for training the decoder)"),
 }
+LIGHTNING_COMMANDS = {
+    "fit": "train a model from a config (then test it with --test_after_fit true)",
+    "validate": "score a checkpoint on the validation split",
+    "test": "score a checkpoint on the test split",
+    "predict": "caption the test split into a COCO results JSON",
+}
+# The models a config may name by their short class name (``--model ImageCaptioner``).
+MODEL_MODULES = ("captioning.models", "captioning.text_model")
 
 
 def vocab_data(datamodule: Any) -> dict:
@@ -30,11 +42,91 @@ def vocab_data(datamodule: Any) -> dict:
     return datamodule.vocab.to_dict()
 
 
+def usage() -> str:
+    """``captioning --help``: every command with one line each."""
+    rows = list(LIGHTNING_COMMANDS.items()) + [(name, text) for name, (_, text) in COMMANDS.items()]
+    width = max(len(name) for name, _ in rows) + 2
+    lines = ["usage: captioning <command> [options]   (captioning <command> --help for its options)", "",
+             "commands:"]
+    lines += [f"  {name:<{width}}{text}" for name, text in rows]
+    lines += ["", "Training commands take --config configs/<experiment>.yaml (see configs/)."]
+    return "\n".join(lines)
+
+
+def nested_null_args(args: Sequence[str]) -> list[str]:
+    """Make ``null`` work for options nested two or more class levels deep.
+
+    jsonargparse parses ``--data.init_args.data.init_args.karpathy_json null`` to None at the
+    outer level, then hands ``--karpathy_json=None`` (Python's spelling) to the inner class's
+    parser, which reads the string ``'None'``. The same override given as a value of the inner
+    class, ``--data.init_args.data '{"init_args": {"karpathy_json": null}}'``, is merged with the
+    inner class's other settings and keeps the null: that is what this rewrites it to.
+    """
+    import json
+
+    out, i = [], 0
+    while i < len(args):
+        key, has_value, value = args[i].partition("=")
+        if not has_value and i + 1 < len(args):
+            value = args[i + 1]
+        parts = key.split(".init_args.") if key.startswith("--") else []
+        if len(parts) >= 3 and value.strip().lower() in ("null", "none", "~"):
+            nested: object = None
+            for name in reversed(parts[2:]):
+                nested = {"init_args": {name: nested}}
+            out += [f"{parts[0]}.init_args.{parts[1]}", json.dumps(nested)]
+            i += 1 if has_value else 2
+            continue
+        out.append(args[i])
+        i += 1
+    return out
+
+
+def _with_model_for_nested_help(args: list[str]) -> list[str]:
+    """``--model.encoder.help X`` needs the model class first; default to the image captioner."""
+    wants = any(a.startswith(("--model.encoder.help", "--model.init_args.encoder.help")) for a in args)
+    named = any(a in ("--model", "-c", "--config") or a.startswith(("--model=", "--config=")) for a in args)
+    if wants and not named and args and args[0] in LIGHTNING_COMMANDS:
+        return [args[0], "--model", "captioning.models.ImageCaptioner", *args[1:]]
+    return args
+
+
 def _lightning_cli(args: Sequence[str] | None) -> Any:
+    import importlib
+
     import lightning.pytorch as pl
-    from lightning.pytorch.cli import LightningCLI
+    from lightning.pytorch.cli import LightningCLI, _InstantiatorFn
+
+    for module in MODEL_MODULES:  # short class names resolve only for imported classes
+        importlib.import_module(module)
+
+    class OwnHyperparameters(_InstantiatorFn):
+        """Lightning's instantiator, applied only to the top-level model/datamodule.
+
+        LightningCLI hands every LightningDataModule it instantiates the *top-level* data
+        config as its hyper-parameters; a datamodule nested in another (the cached-features
+        datamodule wraps an image datamodule) would record its wrapper's arguments. Nested
+        ones are built plainly, so their ``save_hyperparameters()`` records their own.
+        """
+
+        def __call__(self, class_type: type, *args: Any, applied_instantiation_links: dict, **kwargs: Any) -> Any:
+            self.cli._dump_config()
+            top = self.cli.config_dump.get(self.key, {})
+            top_class = top.get("class_path") if isinstance(top, dict) else None
+            if top_class is not None and top_class != f"{class_type.__module__}.{class_type.__qualname__}":
+                return class_type(*args, **kwargs)
+            return super().__call__(class_type, *args, applied_instantiation_links=applied_instantiation_links,
+                                    **kwargs)
 
     class CaptioningCLI(LightningCLI):
+        def _add_instantiators(self) -> None:
+            from lightning.pytorch.cli import _get_module_type
+
+            self.parser.add_instantiator(OwnHyperparameters(cli=self, key="model"),
+                                         _get_module_type(self._model_class), subclasses=self.subclass_mode_model)
+            self.parser.add_instantiator(OwnHyperparameters(cli=self, key="data"),
+                                         _get_module_type(self._datamodule_class), subclasses=self.subclass_mode_data)
+
         def add_arguments_to_parser(self, parser: Any) -> None:
             parser.link_arguments("data", "model.init_args.vocab", compute_fn=vocab_data, apply_on="instantiate")
             parser.add_argument("--test_after_fit", type=bool, default=False,
@@ -95,12 +187,15 @@ def _has_omegaconf() -> bool:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``captioning`` console script and ``python -m captioning``."""
     args = list(sys.argv[1:] if argv is None else argv)
-    if args and args[0] in COMMANDS:
-        module, func = COMMANDS[args[0]].split(":")
+    if not args or args[0] in ("-h", "--help", "help"):
+        print(usage())
+        return 0
+    if args[0] in COMMANDS:
+        module, func = COMMANDS[args[0]][0].split(":")
         import importlib
 
         return int(getattr(importlib.import_module(module), func)(args[1:]) or 0)
-    _lightning_cli(None if argv is None else args)
+    _lightning_cli(_with_model_for_nested_help(nested_null_args(args)))
     return 0
 
 
