@@ -67,17 +67,17 @@ def image_attention_figures(model: Any, batch: dict, max_items: int, panel_size:
                             beam_size: int | None = None) -> list[dict]:
     """The ``attention_figures`` items of an image captioner (``ImageCaptioner`` API).
 
-    Decodes ``batch["images"]`` (B, 3, H, W) with ``model.generate`` and draws, per image,
+    Decodes ``batch["images"]`` (B, 3, H, W) uint8 with ``model.generate`` and draws, per image,
     the plain image plus one attention panel per generated word (EOS excluded).
     """
-    from captioning.images import denormalize
+    from captioning.images import as_unit_float
     from captioning.viz import attention_overlay
 
     n = min(max_items, len(batch["image_ids"]))
     sub = {k: (v[:n] if isinstance(v, (torch.Tensor, list)) else v) for k, v in batch.items()}
     result = model.generate(model.encode(sub), beam_size=beam_size)
     words, grids = model.words(result), model.attention_grids(result)
-    images = denormalize(sub["images"].float()).cpu()  # (n, 3, H, W) in [0, 1]
+    images = as_unit_float(sub["images"]).float().cpu()  # (n, 3, H, W) in [0, 1]
     items = []
     for i in range(n):
         key = str(sub["image_ids"][i])

@@ -4,6 +4,14 @@
 ``--config configs/<experiment>.yaml``, and the datamodule's vocabulary is linked into the
 model at instantiation so it is saved in every checkpoint. The other commands (``caption``,
 ``translate``, ...) are plain argparse programs that need only a trained model.
+
+Every command ends a user error (see :mod:`captioning.errors`) with one line,
+``error: <message>``, and exit status 2; a bug keeps its traceback (exit 1); ``--debug``
+anywhere on the command line (or ``CAPTIONING_DEBUG=1``) shows every traceback. ``fit``,
+``validate``, ``test`` and ``predict`` write checkpoints atomically
+(:class:`captioning.checkpoint_io.AtomicCheckpointIO`, unless another CheckpointIO is
+configured), and ``fit`` writes ``on_exception.ckpt`` into the run's checkpoint folder when an
+exception stops it mid-training (:class:`captioning.checkpoint_io.FaultCheckpoint`).
 """
 
 from __future__ import annotations
@@ -24,6 +32,11 @@ COMMANDS = {
                   "writes source x target heatmaps"),
     "cache-features": ("captioning.features:main", "encode every image of a cached config once "
                        "(features for training the decoder)"),
+    "export": ("captioning.share_commands:export_main", "write a trained model as a shareable folder "
+               "(safetensors, config.json, model card)"),
+    "push": ("captioning.share_commands:push_main", "upload an exported model folder to the Hugging Face Hub"),
+    "attach-encoder": ("captioning.share_commands:attach_main", "give a model trained on precomputed "
+                       "features its image encoder"),
 }
 LIGHTNING_COMMANDS = {
     "fit": "train a model from a config (then test it with --test_after_fit true)",
@@ -31,8 +44,9 @@ LIGHTNING_COMMANDS = {
     "test": "score a checkpoint on the test split",
     "predict": "caption the test split into a COCO results JSON",
 }
-# The models a config may name by their short class name (``--model ImageCaptioner``).
-MODEL_MODULES = ("captioning.models", "captioning.text_model")
+# Imported before parsing: configs may name their classes by short names (``--model ImageCaptioner``,
+# ``class_path: SmallCNN``), and ``--model.encoder.help`` lists exactly these encoders.
+MODEL_MODULES = ("captioning.models", "captioning.text_model", "captioning.encoders", "captioning.timm_encoder")
 
 
 def vocab_data(datamodule: Any) -> dict:
@@ -118,6 +132,26 @@ def _lightning_cli(args: Sequence[str] | None) -> Any:
             return super().__call__(class_type, *args, applied_instantiation_links=applied_instantiation_links,
                                     **kwargs)
 
+    from jsonargparse import ArgumentError
+    from lightning.pytorch.cli import LightningArgumentParser
+
+    from captioning.errors import UserError, debug_mode, user_message
+
+    class OneLineErrorsParser(LightningArgumentParser):
+        """jsonargparse's parser; an error caused by a user error of ours raises it (one line in main).
+
+        Usage errors (unknown option, wrong type) keep jsonargparse's usage + message, exit 2.
+        """
+
+        def error(self, message: str, ex: Optional[Exception] = None) -> Any:
+            if self.exit_on_error:  # else jsonargparse is trying alternatives and catches the error itself
+                if debug_mode():
+                    raise ArgumentError(None, message) from ex
+                line = user_message(ex) if ex is not None else None
+                if line is not None:
+                    raise UserError(line) from ex
+            return super().error(message, ex)
+
     class CaptioningCLI(LightningCLI):
         def _add_instantiators(self) -> None:
             from lightning.pytorch.cli import _get_module_type
@@ -142,12 +176,48 @@ def _lightning_cli(args: Sequence[str] | None) -> Any:
                 has_best = bool(getattr(self.trainer.checkpoint_callback, "best_model_path", ""))
                 self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path="best" if has_best else None)
 
+        @staticmethod
+        def _check_checkpoint(path: Any, weights_only: Optional[bool]) -> None:
+            """Our errors for a damaged or pickled-objects checkpoint file, not torch's (module docstring)."""
+            from captioning.checkpoint_io import CheckpointReadError, checkpoint_problem, load_checkpoint_file
+
+            if not path or not os.path.isfile(path):
+                return
+            if weights_only is False:  # --weights_only false: the user trusts its pickled objects
+                problem = checkpoint_problem(path)
+                if problem is not None:
+                    raise CheckpointReadError(f"checkpoint {path} is damaged or incomplete: {problem}")
+            else:
+                load_checkpoint_file(path)
+
+        def _parse_ckpt_path(self) -> None:
+            # Lightning reads --ckpt_path's hyper-parameters with torch.load before anything else.
+            subcommand = self.config.get("subcommand")
+            if subcommand:
+                config = self.config[subcommand]
+                self._check_checkpoint(config.get("ckpt_path"), config.get("weights_only"))
+            super()._parse_ckpt_path()
+
+        def instantiate_trainer(self, **kwargs: Any) -> pl.Trainer:
+            from lightning.pytorch.callbacks import OnExceptionCheckpoint
+
+            from captioning.checkpoint_io import FaultCheckpoint, use_atomic_checkpoint_io
+
+            trainer = super().instantiate_trainer(**kwargs)
+            use_atomic_checkpoint_io(trainer)  # unless a CheckpointIO was configured
+            configured = (OnExceptionCheckpoint, FaultCheckpoint)
+            if self.subcommand == "fit" and not any(isinstance(cb, configured) for cb in trainer.callbacks):
+                trainer.callbacks.append(FaultCheckpoint())
+            return trainer
+
         def _resolve_ckpt_path(self, continue_run: bool = False) -> None:
             # `--ckpt_path last` finds the newest last.ckpt of earlier runs (and their W&B run).
             from captioning.runs import resolve_checkpoint
 
             config = self.config_init[self.subcommand]
-            config["ckpt_path"] = resolve_checkpoint(self.trainer, config.get("ckpt_path"), continue_run, self.model)
+            path = resolve_checkpoint(self.trainer, config.get("ckpt_path"), continue_run, self.model)
+            self._check_checkpoint(path, config.get("weights_only"))
+            config["ckpt_path"] = path
 
         def before_fit(self) -> None:
             self._resolve_ckpt_path(continue_run=True)
@@ -171,6 +241,7 @@ def _lightning_cli(args: Sequence[str] | None) -> Any:
         subclass_mode_model=True,
         subclass_mode_data=True,
         args=args,
+        parser_class=OneLineErrorsParser,
         parser_kwargs={"parser_mode": "omegaconf"} if _has_omegaconf() else None,
         auto_configure_optimizers=False,
     )
@@ -185,8 +256,26 @@ def _has_omegaconf() -> bool:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``captioning`` console script and ``python -m captioning``."""
-    args = list(sys.argv[1:] if argv is None else argv)
+    """Entry point of the ``captioning`` console script and ``python -m captioning``.
+
+    Returns the exit status: 0, a command's own status, or 2 after ``error: <one line>`` for a
+    user error (:mod:`captioning.errors`); other exceptions propagate (traceback, exit 1).
+    """
+    from captioning.errors import DEBUG, print_user_error, split_debug
+
+    args, debug = split_debug(list(sys.argv[1:] if argv is None else argv))
+    token = DEBUG.set(debug)
+    try:
+        return _run(args)
+    except Exception as err:
+        if debug or not print_user_error(err):
+            raise
+        return 2
+    finally:
+        DEBUG.reset(token)
+
+
+def _run(args: list[str]) -> int:
     if not args or args[0] in ("-h", "--help", "help"):
         print(usage())
         return 0
@@ -195,6 +284,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         import importlib
 
         return int(getattr(importlib.import_module(module), func)(args[1:]) or 0)
+    import warnings
+
+    # main() always hands LightningCLI its (rewritten) arguments; Lightning warns when
+    # sys.argv has arguments too, which is every console run.
+    warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
     _lightning_cli(_with_model_for_nested_help(nested_null_args(args)))
     return 0
 

@@ -1,12 +1,33 @@
 """Image encoders: images (B, 3, H, W) -> a grid of feature vectors (B, S, C), S = grid_size**2.
 
-Two encoders share one small interface (``out_channels``, ``grid_size``, ``frozen``):
+Every encoder is an :class:`Encoder`: one interface that the captioner, the datamodules, the
+feature cache and ``captioning caption`` rely on:
+
+* ``forward(images)``: uint8 images (B, 3, H, W) (or floats in [0, 1]) -> (B, S, C). The base
+  class normalises with the encoder's own mean/std, then calls ``encode``;
+* ``preprocessing`` (:class:`captioning.images.Preprocessing`): the input size and mean/std
+  it wants; datamodules and ``caption`` resize images to that size, never to an option of
+  their own that could disagree;
+* ``grid_size`` (the grid is grid_size x grid_size), ``out_channels`` (C), ``frozen``;
+* ``config``: its constructor arguments as plain data, stored in checkpoints to rebuild it.
+
+Implementations:
 
 * :class:`ImageEncoder`: a torchvision ResNet-family backbone cut before its pooling and
   classifier, then ``AdaptiveAvgPool2d(grid_size)`` (the Show-Attend-Tell 14x14 grid);
-  pretrained weights load offline from the torch hub cache or a local file.
+  ImageNet weights come from the torch hub cache, downloaded there on first use when online.
+* :class:`captioning.timm_encoder.TimmEncoder`: any timm model with a spatial feature map
+  (ConvNeXt, EfficientNet, RegNet, ViT patch grid), weights through timm's own cache
+  (optional extra ``.[timm]``).
+* :class:`PrecomputedFeatures`: stands for an extractor that ran elsewhere (grid and
+  channels only, no weights): train from a feature cache with a config alone, then attach the
+  real extractor (``captioning attach-encoder``) to caption photos.
 * :class:`SmallCNN`: a few conv blocks trained from scratch; cheap enough on CPU for the
   built-in 64-px shapes dataset.
+
+Your own encoder: subclass :class:`Encoder`, set the attributes above in ``__init__`` and
+implement ``encode``. A checkpoint that names a class outside this package loads only when
+the user trusts its module explicitly (``--trust_module``; see captioning.checkpoints).
 
 Grid positions are flattened row-major (y, then x), so ``alpha.view(T, grid, grid)`` is the
 attention map over the image as drawn (x right, y down).
@@ -24,7 +45,10 @@ import torch
 import torchvision
 from torch import Tensor, nn
 
-__all__ = ["BACKBONES", "STAGES", "ImageEncoder", "SmallCNN", "WeightsNotFoundError"]
+from captioning.images import IMAGENET_MEAN, IMAGENET_STD, Preprocessing, as_unit_float
+
+__all__ = ["BACKBONES", "STAGES", "Encoder", "ImageEncoder", "PrecomputedFeatures", "SmallCNN",
+           "WeightsNotFoundError", "ENCODER_CLASSES", "encoder_config"]
 
 # Backbones that share torchvision's ResNet layout (conv1/bn1/relu/maxpool/layer1..4/avgpool/fc).
 BACKBONES = (
@@ -52,13 +76,59 @@ class WeightsNotFoundError(FileNotFoundError):
     """Pretrained weights are neither cached nor downloadable; the message names the file."""
 
 
-def _offline() -> bool:
+def offline() -> bool:
+    """True when one of :data:`OFFLINE_ENV_VARS` is set to a true value: never download weights."""
     return any(os.environ.get(v, "").strip().lower() in {"1", "true", "yes", "on"} for v in OFFLINE_ENV_VARS)
 
 
 def _check_images(images: Tensor, in_channels: int, who: str) -> None:
     if images.dim() != 4 or images.size(1) != in_channels:
         raise ValueError(f"{who} expects images of shape (B, {in_channels}, H, W), got {tuple(images.shape)}")
+
+
+class Encoder(nn.Module):
+    """Base of every image encoder: normalisation, preprocessing and the checkpoint contract.
+
+    Subclasses call :meth:`set_preprocessing` and set ``out_channels``, ``grid_size`` and
+    ``config`` (their init args as plain JSON-able data) in ``__init__``, and implement
+    :meth:`encode`.
+
+    Shapes: forward(images (B, 3, H, W) uint8, or float in [0, 1]) -> (B, grid_size**2, C).
+    """
+
+    out_channels: int
+    grid_size: int
+    config: dict
+    sees_images = True  # False for stand-ins of extractors that ran elsewhere (PrecomputedFeatures)
+
+    def set_preprocessing(self, preprocessing: Preprocessing) -> None:
+        """What inputs this encoder wants; mean/std become (non-persistent) buffers."""
+        self.preprocessing = preprocessing
+        self.register_buffer("_mean", torch.tensor(preprocessing.mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("_std", torch.tensor(preprocessing.std).view(1, 3, 1, 1), persistent=False)
+
+    def normalize(self, images: Tensor) -> Tensor:
+        """uint8 or [0, 1] float images (B, 3, H, W) -> (x - mean) / std in float32."""
+        _check_images(images, 3, type(self).__name__)
+        return (as_unit_float(images) - self._mean) / self._std
+
+    def encode(self, x: Tensor) -> Tensor:
+        """Normalised images (B, 3, H, W) -> features (B, grid_size**2, out_channels)."""
+        raise NotImplementedError
+
+    def forward(self, images: Tensor) -> Tensor:
+        return self.encode(self.normalize(images))
+
+    @property
+    def frozen(self) -> bool:
+        """True when no parameter is trained (its features can be cached)."""
+        return not any(p.requires_grad for p in self.parameters())
+
+    @classmethod
+    def restore_args(cls, init_args: dict) -> dict:
+        """Init args to rebuild this encoder around weights loaded from a checkpoint: nothing
+        is downloaded again (subclasses with pretrained weights switch them off here)."""
+        return dict(init_args)
 
 
 def _grid_features(x: Tensor) -> Tensor:
@@ -125,7 +195,7 @@ def _fetch_pretrained(weights: torchvision.models.WeightsEnum) -> Path:
         f"{weights.url} where there is a network and copy it there, or pass "
         f"weights_path=/path/to/{cached.name}, or weights=None for random initialisation."
     )
-    if _offline():
+    if offline():
         set_vars = [v for v in OFFLINE_ENV_VARS if os.environ.get(v)]
         raise WeightsNotFoundError(f"{help_text} (no download tried: offline mode via {', '.join(set_vars)})")
     cached.parent.mkdir(parents=True, exist_ok=True)
@@ -141,15 +211,17 @@ def _fetch_pretrained(weights: torchvision.models.WeightsEnum) -> Path:
     return cached
 
 
-class ImageEncoder(nn.Module):
-    """Pretrained CNN backbone -> (B, grid_size**2, out_channels) features.
+class ImageEncoder(Encoder):
+    """Pretrained torchvision CNN backbone -> (B, grid_size**2, out_channels) features.
 
     Args:
         backbone: one of :data:`BACKBONES` (torchvision builder name).
         weights: torchvision weight name ("DEFAULT", "IMAGENET1K_V1", "IMAGENET1K_V2" or
-            "ResNet101_Weights.IMAGENET1K_V2"); None = random init. Loaded from
-            ``torch.hub.get_dir()/checkpoints/<file>``; downloaded only when missing and not
-            offline (``CAPTIONING_OFFLINE=1`` etc.), else :class:`WeightsNotFoundError`.
+            "ResNet101_Weights.IMAGENET1K_V2"); None = random init. Read from
+            ``torch.hub.get_dir()/checkpoints/<file>`` (``~/.cache/torch/hub`` by default);
+            when the file is missing it is downloaded there on first use, unless offline
+            (``CAPTIONING_OFFLINE=1``, ``TORCH_HUB_OFFLINE=1``, ...): then, or when the
+            download fails, :class:`WeightsNotFoundError` says which file to put where.
         weights_path: a local .pth state dict of the torchvision model (``fc.*`` keys are
             ignored, a ``module.`` prefix is stripped); takes precedence over ``weights``.
         grid_size: side of the output grid (adaptive average pooling, any input size).
@@ -158,8 +230,10 @@ class ImageEncoder(nn.Module):
             stages also keep BatchNorm in eval mode when ``.train()`` is called.
         channels_last: run the backbone in channels_last memory format (faster on GPUs
             with tensor cores, especially under mixed precision).
+        image_size: input side in pixels (images are resized to image_size x image_size);
+            ImageNet mean/std normalisation.
 
-    Shapes: forward(images (B, 3, H, W), ImageNet-normalised) -> (B, grid_size**2, C).
+    Shapes: forward(images (B, 3, H, W) uint8 or [0, 1]) -> (B, grid_size**2, C).
     """
 
     def __init__(
@@ -170,6 +244,7 @@ class ImageEncoder(nn.Module):
         grid_size: int = 14,
         trainable_from: str | None = None,
         channels_last: bool = False,
+        image_size: int = 224,
     ) -> None:
         super().__init__()
         if backbone not in BACKBONES:
@@ -183,7 +258,8 @@ class ImageEncoder(nn.Module):
         resolved = resolve_weights(backbone, weights)  # validate the name even if weights_path wins
         # Constructor args as plain data: stored in checkpoints to rebuild this encoder.
         self.config = dict(backbone=backbone, weights=weights, weights_path=weights_path, grid_size=grid_size,
-                           trainable_from=trainable_from, channels_last=channels_last)
+                           trainable_from=trainable_from, channels_last=channels_last, image_size=image_size)
+        self.set_preprocessing(Preprocessing(image_size, IMAGENET_MEAN, IMAGENET_STD))
         self.backbone_name = backbone
         self.weights_name = str(resolved) if resolved is not None else None
         self.grid_size = grid_size
@@ -219,10 +295,9 @@ class ImageEncoder(nn.Module):
         except RuntimeError as err:
             raise ValueError(f"{path}: weights do not fit backbone {self.backbone_name!r}: {err}") from err
 
-    @property
-    def frozen(self) -> bool:
-        """True when no backbone parameter is trained (its features can be cached)."""
-        return not any(p.requires_grad for p in self.parameters())
+    @classmethod
+    def restore_args(cls, init_args: dict) -> dict:
+        return {**init_args, "weights": None, "weights_path": None}
 
     def train(self, mode: bool = True) -> ImageEncoder:
         """Like nn.Module.train, but frozen stages stay in eval mode (BatchNorm stats fixed)."""
@@ -234,12 +309,11 @@ class ImageEncoder(nn.Module):
                 getattr(self.backbone, name).train(False)
         return self
 
-    def forward(self, images: Tensor) -> Tensor:
-        """images (B, 3, H, W) -> features (B, grid_size**2, out_channels)."""
-        _check_images(images, 3, "ImageEncoder")
+    def encode(self, x: Tensor) -> Tensor:
+        """Normalised images (B, 3, H, W) -> features (B, grid_size**2, out_channels)."""
         if self.channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
-        return _grid_features(self.pool(self.backbone(images)))
+            x = x.contiguous(memory_format=torch.channels_last)
+        return _grid_features(self.pool(self.backbone(x)))
 
     def extra_repr(self) -> str:
         return (
@@ -256,7 +330,7 @@ def _conv_block(cin: int, cout: int, stride: int, kernel: int = 3) -> list[nn.Mo
     ]
 
 
-class SmallCNN(nn.Module):
+class SmallCNN(Encoder):
     """A small from-scratch CNN for 64-px synthetic images -> (B, grid_size**2, channels).
 
     Three stride-2 3x3 blocks (64 -> 32 -> 16 -> 8 px; widths w, 2w, 4w), one stride-1 3x3
@@ -270,34 +344,34 @@ class SmallCNN(nn.Module):
     Args:
         channels: output feature size C.
         grid_size: output grid side (adaptive average pooling of the 1/8-resolution map).
-        in_channels: input image channels.
         width: base width w of the conv blocks.
         position_embedding: add a learned (grid_size**2, C) embedding to the features.
+        image_size: input side in pixels (the built-in dataset draws 64-px scenes).
     """
 
     def __init__(
         self,
         channels: int = 128,
         grid_size: int = 8,
-        in_channels: int = 3,
         width: int = 16,
         position_embedding: bool = True,
+        image_size: int = 64,
     ) -> None:
         super().__init__()
-        if min(channels, grid_size, in_channels, width) < 1:
+        if min(channels, grid_size, width, image_size) < 1:
             raise ValueError(
                 f"SmallCNN sizes must be >= 1, got channels={channels}, grid_size={grid_size}, "
-                f"in_channels={in_channels}, width={width}"
+                f"width={width}, image_size={image_size}"
             )
         # Constructor args as plain data: stored in checkpoints to rebuild this encoder.
-        self.config = dict(channels=channels, grid_size=grid_size, in_channels=in_channels, width=width,
-                           position_embedding=position_embedding)
+        self.config = dict(channels=channels, grid_size=grid_size, width=width,
+                           position_embedding=position_embedding, image_size=image_size)
+        self.set_preprocessing(Preprocessing(image_size, IMAGENET_MEAN, IMAGENET_STD))
         self.out_channels = channels
         self.grid_size = grid_size
-        self.in_channels = in_channels
         w = width
         self.features = nn.Sequential(
-            *_conv_block(in_channels, w, 2),
+            *_conv_block(3, w, 2),
             *_conv_block(w, 2 * w, 2),
             *_conv_block(2 * w, 4 * w, 2),
             *_conv_block(4 * w, 4 * w, 1),
@@ -313,13 +387,71 @@ class SmallCNN(nn.Module):
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
 
+    def encode(self, x: Tensor) -> Tensor:
+        """Normalised images (B, 3, H, W) -> features (B, grid_size**2, channels)."""
+        feats = _grid_features(self.pool(self.features(x)))
+        return feats if self.position is None else feats + self.position
+
+
+class PrecomputedFeatures(Encoder):
+    """Stands for an image feature extractor that ran elsewhere: its grid and channels, no weights.
+
+    Train the decoder from a feature cache made by any extractor (``features.npy`` (N, H, W, C)
+    + ``index.json``, see captioning/features.py) with a config alone. The model cannot see
+    images until the real extractor is attached (``captioning attach-encoder``): calling it on
+    images raises an error that says so.
+
+    Args:
+        grid_size: side of the feature grid (H = W).
+        channels: feature size C.
+        extractor: free text saying what made the features (shown in errors and model cards).
+        image_size, mean, std: the extractor's preprocessing, recorded for the model card and
+            checked when the real extractor is attached.
+    """
+
+    def __init__(self, grid_size: int, channels: int, extractor: str = "an external feature extractor",
+                 image_size: int = 224, mean: tuple[float, float, float] = IMAGENET_MEAN,
+                 std: tuple[float, float, float] = IMAGENET_STD) -> None:
+        super().__init__()
+        if grid_size < 1 or channels < 1:
+            raise ValueError(f"PrecomputedFeatures: grid_size and channels must be >= 1, got {grid_size}, {channels}")
+        preprocessing = Preprocessing(image_size, tuple(mean), tuple(std))
+        self.config = dict(grid_size=grid_size, channels=channels, extractor=extractor, image_size=image_size,
+                           mean=list(preprocessing.mean), std=list(preprocessing.std))
+        self.set_preprocessing(preprocessing)
+        self.grid_size, self.out_channels, self.extractor = grid_size, channels, extractor
+
+    sees_images = False
+
     @property
     def frozen(self) -> bool:
-        """True only if someone froze every parameter; SmallCNN trains by default."""
-        return not any(p.requires_grad for p in self.parameters())
+        return True
 
-    def forward(self, images: Tensor) -> Tensor:
-        """images (B, in_channels, H, W) -> features (B, grid_size**2, channels)."""
-        _check_images(images, self.in_channels, "SmallCNN")
-        feats = _grid_features(self.pool(self.features(images)))
-        return feats if self.position is None else feats + self.position
+    def encode(self, x: Tensor) -> Tensor:
+        raise RuntimeError(
+            f"this model was trained on precomputed {self.grid_size}x{self.grid_size}x{self.out_channels} features "
+            f"from {self.extractor}; it has no image encoder. Attach the extractor that made them: "
+            "captioning attach-encoder --ckpt_path CKPT --encoder ENCODER.yaml --output NEW.ckpt")
+
+    def extra_repr(self) -> str:
+        return f"grid_size={self.grid_size}, channels={self.out_channels}, extractor={self.extractor!r}"
+
+
+def encoder_config(encoder: nn.Module) -> dict:
+    """An encoder's constructor config as plain data, ``{"class_path", "init_args"}``: what
+    checkpoints, feature caches and exported models store to rebuild it (its ``config``)."""
+    init_args = getattr(encoder, "config", None)
+    if not isinstance(init_args, dict):
+        raise TypeError(f"{type(encoder).__name__} does not record its init args: set self.config = dict(...) "
+                        "(plain JSON-able values) in __init__, as captioning.encoders.Encoder subclasses do")
+    cls = type(encoder)
+    return {"class_path": f"{cls.__module__}.{cls.__qualname__}", "init_args": dict(init_args)}
+
+
+# Encoders a checkpoint may name without the user trusting anything else (captioning.checkpoints).
+ENCODER_CLASSES = (
+    "captioning.encoders.ImageEncoder",
+    "captioning.encoders.SmallCNN",
+    "captioning.encoders.PrecomputedFeatures",
+    "captioning.timm_encoder.TimmEncoder",
+)

@@ -44,6 +44,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from captioning.encoders import encoder_config
+
 FORMAT = "captioning-features/1"
 FEATURES_FILE, INDEX_FILE, CAPTIONS_FILE = "features.npy", "index.json", "captions.json"
 
@@ -203,20 +205,12 @@ def build_feature_cache(encoder: nn.Module, batches: Iterable[dict], num_images:
                 raise ValueError(f"the loader yielded {len(ids)} images, expected {num_images}")
             array.flush()
             del array
-            meta = {"encoder": _encoder_config(encoder), "encoder_sha1": encoder_fingerprint(encoder), **meta}
+            meta = {"encoder": encoder_config(encoder), "encoder_sha1": encoder_fingerprint(encoder), **meta}
             _write_index(tmp, ids, (num_images, grid, grid, channels), meta,
                          {k: v for k, v in captions.items() if v} or None)
     finally:
         encoder.train(was_training).to(old_device)
     return FeatureCache(path)
-
-
-def _encoder_config(encoder: nn.Module) -> dict | None:
-    config = getattr(encoder, "config", None)
-    if config is None:
-        return None
-    cls = type(encoder)
-    return {"class_path": f"{cls.__module__}.{cls.__qualname__}", "init_args": dict(config)}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

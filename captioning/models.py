@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from captioning.decoders import ShowAttendTellDecoder
 from captioning.distributed import gather_unique
+from captioning.encoders import Encoder, encoder_config
 from captioning.search import SearchResult, beam_search, greedy_search
 from captioning.vocab import Vocabulary
 
@@ -25,8 +26,8 @@ class ImageCaptioner(pl.LightningModule):
     """Show, Attend and Tell captioner.
 
     Args:
-        encoder: image encoder module: images (B, 3, H, W) -> features (B, S, C), with
-            ``out_channels`` (C) and ``grid_size`` attributes (see captioning.encoders).
+        encoder: a :class:`captioning.encoders.Encoder`: images (B, 3, H, W) -> features
+            (B, S, C); it states its preprocessing, which the datamodule and ``caption`` follow.
         vocab: the vocabulary as plain data ({"itos": [...]}) — linked from the datamodule
             by the CLI and stored in the checkpoint.
         attention: score function or ``"none"`` (mean-feature baseline); num_heads > 1 for
@@ -39,16 +40,16 @@ class ImageCaptioner(pl.LightningModule):
         max_length, length_penalty: decoding limits.
         label_smoothing: cross-entropy label smoothing.
         compile_decoder: torch.compile the decoder step (GPU speed option).
-        image_size: input side in pixels; filled from the datamodule at setup so the caption
-            command resizes images as in training.
+        allow_unk: let decoding emit ``<unk>`` (default: never; the next likeliest word is
+            used), for validation, test, predict and ``caption``.
     """
 
-    def __init__(self, encoder: nn.Module, vocab: dict | None = None, attention: str = "additive",
+    def __init__(self, encoder: Encoder, vocab: dict | None = None, attention: str = "additive",
                  num_heads: int = 1, embed_dim: int = 512, decoder_dim: int = 512, attention_dim: int = 512,
                  dropout: float = 0.5, gate: bool = True, alpha_c: float = 1.0, lr: float = 4e-4,
                  encoder_lr: float = 1e-4, weight_decay: float = 0.0, scheduler: str = "none",
                  warmup_steps: int = 0, beam_size: int = 3, max_length: int = 30, length_penalty: float = 0.0,
-                 label_smoothing: float = 0.0, compile_decoder: bool = False, image_size: int | None = None) -> None:
+                 label_smoothing: float = 0.0, compile_decoder: bool = False, allow_unk: bool = False) -> None:
         super().__init__()
         if vocab is None:
             raise ValueError("ImageCaptioner needs a vocabulary: the CLI links it from the datamodule "
@@ -56,7 +57,7 @@ class ImageCaptioner(pl.LightningModule):
         if scheduler not in ("none", "cosine", "plateau"):
             raise ValueError(f"scheduler must be 'none', 'cosine' or 'plateau', got {scheduler!r}")
         self.save_hyperparameters(ignore=["encoder"])
-        self.hparams["encoder"] = module_config(encoder)
+        self.hparams["encoder"] = encoder_config(encoder)
         self.vocab = Vocabulary.from_dict(vocab)
         self.encoder = encoder
         self.grid_size = int(getattr(encoder, "grid_size"))
@@ -65,19 +66,19 @@ class ImageCaptioner(pl.LightningModule):
             num_heads=num_heads, gate=gate, dropout=dropout, max_positions=self.grid_size ** 2)
         self._eval_outputs: list[dict] = []
 
+    @property
+    def preprocessing(self):
+        """The encoder's :class:`captioning.images.Preprocessing` (input size, mean/std)."""
+        return self.encoder.preprocessing
+
     def setup(self, stage: str) -> None:
-        datamodule = getattr(self.trainer, "datamodule", None)
-        size = getattr(datamodule, "image_size", None)
-        if isinstance(size, int):
-            self.hparams["image_size"] = size  # saved with the checkpoint for the caption command
-            # Loggers merge hparams_initial with the datamodule's: keep them consistent.
-            self._hparams_initial["image_size"] = size
         if self.hparams.compile_decoder:
             compile_decoder_step(self.decoder)
 
     # ------------------------------------------------------------------ core
     def encode(self, batch: dict) -> Tensor:
-        """Batch -> features (B, S, C); uses cached features when the batch carries them."""
+        """Batch -> features (B, S, C); uses cached features when the batch carries them.
+        ``batch["images"]``: (B, 3, H, W) uint8 at the encoder's input size (it normalises)."""
         if "features" in batch:
             return batch["features"].to(self.dtype if self.dtype.is_floating_point else torch.float32)
         return self.encoder(batch["images"])
@@ -97,13 +98,20 @@ class ImageCaptioner(pl.LightningModule):
             reg = self.hparams.alpha_c * ((1.0 - (out.alphas * valid).sum(1)) ** 2).mean()
         return ce + reg, ce, reg
 
+    def banned_ids(self, allow_unk: bool | None = None) -> list[int]:
+        """Tokens decoding never emits: BOS and PAD always, ``<unk>`` unless allowed."""
+        allow = self.hparams.get("allow_unk", False) if allow_unk is None else allow_unk
+        return [self.vocab.bos_id, self.vocab.pad_id] + ([] if allow else [self.vocab.unk_id])
+
     @torch.no_grad()
-    def generate(self, features: Tensor, beam_size: int | None = None, max_length: int | None = None) -> SearchResult:
-        """Decode captions for features (B, S, C); beam_size 1 = greedy."""
+    def generate(self, features: Tensor, beam_size: int | None = None, max_length: int | None = None,
+                 allow_unk: bool | None = None) -> SearchResult:
+        """Decode captions for features (B, S, C); beam_size 1 = greedy; ``<unk>`` per :meth:`banned_ids`."""
         beam = self.hparams.beam_size if beam_size is None else beam_size
         length = self.hparams.max_length if max_length is None else max_length
         memory = self.decoder.prepare_memory(features)
-        common = dict(bos_id=self.vocab.bos_id, eos_id=self.vocab.eos_id, pad_id=self.vocab.pad_id, max_length=length)
+        common = dict(bos_id=self.vocab.bos_id, eos_id=self.vocab.eos_id, pad_id=self.vocab.pad_id, max_length=length,
+                      banned_ids=self.banned_ids(allow_unk))
         if beam <= 1:
             return greedy_search(self.decoder, memory, features.shape[0], **common)
         return beam_search(self.decoder, memory, features.shape[0], beam_size=beam,
@@ -196,6 +204,15 @@ class ImageCaptioner(pl.LightningModule):
         self.log(f"{stage}/num_images", float(len(items)))
         self.last_eval_captions = {k: v["caption"] for k, v in items.items()}
 
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        """Scores, data and one example image with the weights (see captioning.model_card)."""
+        from captioning.model_card import run_summary
+
+        if self._trainer is not None:
+            summary = run_summary(self.trainer, with_example=True, cached_example=getattr(self, "_example", None))
+            self._example = summary.get("example")
+            checkpoint["captioning"] = summary
+
     # ------------------------------------------------------------------ predict
     def predict_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> list[dict]:
         result = self.generate(self.encode(batch))
@@ -247,19 +264,3 @@ def compile_decoder_step(decoder: nn.Module) -> None:
         if callable(fn):
             setattr(decoder, name, torch.compile(fn, dynamic=True))
     decoder._step_compiled = True
-
-
-def module_config(module: nn.Module | dict) -> dict:
-    """A module's constructor config as plain data: {"class_path": ..., "init_args": {...}}.
-
-    Our encoders record their init args in ``config``; this is what goes in the
-    checkpoint so it loads with ``weights_only=True``.
-    """
-    if isinstance(module, dict):
-        return module
-    init_args = getattr(module, "config", None)
-    if init_args is None:
-        raise TypeError(f"{type(module).__name__} does not record its init args (a `config` dict attribute); "
-                        "cannot store it in the checkpoint")
-    cls = type(module)
-    return {"class_path": f"{cls.__module__}.{cls.__qualname__}", "init_args": dict(init_args)}

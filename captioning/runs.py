@@ -29,7 +29,7 @@ from lightning.pytorch.cli import SaveConfigCallback
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger, WandbLogger
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
-__all__ = ["run_dir", "free_path", "RunConfigSaver", "resolve_checkpoint", "check_vocabulary"]
+__all__ = ["run_dir", "checkpoint_dir", "free_path", "RunConfigSaver", "resolve_checkpoint", "check_vocabulary"]
 
 
 def _versioned(logger: Any) -> bool:
@@ -56,6 +56,18 @@ def run_dir(trainer: pl.Trainer) -> Path:
     version = logger.version
     version = version if isinstance(version, str) else f"version_{version}"  # as ModelCheckpoint does
     return _runs_root(trainer) / version
+
+
+def checkpoint_dir(trainer: pl.Trainer) -> Path:
+    """Where this run's checkpoints go: the first ModelCheckpoint's folder, else ``run_dir/checkpoints``.
+
+    A ModelCheckpoint resolves its folder in ``setup`` (to ``run_dir/checkpoints`` when none is
+    configured); before that, or without one, the same default is computed here.
+    """
+    for callback in trainer.checkpoint_callbacks:
+        if isinstance(callback, ModelCheckpoint) and callback.dirpath:
+            return Path(callback.dirpath)
+    return run_dir(trainer) / "checkpoints"
 
 
 def free_path(path: Path) -> Path:

@@ -22,7 +22,7 @@ fresh tensor (any layer output is), not a view of something it keeps.
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable, NamedTuple, Sequence
 
 import torch
 from torch import Tensor
@@ -61,8 +61,13 @@ def _lengths(tokens: Tensor, eos_id: int) -> Tensor:
 
 @torch.no_grad()
 def greedy_search(decoder: Any, memory: Any, batch_size: int, bos_id: int, eos_id: int, pad_id: int = 0,
-                  max_length: int = 50) -> SearchResult:
-    """Pick the most likely word at every step, for the whole batch at once."""
+                  max_length: int = 50, banned_ids: Sequence[int] = ()) -> SearchResult:
+    """Pick the most likely word at every step, for the whole batch at once.
+
+    ``banned_ids``: tokens never emitted (e.g. ``<unk>``): their probability is set to 0 and
+    the others renormalised, at every step.
+    """
+    banned = _banned(banned_ids)
     expand = getattr(decoder, "expand_memory", None)
     memory = expand(memory, 1) if expand is not None else memory
     state = decoder.init_state(memory)
@@ -74,6 +79,8 @@ def greedy_search(decoder: Any, memory: Any, batch_size: int, bos_id: int, eos_i
     for step in range(max_length):
         logits, alpha, state = decoder.step(tokens, state, memory)
         logits = logits.float()
+        if banned is not None:
+            logits.index_fill_(-1, banned.to(logits.device), float("-inf"))
         best, tokens = logits.max(-1)
         best_logp = best - torch.logsumexp(logits, -1)  # log_softmax of the best word only
         tokens = tokens.masked_fill(finished, pad_id)
@@ -98,6 +105,10 @@ def _leaves(obj: Any):
             yield from _leaves(v)
 
 
+def _banned(ids: Sequence[int]) -> Tensor | None:
+    return torch.tensor(sorted(set(int(i) for i in ids)), dtype=torch.long) if len(ids) else None
+
+
 def length_normaliser(lengths: Tensor, length_penalty: float) -> Tensor:
     """GNMT length penalty ((5 + len) / 6) ** alpha; alpha = 0 disables it."""
     return ((5.0 + lengths.float()) / 6.0) ** length_penalty
@@ -105,7 +116,8 @@ def length_normaliser(lengths: Tensor, length_penalty: float) -> Tensor:
 
 @torch.no_grad()
 def beam_search(decoder: Any, memory: Any, batch_size: int, bos_id: int, eos_id: int, pad_id: int = 0,
-                beam_size: int = 3, max_length: int = 50, length_penalty: float = 0.0) -> SearchResult:
+                beam_size: int = 3, max_length: int = 50, length_penalty: float = 0.0,
+                banned_ids: Sequence[int] = ()) -> SearchResult:
     """Batched beam search: all B images and K beams advance together.
 
     Args:
@@ -114,12 +126,14 @@ def beam_search(decoder: Any, memory: Any, batch_size: int, bos_id: int, eos_id:
             copying, e.g. by attending with an item's K queries at once), else every tensor
             is repeated K times along the batch.
         length_penalty: GNMT alpha applied when choosing among finished hypotheses.
+        banned_ids: tokens never emitted (e.g. ``<unk>``): probability 0, the rest renormalised.
     Returns:
         the best hypothesis per item (see :class:`SearchResult`).
     """
     if beam_size < 1:
         raise ValueError(f"beam_size must be >= 1, got {beam_size}")
     b, k = batch_size, beam_size
+    banned = _banned(banned_ids)
     expand = getattr(decoder, "expand_memory", None)
     memory = expand(memory, k) if expand is not None else map_tensors(lambda t: t.repeat_interleave(k, 0), memory)
     state = decoder.init_state(memory)
@@ -137,7 +151,10 @@ def beam_search(decoder: Any, memory: Any, batch_size: int, bos_id: int, eos_id:
 
     for step in range(max_length):
         logits, alpha, state = decoder.step(tokens, state, memory)
-        logp = torch.log_softmax(logits.float(), -1).view(b, k, -1)  # (B, K, V); then in place
+        logits = logits.float()
+        if banned is not None:
+            logits.index_fill_(-1, banned.to(logits.device), float("-inf"))
+        logp = torch.log_softmax(logits, -1).view(b, k, -1)  # (B, K, V); then in place
         vocab = logp.shape[-1]
         # A finished beam continues only with PAD at no cost: it keeps its score and slot.
         pad_logp = torch.where(finished, 0.0, logp[:, :, pad_id])

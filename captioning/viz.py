@@ -111,8 +111,8 @@ def _image_array(image: Any) -> np.ndarray:
     lo, hi = float(arr.min()), float(arr.max())
     if lo < -1e-3 or hi > 1 + 1e-3:
         raise ValueError(
-            f"image tensor values must be in [0, 1], got [{lo:.3f}, {hi:.3f}]; an ImageNet-normalised "
-            "tensor must go through captioning.images.denormalize first")
+            f"image tensor values must be in [0, 1] (or uint8), got [{lo:.3f}, {hi:.3f}]; pass the image "
+            "as loaded (batches hold uint8 images), not an encoder's normalised input")
     return np.round(np.clip(arr, 0, 1) * 255).astype(np.uint8)
 
 

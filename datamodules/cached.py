@@ -1,6 +1,6 @@
 """Train the decoder from cached encoder features: wraps an image datamodule (shapes, COCO).
 
-Batches follow INTERFACES.md with ``"features"`` (B, S, C) float16 in place of ``"images"``;
+Batches carry ``"features"`` (B, S, C) float16 in place of ``"images"``;
 :meth:`captioning.models.ImageCaptioner.encode` uses them as they are (cast to the model's
 dtype). Every image is encoded once, by the model's own frozen encoder, when the cache is
 missing or stale (checked by the encoder's weight hash and the data settings); see
@@ -22,19 +22,21 @@ from typing import Any
 
 import torch
 from lightning.pytorch import LightningDataModule
-from lightning.pytorch.utilities.rank_zero import rank_zero_info
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch.nn.utils.rnn import pad_sequence
 from torch.utils.data import DataLoader, Dataset, RandomSampler
 
+from captioning.encoders import encoder_config
 from captioning.features import FeatureCache, build_feature_cache, encoder_fingerprint
-from captioning.images import load_image, to_tensor
+from captioning.images import image_tensor, load_image
 from captioning.vocab import Vocabulary
 from datamodules.sampling import LengthBucketBatchSampler, OneCaptionPerImageSampler
 
 SPLITS = ("train", "val", "test")
 # Datamodule settings that do not change which images there are or how they look.
-_NOT_IMAGE_SETTINGS = {"batch_size", "num_workers", "verify_files", "vocab_path", "min_count", "max_vocab_size",
-                       "max_caption_length", "seed_loader", "use_provided_tokens"}
+_NOT_IMAGE_SETTINGS = {"batch_size", "num_workers", "check_images", "skip_bad_images", "max_pixels", "vocab_path",
+                       "min_count", "max_vocab_size", "max_caption_length", "seed", "use_provided_tokens",
+                       "bucket_by_length", "random_flip"}
 
 
 class _Items(Dataset):
@@ -79,15 +81,16 @@ class _Collate:
 class _ImageFiles(Dataset):
     """Per-image loader for building a cache from files: (image_id, path) records."""
 
-    def __init__(self, records: list[tuple[Any, str]], image_size: int) -> None:
-        self.records, self.image_size = records, image_size
+    def __init__(self, records: list[tuple[Any, str]], image_size: int, max_pixels: int | None = None) -> None:
+        self.records, self.image_size, self.max_pixels = records, image_size, max_pixels
 
     def __len__(self) -> int:
         return len(self.records)
 
     def __getitem__(self, k: int) -> dict:
         image_id, path = self.records[k]
-        return {"image": to_tensor(load_image(path), self.image_size), "image_id": image_id}
+        return {"image": image_tensor(load_image(path, max_pixels=self.max_pixels), self.image_size),
+                "image_id": image_id}
 
 
 def _collate_files(items: list[dict]) -> dict:
@@ -132,16 +135,24 @@ class CachedFeaturesDataModule(LightningDataModule):
         return self.data.vocab
 
     @property
-    def image_size(self) -> int | None:
-        return getattr(self.data, "image_size", None)
-
-    @property
     def object_words(self) -> Any:  # the built-in dataset's word lists, used by the localisation metric
         return getattr(self.data, "object_words", None)
 
     @property
     def color_words(self) -> Any:
         return getattr(self.data, "color_words", None)
+
+    @property
+    def attribute_words(self) -> Any:
+        return getattr(self.data, "attribute_words", None)
+
+    def describe(self) -> str:
+        inner = self.data.describe() if hasattr(self.data, "describe") else type(self.data).__name__
+        return f"{inner}, features cached in {self.cache_dir}"
+
+    def example(self, split: str = "val") -> dict | None:
+        """The wrapped datamodule's example image (model cards), when it has images."""
+        return self.data.example(split) if hasattr(self.data, "example") else None
 
     # ------------------------------------------------------------------ caches
     def cache_path(self, split: str) -> Path:
@@ -165,6 +176,9 @@ class CachedFeaturesDataModule(LightningDataModule):
         index = json.loads((path / "index.json").read_text())
         if encoder is not None and index.get("encoder_sha1") not in (None, encoder_fingerprint(encoder)):
             return f"{path} was built by a different encoder (weights hash differs)"
+        config = encoder_config(encoder) if encoder is not None else None
+        if config is not None and index.get("encoder") not in (None, config):
+            return f"{path} was built by a differently configured encoder ({index.get('encoder')})"
         if "source" in index and index["source"] != self._source():
             return f"{path} was built from different data settings"
         return None
@@ -173,13 +187,16 @@ class CachedFeaturesDataModule(LightningDataModule):
                     device: str | torch.device | None = None) -> dict[str, FeatureCache]:
         """Encode each split's images once with ``encoder`` (frozen) unless a valid cache exists."""
         out = {}
+        preprocessing = getattr(encoder, "preprocessing", None)
+        if preprocessing is not None and hasattr(self.data, "use_preprocessing"):
+            self.data.use_preprocessing(preprocessing)  # images at the encoder's input size
         for split in SPLITS:
             reason = "forced" if force else self._stale(split, encoder)
             if reason is not None:
                 rank_zero_info(f"Building the {split} feature cache ({reason})")
                 loader, count = self._image_batches(split)
                 build_feature_cache(encoder, loader, count, self.cache_dir / split, device=device,
-                                    image_size=self.image_size, source=self._source())
+                                    source=self._source())
             out[split] = FeatureCache(self.cache_path(split))
         return out
 
@@ -187,7 +204,8 @@ class CachedFeaturesDataModule(LightningDataModule):
         """One item per image of ``split`` from the wrapped datamodule, as image batches."""
         kw = dict(batch_size=self.build_batch_size, shuffle=False, num_workers=self.num_workers)
         if hasattr(self.data, "image_records"):  # COCO-style: files on disk
-            dataset = _ImageFiles(self.data.image_records(split), self.data.image_size)
+            dataset = _ImageFiles(self.data.image_records(split), self.data.image_size,
+                                  getattr(self.data, "max_pixels", None))
             return DataLoader(dataset, collate_fn=_collate_files, **kw), len(dataset)
         if hasattr(self.data, "dataset") and hasattr(self.data, "train_dataloader"):  # shapes: generated
             from datamodules.shapes import collate
@@ -232,6 +250,7 @@ class CachedFeaturesDataModule(LightningDataModule):
         else:
             raise ValueError(f"{cache.path}: no captions.json and {type(self.data).__name__} has no "
                              "references(split): nothing to train on")
+        ids, refs, objects = _in_cache(cache, split, ids, refs, objects)
         vocab, n = self.vocab, self.max_caption_length
         encoded = [[vocab.encode(r.split()[:n]) for r in rs] for rs in refs]
         return _Items(cache.rows_of(ids), ids, refs, objects, encoded, pairs=split == "train")
@@ -274,6 +293,29 @@ class CachedFeaturesDataModule(LightningDataModule):
         items = _Items(t.rows, t.ids, t.refs, t.objects, t.encoded, pairs=False, with_captions=False)
         return DataLoader(items, batch_size=self.batch_size, shuffle=False, collate_fn=_Collate(self._caches["test"]),
                           num_workers=self.num_workers)
+
+
+ID_RULES = ("the ids are: COCO annotation files: images[].id; Karpathy json: cocoid, else imgid, else the "
+            "position in 'images'; folder + CSV/JSONL: the file path as written in the captions file; "
+            "built-in shapes: the index in the split (see docs/feature_cache.md)")
+
+
+def _in_cache(cache: FeatureCache, split: str, ids: list, refs: list, objects: list | None) -> tuple:
+    """Keep the images the cache has rows for; a few missing: warn; most missing: a clear error."""
+    present = [k for k, i in enumerate(ids) if i in cache.row]
+    if len(present) == len(ids):
+        return ids, refs, objects
+    missing = [ids[k] for k in range(len(ids)) if ids[k] not in cache.row]
+    shown = ", ".join(repr(i) for i in missing[:5])
+    if len(present) < len(ids) / 2:
+        held = ", ".join(repr(i) for i in cache.image_ids[:5])
+        raise KeyError(f"{split} split: {len(missing)} of {len(ids)} image ids are not in the feature cache "
+                       f"{cache.path} (e.g. {shown}); it holds {len(cache)} ids such as {held}. Each row of "
+                       f"features.npy must carry the id the datamodule gives the image: {ID_RULES}")
+    rank_zero_warn(f"{split} split: {len(missing)} of {len(ids)} images have no row in the feature cache "
+                   f"{cache.path} and are left out (e.g. {shown})")
+    keep = lambda seq: [seq[k] for k in present]  # noqa: E731
+    return keep(ids), keep(refs), keep(objects) if objects is not None else None
 
 
 def _check_model(model: Any, cache: FeatureCache) -> None:

@@ -7,15 +7,16 @@ Two input formats, chosen by which arguments are given:
     ``captions_val2017.json``) plus ``train_images`` / ``val_images`` (the image folders;
     file = ``<folder>/<file_name>``). ``test_annotations`` is optional: without it the
     **val split is also used as the test split** (COCO test images have no public captions).
-    ``test_images`` defaults to ``val_images``.
+    ``test_images`` defaults to ``val_images``. Image id = the file's ``images[].id``.
 (b) Karpathy split json (``dataset_coco.json``, ``dataset_flickr8k.json``,
     ``dataset_flickr30k.json``) via ``karpathy_json`` plus ``image_root``; the file of an image
     is ``image_root/filepath/filename`` for COCO, ``image_root/filename`` for Flickr.
     ``restval`` images go to train unless ``restval_to_train=False`` (then they are dropped).
+    Image id = ``cocoid`` when the entry has one (COCO), else ``imgid`` (Flickr), else the
+    entry's position in ``images`` (these are the ids a feature cache's rows must carry).
 
-Batches follow INTERFACES.md: train = one item per (image, caption) pair, val/test = one item
-per image ("captions" = its first reference, "references" = all), predict = test split images
-with empty (B, 0) "captions".
+Everything else (vocabulary, image checks, batches) is :class:`datamodules.image_captions.ImageCaptionsDataModule`.
+Image paths must stay inside their image folder (``allow_outside_paths`` to allow others).
 """
 
 from __future__ import annotations
@@ -23,41 +24,19 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-import logging
 import os
-import tempfile
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-import torch
-from lightning.pytorch import LightningDataModule
-from lightning.pytorch.utilities.rank_zero import rank_zero_only
-from torch.nn.utils.rnn import pad_sequence
-from torch.utils.data import DataLoader, Dataset, RandomSampler
-
-from captioning.images import load_image, to_tensor
-from captioning.vocab import Vocabulary, tokenize
-from datamodules.sampling import LengthBucketBatchSampler
-
-log = logging.getLogger(__name__)
-
-SPLITS = ("train", "val", "test")
-
-
-def _info(msg: str) -> None:
-    # Every DDP rank builds its own datamodule; say things once.
-    if rank_zero_only.rank == 0:
-        log.info(msg)
-
-
-@dataclass
-class ImageRecord:
-    """One image: its id, file, and tokenised reference captions (untruncated)."""
-
-    image_id: int | str
-    path: str
-    captions: list[list[str]]
+from captioning.vocab import tokenize
+from datamodules.image_captions import (  # noqa: F401  (CaptionDataset, collate_captions: re-exported)
+    DEFAULT_MAX_PIXELS,
+    SPLITS,
+    CaptionDataset,
+    ImageCaptionsDataModule,
+    ImageRecord,
+    collate_captions,
+    image_path,
+)
 
 
 # ----------------------------------------------------------------------------- readers
@@ -75,8 +54,11 @@ def _require_dir(path: str | os.PathLike, what: str) -> Path:
     return path
 
 
-def read_coco_captions(annotation_file: str | os.PathLike, images_dir: str | os.PathLike) -> list[ImageRecord]:
-    """Official COCO captions file (``captions_*.json``) -> records, in the file's image order."""
+def read_coco_captions(annotation_file: str | os.PathLike, images_dir: str | os.PathLike,
+                       allow_outside_paths: bool = False) -> list[ImageRecord]:
+    """Official COCO captions file (``captions_*.json``) -> records, in the file's image order.
+
+    Each ``file_name`` must resolve inside ``images_dir`` (see :func:`image_path`)."""
     from pycocotools.coco import COCO  # imported here: only this format needs it
 
     path = _require_file(annotation_file, "a COCO captions annotation file (e.g. captions_train2017.json)")
@@ -95,17 +77,25 @@ def read_coco_captions(annotation_file: str | os.PathLike, images_dir: str | os.
         raise ValueError(f"{path}: annotations have no 'caption' field; expected a captions file "
                          "(captions_*.json), not instances/keypoints annotations")
     records = []
-    for img_id in coco.getImgIds():
+    for k, img_id in enumerate(coco.getImgIds()):
         img = coco.loadImgs(img_id)[0]
-        caps = [tokenize(a["caption"]) for a in coco.loadAnns(coco.getAnnIds(imgIds=img_id))]
-        records.append(ImageRecord(img_id, str(images_dir / img["file_name"]), [c for c in caps if c]))
+        where = f"{path} images[{k}] (id {img_id})"
+        try:
+            caps = [tokenize(a["caption"]) for a in coco.loadAnns(coco.getAnnIds(imgIds=img_id))]
+            file = image_path(images_dir, img["file_name"], where, allow_outside_paths)
+        except (KeyError, TypeError, AttributeError) as err:
+            raise ValueError(f"{where}: lacks a field of the COCO captions format (file_name, "
+                             f"annotations[].caption as text): {err!r}") from err
+        records.append(ImageRecord(img_id, file, caps))
     return records
 
 
 def read_karpathy_json(json_file: str | os.PathLike, image_root: str | os.PathLike,
                        restval_to_train: bool = True, use_provided_tokens: bool = True,
-                       ) -> dict[str, list[ImageRecord]]:
-    """Karpathy split json -> {"train", "val", "test"} records (restval -> train or dropped)."""
+                       allow_outside_paths: bool = False) -> dict[str, list[ImageRecord]]:
+    """Karpathy split json -> {"train", "val", "test"} records (restval -> train or dropped).
+
+    Image id: ``cocoid``, else ``imgid``, else the position in ``images``."""
     path = _require_file(json_file, "a Karpathy split json (dataset_coco.json / dataset_flickr*.json)")
     root = _require_dir(image_root, f"the image root folder for {path.name}")
     try:
@@ -118,11 +108,12 @@ def read_karpathy_json(json_file: str | os.PathLike, image_root: str | os.PathLi
     for i, img in enumerate(data["images"]):
         try:
             split = img["split"]
-            file = root / img.get("filepath", "") / img["filename"]
+            relative = os.path.join(img.get("filepath") or "", img["filename"])
+            file = image_path(root, relative, f"{path} images[{i}]", allow_outside_paths)
             image_id = img.get("cocoid", img.get("imgid", i))
             caps = [[t.lower() for t in s["tokens"]] if use_provided_tokens and "tokens" in s
                     else tokenize(s["raw"]) for s in img["sentences"]]
-        except (KeyError, TypeError) as err:
+        except (KeyError, TypeError, AttributeError) as err:
             raise ValueError(f"{path}: images[{i}] lacks a field of the Karpathy format "
                              f"(filename, split, sentences[].tokens/raw): {err!r}") from err
         if split == "restval":
@@ -131,59 +122,12 @@ def read_karpathy_json(json_file: str | os.PathLike, image_root: str | os.PathLi
             split = "train"
         if split not in splits:
             raise ValueError(f"{path}: images[{i}] has split {split!r}; expected train/val/test/restval")
-        splits[split].append(ImageRecord(image_id, str(file), [c for c in caps if c]))
+        splits[split].append(ImageRecord(image_id, file, caps))
     return splits
 
 
-# ----------------------------------------------------------------------------- datasets
-class CaptionDataset(Dataset):
-    """Items for training (one per (image, caption) pair) or evaluation (one per image).
-
-    An item is ``{"image": (3, size, size), "caption": (n+2,) ids, "image_id", "references"}``;
-    ``caption`` is the pair's caption (train) or the first reference (eval), truncated to
-    ``max_len`` words, or empty when ``with_captions`` is False (predict).
-    """
-
-    def __init__(self, records: list[ImageRecord], vocab: Vocabulary, image_size: int,
-                 max_len: int, per_caption: bool, with_captions: bool = True,
-                 random_flip: bool = False) -> None:
-        self.records, self.image_size, self.random_flip = records, image_size, random_flip
-        self.references = [[" ".join(c) for c in r.captions] for r in records]
-        # Encode once here, not per __getitem__: cheap, and workers share it copy-on-write.
-        self.encoded = [[vocab.encode(c[:max_len]) for c in r.captions] for r in records]
-        if per_caption:
-            self.index = [(i, j) for i, caps in enumerate(self.encoded) for j in range(len(caps))]
-        else:
-            self.index = [(i, 0 if with_captions else None) for i in range(len(records))]
-
-    def __len__(self) -> int:
-        return len(self.index)
-
-    def __getitem__(self, k: int) -> dict[str, Any]:
-        i, j = self.index[k]
-        rec = self.records[i]
-        image = to_tensor(load_image(rec.path), self.image_size)
-        if self.random_flip and torch.rand(()) < 0.5:
-            image = image.flip(-1)
-        ids = self.encoded[i][j] if j is not None else []
-        return {"image": image, "caption": torch.tensor(ids, dtype=torch.long),
-                "image_id": rec.image_id, "references": self.references[i]}
-
-
-def collate_captions(items: list[dict[str, Any]]) -> dict[str, Any]:
-    """Items -> the INTERFACES.md batch: images (B,3,H,W), captions (B,L) padded with 0, lengths (B,)."""
-    caps = [it["caption"] for it in items]
-    return {
-        "images": torch.stack([it["image"] for it in items]),
-        "captions": pad_sequence(caps, batch_first=True, padding_value=Vocabulary.pad_id),
-        "lengths": torch.tensor([len(c) for c in caps], dtype=torch.long),
-        "image_ids": [it["image_id"] for it in items],
-        "references": [it["references"] for it in items],
-    }
-
-
 # ----------------------------------------------------------------------------- datamodule
-class CocoCaptionsDataModule(LightningDataModule):
+class CocoCaptionsDataModule(ImageCaptionsDataModule):
     """COCO captions / Karpathy split data for the image captioner.
 
     Args:
@@ -196,20 +140,8 @@ class CocoCaptionsDataModule(LightningDataModule):
         restval_to_train: Karpathy ``restval`` images join train (else they are dropped).
         use_provided_tokens: Karpathy format: use ``sentences[].tokens`` (lowercased) rather
             than tokenising ``raw`` with ``captioning.vocab.tokenize``.
-        vocab_path: JSON vocabulary file; loaded if it exists (a resumed run shares the
-            vocabulary), else built from the train captions and written there.
-        min_count: keep words seen at least this often in the train captions.
-        max_vocab_size: cap on non-special words (most frequent kept); None = no cap.
-        max_caption_length: captions are truncated to this many words (before bos/eos).
-        image_size: images are resized to (image_size, image_size).
-        random_flip: random horizontal flip of train images. Note it mirrors the scene, so
-            captions saying "left"/"right" become wrong; off by default.
-        verify_files: at setup, check every image file of the used splits exists (fails early
-            naming the missing files instead of mid-epoch).
-        batch_size, num_workers: DataLoader settings (persistent workers when > 0).
-        seed: seeds the train shuffling order.
-        bucket_by_length: train batches of captions of similar length (shuffled pools sorted
-            by length, batch order shuffled): fewer padded decode steps per batch.
+        The other arguments: see :class:`datamodules.image_captions.ImageCaptionsDataModule`
+        (vocabulary, image checks, loaders). The image size comes from the model's encoder.
     """
 
     def __init__(
@@ -228,15 +160,21 @@ class CocoCaptionsDataModule(LightningDataModule):
         min_count: int = 5,
         max_vocab_size: int | None = None,
         max_caption_length: int = 50,
-        image_size: int = 256,
         random_flip: bool = False,
-        verify_files: bool = True,
+        check_images: str = "header",
+        skip_bad_images: bool = False,
+        allow_outside_paths: bool = False,
+        max_pixels: int | None = DEFAULT_MAX_PIXELS,
         batch_size: int = 32,
         num_workers: int = 0,
         seed: int = 0,
         bucket_by_length: bool = False,
     ) -> None:
-        super().__init__()
+        super().__init__(vocab_path=vocab_path, min_count=min_count, max_vocab_size=max_vocab_size,
+                         max_caption_length=max_caption_length, random_flip=random_flip, check_images=check_images,
+                         skip_bad_images=skip_bad_images, allow_outside_paths=allow_outside_paths,
+                         max_pixels=max_pixels, batch_size=batch_size, num_workers=num_workers, seed=seed,
+                         bucket_by_length=bucket_by_length)
         self.save_hyperparameters()
         coco_args = {"train_annotations": train_annotations, "val_annotations": val_annotations,
                      "test_annotations": test_annotations, "train_images": train_images,
@@ -259,141 +197,20 @@ class CocoCaptionsDataModule(LightningDataModule):
             if image_root is not None:
                 raise ValueError("image_root is only used with karpathy_json; for COCO annotation "
                                  "files use train_images / val_images / test_images")
-        for name, value in (("min_count", min_count), ("max_caption_length", max_caption_length),
-                            ("image_size", image_size), ("batch_size", batch_size)):
-            if value < 1:
-                raise ValueError(f"{name} must be >= 1, got {value}")
-        self.image_size = image_size
-        self.batch_size = batch_size
-        self.num_workers = num_workers
-        self._records: dict[str, list[ImageRecord]] | None = None
-        self._vocab: Vocabulary | None = None
-        self._datasets: dict[str, CaptionDataset] = {}
 
-    # ------------------------------------------------------------------ data
-    def _load_records(self) -> dict[str, list[ImageRecord]]:
-        if self._records is None:
-            hp = self.hparams
-            if hp.karpathy_json is not None:
-                records = read_karpathy_json(hp.karpathy_json, hp.image_root,
-                                             hp.restval_to_train, hp.use_provided_tokens)
-            else:
-                records = {"train": read_coco_captions(hp.train_annotations, hp.train_images),
-                           "val": read_coco_captions(hp.val_annotations, hp.val_images)}
-                records["test"] = (records["val"] if hp.test_annotations is None else
-                                   read_coco_captions(hp.test_annotations, hp.test_images or hp.val_images))
-            for split in SPLITS:
-                kept = [r for r in records[split] if r.captions]
-                if len(kept) < len(records[split]):
-                    _info(f"{split}: dropped {len(records[split]) - len(kept)} images without captions")
-                records[split] = kept
-            if not records["train"]:
-                raise ValueError(f"No training images with captions in {self._source()}")
-            _info("COCO captions: " + ", ".join(f"{s} {len(records[s])} images" for s in SPLITS))
-            self._records = records
-        return self._records
-
-    def _source(self) -> str:
+    def read_records(self) -> dict[str, list[ImageRecord]]:
         hp = self.hparams
-        return hp.karpathy_json if hp.karpathy_json is not None else hp.train_annotations
+        outside = self.allow_outside_paths
+        if hp.karpathy_json is not None:
+            return read_karpathy_json(hp.karpathy_json, hp.image_root, hp.restval_to_train,
+                                      hp.use_provided_tokens, outside)
+        records = {"train": read_coco_captions(hp.train_annotations, hp.train_images, outside),
+                   "val": read_coco_captions(hp.val_annotations, hp.val_images, outside)}
+        records["test"] = (list(records["val"]) if hp.test_annotations is None else
+                           read_coco_captions(hp.test_annotations, hp.test_images or hp.val_images, outside))
+        return records
 
-    def _split(self, split: str) -> list[ImageRecord]:
-        if split not in SPLITS:
-            raise ValueError(f"Unknown split {split!r}; expected one of {SPLITS}")
-        return self._load_records()[split]
-
-    def image_records(self, split: str) -> list[tuple[int | str, str]]:
-        """``[(image_id, image file path), ...]`` of a split (train/val/test), in dataset order."""
-        return [(r.image_id, r.path) for r in self._split(split)]
-
-    def references(self, split: str) -> dict[int | str, list[str]]:
-        """``{image_id: [reference caption, ...]}`` of a split; captions are space-joined tokens."""
-        return {r.image_id: [" ".join(c) for c in r.captions] for r in self._split(split)}
-
-    @property
-    def vocab(self) -> Vocabulary:
-        """Vocabulary of the train captions; loaded from ``vocab_path`` if that file exists.
-
-        Works before ``setup()`` (LightningCLI links it into the model at instantiation).
-        """
-        if self._vocab is None:
-            hp = self.hparams
-            path = Path(hp.vocab_path) if hp.vocab_path else None
-            if path is not None and path.exists():
-                self._vocab = Vocabulary.load(path)
-                _info(f"Loaded vocabulary ({len(self._vocab)} tokens) from existing {path}; not rebuilt")
-            else:
-                captions = (c for r in self._split("train") for c in r.captions)
-                self._vocab = Vocabulary.build(captions, hp.min_count, hp.max_vocab_size)
-                _info(f"Built vocabulary of {len(self._vocab)} tokens from train captions "
-                      f"(min_count={hp.min_count}, max_vocab_size={hp.max_vocab_size})")
-                if path is not None:
-                    _write_atomic(path, self._vocab.to_dict())
-                    _info(f"Saved vocabulary to {path}")
-        return self._vocab
-
-    def setup(self, stage: str | None = None) -> None:
-        """Build the datasets needed for ``stage`` (fit/validate/test/predict; None = all)."""
+    def describe(self) -> str:
         hp = self.hparams
-        wanted = {"fit": ["train", "val"], "validate": ["val"], "test": ["test"],
-                  "predict": ["predict"]}.get(stage, ["train", "val", "test", "predict"])
-        for name in wanted:
-            if name in self._datasets:
-                continue
-            records = self._split("test" if name == "predict" else name)
-            if hp.verify_files:
-                _check_files_exist(records, name)
-            self._datasets[name] = CaptionDataset(
-                records, self.vocab, hp.image_size, hp.max_caption_length,
-                per_caption=name == "train", with_captions=name != "predict",
-                random_flip=hp.random_flip and name == "train")
-
-    def _loader(self, name: str, shuffle: bool) -> DataLoader:
-        if name not in self._datasets:
-            self.setup({"train": "fit", "val": "validate"}.get(name, name))
-        generator = torch.Generator().manual_seed(self.hparams.seed) if shuffle else None
-        return DataLoader(self._datasets[name], batch_size=self.batch_size, shuffle=shuffle,
-                          num_workers=self.num_workers, collate_fn=collate_captions,
-                          persistent_workers=self.num_workers > 0,
-                          pin_memory=torch.cuda.is_available(), generator=generator)
-
-    def train_dataloader(self) -> DataLoader:
-        if not self.hparams.bucket_by_length:
-            return self._loader("train", shuffle=True)
-        # LengthBucketBatchSampler is imported at module level on purpose: Lightning records the
-        # init args of BatchSampler subclasses that exist when it calls this hook, which lets it
-        # rebuild the sampler with a DistributedSampler underneath under DDP.
-        if "train" not in self._datasets:
-            self.setup("fit")
-        data = self._datasets["train"]
-        lengths = [len(data.encoded[i][j]) for i, j in data.index]
-        sampler = RandomSampler(data, generator=torch.Generator().manual_seed(self.hparams.seed))
-        batches = LengthBucketBatchSampler(sampler, self.batch_size, False, lengths=lengths, seed=self.hparams.seed)
-        return DataLoader(data, batch_sampler=batches, num_workers=self.num_workers, collate_fn=collate_captions,
-                          persistent_workers=self.num_workers > 0, pin_memory=torch.cuda.is_available())
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("val", shuffle=False)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader("test", shuffle=False)
-
-    def predict_dataloader(self) -> DataLoader:
-        return self._loader("predict", shuffle=False)
-
-
-def _check_files_exist(records: list[ImageRecord], split: str) -> None:
-    missing = [r.path for r in records if not os.path.isfile(r.path)]
-    if missing:
-        shown = ", ".join(missing[:5]) + (f" (and {len(missing) - 5} more)" if len(missing) > 5 else "")
-        raise FileNotFoundError(f"{split} split: {len(missing)} image file(s) missing: {shown}")
-
-
-def _write_atomic(path: Path, data: dict) -> None:
-    # DDP ranks may write the same vocabulary at once; a rename never leaves a half-written
-    # file for another rank (or a resumed run) to read.
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f, indent=1)
-    os.replace(tmp, path)
+        return f"Karpathy split {hp.karpathy_json}" if hp.karpathy_json is not None else \
+            f"COCO captions {hp.train_annotations} / {hp.val_annotations}"

@@ -26,8 +26,9 @@ from PIL import Image, ImageDraw
 from torch.nn.utils.rnn import pad_sequence
 from torch.utils.data import DataLoader, Dataset
 
-from captioning.images import IMAGENET_MEAN, IMAGENET_STD
+from captioning.images import Preprocessing
 from captioning.vocab import Vocabulary, tokenize
+from datamodules.image_captions import FollowsEncoder
 
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "diamond")
 COLORS: tuple[str, ...] = ("red", "green", "blue", "yellow", "purple")
@@ -235,12 +236,14 @@ class ShapesDataset(Dataset):
 
     def __init__(self, split: str, size: int, vocab: Vocabulary, seed: int = 0,
                  image_size: int = 64, min_objects: int = 1, max_objects: int = 4,
-                 noise: float = 0.5, per_caption: bool = False, with_captions: bool = True) -> None:
+                 noise: float = 0.5, per_caption: bool = False, with_captions: bool = True,
+                 input_size: int | None = None) -> None:
         if split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
         self.split, self.size, self.vocab, self.seed = split, size, vocab, seed
         self.image_size, self.min_objects, self.max_objects = image_size, min_objects, max_objects
         self.noise, self.per_caption, self.with_captions = noise, per_caption, with_captions
+        self.input_size = input_size or image_size  # side of the images in batches (the encoder's)
 
     def __len__(self) -> int:
         return self.size
@@ -255,24 +258,21 @@ class ShapesDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict:
         scene = self.scene(index)
-        image = torch.from_numpy(scene.pixels).permute(2, 0, 1)  # uint8; collate normalises
+        pixels = scene.pixels
+        if self.input_size != self.image_size:  # drawn at image_size, resized for the encoder
+            pixels = np.array(Image.fromarray(pixels).resize((self.input_size,) * 2, Image.BILINEAR))
+        image = torch.from_numpy(np.ascontiguousarray(pixels)).permute(2, 0, 1)  # uint8; the encoder normalises
         k = int(torch.randint(len(scene.captions), ())) if self.per_caption else 0
         ids = self.vocab.encode(scene.captions[k].split()) if self.with_captions else []
         return {"image": image, "caption": torch.tensor(ids, dtype=torch.long), "image_id": index,
                 "references": scene.captions, "objects": scene.objects}
 
 
-_SCALE = 1.0 / (255.0 * torch.tensor(IMAGENET_STD).view(3, 1, 1))
-_SHIFT = -torch.tensor(IMAGENET_MEAN).view(3, 1, 1) / torch.tensor(IMAGENET_STD).view(3, 1, 1)
-
-
 def collate(items: list[dict]) -> dict:
-    """Items -> the image-caption batch of INTERFACES.md (captions padded with 0)."""
+    """Items -> batch: images (B, 3, H, W) uint8, captions (B, L) padded with 0, lengths (B,),
+    image_ids, references, objects (per image, the objects with their boxes)."""
     captions = pad_sequence([it["caption"] for it in items], batch_first=True, padding_value=0)
-    # uint8 items are 4x smaller to send from worker processes; one fused multiply-add equals
-    # captioning.images.normalize(x / 255) at a fraction of the cost.
-    images = torch.addcmul(_SHIFT, torch.stack([it["image"] for it in items]).float(), _SCALE)
-    return {"images": images,
+    return {"images": torch.stack([it["image"] for it in items]),
             "captions": captions.view(len(items), -1).long(),
             "lengths": torch.tensor([len(it["caption"]) for it in items], dtype=torch.long),
             "image_ids": [it["image_id"] for it in items],
@@ -280,13 +280,14 @@ def collate(items: list[dict]) -> dict:
             "objects": [it["objects"] for it in items]}
 
 
-class ShapesDataModule(L.LightningDataModule):
+class ShapesDataModule(FollowsEncoder, L.LightningDataModule):
     """Synthetic shapes captions; see the module docstring.
 
     Args:
         batch_size: images (or image-caption pairs) per batch.
         num_workers: DataLoader worker processes.
-        image_size: side in pixels of the square images (>= 64).
+        image_size: side in pixels the scenes are drawn at (>= 64); batches are resized to
+            the model encoder's input size when it differs.
         seed: dataset seed; item i of a split depends only on (seed, split, i) and settings.
         train_size, val_size, test_size: images per split (predict uses the test split).
         min_objects, max_objects: objects per training scene (1..4).
@@ -322,7 +323,7 @@ class ShapesDataModule(L.LightningDataModule):
             raise ValueError(f"ShapesDataModule: noise must be in [0, 1], got {noise!r}")
         self.save_hyperparameters()
         self.batch_size, self.num_workers, self.seed = batch_size, num_workers, seed
-        self._image_size, self.noise = image_size, float(noise)
+        self.draw_size, self.noise = image_size, float(noise)
         self.sizes = {"train": train_size, "val": val_size, "test": test_size}
         self.limits = {"train": (min_objects, max_objects), "val": (eval_min, eval_max),
                        "test": (eval_min, eval_max)}
@@ -337,15 +338,23 @@ class ShapesDataModule(L.LightningDataModule):
     color_words: tuple[str, ...] = COLORS
     attribute_words: tuple[str, ...] = SIZES + COLORS  # words describing the object named next
 
-    @property
-    def image_size(self) -> int:
-        return self._image_size
+    def default_preprocessing(self) -> Preprocessing:
+        return Preprocessing(self.draw_size)
 
     def dataset(self, split: str, per_caption: bool = False, with_captions: bool = True) -> ShapesDataset:
         """The :class:`ShapesDataset` of ``split`` ("train", "val" or "test")."""
         lo, hi = self.limits.get(split, (1, 1))  # an unknown split: ShapesDataset raises
-        return ShapesDataset(split, self.sizes.get(split, 0), self._vocab, self.seed, self._image_size,
-                             lo, hi, self.noise, per_caption, with_captions)
+        return ShapesDataset(split, self.sizes.get(split, 0), self._vocab, self.seed, self.draw_size,
+                             lo, hi, self.noise, per_caption, with_captions, input_size=self.image_size)
+
+    def describe(self) -> str:
+        return (f"built-in shapes (seed {self.seed}; {self.sizes['train']} train, {self.sizes['val']} val, "
+                f"{self.sizes['test']} test scenes)")
+
+    def example(self, split: str = "val") -> dict:
+        """The first scene of ``split`` as a PIL image, its id and references (model cards)."""
+        scene = self.dataset(split).scene(0)
+        return {"image": Image.fromarray(scene.pixels, "RGB"), "image_id": 0, "references": list(scene.captions)}
 
     def _loader(self, dataset: ShapesDataset, shuffle: bool) -> DataLoader:
         return DataLoader(dataset, batch_size=self.batch_size, shuffle=shuffle,
@@ -371,7 +380,7 @@ class ShapesDataModule(L.LightningDataModule):
         out.mkdir(parents=True, exist_ok=True)
         paths = [out / f"shapes_{split}_{int(i):05d}.png" for i in indices]
         for i, path in zip(indices, paths):
-            Image.fromarray(dataset.scene(int(i)).pixels, "RGB").save(path)
+            Image.fromarray(dataset.scene(int(i)).pixels, "RGB").save(path)  # as drawn (draw size)
         return paths
 
 

@@ -1,6 +1,7 @@
 """Shared test settings: small thread count (2-core CI machines), W&B never online."""
 
 import os
+from pathlib import Path
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch: no spinning threads on shared cores
 os.environ.setdefault("WANDB_MODE", "disabled")
@@ -18,3 +19,25 @@ torch.set_num_threads(1)
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+ROOT = Path(__file__).resolve().parents[1]
+# A tiny shapes run through the CLI: a few seconds of training, enough for every command that
+# needs a checkpoint of ours (caption, export, predict, ...).
+TINY_SHAPES = ["--data.init_args.train_size", "64", "--data.init_args.val_size", "8", "--data.init_args.test_size",
+               "8", "--data.init_args.batch_size", "16", "--trainer.max_epochs", "1",
+               "--trainer.check_val_every_n_epoch", "1", "--trainer.enable_progress_bar", "false",
+               "--trainer.log_every_n_steps", "1", "--model.init_args.embed_dim", "16",
+               "--model.init_args.decoder_dim", "32", "--model.init_args.attention_dim", "16",
+               "--model.init_args.encoder.init_args.channels", "16", "--model.init_args.max_length", "8"]
+
+
+@pytest.fixture(scope="session")
+def shapes_run(tmp_path_factory):
+    """Run folder of ``captioning fit --config configs/shapes.yaml`` with a tiny model (test after fit)."""
+    from captioning.cli import main
+
+    root = tmp_path_factory.mktemp("shapes_run")
+    main(["fit", "--config", str(ROOT / "configs/shapes.yaml"), *TINY_SHAPES, "--trainer.default_root_dir",
+          str(root), "--trainer.logger.init_args.save_dir", str(root)])
+    return root

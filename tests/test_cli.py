@@ -10,21 +10,14 @@ from PIL import Image
 
 from captioning.cli import main
 
+from conftest import TINY_SHAPES as TINY
+
 ROOT = Path(__file__).resolve().parents[1]
-TINY = ["--data.init_args.train_size", "64", "--data.init_args.val_size", "8", "--data.init_args.test_size", "8",
-        "--data.init_args.batch_size", "16", "--trainer.max_epochs", "1", "--trainer.check_val_every_n_epoch", "1",
-        "--trainer.enable_progress_bar", "false", "--trainer.log_every_n_steps", "1",
-        "--model.init_args.embed_dim", "16", "--model.init_args.decoder_dim", "32",
-        "--model.init_args.attention_dim", "16", "--model.init_args.encoder.init_args.channels", "16",
-        "--model.init_args.max_length", "8"]
 
 
-@pytest.fixture(scope="module")
-def run_dir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("shapes_run")
-    main(["fit", "--config", str(ROOT / "configs/shapes.yaml"), *TINY, "--trainer.default_root_dir", str(root),
-          "--trainer.logger.init_args.save_dir", str(root)])
-    return root
+@pytest.fixture
+def run_dir(shapes_run):
+    return shapes_run
 
 
 def test_fit_writes_checkpoints_and_test_scores(run_dir):
@@ -41,7 +34,7 @@ def test_predict_writes_coco_results_json_without_overwriting(run_dir, tmp_path)
     out = tmp_path / "preds.json"
     out.write_text("user data")
     main(["predict", "--config", str(ROOT / "configs/shapes.yaml"), *TINY, "--ckpt_path", str(ckpt),
-          "--predictions_path", str(out), "--trainer.logger", "false"])
+          "--predictions_path", str(out), "--trainer.logger", "false", "--trainer.default_root_dir", str(tmp_path)])
     assert out.read_text() == "user data"  # not overwritten
     results = json.loads((tmp_path / "preds-1.json").read_text())
     assert len(results) == 8 and {"image_id", "caption"} == set(results[0])

@@ -58,7 +58,7 @@ def test_grid_is_row_major_over_the_feature_map():
     enc = ImageEncoder("resnet18", weights=None, grid_size=2).eval()
     images = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
-        fmap = enc.pool(enc.backbone(images))  # (1, C, 2, 2)
+        fmap = enc.pool(enc.backbone(enc.normalize(images)))  # (1, C, 2, 2)
         out = enc(images)
     assert torch.equal(out[0, 1], fmap[0, :, 0, 1])  # top-right
     assert torch.equal(out[0, 2], fmap[0, :, 1, 0])  # bottom-left

@@ -145,3 +145,19 @@ def test_invalid_beam_size():
     dec = _decoder()
     with pytest.raises(ValueError, match="beam_size"):
         beam_search(dec, dec.prepare_memory(torch.randn(1, 9, 12, dtype=torch.double)), 1, BOS, EOS, beam_size=0)
+
+
+@pytest.mark.parametrize("search", ["greedy", "beam"])
+def test_banned_tokens_are_never_emitted_even_when_most_likely(search):
+    unk = 3
+    table = torch.randn(4, 6, 6)
+    table[..., unk] = 10.0  # <unk> is by far the likeliest word after every word
+    table[..., PAD] = -1e9
+    dec = MarkovDecoder(table)
+    run = (lambda **kw: greedy_search(dec, dec.prepare_memory(), 4, BOS, EOS, PAD, max_length=6, **kw)) \
+        if search == "greedy" else \
+        (lambda **kw: beam_search(dec, dec.prepare_memory(), 4, BOS, EOS, PAD, beam_size=3, max_length=6, **kw))
+    assert (run().tokens == unk).any()  # without the ban it is chosen
+    banned = run(banned_ids=[unk])
+    assert not (banned.tokens == unk).any()
+    assert torch.isfinite(banned.scores).all()

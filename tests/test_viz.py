@@ -82,7 +82,7 @@ def test_overlay_accepts_pil_and_rejects_bad_input():
         attention_overlay(pil, list("abcde"), np.ones((3, 2, 2)))
     with pytest.raises(ValueError, match=r"\(T, h, w\)"):
         attention_overlay(pil, ["a"], np.ones((1, 4)))
-    with pytest.raises(ValueError, match="denormalize"):
+    with pytest.raises(ValueError, match="normalised input"):
         attention_overlay(torch.full((3, 8, 8), -1.5), ["a"], np.ones((1, 2, 2)))
     with pytest.raises(ValueError, match="NaN"):
         attention_overlay(pil, ["a"], np.full((1, 2, 2), np.nan))

@@ -1,6 +1,8 @@
 """Cached-feature datamodule: batches follow the interface, epochs cover the data, stale caches
 are rebuilt, features from elsewhere are accepted, and a model trains from it."""
 
+import json
+
 import lightning.pytorch as pl
 import numpy as np
 import pytest
@@ -13,7 +15,6 @@ from captioning.vocab import Vocabulary
 from datamodules.cached import CachedFeaturesDataModule
 from datamodules.sampling import LengthBucketBatchSampler, OneCaptionPerImageSampler
 from datamodules.shapes import ShapesDataModule
-
 
 
 def _encoder():
@@ -156,7 +157,8 @@ def test_lightning_trains_from_the_cache_it_builds(tmp_path):
     trainer.fit(model, datamodule=dm)
     assert (tmp_path / "cache" / "train" / "features.npy").is_file()  # built at prepare_data
     assert any(not torch.equal(p, before[n]) for n, p in model.decoder.named_parameters())
-    assert model.hparams["image_size"] == 64  # recorded for captioning raw images later
+    index = json.loads((tmp_path / "cache" / "train" / "index.json").read_text())
+    assert index["encoder"]["init_args"]["image_size"] == model.encoder.preprocessing.image_size == 224
 
 
 def test_coco_images_on_disk_are_cached_and_coco_can_bucket(tmp_path):
@@ -172,7 +174,7 @@ def test_coco_images_on_disk_are_cached_and_coco_can_bucket(tmp_path):
                        "sentences": [{"raw": w, "tokens": w.split()} for w in words]})
     (tmp_path / "k.json").write_text(__import__("json").dumps({"images": images}))
     coco = CocoCaptionsDataModule(karpathy_json=str(tmp_path / "k.json"), image_root=str(tmp_path), min_count=1,
-                                  image_size=64, batch_size=2, bucket_by_length=True)
+                                  batch_size=2, bucket_by_length=True)
     assert sorted(len(b["image_ids"]) for b in coco.train_dataloader()) == [1, 2]  # 3 pairs, all visited
     dm = CachedFeaturesDataModule(coco, str(tmp_path / "cache"))
     caches = dm.build_cache(_encoder())

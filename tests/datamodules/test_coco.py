@@ -6,7 +6,7 @@ import pytest
 import torch
 from PIL import Image
 
-from captioning.images import IMAGENET_MEAN, IMAGENET_STD, ImageReadError
+from captioning.images import ImageReadError, Preprocessing
 from captioning.vocab import Vocabulary
 from datamodules.coco import CocoCaptionsDataModule
 
@@ -52,9 +52,10 @@ def coco(tmp_path):
 
 
 def _dm(**kw):
-    kw.setdefault("image_size", SIZE)
     kw.setdefault("batch_size", 4)
-    return CocoCaptionsDataModule(**kw)
+    dm = CocoCaptionsDataModule(**kw)
+    dm.use_preprocessing(Preprocessing(SIZE))  # what a model's encoder states
+    return dm
 
 
 def test_coco_format_splits_and_vocab_min_count(coco):
@@ -80,7 +81,7 @@ def test_train_batches_follow_interface(coco):
     batches = list(loader)
     b = batches[0]
     assert set(b) == {"images", "captions", "lengths", "image_ids", "references"}
-    assert b["images"].dtype == torch.float32 and b["images"].shape == (4, 3, SIZE, SIZE)
+    assert b["images"].dtype == torch.uint8 and b["images"].shape == (4, 3, SIZE, SIZE)
     assert b["captions"].dtype == torch.long and b["lengths"].dtype == torch.long
     assert b["captions"].shape[1] == int(b["lengths"].max())
     for cap, n in zip(b["captions"], b["lengths"]):
@@ -105,14 +106,13 @@ def test_val_one_item_per_image_with_all_references(coco):
     assert b["lengths"].tolist() == [5, 4] and b["captions"][1, 4] == Vocabulary.pad_id
 
 
-def test_images_are_decoded_resized_and_normalised(tmp_path):
+def test_images_are_decoded_and_resized_to_the_encoder_input_size(tmp_path):
     j = _write_karpathy(tmp_path)
     dm = _dm(karpathy_json=str(j), image_root=str(tmp_path / "imgs"), min_count=1)
     batch = next(iter(dm.val_dataloader()))
-    red = torch.tensor([(c - m) / s for c, m, s in zip((1.0, 0.0, 0.0), IMAGENET_MEAN, IMAGENET_STD)])
-    img = batch["images"][0]  # val image "v.png" is pure red (lossless PNG)
-    assert img.shape == (3, SIZE, SIZE)
-    assert torch.allclose(img, red.view(3, 1, 1).expand_as(img), atol=1e-5)
+    img = batch["images"][0]  # val image "v.png" is pure red (lossless PNG), 20x14 on disk
+    assert img.shape == (3, SIZE, SIZE) and img.dtype == torch.uint8
+    assert torch.equal(img, torch.tensor([255, 0, 0], dtype=torch.uint8).view(3, 1, 1).expand_as(img))
 
 
 # ----------------------------------------------------------------------------- Karpathy json
@@ -222,13 +222,15 @@ def test_detection_annotations_rejected(tmp_path, coco):
 
 def test_missing_and_corrupt_images_name_the_file(tmp_path, coco):
     (tmp_path / "train2017" / "000000000002.jpg").unlink()
-    with pytest.raises(FileNotFoundError, match="000000000002.jpg"):
+    with pytest.raises(ImageReadError, match="000000000002.jpg"):
         _dm(**coco, min_count=1).setup("fit")
 
     (tmp_path / "train2017" / "000000000002.jpg").write_bytes(b"this is not a jpeg")
-    dm = _dm(**coco, min_count=1)
+    with pytest.raises(ImageReadError, match="000000000002.jpg"):  # header check at setup
+        _dm(**coco, min_count=1).setup("fit")
+    dm = _dm(**coco, min_count=1, check_images="exists")
     dm.setup("fit")
-    with pytest.raises(ImageReadError, match="000000000002.jpg"):
+    with pytest.raises(ImageReadError, match="000000000002.jpg"):  # without it: when read
         list(dm.train_dataloader())
 
 

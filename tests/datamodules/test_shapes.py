@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import numpy as np
+from PIL import Image
 import pytest
 import torch
 
-from captioning.images import load_image, normalize
+from captioning.images import Preprocessing, load_image
 from captioning.vocab import Vocabulary, tokenize
 from datamodules.shapes import (COLORS, RGB, SHAPES, SIZE_RANGE, SIZES, ShapesDataModule, _layout,
                                 main, object_word_alignment, shapes_vocabulary)
@@ -46,16 +47,15 @@ def test_eval_batches_follow_the_interface():
     batch = next(iter(dm.val_dataloader()))
     assert set(batch) == {"images", "captions", "lengths", "image_ids", "references", "objects"}
     images, captions, lengths = batch["images"], batch["captions"], batch["lengths"]
-    assert images.shape == (8, 3, 64, 64) and images.dtype == torch.float32
+    assert images.shape == (8, 3, 64, 64) and images.dtype == torch.uint8  # the encoder normalises
     assert captions.dtype == torch.long and lengths.dtype == torch.long
     assert captions.shape[0] == 8 and lengths.shape == (8,)
     assert batch["image_ids"] == list(range(8))
     ds = dm.dataset("val")
     for b in range(8):
         scene = ds.scene(b)
-        # ImageNet-normalised pixels of the very scene the id names
-        raw = torch.from_numpy(scene.pixels).permute(2, 0, 1).float() / 255.0
-        torch.testing.assert_close(images[b], normalize(raw), atol=1e-5, rtol=0)
+        # the pixels of the very scene the id names
+        assert torch.equal(images[b], torch.from_numpy(scene.pixels).permute(2, 0, 1))
         n = int(lengths[b])
         assert (captions[b] != 0).sum() == n and (captions[b, n:] == 0).all()
         assert captions[b, 0] == Vocabulary.bos_id and captions[b, n - 1] == Vocabulary.eos_id
@@ -216,6 +216,21 @@ def test_bigger_images_keep_the_layout():
     batch = next(iter(dm.test_dataloader()))
     assert batch["images"].shape == (8, 3, 96, 96) and dm.image_size == 96
     assert batch["objects"] == next(iter(small_dm().test_dataloader()))["objects"]
+
+
+def test_batches_come_at_the_encoder_input_size():
+    """Scenes are drawn at the datamodule's size, batches are resized to what the encoder states."""
+    from captioning.encoders import SmallCNN
+
+    dm = small_dm()  # draws 64-px scenes
+    dm.use_preprocessing(SmallCNN(image_size=80).preprocessing)
+    batch = next(iter(dm.test_dataloader()))
+    assert batch["images"].shape == (8, 3, 80, 80) and dm.image_size == 80
+    red = dm.dataset("test").scene(0).pixels
+    resized = np.array(Image.fromarray(red).resize((80, 80), Image.BILINEAR))
+    assert torch.equal(batch["images"][0], torch.from_numpy(resized).permute(2, 0, 1))
+    dm.use_preprocessing(Preprocessing(64))
+    assert next(iter(dm.test_dataloader()))["images"].shape[-1] == 64
 
 
 def test_export_images_and_command_write_readable_pngs(tmp_path, capsys):
