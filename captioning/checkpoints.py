@@ -67,6 +67,15 @@ def read_checkpoint(path: str | Path) -> dict:
     return ckpt
 
 
+def state_dict_problem(err: RuntimeError) -> str:
+    """torch's multi-line load_state_dict error -> its first problem and how many there are, on one line."""
+    problems = [line.strip() for line in str(err).splitlines()[1:] if line.strip()]
+    if not problems:
+        return str(err).strip().splitlines()[0] if str(err).strip() else "weights do not fit"
+    more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+    return problems[0].rstrip(".") + more
+
+
 def load_model(path: str | Path, default_class: str = "captioning.models.ImageCaptioner",
                map_location: str | torch.device = "cpu", trust_modules: Sequence[str] = ()) -> pl.LightningModule:
     """Rebuild the LightningModule saved in ``path`` (file or run folder) and load its weights (eval mode).
@@ -91,7 +100,8 @@ def load_model(path: str | Path, default_class: str = "captioning.models.ImageCa
     try:
         missing, unexpected = model.load_state_dict(state, strict=False)
     except RuntimeError as err:  # shape mismatches
-        raise ValueError(f"checkpoint {path} does not match {type(model).__name__}: {err}") from err
+        raise ValueError(f"checkpoint {path} does not match {type(model).__name__}: {state_dict_problem(err)}") \
+            from err
     if missing or unexpected:
         raise ValueError(f"checkpoint {path} does not match {type(model).__name__}: missing {missing[:5]}, "
                          f"unexpected {unexpected[:5]}")

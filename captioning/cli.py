@@ -37,6 +37,8 @@ COMMANDS = {
     "push": ("captioning.share_commands:push_main", "upload an exported model folder to the Hugging Face Hub"),
     "attach-encoder": ("captioning.share_commands:attach_main", "give a model trained on precomputed "
                        "features its image encoder"),
+    "demo": ("captioning.demo:main", "a local web page: caption a photo (or translate a sentence) and see "
+             "where the model looked"),
 }
 LIGHTNING_COMMANDS = {
     "fit": "train a model from a config (then test it with --test_after_fit true)",
@@ -105,7 +107,9 @@ def _with_model_for_nested_help(args: list[str]) -> list[str]:
     return args
 
 
-def _lightning_cli(args: Sequence[str] | None) -> Any:
+def lightning_cli(args: Sequence[str] | None, run: bool = True) -> Any:
+    """The LightningCLI of every training command; ``run=False`` only builds the model, data and
+    trainer from the config (``cache-features`` uses that, so both parse configs alike)."""
     import importlib
 
     import lightning.pytorch as pl
@@ -241,6 +245,7 @@ def _lightning_cli(args: Sequence[str] | None) -> Any:
         subclass_mode_model=True,
         subclass_mode_data=True,
         args=args,
+        run=run,
         parser_class=OneLineErrorsParser,
         parser_kwargs={"parser_mode": "omegaconf"} if _has_omegaconf() else None,
         auto_configure_optimizers=False,
@@ -289,7 +294,7 @@ def _run(args: list[str]) -> int:
     # main() always hands LightningCLI its (rewritten) arguments; Lightning warns when
     # sys.argv has arguments too, which is every console run.
     warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
-    _lightning_cli(_with_model_for_nested_help(nested_null_args(args)))
+    lightning_cli(_with_model_for_nested_help(nested_null_args(args)))
     return 0
 
 

@@ -48,6 +48,7 @@ from captioning.encoders import encoder_config
 
 FORMAT = "captioning-features/1"
 FEATURES_FILE, INDEX_FILE, CAPTIONS_FILE = "features.npy", "index.json", "captions.json"
+CACHE_FILES = {FEATURES_FILE, INDEX_FILE, CAPTIONS_FILE}
 
 
 class FeatureCache:
@@ -65,13 +66,19 @@ class FeatureCache:
                 raise FileNotFoundError(f"{f}: missing; a feature cache folder needs {FEATURES_FILE} (N, H, W, C) "
                                         f"and {INDEX_FILE} with the image ids (see captioning/features.py)")
         try:
-            self.index = json.loads(index_file.read_text())
-        except json.JSONDecodeError as err:
+            self.index = json.loads(index_file.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
             raise ValueError(f"{index_file}: not valid JSON ({err})") from err
         ids = self.index.get("image_ids") if isinstance(self.index, dict) else None
         if not isinstance(ids, list):
             raise ValueError(f"{index_file}: needs an 'image_ids' list (one id per row of {FEATURES_FILE})")
-        array = np.load(features_file, mmap_mode="r")
+        bad = [i for i in ids if isinstance(i, bool) or not isinstance(i, (int, str))]
+        if bad:
+            raise ValueError(f"{index_file}: image ids must be integers or strings, got {bad[0]!r}")
+        try:
+            array = np.load(features_file, mmap_mode="r", allow_pickle=False)
+        except Exception as err:  # noqa: BLE001 - a damaged header fails in many ways inside numpy
+            raise ValueError(f"{features_file}: not a readable .npy array ({err.__class__.__name__}: {err})") from err
         if array.ndim != 4 or not np.issubdtype(array.dtype, np.floating):
             raise ValueError(f"{features_file}: expected a float array (N, H, W, C), got {array.dtype} {array.shape}")
         if array.shape[0] != len(ids):
@@ -148,6 +155,11 @@ def _atomic_dir(path: Path) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     if path.exists():
+        foreign = [p.name for p in path.iterdir() if p.name not in CACHE_FILES] if path.is_dir() else [path.name]
+        if foreign:  # never delete what is not a cache of ours
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise FileExistsError(f"{path} exists and is not a feature cache folder (it holds {foreign[:3]}); "
+                                  "refusing to replace it: choose another cache_dir")
         shutil.rmtree(path)
     os.replace(tmp, path)
 
@@ -217,34 +229,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     """``captioning cache-features --config CFG.yaml [--data.init_args... overrides]``.
 
     Builds the caches of a cached config (data: CachedFeaturesDataModule) with the config's
-    model encoder, exactly as ``fit`` would on its first run; valid caches are kept.
+    model encoder, exactly as ``fit`` would on its first run (the same CLI parses the config);
+    valid caches are kept.
     """
-    import lightning.pytorch as pl
-    import yaml
-    from lightning.pytorch.cli import LightningCLI
+    from captioning.cli import lightning_cli, nested_null_args
 
-    from captioning.cli import vocab_data
-
-    class _CLI(LightningCLI):
-        def add_arguments_to_parser(self, parser: Any) -> None:
-            parser.link_arguments("data", "model.init_args.vocab", compute_fn=vocab_data, apply_on="instantiate")
-
-    args, tmp = list(argv or []), tempfile.mkdtemp(prefix="cache-features-")
-    try:
-        for k, arg in enumerate(args[:-1]):  # keep the sections this needs; fit-only options go
-            if arg == "--config":
-                config = yaml.safe_load(Path(args[k + 1]).read_text()) or {}
-                kept = {key: config[key] for key in ("seed_everything", "model", "data") if key in config}
-                args[k + 1] = str(Path(tmp) / f"config{k}.yaml")
-                Path(args[k + 1]).write_text(yaml.safe_dump(kept))
-        cli = _CLI(pl.LightningModule, pl.LightningDataModule, subclass_mode_model=True, subclass_mode_data=True,
-                   args=args, run=False, auto_configure_optimizers=False, save_config_callback=None,
-                   trainer_defaults={"logger": False, "enable_checkpointing": False})
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    cli = lightning_cli(nested_null_args(list(argv or [])), run=False)
     data = cli.datamodule
     if not hasattr(data, "build_cache"):
-        raise SystemExit(f"cache-features: the config's data is {type(data).__name__}; use a cached config "
+        raise ValueError(f"cache-features: the config's data is {type(data).__name__}; use a cached config "
                          "(data.class_path: datamodules.cached.CachedFeaturesDataModule)")
     device = "cuda" if torch.cuda.is_available() else None
     for split, cache in data.build_cache(cli.model.encoder, device=device).items():

@@ -1,10 +1,9 @@
-"""Evaluation metrics: COCO caption scores, attention localisation, text seq2seq scores.
+"""Evaluation metrics: COCO caption scores and text seq2seq scores (localisation: captioning/localisation.py).
 
 * :func:`caption_scores` -- BLEU-1..4, METEOR, ROUGE-L, CIDEr-D as pycocoevalcap computes
   them. Its PTB tokenizer and METEOR need Java: without a working ``java`` captions are
   tokenised by :func:`captioning.vocab.tokenize`, METEOR is left out, and one warning per
   process says so (``use_java=False`` or ``CAPTIONING_NO_JAVA=1`` force this fallback).
-* :func:`localisation_score` -- does the attention peak of an object word land on that object?
 * :func:`text_scores` -- sacrebleu corpus BLEU (with its signature), chrF, exact match.
 * :func:`alignment_score` -- attention argmax vs. known source alignment (synthetic seq2seq).
 """
@@ -264,110 +263,6 @@ def caption_scores(predictions: Mapping[Hashable, str],
     if problem is not None:
         _warn_once(problem)
     return scores
-
-
-def _peak_centres(alpha: Tensor, where: str) -> tuple[Tensor, Tensor, int, int]:
-    """alpha (T, H, W) or (T, S) with square S -> peak centres x (T,), y (T,) in [0, 1], H, W."""
-    alpha = alpha.detach().float().cpu()
-    if alpha.dim() == 2:
-        side = int(round(alpha.shape[1] ** 0.5))
-        if side * side != alpha.shape[1]:
-            raise ValueError(f"{where}: alpha of shape {tuple(alpha.shape)} is not (T, H, W) "
-                             "and S is not a square grid")
-        alpha = alpha.view(alpha.shape[0], side, side)
-    if alpha.dim() != 3:
-        raise ValueError(f"{where}: alpha must be (T, H, W), got shape {tuple(alpha.shape)}")
-    t, h, w = alpha.shape
-    flat_idx = alpha.reshape(t, h * w).argmax(dim=1)  # ties -> first (row-major) cell
-    rows, cols = flat_idx // w, flat_idx % w
-    return (cols.double() + 0.5) / w, (rows.double() + 0.5) / h, h, w
-
-
-def localisation_score(words: Sequence[Sequence[str]], alphas: Sequence[Tensor],
-                       objects: Sequence[Sequence[Mapping]], object_words: set[str],
-                       color_words: set[str] | None = None,
-                       attribute_words: set[str] | None = None) -> dict[str, float | int]:
-    """Share of generated object words whose attention peak lies on the object they name.
-
-    An object phrase is a shape word (``object_words``, the noun) and the attribute words
-    (``attribute_words``, e.g. sizes and colours) since the previous noun: "large red
-    circle". Every word of the phrase refers to the same object. Definition, per image i:
-
-    1. Referred objects of a noun w at position t: the scene objects with ``shape == w``.
-       If the nearest preceding colour word -- searching back from t-1 and stopping at the
-       previous noun or the caption start -- is the colour of at least one of them, keep
-       only those of that colour (otherwise keep all of them).
-    2. No scene object has that shape -> every word of the phrase is a miss (hallucinated).
-    3. Peak of a word: the cell (row, col) of ``alphas[i][t]`` with the largest weight (first
-       on ties), centre ``x = (col + 0.5) / W, y = (row + 0.5) / H``.
-    4. Hit if the centre lies in some referred object's box ``[x0, y0, x1, y1]`` widened by
-       half a cell on every side (``0.5 / W`` horizontally, ``0.5 / H`` vertically), so
-       boxes smaller than a cell can still be hit by the nearest cell.
-
-    Args:
-        words: per image its T_i generated words (no bos/eos); a string is split on spaces.
-        alphas: per image attention (T_i, H, W) (or (T_i, H*W) for a square grid), one row
-            per word in ``words[i]``.
-        objects: per image its objects ``{"shape", "color", "size", "box"}``, box in [0, 1].
-        object_words: the shape words that name objects (e.g. {"circle", "square"}).
-        color_words: colour words; None = every colour that occurs in ``objects``.
-        attribute_words: words describing the next named object (sizes, colours); None =
-            nouns only.
-
-    Returns:
-        ``localisation`` = hits / total over all object-phrase words (nouns and
-        attributes; 0.0 when none was generated), ``localisation_hits``,
-        ``localisation_total``, and the same over nouns only: ``localisation_nouns``,
-        ``localisation_nouns_hits``, ``localisation_nouns_total``.
-    """
-    if not (len(words) == len(alphas) == len(objects)):
-        raise ValueError(f"localisation_score: got {len(words)} word lists, {len(alphas)} "
-                         f"alphas and {len(objects)} object lists; they must match")
-    if color_words is None:
-        color_words = {str(o["color"]) for scene in objects for o in scene}
-    attribute_words = set(attribute_words or ())
-    hits = total = noun_hits = noun_total = 0
-    for i, (ws, alpha, scene) in enumerate(zip(words, alphas, objects)):
-        ws = ws.split() if isinstance(ws, str) else list(ws)
-        where = f"localisation_score: image {i}"
-        xs, ys, h, w = _peak_centres(alpha, where)
-        if len(xs) != len(ws):
-            raise ValueError(f"{where}: {len(ws)} words but {len(xs)} alpha steps (drop eos)")
-        for k, box in enumerate(o.get("box") for o in scene):
-            if (box is None or len(box) != 4 or not all(0.0 <= float(v) <= 1.0 for v in box)
-                    or box[0] > box[2] or box[1] > box[3]):
-                raise ValueError(f"{where}, object {k}: box must be [x0, y0, x1, y1] in [0, 1] "
-                                 f"with x0 <= x1 and y0 <= y1, got {box!r}")
-        tol_x, tol_y = 0.5 / w, 0.5 / h
-
-        def on_object(t: int, referred: list) -> bool:
-            x, y = float(xs[t]), float(ys[t])
-            return any(o["box"][0] - tol_x <= x <= o["box"][2] + tol_x
-                       and o["box"][1] - tol_y <= y <= o["box"][3] + tol_y for o in referred)
-
-        phrase_start = 0
-        for t, word in enumerate(ws):
-            if word not in object_words:
-                continue
-            attributes = [j for j in range(phrase_start, t) if ws[j] in attribute_words]
-            phrase_start = t + 1
-            referred = [o for o in scene if o["shape"] == word]
-            for prev in reversed(ws[:t]):
-                if prev in object_words or prev in color_words:
-                    if prev not in object_words:
-                        referred = [o for o in referred if o["color"] == prev] or referred
-                    break
-            noun_total += 1
-            total += 1 + len(attributes)
-            if not referred:
-                continue  # hallucinated object: every word of the phrase misses
-            noun_hit = on_object(t, referred)
-            noun_hits += noun_hit
-            hits += noun_hit + sum(on_object(j, referred) for j in attributes)
-    return {"localisation": hits / total if total else 0.0,
-            "localisation_hits": hits, "localisation_total": total,
-            "localisation_nouns": noun_hits / noun_total if noun_total else 0.0,
-            "localisation_nouns_hits": noun_hits, "localisation_nouns_total": noun_total}
 
 
 def text_scores(hypotheses: Sequence[str], references: Sequence[str]) -> dict[str, float | str]:

@@ -151,11 +151,12 @@ class ImageCaptioner(pl.LightningModule):
         self.log(f"{stage}/loss", total, batch_size=features.shape[0], sync_dist=True)
         result = self.generate(features)
         words = self.words(result)
-        grids = self.attention_grids(result) if "objects" in batch else [None] * len(words)
+        boxes = batch.get("boxes")  # named boxes when the data knows where things are
+        grids = self.attention_grids(result) if boxes is not None else [None] * len(words)
         for i, w in enumerate(words):
             item = {"image_id": batch["image_ids"][i], "caption": " ".join(w), "references": batch["references"][i]}
-            if "objects" in batch:
-                item.update(words=w, alpha=grids[i], objects=batch["objects"][i])
+            if boxes is not None:
+                item.update(words=w, alpha=grids[i], boxes=boxes[i])
             self._eval_outputs.append(item)
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
@@ -176,7 +177,8 @@ class ImageCaptioner(pl.LightningModule):
         self._log_caption_metrics("test")
 
     def _log_caption_metrics(self, stage: str) -> None:
-        from captioning.metrics import caption_scores, localisation_score
+        from captioning.localisation import pointing_game
+        from captioning.metrics import caption_scores
 
         # Gather every rank's captions, drop the distributed sampler's padding duplicates,
         # and score the corpus once: each rank computes (and logs) the same numbers.
@@ -186,18 +188,10 @@ class ImageCaptioner(pl.LightningModule):
             return
         scores = caption_scores({k: v["caption"] for k, v in items.items()},
                                 {k: v["references"] for k, v in items.items()})
-        with_objects = [v for v in items.values() if "objects" in v]
-        if with_objects:
-            object_words = set(getattr(self.trainer.datamodule, "object_words", None) or
-                               {o["shape"] for v in with_objects for o in v["objects"]})
-            color_words = set(getattr(self.trainer.datamodule, "color_words", None) or
-                              {o["color"] for v in with_objects for o in v["objects"]})
-            attribute_words = set(getattr(self.trainer.datamodule, "attribute_words", None) or color_words)
-            loc = localisation_score([v["words"] for v in with_objects], [v["alpha"] for v in with_objects],
-                                     [v["objects"] for v in with_objects], object_words, color_words,
-                                     attribute_words)
-            scores["localisation"] = loc["localisation"]  # size, colour and shape words of each object
-            scores["localisation_nouns"] = loc["localisation_nouns"]  # shape words only
+        boxed = [v for v in items.values() if "boxes" in v]
+        if boxed:  # the pointing game (captioning/localisation.py)
+            loc = pointing_game([v["words"] for v in boxed], [v["alpha"] for v in boxed], [v["boxes"] for v in boxed])
+            scores.update({k: v for k, v in loc.items() if not k.endswith(("_hits", "_total"))})
         for name, value in scores.items():
             if isinstance(value, (int, float)) and math.isfinite(value):
                 self.log(f"{stage}/{name}", float(value), rank_zero_only=False, sync_dist=False)

@@ -193,7 +193,9 @@ def load_pretrained(name_or_path: str | os.PathLike, trust_modules: Sequence[str
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as err:
-        raise ValueError(f"{weights} does not match the model {CONFIG_FILE} describes: {str(err).splitlines()[0]}") \
+        from captioning.checkpoints import state_dict_problem
+
+        raise ValueError(f"{weights} does not match the model {CONFIG_FILE} describes: {state_dict_problem(err)}") \
             from err
     model.checkpoint_info = config.get("training") or {}
     return model.to(map_location).eval()

@@ -127,7 +127,7 @@ def build_encoder(spec: Any, trust: Sequence[str] = (), source: str = "a model f
         raise ValueError(f"{source}: the encoder must be a dict with class_path and init_args, got {spec!r}")
     cls = resolve_class(spec["class_path"], "encoder", trust, source)
     args = check_init_args(cls, spec.get("init_args") or {}, source)
-    return cls(**(cls.restore_args(args) if restore else args))
+    return _construct(cls, cls.restore_args(args) if restore else args, source)
 
 
 def build_model(class_path: Any, init_args: dict, trust: Sequence[str] = (), source: str = "a model file") -> Any:
@@ -147,4 +147,16 @@ def build_model(class_path: Any, init_args: dict, trust: Sequence[str] = (), sou
             if key != "encoder":
                 raise ValueError(f"{source}: only the encoder may be a nested class, not {key!r}")
             args[key] = build_encoder(value, trust, source)
-    return cls(**args)
+    return _construct(cls, args, source)
+
+
+def _construct(cls: type, args: dict, source: str) -> Any:
+    """``cls(**args)``; arguments of the wrong type or value end in one message naming the file."""
+    try:
+        return cls(**args)
+    except UntrustedClassError:
+        raise
+    except Exception as err:  # noqa: BLE001 - data from a file: any failure means "this file is wrong"
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        raise ValueError(f"{source}: cannot build {cls.__name__} from its stored arguments "
+                         f"({err.__class__.__name__}: {reason})") from err

@@ -11,7 +11,8 @@ missing or stale (checked by the encoder's weight hash and the data settings); s
   convention). ``bucket_by_length`` batches captions of similar length (less padding).
   Captions of one image in one batch share its features (read from disk once).
 * val/test: one item per image ("captions" = first reference, "references" = all);
-  predict: the test images, empty captions. Shapes batches also carry "objects".
+  predict: the test images, empty captions. Evaluation batches carry "boxes" (named boxes for
+  the localisation metric) when the wrapped datamodule knows where things are.
 """
 
 from __future__ import annotations
@@ -40,11 +41,12 @@ _NOT_IMAGE_SETTINGS = {"batch_size", "num_workers", "check_images", "skip_bad_im
 
 
 class _Items(Dataset):
-    """(cache row, caption ids, image id, references[, objects]) items of one split."""
+    """(cache row, caption ids, image id, references[, named boxes]) items of one split."""
 
-    def __init__(self, rows: list[int], ids: list, refs: list[list[str]], objects: list | None,
+    def __init__(self, rows: list[int], ids: list, refs: list[list[str]], boxes: list | None,
                  encoded: list[list[list[int]]], pairs: bool, with_captions: bool = True) -> None:
-        self.rows, self.ids, self.refs, self.objects, self.encoded = rows, ids, refs, objects, encoded
+        self.rows, self.ids, self.refs, self.boxes, self.encoded = rows, ids, refs, boxes, encoded
+        self.pairs = pairs
         self.index = ([(i, j) for i, caps in enumerate(encoded) for j in range(len(caps))] if pairs else
                       [(i, 0 if with_captions else None) for i in range(len(rows))])
 
@@ -55,8 +57,8 @@ class _Items(Dataset):
         i, j = self.index[k]
         item = {"row": self.rows[i], "caption": self.encoded[i][j] if j is not None else [],
                 "image_id": self.ids[i], "references": self.refs[i]}
-        if self.objects is not None:
-            item["objects"] = self.objects[i]
+        if self.boxes is not None and not self.pairs:
+            item["boxes"] = self.boxes[i]
         return item
 
 
@@ -73,8 +75,8 @@ class _Collate:
                  "lengths": torch.tensor([len(c) for c in caps], dtype=torch.long),
                  "image_ids": [it["image_id"] for it in items],
                  "references": [it["references"] for it in items]}
-        if "objects" in items[0]:
-            batch["objects"] = [it["objects"] for it in items]
+        if "boxes" in items[0]:
+            batch["boxes"] = [it["boxes"] for it in items]
         return batch
 
 
@@ -133,18 +135,6 @@ class CachedFeaturesDataModule(LightningDataModule):
     @property
     def vocab(self) -> Vocabulary:
         return self.data.vocab
-
-    @property
-    def object_words(self) -> Any:  # the built-in dataset's word lists, used by the localisation metric
-        return getattr(self.data, "object_words", None)
-
-    @property
-    def color_words(self) -> Any:
-        return getattr(self.data, "color_words", None)
-
-    @property
-    def attribute_words(self) -> Any:
-        return getattr(self.data, "attribute_words", None)
 
     def describe(self) -> str:
         inner = self.data.describe() if hasattr(self.data, "describe") else type(self.data).__name__
@@ -238,22 +228,26 @@ class CachedFeaturesDataModule(LightningDataModule):
             self._items[split] = self._make_items(split, cache)
 
     def _make_items(self, split: str, cache: FeatureCache) -> _Items:
-        if hasattr(self.data, "references"):  # authoritative split membership (COCO)
+        if hasattr(self.data, "references"):  # authoritative split membership (COCO, folder)
             by_id = self.data.references(split)
-            ids, objects = list(by_id), None
+            ids = list(by_id)
             refs = [by_id[i] for i in ids]
+            known = self.data.boxes(split) if hasattr(self.data, "boxes") else None
+            boxes = [known.get(i, []) for i in ids] if known is not None else None
         elif cache.captions and cache.captions.get("references"):  # captured while building (shapes)
+            from datamodules.shapes import named_boxes
+
             captured, objs = cache.captions["references"], cache.captions.get("objects") or {}
             ids = [i for i in cache.image_ids if str(i) in captured]
             refs = [captured[str(i)] for i in ids]
-            objects = [objs.get(str(i)) for i in ids] if objs else None
+            boxes = [named_boxes(objs.get(str(i)) or []) for i in ids] if objs else None
         else:
             raise ValueError(f"{cache.path}: no captions.json and {type(self.data).__name__} has no "
                              "references(split): nothing to train on")
-        ids, refs, objects = _in_cache(cache, split, ids, refs, objects)
+        ids, refs, boxes = _in_cache(cache, split, ids, refs, boxes)
         vocab, n = self.vocab, self.max_caption_length
         encoded = [[vocab.encode(r.split()[:n]) for r in rs] for rs in refs]
-        return _Items(cache.rows_of(ids), ids, refs, objects, encoded, pairs=split == "train")
+        return _Items(cache.rows_of(ids), ids, refs, boxes, encoded, pairs=split == "train")
 
     def _loader(self, split: str, **kw: Any) -> DataLoader:
         if split not in self._items:
@@ -290,7 +284,7 @@ class CachedFeaturesDataModule(LightningDataModule):
         if "test" not in self._items:
             self.setup()
         t = self._items["test"]
-        items = _Items(t.rows, t.ids, t.refs, t.objects, t.encoded, pairs=False, with_captions=False)
+        items = _Items(t.rows, t.ids, t.refs, None, t.encoded, pairs=False, with_captions=False)
         return DataLoader(items, batch_size=self.batch_size, shuffle=False, collate_fn=_Collate(self._caches["test"]),
                           num_workers=self.num_workers)
 
@@ -300,11 +294,11 @@ ID_RULES = ("the ids are: COCO annotation files: images[].id; Karpathy json: coc
             "built-in shapes: the index in the split (see docs/feature_cache.md)")
 
 
-def _in_cache(cache: FeatureCache, split: str, ids: list, refs: list, objects: list | None) -> tuple:
+def _in_cache(cache: FeatureCache, split: str, ids: list, refs: list, boxes: list | None) -> tuple:
     """Keep the images the cache has rows for; a few missing: warn; most missing: a clear error."""
     present = [k for k, i in enumerate(ids) if i in cache.row]
     if len(present) == len(ids):
-        return ids, refs, objects
+        return ids, refs, boxes
     missing = [ids[k] for k in range(len(ids)) if ids[k] not in cache.row]
     shown = ", ".join(repr(i) for i in missing[:5])
     if len(present) < len(ids) / 2:
@@ -315,7 +309,7 @@ def _in_cache(cache: FeatureCache, split: str, ids: list, refs: list, objects: l
     rank_zero_warn(f"{split} split: {len(missing)} of {len(ids)} images have no row in the feature cache "
                    f"{cache.path} and are left out (e.g. {shown})")
     keep = lambda seq: [seq[k] for k in present]  # noqa: E731
-    return keep(ids), keep(refs), keep(objects) if objects is not None else None
+    return keep(ids), keep(refs), keep(boxes) if boxes is not None else None
 
 
 def _check_model(model: Any, cache: FeatureCache) -> None:

@@ -21,8 +21,6 @@ Image paths must stay inside their image folder (``allow_outside_paths`` to allo
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import os
 from pathlib import Path
@@ -58,36 +56,43 @@ def read_coco_captions(annotation_file: str | os.PathLike, images_dir: str | os.
                        allow_outside_paths: bool = False) -> list[ImageRecord]:
     """Official COCO captions file (``captions_*.json``) -> records, in the file's image order.
 
-    Each ``file_name`` must resolve inside ``images_dir`` (see :func:`image_path`)."""
-    from pycocotools.coco import COCO  # imported here: only this format needs it
-
+    Read with our own checks rather than ``pycocotools.coco.COCO`` (which trusts the file's
+    structure); each ``file_name`` must resolve inside ``images_dir`` (see :func:`image_path`)."""
     path = _require_file(annotation_file, "a COCO captions annotation file (e.g. captions_train2017.json)")
     images_dir = _require_dir(images_dir, f"the image folder for {path.name}")
-    try:
-        with contextlib.redirect_stdout(io.StringIO()):  # COCO() prints progress lines
-            coco = COCO(str(path))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"{path}: not valid JSON ({err})") from err
-    except (AssertionError, KeyError, TypeError) as err:
-        raise ValueError(f"{path}: not a COCO annotation file ({err.__class__.__name__}: {err})") from err
-    anns = coco.dataset.get("annotations", [])
-    if not coco.imgs or not anns:
+    data = _read_json(path)
+    images, anns = (data.get("images"), data.get("annotations")) if isinstance(data, dict) else (None, None)
+    if not isinstance(images, list) or not isinstance(anns, list) or not images or not anns:
         raise ValueError(f"{path}: needs non-empty 'images' and 'annotations' lists (COCO captions format)")
-    if "caption" not in anns[0]:
-        raise ValueError(f"{path}: annotations have no 'caption' field; expected a captions file "
-                         "(captions_*.json), not instances/keypoints annotations")
-    records = []
-    for k, img_id in enumerate(coco.getImgIds()):
-        img = coco.loadImgs(img_id)[0]
-        where = f"{path} images[{k}] (id {img_id})"
-        try:
-            caps = [tokenize(a["caption"]) for a in coco.loadAnns(coco.getAnnIds(imgIds=img_id))]
-            file = image_path(images_dir, img["file_name"], where, allow_outside_paths)
-        except (KeyError, TypeError, AttributeError) as err:
-            raise ValueError(f"{where}: lacks a field of the COCO captions format (file_name, "
-                             f"annotations[].caption as text): {err!r}") from err
-        records.append(ImageRecord(img_id, file, caps))
+    captions: dict[int | str, list[list[str]]] = {}
+    for k, ann in enumerate(anns):
+        if not isinstance(ann, dict) or "caption" not in ann:
+            raise ValueError(f"{path} annotations[{k}]: no 'caption' field; expected a captions file "
+                             "(captions_*.json), not instances/keypoints annotations")
+        if not isinstance(ann["caption"], str):
+            raise ValueError(f"{path} annotations[{k}]: caption must be text, got {ann['caption']!r}")
+        _check_id(ann.get("image_id"), f"{path} annotations[{k}]")
+        captions.setdefault(ann["image_id"], []).append(tokenize(ann["caption"]))
+    records, seen = [], set()
+    for k, img in enumerate(images):
+        where = f"{path} images[{k}]"
+        if not isinstance(img, dict):
+            raise ValueError(f"{where}: expected an object with id and file_name, got {img!r}")
+        img_id = img.get("id")
+        _check_id(img_id, where)
+        if img_id in seen:
+            raise ValueError(f"{where}: image id {img_id!r} appears twice")
+        seen.add(img_id)
+        file = image_path(images_dir, img.get("file_name"), f"{where} (id {img_id})", allow_outside_paths)
+        records.append(ImageRecord(img_id, file, captions.get(img_id, [])))
     return records
+
+
+def _read_json(path: Path) -> object:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as err:
+        raise ValueError(f"{path}: not valid JSON ({err.__class__.__name__}: {err})") from err
 
 
 def read_karpathy_json(json_file: str | os.PathLike, image_root: str | os.PathLike,
@@ -98,24 +103,25 @@ def read_karpathy_json(json_file: str | os.PathLike, image_root: str | os.PathLi
     Image id: ``cocoid``, else ``imgid``, else the position in ``images``."""
     path = _require_file(json_file, "a Karpathy split json (dataset_coco.json / dataset_flickr*.json)")
     root = _require_dir(image_root, f"the image root folder for {path.name}")
-    try:
-        data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"{path}: not valid JSON ({err})") from err
+    data = _read_json(path)
     if not isinstance(data, dict) or not isinstance(data.get("images"), list):
         raise ValueError(f"{path}: expected an object with an 'images' list (Karpathy split format)")
     splits: dict[str, list[ImageRecord]] = {s: [] for s in SPLITS}
     for i, img in enumerate(data["images"]):
+        where = f"{path} images[{i}]"
         try:
             split = img["split"]
             relative = os.path.join(img.get("filepath") or "", img["filename"])
-            file = image_path(root, relative, f"{path} images[{i}]", allow_outside_paths)
+            file = image_path(root, relative, where, allow_outside_paths)
             image_id = img.get("cocoid", img.get("imgid", i))
-            caps = [[t.lower() for t in s["tokens"]] if use_provided_tokens and "tokens" in s
+            caps = [_tokens(s["tokens"]) if use_provided_tokens and "tokens" in s
                     else tokenize(s["raw"]) for s in img["sentences"]]
         except (KeyError, TypeError, AttributeError) as err:
-            raise ValueError(f"{path}: images[{i}] lacks a field of the Karpathy format "
+            raise ValueError(f"{where} lacks a field of the Karpathy format "
                              f"(filename, split, sentences[].tokens/raw): {err!r}") from err
+        _check_id(image_id, where)
+        if not isinstance(split, str):
+            raise ValueError(f"{where}: split must be a string (train/val/test/restval), got {split!r}")
         if split == "restval":
             if not restval_to_train:
                 continue
@@ -124,6 +130,18 @@ def read_karpathy_json(json_file: str | os.PathLike, image_root: str | os.PathLi
             raise ValueError(f"{path}: images[{i}] has split {split!r}; expected train/val/test/restval")
         splits[split].append(ImageRecord(image_id, file, caps))
     return splits
+
+
+def _tokens(tokens: object) -> list[str]:
+    """Karpathy's provided tokens, lowercased and NFKC-normalised like our tokenizer's."""
+    if not isinstance(tokens, list) or not all(isinstance(t, str) for t in tokens):
+        raise TypeError(f"tokens must be a list of strings, got {tokens!r}")
+    return [t for t in tokenize(" ".join(tokens), keep_punctuation=True) if t.strip()]
+
+
+def _check_id(image_id: object, where: str) -> None:
+    if isinstance(image_id, bool) or not isinstance(image_id, (int, str)):
+        raise ValueError(f"{where}: image id must be an integer or a string, got {image_id!r}")
 
 
 # ----------------------------------------------------------------------------- datamodule
@@ -169,12 +187,14 @@ class CocoCaptionsDataModule(ImageCaptionsDataModule):
         num_workers: int = 0,
         seed: int = 0,
         bucket_by_length: bool = False,
+        instances_file: str | None = None,
+        boxes_file: str | None = None,
     ) -> None:
         super().__init__(vocab_path=vocab_path, min_count=min_count, max_vocab_size=max_vocab_size,
                          max_caption_length=max_caption_length, random_flip=random_flip, check_images=check_images,
                          skip_bad_images=skip_bad_images, allow_outside_paths=allow_outside_paths,
                          max_pixels=max_pixels, batch_size=batch_size, num_workers=num_workers, seed=seed,
-                         bucket_by_length=bucket_by_length)
+                         bucket_by_length=bucket_by_length, instances_file=instances_file, boxes_file=boxes_file)
         self.save_hyperparameters()
         coco_args = {"train_annotations": train_annotations, "val_annotations": val_annotations,
                      "test_annotations": test_annotations, "train_images": train_images,

@@ -126,12 +126,14 @@ class FolderCaptionsDataModule(ImageCaptionsDataModule):
         num_workers: int = 0,
         seed: int = 0,
         bucket_by_length: bool = False,
+        instances_file: str | None = None,
+        boxes_file: str | None = None,
     ) -> None:
         super().__init__(vocab_path=vocab_path, min_count=min_count, max_vocab_size=max_vocab_size,
                          max_caption_length=max_caption_length, random_flip=random_flip, check_images=check_images,
                          skip_bad_images=skip_bad_images, allow_outside_paths=allow_outside_paths,
                          max_pixels=max_pixels, batch_size=batch_size, num_workers=num_workers, seed=seed,
-                         bucket_by_length=bucket_by_length)
+                         bucket_by_length=bucket_by_length, instances_file=instances_file, boxes_file=boxes_file)
         self.save_hyperparameters()
         for name, value in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
             if not 0.0 <= value < 1.0:

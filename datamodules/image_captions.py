@@ -95,8 +95,9 @@ class CaptionDataset(Dataset):
     def __init__(self, records: list[ImageRecord], vocab: Vocabulary, image_size: int,
                  max_len: int, per_caption: bool, with_captions: bool = True,
                  random_flip: bool = False, max_pixels: int | None = DEFAULT_MAX_PIXELS,
-                 skip_bad_images: bool = False) -> None:
+                 skip_bad_images: bool = False, boxes: dict | None = None) -> None:
         self.records, self.image_size, self.random_flip = records, image_size, random_flip
+        self.boxes = boxes if not per_caption else None  # named boxes per image id (evaluation only)
         self.max_pixels, self.skip_bad_images = max_pixels, skip_bad_images
         self.references = [[" ".join(c) for c in r.captions] for r in records]
         # Encode once here, not per __getitem__: cheap, and workers share it copy-on-write.
@@ -122,16 +123,20 @@ class CaptionDataset(Dataset):
         if self.random_flip and torch.rand(()) < 0.5:
             image = image.flip(-1)
         ids = self.encoded[i][j] if j is not None else []
-        return {"image": image, "caption": torch.tensor(ids, dtype=torch.long),
+        item = {"image": image, "caption": torch.tensor(ids, dtype=torch.long),
                 "image_id": rec.image_id, "references": self.references[i]}
+        if self.boxes is not None:
+            item["boxes"] = self.boxes.get(rec.image_id, [])
+        return item
 
 
 def collate_captions(items: list[dict[str, Any] | None]) -> dict[str, Any]:
     """Items -> batch: images (B, 3, H, W) uint8, captions (B, L) padded with 0, lengths (B,),
-    image_ids, references. ``None`` items (skipped bad images) are dropped."""
+    image_ids, references[, boxes]. ``None`` items (skipped bad images) are dropped."""
     items = [it for it in items if it is not None]
     caps = [it["caption"] for it in items]
-    return {
+    extra = {"boxes": [it["boxes"] for it in items]} if items and "boxes" in items[0] else {}
+    return {**extra,
         "images": torch.stack([it["image"] for it in items]) if items else torch.zeros(0, 3, 1, 1, dtype=torch.uint8),
         "captions": pad_sequence(caps, batch_first=True, padding_value=Vocabulary.pad_id).view(len(caps), -1)
         if items else torch.zeros(0, 0, dtype=torch.long),
@@ -196,7 +201,10 @@ class ImageCaptionsDataModule(FollowsEncoder, LightningDataModule):
         skip_bad_images: drop images that fail the check (or fail to decode later) with a
             warning naming the first few, instead of stopping with an error.
         allow_outside_paths: accept annotation paths that leave the image folder.
-        max_pixels: larger images are refused (decompression bombs); None = no limit.
+        max_pixels: larger images are refused (decompression bombs); None = Pillow's own limit.
+        instances_file: a COCO instances file (``instances_val2014.json``) of the evaluation
+            images: their object boxes make ``val/localisation`` (datamodules/boxes.py).
+        boxes_file: or a boxes JSON ``{image_id: [{"word", "box": [x0, y0, x1, y1] fractions}]}``.
         batch_size, num_workers: DataLoader settings (persistent workers when > 0).
         seed: seeds the train shuffling order.
         bucket_by_length: train batches of captions of similar length (less padding).
@@ -206,8 +214,13 @@ class ImageCaptionsDataModule(FollowsEncoder, LightningDataModule):
                  max_caption_length: int = 50, random_flip: bool = False, check_images: str = "header",
                  skip_bad_images: bool = False, allow_outside_paths: bool = False,
                  max_pixels: int | None = DEFAULT_MAX_PIXELS, batch_size: int = 32, num_workers: int = 0,
-                 seed: int = 0, bucket_by_length: bool = False) -> None:
+                 seed: int = 0, bucket_by_length: bool = False, instances_file: str | None = None,
+                 boxes_file: str | None = None) -> None:
         super().__init__()
+        if instances_file is not None and boxes_file is not None:
+            raise ValueError("give instances_file or boxes_file, not both")
+        self.instances_file, self.boxes_file = instances_file, boxes_file
+        self._boxes: dict | None = None
         for name, value in (("min_count", min_count), ("max_caption_length", max_caption_length),
                             ("batch_size", batch_size)):
             if not isinstance(value, int) or value < 1:
@@ -271,6 +284,17 @@ class ImageCaptionsDataModule(FollowsEncoder, LightningDataModule):
         No image is opened (a feature cache needs only the captions)."""
         return {r.image_id: [" ".join(c) for c in r.captions] for r in self._split(split)}
 
+    def boxes(self, split: str) -> dict | None:
+        """Named boxes per image id for the localisation metric, or None without a boxes source."""
+        if self.instances_file is None and self.boxes_file is None:
+            return None
+        if self._boxes is None:
+            from datamodules.boxes import read_boxes_json, read_instances
+
+            self._boxes = read_instances(self.instances_file) if self.instances_file else \
+                read_boxes_json(self.boxes_file)
+        return self._boxes
+
     def example(self, split: str = "val") -> dict[str, Any] | None:
         """The first image of ``split`` (PIL), its id and references: shown on model cards."""
         for r in self._checked_split(split)[:10]:
@@ -333,7 +357,7 @@ class ImageCaptionsDataModule(FollowsEncoder, LightningDataModule):
                 records, self.vocab, self.image_size, self.max_caption_length,
                 per_caption=name == "train", with_captions=name != "predict",
                 random_flip=self.random_flip and name == "train", max_pixels=self.max_pixels,
-                skip_bad_images=self.skip_bad_images)
+                skip_bad_images=self.skip_bad_images, boxes=self.boxes(name) if name in ("val", "test") else None)
 
     def _dataset(self, name: str) -> CaptionDataset:
         if name not in self._datasets:

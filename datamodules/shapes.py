@@ -277,7 +277,13 @@ def collate(items: list[dict]) -> dict:
             "lengths": torch.tensor([len(it["caption"]) for it in items], dtype=torch.long),
             "image_ids": [it["image_id"] for it in items],
             "references": [it["references"] for it in items],
-            "objects": [it["objects"] for it in items]}
+            "objects": [it["objects"] for it in items],
+            "boxes": [named_boxes(it["objects"]) for it in items]}
+
+
+def named_boxes(objects: Sequence[dict]) -> list[dict]:
+    """A scene's objects as the named boxes of captioning.localisation (noun: shape; attributes: size, colour)."""
+    return [{"box": list(o["box"]), "nouns": [o["shape"]], "attributes": [o["size"], o["color"]]} for o in objects]
 
 
 class ShapesDataModule(FollowsEncoder, L.LightningDataModule):
@@ -332,11 +338,6 @@ class ShapesDataModule(FollowsEncoder, L.LightningDataModule):
     @property
     def vocab(self) -> Vocabulary:
         return self._vocab
-
-    # Which words name objects / colours: the captioner's localisation score reads these.
-    object_words: tuple[str, ...] = SHAPES
-    color_words: tuple[str, ...] = COLORS
-    attribute_words: tuple[str, ...] = SIZES + COLORS  # words describing the object named next
 
     def default_preprocessing(self) -> Preprocessing:
         return Preprocessing(self.draw_size)

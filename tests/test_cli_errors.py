@@ -116,10 +116,14 @@ def test_unknown_option_keeps_jsonargparse_usage_error_exit_2(tmp_path, capsys):
 
 
 def test_argparse_commands_print_user_errors_as_one_line(tmp_path, capsys, monkeypatch):
-    missing = tmp_path / "missing.yaml"
-    assert main(["cache-features", "--config", str(missing)]) == 2  # FileNotFoundError in our code
+    not_cached = str(ROOT / "configs" / "shapes.yaml")
+    assert main(["cache-features", "--config", not_cached]) == 2  # a ValueError of ours
     [line] = _error_lines(capsys.readouterr().err)
-    assert str(missing) in line
+    assert "use a cached config" in line
+    missing = tmp_path / "missing.yaml"
+    with pytest.raises(SystemExit) as exit_info:  # jsonargparse's usage error, as for `fit`
+        main(["cache-features", "--config", str(missing)])
+    assert exit_info.value.code == 2 and str(missing) in capsys.readouterr().err
     # A command added later gets the same handling: UserError -> one line; a bug -> traceback.
     monkeypatch.setitem(cli.COMMANDS, "user-error", ("test_cli_errors:_raises_user_error", "test"))
     monkeypatch.setitem(cli.COMMANDS, "bug", ("test_cli_errors:_raises_bug", "test"))

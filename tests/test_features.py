@@ -87,3 +87,19 @@ def test_fingerprint_changes_with_the_weights():
     with torch.no_grad():
         a.backbone.conv1.weight[0, 0, 0, 0] += 1.0
     assert encoder_fingerprint(a) != fp
+
+
+def test_writing_a_cache_never_replaces_a_folder_that_is_not_a_cache(tmp_path):
+    import numpy as np
+
+    from captioning.features import write_feature_cache
+
+    precious = tmp_path / "thesis"
+    precious.mkdir()
+    (precious / "chapter1.tex").write_text("years of work")
+    with pytest.raises(FileExistsError, match="not a feature cache folder"):
+        write_feature_cache(precious, [0], np.zeros((1, 1, 1, 1)))
+    assert (precious / "chapter1.tex").read_text() == "years of work"
+    assert [p.name for p in tmp_path.iterdir()] == ["thesis"]  # no temporary folder left behind
+    write_feature_cache(tmp_path / "cache", [0], np.zeros((1, 1, 1, 2)))
+    assert write_feature_cache(tmp_path / "cache", [0, 1], np.ones((2, 1, 1, 2))).image_ids == [0, 1]  # a cache: replaced

@@ -1,5 +1,5 @@
-"""Tests for captioning.metrics: COCO caption scores (Java and Python paths), attention
-localisation, text seq2seq scores and attention/alignment agreement."""
+"""Tests for captioning.metrics: COCO caption scores (Java and Python paths),
+text seq2seq scores and attention/alignment agreement."""
 
 from __future__ import annotations
 
@@ -16,7 +16,6 @@ from captioning.metrics import (
     CaptionMetricsWarning,
     alignment_score,
     caption_scores,
-    localisation_score,
     text_scores,
 )
 
@@ -163,94 +162,6 @@ def test_extra_reference_ids_are_ignored(fresh_state):
         subset = {i: PERFECT[i] for i in (1, 2)}
         scores = caption_scores(subset, REFS, use_java=False)
     assert scores["bleu4"] == pytest.approx(1.0, abs=1e-6)
-
-
-# ---------------------------------------------------------------- localisation
-SCENE = [
-    {"shape": "circle", "color": "red", "size": "small", "box": [0.0, 0.0, 0.5, 0.5]},
-    {"shape": "circle", "color": "blue", "size": "small", "box": [0.5, 0.5, 1.0, 1.0]},
-    {"shape": "square", "color": "green", "size": "large", "box": [0.5, 0.0, 1.0, 0.5]},
-]
-OBJECT_WORDS = {"circle", "square", "triangle"}
-
-
-def _peaks(cells: list[tuple[int, int]], grid: int = 4) -> torch.Tensor:
-    """(T, grid, grid) attention with a single peak at each (row, col)."""
-    alpha = torch.full((len(cells), grid, grid), 0.01)
-    for t, (r, c) in enumerate(cells):
-        alpha[t, r, c] = 0.9
-    return alpha
-
-
-def test_localisation_hits_and_misses():
-    words = ["a", "square", "and", "a", "circle"]
-    inside = _peaks([(3, 3), (0, 3), (3, 3), (3, 3), (3, 0)])  # square top-right: hit
-    out = localisation_score([words], [inside], [SCENE], OBJECT_WORDS)
-    # "circle" peaks at bottom-left (row 3, col 0): inside neither circle -> miss
-    assert (out["localisation_hits"], out["localisation_total"]) == (1, 2)
-    assert out["localisation"] == pytest.approx(0.5)
-    outside = _peaks([(3, 3), (3, 0), (3, 3), (3, 3), (0, 0)])
-    out = localisation_score([words], [outside], [SCENE], OBJECT_WORDS)
-    assert (out["localisation_hits"], out["localisation_total"]) == (1, 2)  # circle hit only
-
-
-def test_localisation_colour_disambiguates():
-    words = ["a", "blue", "circle"]
-    on_red = _peaks([(0, 0), (0, 0), (0, 0)])
-    on_blue = _peaks([(0, 0), (0, 0), (3, 3)])
-    assert localisation_score([words], [on_red], [SCENE], OBJECT_WORDS)["localisation_hits"] == 0
-    assert localisation_score([words], [on_blue], [SCENE], OBJECT_WORDS)["localisation_hits"] == 1
-    # Without the colour either circle counts; an unmatched colour does not narrow.
-    plain = localisation_score([["a", "circle"]], [on_red[1:]], [SCENE], OBJECT_WORDS)
-    purple = localisation_score([["purple", "circle"]], [on_red[1:]], [SCENE], OBJECT_WORDS,
-                                color_words={"purple", "red", "blue"})
-    assert plain["localisation_hits"] == purple["localisation_hits"] == 1
-    # The colour before an earlier object word does not qualify a later one.
-    chain = localisation_score([["blue", "square", "circle"]], [_peaks([(0, 0)] * 3)], [SCENE],
-                               OBJECT_WORDS)
-    assert chain["localisation_total"] == 2 and chain["localisation_hits"] == 1
-
-
-def test_localisation_hallucinated_object_is_a_miss():
-    words = ["a", "triangle"]
-    out = localisation_score([words], [_peaks([(0, 0), (0, 0)])], [SCENE], OBJECT_WORDS)
-    assert (out["localisation"], out["localisation_hits"], out["localisation_total"]) == (0.0, 0, 1)
-    assert (out["localisation_nouns_hits"], out["localisation_nouns_total"]) == (0, 1)
-
-
-def test_localisation_scores_attribute_words_of_the_phrase_separately_from_nouns():
-    # "a large green square and a small blue circle": attributes look at their object,
-    # the first noun looks away, the second noun looks at its object.
-    words = ["a", "large", "green", "square", "and", "a", "small", "blue", "circle"]
-    cells = [(0, 0), (0, 3), (1, 2), (3, 0), (0, 0), (0, 0), (3, 3), (2, 2), (3, 3)]
-    out = localisation_score([words], [_peaks(cells)], [SCENE], OBJECT_WORDS,
-                             attribute_words={"large", "small", "green", "blue", "red"})
-    assert (out["localisation_hits"], out["localisation_total"]) == (5, 6)
-    assert (out["localisation_nouns_hits"], out["localisation_nouns_total"]) == (1, 2)
-    assert out["localisation"] == pytest.approx(5 / 6) and out["localisation_nouns"] == pytest.approx(0.5)
-    # Without attribute words only nouns count (the noun-only score is the same).
-    nouns = localisation_score([words], [_peaks(cells)], [SCENE], OBJECT_WORDS)
-    assert (nouns["localisation_hits"], nouns["localisation_total"]) == (1, 2)
-    # A hallucinated noun makes its attributes miss too.
-    ghost = localisation_score([["a", "small", "red", "triangle"]], [_peaks([(0, 0)] * 4)], [SCENE],
-                               OBJECT_WORDS, attribute_words={"small", "red"})
-    assert (ghost["localisation_hits"], ghost["localisation_total"]) == (0, 3)
-
-
-def test_localisation_half_cell_tolerance_and_flat_alpha():
-    tiny = [{"shape": "circle", "color": "red", "size": "small", "box": [0.26, 0.26, 0.3, 0.3]}]
-    near = _peaks([(1, 1)]).flatten(1)  # (T, S) form; centre 0.375 is within half a cell
-    far = _peaks([(0, 0)])  # centre 0.125 is more than half a cell away
-    assert localisation_score([["circle"]], [near], [tiny], OBJECT_WORDS)["localisation"] == 1.0
-    assert localisation_score([["circle"]], [far], [tiny], OBJECT_WORDS)["localisation"] == 0.0
-
-
-def test_localisation_rejects_bad_input():
-    with pytest.raises(ValueError, match="image 0"):
-        localisation_score([["a", "circle"]], [_peaks([(0, 0)])], [SCENE], OBJECT_WORDS)
-    bad_box = [{"shape": "circle", "color": "red", "size": "small", "box": [0.5, 0, 0.2, 1]}]
-    with pytest.raises(ValueError, match="box"):
-        localisation_score([["circle"]], [_peaks([(0, 0)])], [bad_box], OBJECT_WORDS)
 
 
 # ---------------------------------------------------------------- text and alignment

@@ -40,8 +40,9 @@ def test_batches_carry_features_instead_of_images(cached):
     assert batch["features"].dtype == torch.float16
     assert batch["captions"][:, 0].eq(Vocabulary.bos_id).all()
     assert torch.equal(batch["lengths"], (batch["captions"] != 0).sum(1))
-    assert len(batch["references"][0]) == 5 and "objects" in batch
+    assert len(batch["references"][0]) == 5 and "boxes" not in batch  # training needs no boxes
     val = next(iter(cached.val_dataloader()))
+    assert len(val["boxes"]) == len(val["image_ids"])  # named boxes for the localisation metric
     assert val["image_ids"] == list(range(6))  # one item per image, in order
     torch.testing.assert_close(val["features"].float(), _encoder().eval()(next(iter(
         _shapes().val_dataloader()))["images"]), atol=2e-3, rtol=2e-3)

@@ -45,7 +45,7 @@ def test_different_seeds_and_splits_differ():
 def test_eval_batches_follow_the_interface():
     dm = small_dm()
     batch = next(iter(dm.val_dataloader()))
-    assert set(batch) == {"images", "captions", "lengths", "image_ids", "references", "objects"}
+    assert set(batch) == {"images", "captions", "lengths", "image_ids", "references", "objects", "boxes"}
     images, captions, lengths = batch["images"], batch["captions"], batch["lengths"]
     assert images.shape == (8, 3, 64, 64) and images.dtype == torch.uint8  # the encoder normalises
     assert captions.dtype == torch.long and lengths.dtype == torch.long
