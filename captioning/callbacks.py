@@ -222,7 +222,8 @@ class AttentionOverlays(pl.Callback):
         logger.experiment.log(data)
 
     def _write_files(self, trainer: pl.Trainer, items: list[dict]) -> Path:
-        from captioning.runs import free_path, run_dir
+        from captioning.outputs import free_path
+        from captioning.runs import run_dir
 
         name = f"epoch{trainer.current_epoch:03d}-step{trainer.global_step:07d}"
         folder = free_path(run_dir(trainer) / self.key.replace("/", "_") / name)

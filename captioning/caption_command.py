@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -71,21 +70,11 @@ def tsv_field(text: str) -> str:
     return text.replace("\\", "\\\\").replace("\t", "\\t").replace("\n", "\\n").replace("\r", "\\r")
 
 
-def check_writable(folder: Path) -> None:
-    """Create ``folder`` and prove a file can be written there, before any work is done."""
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        probe = folder / f".captioning-write-test-{os.getpid()}"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as err:
-        raise PermissionError(f"cannot write into the output folder {folder}: {err.strerror or err}") from err
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from captioning.images import ImageReadError, load_image, small_image_warning
     from captioning.inference import caption_images, is_image_captioner
+    from captioning.outputs import check_writable
     from captioning.pretrained import load_any
     from captioning.viz import write_caption_result
 

@@ -228,8 +228,18 @@ def lightning_cli(args: Sequence[str] | None, run: bool = True) -> Any:
 
         def before_validate(self) -> None:
             self._resolve_ckpt_path()
+            self._evaluate_in_run()
 
         before_test = before_validate
+
+        def _evaluate_in_run(self) -> None:
+            # Load the checkpoint's weights here (no saved callback states: no Timer/dirpath
+            # warnings) and log into the checkpoint's own version_N folder (captioning/run_eval.py).
+            from captioning.run_eval import restore_for_evaluation
+
+            config = self.config_init[self.subcommand]
+            config["ckpt_path"] = restore_for_evaluation(self.trainer, self.model, config.get("ckpt_path"),
+                                                         self.datamodule)
 
         def before_predict(self) -> None:
             from captioning.prediction_writer import CocoResultsWriter

@@ -13,7 +13,7 @@ from typing import Any
 import lightning.pytorch as pl
 
 from captioning.distributed import gather_unique
-from captioning.runs import free_path
+from captioning.outputs import free_path
 
 
 class CocoResultsWriter(pl.Callback):

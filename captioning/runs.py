@@ -29,7 +29,9 @@ from lightning.pytorch.cli import SaveConfigCallback
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger, WandbLogger
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
-__all__ = ["run_dir", "checkpoint_dir", "free_path", "RunConfigSaver", "resolve_checkpoint", "check_vocabulary"]
+from captioning.outputs import free_path
+
+__all__ = ["run_dir", "checkpoint_dir", "RunConfigSaver", "resolve_checkpoint", "check_vocabulary"]
 
 
 def _versioned(logger: Any) -> bool:
@@ -68,17 +70,6 @@ def checkpoint_dir(trainer: pl.Trainer) -> Path:
         if isinstance(callback, ModelCheckpoint) and callback.dirpath:
             return Path(callback.dirpath)
     return run_dir(trainer) / "checkpoints"
-
-
-def free_path(path: Path) -> Path:
-    """``path`` if nothing exists there, else ``<stem>-1<suffix>``, ``-2``, ... (never overwrite)."""
-    path = Path(path)
-    k = 0
-    candidate = path
-    while candidate.exists():
-        k += 1
-        candidate = path.with_name(f"{path.stem}-{k}{path.suffix}")
-    return candidate
 
 
 class RunConfigSaver(SaveConfigCallback):

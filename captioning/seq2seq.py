@@ -24,6 +24,14 @@ attentional vector of the previous step is fed back as input::
 ``attention="none"`` is the fixed-context baseline (Cho et al. 2014 "RNNenc"): ``c_t`` is the
 encoder summary (last forward + first backward state) at every step; its reported alpha is
 uniform over the real source positions.
+
+Speed: in teacher forcing the embedding part of the LSTM input and everything after the
+recurrence (``W_c``, the output layer) are one matrix product over all steps; only the
+recurrence runs step by step. With ``bahdanau`` and single-head ``additive`` attention (the
+default) that recurrence is exactly the Show-Attend-Tell one without its gate, so it runs
+through :class:`captioning.sat_recurrence.SATRecurrence` (one autograd node, every product on
+h_{t-1} in one GEMM, each weight gradient formed once over all steps); ``fused=False`` runs the
+plain autograd loop (same outputs and gradients; tests/test_seq2seq.py checks both).
 """
 
 from __future__ import annotations
@@ -34,8 +42,9 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
-from captioning.attention import compares_directly, build_attention
+from captioning.attention import AdditiveScorer, Attention, build_attention, compares_directly
 from captioning.decoders import DecoderOutput
+from captioning.sat_recurrence import SATRecurrence
 
 QUERY_STYLES = ("bahdanau", "luong")
 
@@ -100,12 +109,15 @@ class AttentionLSTMDecoder(nn.Module):
         num_heads: > 1 for multi-head attention.
         dropout: on the vector fed to the output layer.
         max_positions: longest source (S incl. EOS); only the ``location`` score needs it.
+        fused: teacher forcing through SATRecurrence where it applies (module docstring).
     """
 
     def __init__(self, vocab_size: int, encoder_dim: int, embed_dim: int = 128, decoder_dim: int = 256,
                  attention_dim: int = 128, attention: str = "additive", query: str = "bahdanau",
-                 num_heads: int = 1, dropout: float = 0.2, max_positions: int | None = None) -> None:
+                 num_heads: int = 1, dropout: float = 0.2, max_positions: int | None = None,
+                 fused: bool = True) -> None:
         super().__init__()
+        self.fused = fused
         if query not in QUERY_STYLES:
             raise ValueError(f"query must be one of {QUERY_STYLES}, got {query!r}")
         self.vocab_size, self.encoder_dim, self.decoder_dim = vocab_size, encoder_dim, decoder_dim
@@ -194,17 +206,41 @@ class AttentionLSTMDecoder(nn.Module):
         return self.output(self.dropout(attentional)), alpha, state
 
     # ------------------------------------------------------------------ teacher forcing
-    def forward(self, states: Tensor, inputs: Tensor, mask: Tensor | None = None,
-                summary: Tensor | None = None) -> DecoderOutput:
-        """Teacher-forced pass: states (B, S, C), inputs (B, T) = BOS y_1 .. y_{T-1}, mask (B, S)
-        -> logits (B, T, V), alphas (B, T, S) (row t is the attention used to predict y_{t+1})."""
+    @property
+    def uses_fused_recurrence(self) -> bool:
+        """True when teacher forcing runs :class:`SATRecurrence` (bahdanau + single-head additive)."""
+        return (self.fused and self.query == "bahdanau" and self.key_bridge is None
+                and isinstance(self.attention, Attention) and isinstance(self.attention.scorer, AdditiveScorer))
+
+    def attentional(self, states: Tensor, inputs: Tensor, mask: Tensor | None = None,
+                    summary: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """Teacher-forced pass up to the output layer: states (B, S, C), inputs (B, T) = BOS y_1 ..
+        y_{T-1}, mask (B, S) -> attentional vectors (B, T, D), alphas (B, T, S) (row t is the
+        attention used to predict y_{t+1}). ``output(dropout(.))`` of the first gives the logits."""
         memory = self.prepare_memory(states, mask, summary)
         state = self.init_state(memory)
         x_gates = self.input_embed(self.embedding(inputs))  # (B, T, 4D): one GEMM for all steps
+        if self.uses_fused_recurrence:
+            scorer: AdditiveScorer = self.attention.scorer
+            attn = memory["attn"]
+            w_h = torch.cat([self.recurrent.weight, scorer.query_proj.weight], 0)  # both multiply h_{t-1}
+            device = inputs.device.type
+            matmul_dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
+            hidden, alphas = SATRecurrence.apply(x_gates, attn.keys, attn.values, attn.mask, state["h"], state["c"],
+                                                 w_h, None, scorer.v.weight.view(-1), self.input_extra.weight,
+                                                 matmul_dtype)  # (B, T, D), (B, T, S)
+            context = torch.bmm(alphas.to(attn.values.dtype), attn.values)  # (B, T, C): one batched GEMM
+            return torch.tanh(self.combine(torch.cat([hidden, context.to(hidden.dtype)], -1))), alphas
         outs, alphas = [], []
         for t in range(inputs.shape[1]):
             attentional, alpha, state = self._advance(x_gates[:, t], state, memory)
             outs.append(attentional)
             alphas.append(alpha)
-        logits = self.output(self.dropout(torch.stack(outs, 1)))  # (B, T, V): one GEMM for all steps
-        return DecoderOutput(logits, torch.stack(alphas, 1))
+        return torch.stack(outs, 1), torch.stack(alphas, 1)
+
+    def forward(self, states: Tensor, inputs: Tensor, mask: Tensor | None = None,
+                summary: Tensor | None = None) -> DecoderOutput:
+        """Teacher-forced pass: states (B, S, C), inputs (B, T) = BOS y_1 .. y_{T-1}, mask (B, S)
+        -> logits (B, T, V), alphas (B, T, S) (row t is the attention used to predict y_{t+1})."""
+        attentional, alphas = self.attentional(states, inputs, mask, summary)
+        return DecoderOutput(self.output(self.dropout(attentional)), alphas)  # one GEMM for all steps

@@ -1,12 +1,18 @@
-"""``captioning translate --ckpt_path CKPT [--input FILE | TEXT ...] [--heatmap_dir DIR] [--beam_size K]``.
+"""``captioning translate (--ckpt_path CKPT | --model DIR_OR_REPO) [--input FILE | TEXT ...] [--heatmap_dir DIR]``.
 
-Translates sentences with a text seq2seq checkpoint (tokenised exactly as in training: the
-tokenizer and vocabularies are in the checkpoint) and prints one translation per input line
-on stdout. With ``--heatmap_dir`` it also writes, per sentence, ``<name>.png`` (source x
-target attention heatmap) and ``<name>.json`` (tokens and the attention matrix). Existing
+Translates sentences with a text seq2seq checkpoint or exported model (tokenised exactly as in training: the
+tokenizer and vocabularies are in the checkpoint) and prints exactly one line per input line
+on stdout (line breaks or tabs inside a translation become spaces; an input that cannot be
+translated gives an empty line). With ``--heatmap_dir`` it also writes, per sentence,
+``<name>.png`` (source x target attention heatmap) and ``<name>.json`` (tokens and the
+attention matrix); the folder is checked for writing before anything is decoded. Existing
 files are never replaced unless ``--overwrite``: a free name ``<name>-1``, ``-2``, ... is
-used instead. Problems are reported on stderr naming the file and line; the exit status
-is 1 if any sentence could not be translated, 2 for an unusable checkpoint or input file.
+used instead. Problems are reported on stderr naming the file and line: errors (the exit
+status is 1 if any sentence could not be translated, 2 for an unusable checkpoint, input
+file or heatmap folder) and warnings (exit status unchanged) for an input longer than the
+model reads (``max_source_length``: only its first tokens are translated), longer than any
+training sentence, or made mostly of words never seen in training. ``<unk>`` is never
+output unless ``--allow_unk`` (or the model was trained with ``allow_unk: true``).
 """
 
 from __future__ import annotations
@@ -24,8 +30,13 @@ import torch
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="captioning translate", description=__doc__.split("\n\n")[1])
     p.add_argument("texts", nargs="*", metavar="TEXT", help="sentences to translate (or use --input)")
-    p.add_argument("--ckpt_path", required=True, help="checkpoint written by `captioning fit` with a text config, "
-                                                      "or a run folder (its newest best*.ckpt, else last.ckpt)")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--ckpt_path", help="checkpoint written by `captioning fit` with a text config, or a run "
+                                            "folder (its newest valid best*.ckpt, else last.ckpt)")
+    source.add_argument("--model", help="model folder written by `captioning export`, or a Hugging Face Hub repo id "
+                                        "(owner/name; needs the [hub] extra)")
+    p.add_argument("--trust_module", action="append", default=[], metavar="MODULE",
+                   help="allow the model file to name classes from MODULE; importing it runs its code. Repeatable")
     p.add_argument("--input", help="file with one sentence per line ('-' = stdin); in a TSV file only the "
                                    "text before the first tab is used")
     p.add_argument("--heatmap_dir", help="write <name>.png (attention heatmap) and <name>.json here")
@@ -34,6 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch_size", type=int, default=32, help="sentences decoded together")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--overwrite", action="store_true", help="replace existing heatmap files")
+    p.add_argument("--allow_unk", action="store_true", default=None,
+                   help="let translations contain <unk> (default: the model's allow_unk setting, normally off)")
     return p
 
 
@@ -59,13 +72,18 @@ def read_lines(name: str) -> list[tuple[str, str]]:
     return out
 
 
+def one_line(text: str) -> str:
+    """``text`` on one line: every run of whitespace (line and paragraph separators, tabs) -> one space."""
+    return " ".join(text.split())
+
+
 def _slug(text: str, limit: int = 40) -> str:
     return re.sub(r"[^\w]+", "-", text.lower()).strip("-")[:limit] or "sentence"
 
 
 def write_heatmap(directory: Path, stem: str, record: dict, figure, overwrite: bool = False) -> Path:
     """Save ``<stem>.png`` and ``<stem>.json``; never replaces existing files unless ``overwrite``."""
-    from captioning.viz import claim_output_pair
+    from captioning.outputs import claim_output_pair
 
     directory.mkdir(parents=True, exist_ok=True)
     png, js = claim_output_pair(directory, stem, str(record.get("source", stem)), overwrite)
@@ -79,23 +97,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     if bool(args.texts) == bool(args.input):
         print("error: give the sentences either as TEXT arguments or with --input FILE (not both)", file=sys.stderr)
         return 2
-    from captioning.checkpoints import load_model, find_checkpoint
+    from captioning.outputs import check_writable
+    from captioning.pretrained import load_any
     from captioning.viz import seq2seq_heatmap
 
+    out_dir = Path(args.heatmap_dir) if args.heatmap_dir else None
     try:
+        if out_dir is not None:
+            check_writable(out_dir, "--heatmap_dir")  # before any decoding: fail in a second, not after the work
         inputs = read_lines(args.input) if args.input else [(f"argument {i}", t) for i, t in enumerate(args.texts, 1)]
-        model = load_model(find_checkpoint(args.ckpt_path), default_class="captioning.text_model.Seq2SeqModel",
-                           map_location=args.device)
-    except (FileNotFoundError, ValueError) as err:
+        model = load_any(args.ckpt_path, args.model, args.trust_module, map_location=args.device,
+                         default_class="captioning.text_model.Seq2SeqModel")
+    except (OSError, ValueError, ImportError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     if not hasattr(model, "translate"):
-        print(f"error: {args.ckpt_path} holds a {type(model).__name__}, not a text seq2seq model "
+        print(f"error: {args.ckpt_path or args.model} holds a {type(model).__name__}, not a text seq2seq model "
               "(use `captioning caption` for image checkpoints)", file=sys.stderr)
         return 2
 
-    # Sentences that cannot be encoded (empty, too long for 'location' attention) get an
-    # empty output line, so output line i still belongs to input line i.
+    # Sentences that cannot be encoded (empty) get an empty output line, so output line i
+    # still belongs to input line i. Odd inputs are translated with a warning naming the line.
     good: list[int] = []
     failed = 0
     for i, (label, text) in enumerate(inputs):
@@ -107,17 +129,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         except ValueError as err:
             print(f"error: {label}: {str(err).replace('input 1', 'sentence')}", file=sys.stderr)
             failed += 1
+            continue
+        for warning in model.source_report(text).warnings():
+            print(f"warning: {label}: {warning}", file=sys.stderr)
     results: dict[int, object] = {}
     for start in range(0, len(good), args.batch_size):
         chunk = good[start:start + args.batch_size]
         with torch.inference_mode():
-            translated = model.translate([inputs[i][1] for i in chunk], args.beam_size, args.max_length)
+            translated = model.translate([inputs[i][1] for i in chunk], args.beam_size, args.max_length,
+                                         allow_unk=args.allow_unk)
         results.update(zip(chunk, translated))
 
-    out_dir = Path(args.heatmap_dir) if args.heatmap_dir else None
     for i, (label, text) in enumerate(inputs):
         tr = results.get(i)
-        print(tr.text if tr is not None else "", flush=True)
+        print(one_line(tr.text) if tr is not None else "", flush=True)
         if tr is None or out_dir is None:
             continue
         record = {"input": label, "source": text, "translation": tr.text, "source_tokens": tr.source_tokens,

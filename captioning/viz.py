@@ -17,13 +17,14 @@ from __future__ import annotations
 import functools
 import json
 import math
-import threading
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
+
+from captioning.outputs import claim_output_pair
 
 GAP = 6
 MAX_COLUMNS = 6
@@ -299,36 +300,6 @@ def seq2seq_heatmap(
     draw.text((bx + bar_w + GAP // 2, y0), vtext, fill=_TEXT, font=font, anchor="lt")
     draw.text((bx + bar_w + GAP // 2, y0 + bh), "0", fill=_TEXT, font=font, anchor="lb")
     return canvas
-
-
-# Output files written by this process -> the image they describe. With overwrite=True a
-# file is only replaced when it came from the same image, so two inputs sharing a stem
-# (a/cat.jpg, b/cat.jpg) in one run never overwrite each other.
-_WRITTEN: dict[Path, str] = {}
-_WRITTEN_LOCK = threading.Lock()
-
-
-def claim_output_pair(output_dir: Path, stem: str, source: str, overwrite: bool) -> tuple[Path, Path]:
-    """Free ``<stem>.png``/``<stem>.json`` names in ``output_dir`` for ``source``: existing files
-    (and files this process wrote for another source) are kept, ``<stem>-1``, ``-2``, ... are
-    tried instead; the JSON is created exclusively so concurrent writers never collide."""
-    with _WRITTEN_LOCK:
-        for k in range(10_000):
-            name = stem if k == 0 else f"{stem}-{k}"
-            png, js = output_dir / f"{name}.png", output_dir / f"{name}.json"
-            owners = {_WRITTEN.get(png.resolve()), _WRITTEN.get(js.resolve())} - {None}
-            if owners - {source}:
-                continue  # written earlier in this process for another image
-            if not overwrite:
-                if png.exists() or js.exists():
-                    continue
-                try:  # exclusive create: another process writing into the same folder loses
-                    js.open("x").close()
-                except FileExistsError:
-                    continue
-            _WRITTEN[png.resolve()] = _WRITTEN[js.resolve()] = source
-            return png, js
-    raise FileExistsError(f"{output_dir}: no free file name for {stem!r} (tried {stem}-1 .. -9999)")
 
 
 def write_caption_result(

@@ -5,6 +5,9 @@ files; columns after the second, such as Anki's attribution, are ignored; blank 
 skipped). A malformed line (no tab, an empty side, bytes that are not valid text in the
 file's encoding) raises :class:`TsvFormatError` naming the file and line, or, with
 ``skip_malformed: true``, is skipped and counted (``dm.skipped``, plus one warning per file).
+Its tokenizer (BPE subwords by default in configs/text_tsv.yaml) is learnt on the training
+pairs; training batches are bucketed by source length; validation and test are decoded in
+length order while the datasets keep file order.
 
 :class:`SyntheticTextDataModule` generates tasks whose true alignment is known, with no
 files: ``dates`` ("21 nov 2026, 3 feb 1999" -> "2026-11-21, 1999-02-03": reordering within
@@ -29,10 +32,14 @@ from typing import Sequence
 import lightning as L
 import torch
 from torch.nn.utils.rnn import pad_sequence
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, RandomSampler
 
-from captioning.text_vocab import TextTokenizer, TextVocab
+from captioning.text_vocab import SUBWORD_KINDS, TextTokenizer, TextVocab
 from captioning.vocab import Vocabulary
+# Imported at module level on purpose: Lightning records the init args of BatchSampler
+# subclasses that exist when it calls the dataloader hooks, so it can rebuild the sampler
+# with a DistributedSampler underneath under DDP.
+from datamodules.sampling import LengthBucketBatchSampler
 
 SPLITS = ("train", "val", "test")
 
@@ -86,19 +93,33 @@ class _TextDataModule(L.LightningDataModule):
         """{"source", "target", "tokenizer"} as plain data (what the model stores)."""
         return self.text_vocab.to_dict()
 
-    def _loader(self, split: str, shuffle: bool) -> DataLoader:
-        return DataLoader(self.dataset(split), batch_size=self.batch_size, shuffle=shuffle,
-                          num_workers=self.num_workers, collate_fn=collate,
-                          persistent_workers=self.num_workers > 0)
+    def _loader(self, split: str, shuffle: bool, by_length: bool = False) -> DataLoader:
+        data = self.dataset(split)
+        common = dict(num_workers=self.num_workers, collate_fn=collate, persistent_workers=self.num_workers > 0)
+        lengths = self.source_lengths(split) if by_length else None
+        if lengths is None:
+            return DataLoader(data, batch_size=self.batch_size, shuffle=shuffle, **common)
+        if shuffle:  # training: similar lengths per batch, a new mix every epoch
+            sampler = RandomSampler(data, generator=torch.Generator().manual_seed(self.seed))
+            batches = LengthBucketBatchSampler(sampler, self.batch_size, False, lengths=lengths, seed=self.seed)
+            return DataLoader(data, batch_sampler=batches, **common)
+        # Evaluation: decode in order of source length (less padding, earlier stops); the
+        # dataset keeps file order, so "the first N validation items" stay the same ones.
+        order = sorted(range(len(data)), key=lambda i: lengths[i])
+        return DataLoader(data, batch_size=self.batch_size, sampler=order, **common)
+
+    def source_lengths(self, split: str) -> list[int] | None:
+        """Source length of every item of ``split`` (for length-sorted batches), or None."""
+        return None
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader("train", shuffle=True)
+        return self._loader("train", shuffle=True, by_length=True)
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader("val", shuffle=False)
+        return self._loader("val", shuffle=False, by_length=True)
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader("test", shuffle=False)
+        return self._loader("test", shuffle=False, by_length=True)
 
     def predict_dataloader(self) -> DataLoader:
         return self._loader("test", shuffle=False)
@@ -157,7 +178,7 @@ def read_tsv(path: str | Path, skip_malformed: bool = False,
 
 
 class TsvTextDataModule(_TextDataModule):
-    """Parallel text from tab-separated files; vocabularies are built from the train split.
+    """Parallel text from tab-separated files; tokenizer and vocabularies come from the train split.
 
     Args:
         train_path: TSV file of training pairs.
@@ -165,31 +186,45 @@ class TsvTextDataModule(_TextDataModule):
             (a seeded random subset, excluded from training and from the vocabularies).
         test_path: TSV of test pairs (test and predict); None = the validation pairs.
         val_fraction: share of train_path held out when val_path is None.
-        tokenizer: "word" (words and punctuation) or "char"; lowercase: lowercase first.
+        tokenizer: "bpe" (subwords trained on the training pairs, both sides jointly),
+            "word" (words and punctuation) or "char"; lowercase: lowercase first.
+        subword_vocab_size: BPE vocabulary size (pieces; both languages share it).
         min_count, max_vocab_size: vocabulary cut-offs per side (rarer tokens become <unk>).
         max_train_length: training pairs with more tokens on either side are dropped (counted in
-            ``dropped_long``); None keeps all. Validation and test pairs are never dropped.
+            ``dropped_long``); None keeps all. Validation and test pairs are never dropped (the
+            model cuts sources past its ``max_source_length``).
         reverse: translate column 2 -> column 1 instead of 1 -> 2.
         skip_malformed: skip and count malformed lines instead of raising TsvFormatError.
         encoding: text encoding of the files.
+        bucket_by_length: training batches of similar source length (less padding, faster);
+            validation and test are always decoded in length order.
         batch_size, num_workers, seed: loaders and the held-out split.
+
+    References (what BLEU, chrF and exact match compare against) are the target sentences
+    normalised as the tokenizer does (Unicode NFC, whitespace collapsed, lowercased with
+    ``lowercase``): :func:`captioning.text_model.score_translations` scores ``translate``
+    output against a file the same way.
     """
 
     def __init__(self, train_path: str, val_path: str | None = None, test_path: str | None = None,
                  val_fraction: float = 0.05, tokenizer: str = "word", lowercase: bool = True,
-                 min_count: int = 1, max_vocab_size: int | None = None, max_train_length: int | None = 100,
-                 reverse: bool = False, skip_malformed: bool = False, encoding: str = "utf-8",
-                 batch_size: int = 64, num_workers: int = 0, seed: int = 0) -> None:
+                 subword_vocab_size: int = 4000, min_count: int = 1, max_vocab_size: int | None = None,
+                 max_train_length: int | None = 100, reverse: bool = False, skip_malformed: bool = False,
+                 encoding: str = "utf-8", bucket_by_length: bool = True, batch_size: int = 64,
+                 num_workers: int = 0, seed: int = 0) -> None:
         super().__init__()
         owner = "TsvTextDataModule"
         for name, value, low in (("batch_size", batch_size, 1), ("num_workers", num_workers, 0),
-                                 ("min_count", min_count, 1)):
+                                 ("min_count", min_count, 1), ("subword_vocab_size", subword_vocab_size, 8)):
             _check_int(owner, name, value, low)
         if val_path is None and not 0.0 < val_fraction < 1.0:
             raise ValueError(f"{owner}: without val_path, val_fraction must be in (0, 1), got {val_fraction!r}")
+        if tokenizer not in ("word", "char", *SUBWORD_KINDS):
+            raise ValueError(f"{owner}: tokenizer must be one of word, char, {', '.join(SUBWORD_KINDS)}; "
+                             f"got {tokenizer!r}")
         self.save_hyperparameters()
-        self.tokenizer = TextTokenizer(tokenizer, lowercase)
-        self.batch_size, self.num_workers = batch_size, num_workers
+        self.batch_size, self.num_workers, self.seed = batch_size, num_workers, seed
+        self.bucket_by_length = bucket_by_length
         self.skipped: dict[str, int] = {}
         self.dropped_long = 0
         self._data: dict[str, list[dict]] | None = None
@@ -226,6 +261,9 @@ class TsvTextDataModule(_TextDataModule):
             val = [p for i, p in enumerate(train) if i in held]
             train = [p for i, p in enumerate(train) if i not in held]
         test = self._read(hp.test_path) if hp.test_path is not None else val
+        # Subword models learn from the training pairs only (both sides: one shared model).
+        self.tokenizer = TextTokenizer.train(hp.tokenizer, (text for _, s, t in train for text in (s, t)),
+                                             hp.lowercase, hp.subword_vocab_size)
         tok = {split: [(i, self.tokenizer(s), self.tokenizer(t), s, t) for i, s, t in pairs]
                for split, pairs in (("train", train), ("val", val), ("test", test))}
         limit = hp.max_train_length
@@ -235,13 +273,17 @@ class TsvTextDataModule(_TextDataModule):
             if not kept:
                 raise ValueError(f"{hp.train_path}: every training pair is longer than max_train_length={limit}")
             tok["train"] = kept
-        self._vocab = TextVocab(
-            Vocabulary.build((p[1] for p in tok["train"]), hp.min_count, hp.max_vocab_size),
-            Vocabulary.build((p[2] for p in tok["train"]), hp.min_count, hp.max_vocab_size), self.tokenizer)
-        v = self._vocab
+        train_pairs = tok["train"]
+        self._vocab = v = TextVocab.build(self.tokenizer, [p[1] for p in train_pairs], [p[2] for p in train_pairs],
+                                          [p[3] for p in train_pairs], hp.min_count, hp.max_vocab_size)
         self._data = {split: [{"id": i, "source": v.encode_source(st), "target": v.encode_target(tt),
-                               "source_text": s, "reference": self.tokenizer.detokenize(tt), "alignment": None}
+                               "source_text": s, "reference": self.tokenizer.normalize(t), "alignment": None}
                               for i, st, tt, s, t in pairs] for split, pairs in tok.items()}
+
+    def source_lengths(self, split: str) -> list[int] | None:
+        if split == "train" and not self.bucket_by_length:
+            return None
+        return [len(item["source"]) for item in self.dataset(split).items]
 
     @property
     def text_vocab(self) -> TextVocab:
@@ -319,14 +361,17 @@ class SyntheticTextDataModule(_TextDataModule):
         eval_min_items, eval_max_items: the same for val/test; None = the training range.
         num_symbols: alphabet size of "reverse" (2..36).
         train_size, val_size, test_size: examples per split.
+        bucket_by_length: training batches of similar length (validation and test are always
+            decoded in length order).
         batch_size, num_workers, seed: loaders; item i of a split depends only on
             (seed, split, i) and the settings.
     """
 
     def __init__(self, task: str = "dates", min_items: int = 1, max_items: int = 8,
                  eval_min_items: int | None = None, eval_max_items: int | None = None, num_symbols: int = 26,
-                 train_size: int = 20000, val_size: int = 500, test_size: int = 1000, batch_size: int = 64,
-                 num_workers: int = 0, seed: int = 0) -> None:
+                 train_size: int = 20000, val_size: int = 500, test_size: int = 1000,
+                 bucket_by_length: bool = False, batch_size: int = 64, num_workers: int = 0,
+                 seed: int = 0) -> None:
         super().__init__()
         owner = "SyntheticTextDataModule"
         if task not in TASKS:
@@ -346,7 +391,7 @@ class SyntheticTextDataModule(_TextDataModule):
             raise ValueError(f"{owner}: num_symbols must be <= {len(SYMBOLS)}, got {num_symbols}")
         self.save_hyperparameters()
         self.task, self.num_symbols, self.seed = task, num_symbols, seed
-        self.batch_size, self.num_workers = batch_size, num_workers
+        self.batch_size, self.num_workers, self.bucket_by_length = batch_size, num_workers, bucket_by_length
         self.sizes = {"train": train_size, "val": val_size, "test": test_size}
         self.limits = {"train": (min_items, max_items), "val": (eval_min, eval_max), "test": (eval_min, eval_max)}
         self._vocab = synthetic_vocab(task, num_symbols)
@@ -355,9 +400,18 @@ class SyntheticTextDataModule(_TextDataModule):
     def text_vocab(self) -> TextVocab:
         return self._vocab
 
+    def _rng(self, split: str, index: int) -> random.Random:
+        return random.Random(f"{self.seed}:{split}:{index}")  # str seeds hash the same in every process
+
+    def source_lengths(self, split: str) -> list[int] | None:
+        """Items per example (its first random draw), which orders examples by source length."""
+        if split == "train" and not self.bucket_by_length:
+            return None
+        return [self._rng(split, i).randint(*self.limits[split]) for i in range(self.sizes[split])]
+
     def example(self, split: str, index: int) -> dict:
         """Item ``index`` of ``split`` (deterministic), with its true alignment."""
-        rng = random.Random(f"{self.seed}:{split}:{index}")  # str seeds hash the same in every process
+        rng = self._rng(split, index)
         n = rng.randint(*self.limits[split])
         if self.task == "dates":
             src, tgt, align = dates_example(rng, n)

@@ -80,7 +80,7 @@ def test_unwritable_output_fails_before_loading_or_decoding(ckpt, scenes, tmp_pa
     blocker.write_text("x")
     assert main(["caption", "--ckpt_path", str(ckpt), "--output", str(blocker / "out"), str(scenes[0])]) == 2
     captured = capsys.readouterr()
-    assert "cannot write into the output folder" in captured.err and str(blocker / "out") in captured.err
+    assert "cannot write into the --output folder" in captured.err and str(blocker / "out") in captured.err
     assert "using checkpoint" not in captured.err and captured.out == ""
 
 

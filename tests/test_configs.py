@@ -63,3 +63,15 @@ def test_every_shipped_config_is_run_by_a_test():
         if not mentioned:
             untested.append(name)
     assert not untested, f"configs no test runs: {untested}"
+
+
+def test_text_reverse_trains_and_its_checkpoint_translates(tmp_path, capsys):
+    run = tmp_path / "run"
+    main(["fit", "--config", str(ROOT / "configs" / "text_reverse.yaml"), "--trainer.max_epochs", "1",
+          "--trainer.default_root_dir", str(run), "--trainer.logger.init_args.save_dir", str(run),
+          "--trainer.enable_progress_bar", "false", "--data.init_args.train_size", "64",
+          "--data.init_args.val_size", "8", "--data.init_args.test_size", "8", "--data.init_args.batch_size", "16"])
+    assert "test/exact_match" in next(run.rglob("metrics.csv")).read_text().splitlines()[0]
+    capsys.readouterr()
+    assert main(["translate", "--ckpt_path", str(run), "q w e r t y"]) == 0
+    assert len(capsys.readouterr().out.splitlines()) == 1

@@ -54,7 +54,8 @@ def test_image_and_text_models_share_one_attention_layer_and_one_search():
     # The captioner's own search drives the text decoder unchanged: model.generate == search on its memory.
     b = batch_of()
     memory = seq2seq.memory(b["source"], b["source_lengths"])
-    direct = beam_search(seq2seq.decoder, memory, 4, BOS, EOS, PAD, beam_size=3, max_length=12)
+    direct = beam_search(seq2seq.decoder, memory, 4, BOS, EOS, PAD, beam_size=3, max_length=12,
+                         banned_ids=seq2seq.banned_ids)
     via_model = seq2seq.generate(b["source"], b["source_lengths"], beam_size=3, max_length=12)
     assert torch.equal(direct.tokens, via_model.tokens)
 
@@ -160,3 +161,51 @@ def test_bad_query_and_bad_lengths_are_clear_errors():
     enc = BiLSTMEncoder(10, 4, 4)
     with pytest.raises(ValueError, match="lengths"):
         enc(torch.tensor([[3, 2]]), torch.tensor([0]))
+
+
+@pytest.mark.parametrize("query", ["bahdanau", "luong"])
+def test_fused_teacher_forcing_matches_the_plain_loop_in_outputs_and_every_gradient(query):
+    torch.manual_seed(3)
+    fused = tiny_model(query=query).double()
+    plain = tiny_model(query=query, fused=False).double()
+    plain.load_state_dict(fused.state_dict())
+    assert fused.decoder.uses_fused_recurrence == (query == "bahdanau") and not plain.decoder.uses_fused_recurrence
+    b = batch_of(5, max_items=3)
+    results = []
+    for model in (fused, plain):
+        model.zero_grad()
+        loss, alphas = model.loss(b)
+        (loss + alphas.pow(2).sum()).backward()  # a gradient through the attention too
+        results.append((loss, alphas, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+    (l1, a1, g1), (l2, a2, g2) = results
+    torch.testing.assert_close(l1, l2)
+    torch.testing.assert_close(a1, a2)
+    assert g1.keys() == g2.keys()
+    for name in g1:
+        torch.testing.assert_close(g1[name], g2[name], msg=name)
+
+
+def test_loss_ignores_padding_and_matches_cross_entropy_over_all_positions():
+    model = tiny_model(label_smoothing=0.1).eval()
+    b = batch_of(6)
+    loss, _ = model.loss(b)
+    enc = model.encoder(b["source"], b["source_lengths"])
+    logits = model.decoder(enc.states, b["target"][:, :-1], enc.mask, enc.summary).logits
+    expected = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), b["target"][:, 1:].reshape(-1),
+                                                 ignore_index=PAD, label_smoothing=0.1)
+    torch.testing.assert_close(loss, expected)
+
+
+def test_a_translation_does_not_depend_on_its_batch_and_long_sources_are_cut():
+    model = tiny_model(max_source_length=8, max_length_ratio=1.0).eval()
+    texts = ["1 jan 2000", "3 feb 1999, 4 mar 2000, 5 apr 2001, 6 may 2002"]
+    alone = [model.translate([t], beam_size=2)[0] for t in texts]
+    together = model.translate(texts, beam_size=2)
+    for a, b in zip(alone, together):  # same words; attention equal up to float rounding of other batch sizes
+        assert a.text == b.text and a.target_tokens == b.target_tokens
+        torch.testing.assert_close(a.alpha, b.alpha)
+    # Own cap: ratio 1.0 * (3 tokens + EOS) + 10 = 14 tokens for the short one, whatever its batch.
+    assert len(together[0].target_tokens) <= 14
+    long = model.source_report(texts[1])
+    assert long.cut and long.kept == 7 and len(together[1].source_tokens) == 8  # 7 tokens + <eos>
+    assert together[1].source_tokens[:7] == long.tokens[:7]

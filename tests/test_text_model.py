@@ -106,3 +106,36 @@ def test_missing_vocab_and_bad_scheduler_are_clear_errors():
         warnings.simplefilter("ignore")
         with pytest.raises(ValueError, match="scheduler"):
             Seq2SeqModel(vocab=SyntheticTextDataModule().vocab_data, scheduler="step")
+
+
+def test_unk_is_never_emitted_unless_allowed():
+    dm = SyntheticTextDataModule(task="dates", max_items=2, train_size=8)
+    model = Seq2SeqModel(vocab=dm.vocab_data, max_length=6, **SIZES).eval()
+    unk = model.text_vocab.target.unk_id
+    with torch.no_grad():
+        model.decoder.output.bias[unk] += 50.0  # the model would say <unk> every time
+    for beam in (1, 3):
+        assert all("<unk>" not in t.text for t in model.translate(["1 jan 2000", "2 feb 1999"], beam_size=beam))
+        assert all("<unk>" in t.text for t in model.translate(["1 jan 2000"], beam_size=beam, allow_unk=True))
+    allowed = Seq2SeqModel(vocab=dm.vocab_data, max_length=6, allow_unk=True, **SIZES).eval()
+    assert unk not in allowed.banned_ids and unk in model.banned_ids
+
+
+def test_validation_during_fit_uses_val_beam_size_and_test_the_beam(monkeypatch):
+    dm = SyntheticTextDataModule(task="dates", max_items=2, train_size=16, val_size=8, test_size=8, batch_size=8)
+    model = Seq2SeqModel(vocab=dm.vocab_data, beam_size=3, val_beam_size=1, **SIZES)
+    beams = []
+    original = model.generate
+
+    def spy(source, lengths, beam_size=None, *args, **kwargs):
+        beams.append(beam_size if beam_size is not None else model.hparams.beam_size)
+        return original(source, lengths, beam_size, *args, **kwargs)
+
+    monkeypatch.setattr(model, "generate", spy)
+    t = trainer(max_epochs=1)
+    t.fit(model, datamodule=dm)
+    assert beams and set(beams) == {1}  # fit's validation: greedy
+    beams.clear()
+    t.test(model, datamodule=dm)
+    t.validate(model, datamodule=dm)
+    assert set(beams) == {3}  # test, and a validate command: the beam

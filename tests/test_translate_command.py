@@ -9,8 +9,6 @@ from PIL import Image
 
 from captioning.cli import main as cli_main
 
-
-
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -90,3 +88,17 @@ def test_predict_with_a_text_config_writes_one_translation_per_test_sentence(che
     results = json.loads(out.read_text())
     assert len(results) == 16 and len({r["id"] for r in results}) == 16
     assert {"id", "source", "translation"} <= set(results[0])
+
+
+def test_exported_text_model_translates_like_its_checkpoint(checkpoint, tmp_path, capsys):
+    folder = tmp_path / "dates-model"
+    assert cli_main(["export", "--ckpt_path", str(checkpoint), "--output", str(folder)]) == 0
+    assert "translate --model" in (folder / "README.md").read_text()
+    capsys.readouterr()
+    outputs = []
+    for source in (["--ckpt_path", str(checkpoint)], ["--model", str(folder)]):
+        heat = tmp_path / source[0].strip("-")
+        assert cli_main(["translate", *source, "--heatmap_dir", str(heat), "3 feb 1999", "21 nov 2026"]) == 0
+        outputs.append((capsys.readouterr().out, sorted(json.loads(p.read_text())["attention"]
+                                                        for p in heat.glob("*.json"))))
+    assert outputs[0] == outputs[1]

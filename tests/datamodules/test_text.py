@@ -155,3 +155,34 @@ def test_bad_synthetic_settings_are_clear_errors():
         SyntheticTextDataModule(min_items=5, max_items=2)
     with pytest.raises(ValueError, match="num_symbols"):
         SyntheticTextDataModule(task="reverse", num_symbols=99)
+
+
+def test_malformed_line_message_is_one_line_naming_file_and_line(tmp_path):
+    path = write(tmp_path, "bad_notab.tsv", b"a\tb\nno tab here\n")
+    with pytest.raises(ValueError) as err:  # TsvFormatError is a ValueError: the CLI prints it as one line
+        TsvTextDataModule(str(path)).vocab_data
+    message = str(err.value)
+    assert "\n" not in message and message.startswith(f"{path}, line 2: missing tab")
+
+
+def test_bpe_datamodule_learns_subwords_from_train_only_and_buckets_batches(tmp_path):
+    pairs = [(f"je suis {w}{'s' * (i % 3)} {'très ' * (i % 5)}.", f"i am {w} {'very ' * (i % 5)}.")
+             for i, w in enumerate(["fatigué", "content", "prêt", "grand", "petit"] * 12)]
+    train = write(tmp_path, "train.tsv", "".join(f"{s}\t{t}\n" for s, t in pairs).encode())
+    val = write(tmp_path, "val.tsv", "Vous êtes fatigués !\tYou are tired!\nIls sont là.\tThey're here.\n".encode())
+    dm = TsvTextDataModule(str(train), val_path=str(val), tokenizer="bpe", subword_vocab_size=60, batch_size=8)
+    data = dm.vocab_data
+    assert data["tokenizer"]["kind"] == "bpe" and "model" in data["tokenizer"]
+    vocab = TextVocab.from_dict(data)
+    assert vocab.tokenizer("Je suis prêt.") == dm.text_vocab.tokenizer("Je suis prêt.")
+    assert "vous" not in data["source_words"] and "suis" in data["source_words"]  # train only
+    assert dm.dataset("val").items[1]["reference"] == "they're here."  # normalised target text
+    batches = list(dm.train_dataloader())
+    assert sum(len(b["ids"]) for b in batches) == len(pairs)
+    spread = [int(b["source_lengths"].max() - b["source_lengths"].min()) for b in batches]
+    assert max(spread) <= 3  # similar lengths per batch (the pool sorts by source length)
+    val_order = [i for b in dm.val_dataloader() for i in b["ids"]]
+    assert sorted(val_order) == sorted(it["id"] for it in dm.dataset("val").items)
+    assert [it["id"] for it in dm.dataset("val").items] == ["val.tsv:1", "val.tsv:2"]  # file order kept
+    with pytest.raises(ValueError, match="tokenizer"):
+        TsvTextDataModule(str(train), tokenizer="unigram")

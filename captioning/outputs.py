@@ -1,0 +1,72 @@
+"""Where outputs go: never over a user's file, and never after the work when the folder is unusable.
+
+One naming scheme for everything the package writes next to files that may already exist
+(run configs, overlay PNG/JSON pairs, heatmaps, prediction files): the name as asked if it is
+free, else ``<stem>-1``, ``<stem>-2``, ... Nothing is ever overwritten unless the user says so.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import threading
+from pathlib import Path
+
+__all__ = ["free_path", "claim_output_pair", "check_writable"]
+
+
+def free_path(path: str | os.PathLike) -> Path:
+    """``path`` if nothing exists there, else ``<stem>-1<suffix>``, ``-2``, ... (never overwrite)."""
+    path = Path(path)
+    k = 0
+    candidate = path
+    while candidate.exists():
+        k += 1
+        candidate = path.with_name(f"{path.stem}-{k}{path.suffix}")
+    return candidate
+
+
+# Output files written by this process -> the image they describe. With overwrite=True a
+# file is only replaced when it came from the same image, so two inputs sharing a stem
+# (a/cat.jpg, b/cat.jpg) in one run never overwrite each other.
+_WRITTEN: dict[Path, str] = {}
+_WRITTEN_LOCK = threading.Lock()
+
+
+def claim_output_pair(output_dir: Path, stem: str, source: str, overwrite: bool) -> tuple[Path, Path]:
+    """Free ``<stem>.png``/``<stem>.json`` names in ``output_dir`` for ``source``: existing files
+    (and files this process wrote for another source) are kept, ``<stem>-1``, ``-2``, ... are
+    tried instead; the JSON is created exclusively so concurrent writers never collide."""
+    with _WRITTEN_LOCK:
+        for k in range(10_000):
+            name = stem if k == 0 else f"{stem}-{k}"
+            png, js = output_dir / f"{name}.png", output_dir / f"{name}.json"
+            owners = {_WRITTEN.get(png.resolve()), _WRITTEN.get(js.resolve())} - {None}
+            if owners - {source}:
+                continue  # written earlier in this process for another image
+            if not overwrite:
+                if png.exists() or js.exists():
+                    continue
+                try:  # exclusive create: another process writing into the same folder loses
+                    js.open("x").close()
+                except FileExistsError:
+                    continue
+            _WRITTEN[png.resolve()] = _WRITTEN[js.resolve()] = source
+            return png, js
+    raise FileExistsError(f"{output_dir}: no free file name for {stem!r} (tried {stem}-1 .. -9999)")
+
+
+
+def check_writable(folder: str | os.PathLike, option: str = "--output") -> Path:
+    """Create ``folder`` and prove a file can be written there, before any work is done.
+
+    Raises PermissionError naming ``option`` and the folder (read-only file system, a file in
+    the way, no permission)."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".captioning-write-test-"):
+            pass
+    except OSError as err:
+        raise PermissionError(f"cannot write into the {option} folder {folder}: {err.strerror or err}") from err
+    return folder
