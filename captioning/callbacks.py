@@ -3,11 +3,10 @@
 :class:`AttentionOverlays` decodes the same few validation items at the end of every
 validation run and shows where the model looked:
 
-* image models: one picture per image (the image, then one heatmap panel per generated word,
-  see :func:`captioning.viz.attention_overlay`);
-* any other model implementing ``attention_figures(batch, max_items) -> list[dict]`` (the
-  text seq2seq model: source x target heatmaps), items ``{"key", "figure", "prediction",
-  "references", "input"}``.
+the model draws them through its ``attention_figures(batch, max_items, panel_size, beam_size)``
+hook (:class:`captioning.base_model.AttentionModel`): image models, one picture per image (the
+image, then one heatmap panel per generated word); the text model, source x target heatmaps.
+Items are ``{"key", "figure", "prediction", "references", "input"}``.
 
 With a W&B logger the pictures go to ``val/attention/<key>`` and a ``val/attention_table``
 (key, input, prediction, references, per-item CIDEr-D, overlay). With any other logger, or
@@ -31,7 +30,7 @@ from PIL import Image
 
 from captioning.distributed import gather_objects
 
-__all__ = ["AttentionOverlays", "per_image_cider", "image_attention_figures"]
+__all__ = ["AttentionOverlays", "per_image_cider"]
 
 
 def per_image_cider(predictions: Mapping[Hashable, str],
@@ -61,32 +60,6 @@ def per_image_cider(predictions: Mapping[Hashable, str],
     _, scores = Cider().compute_score(refs, res)
     by_id = dict(zip(refs, scores))  # Cider scores in the order of refs' keys
     return {k: float(by_id[k]) for k in predictions}
-
-
-def image_attention_figures(model: Any, batch: dict, max_items: int, panel_size: int = 128,
-                            beam_size: int | None = None) -> list[dict]:
-    """The ``attention_figures`` items of an image captioner (``ImageCaptioner`` API).
-
-    Decodes ``batch["images"]`` (B, 3, H, W) uint8 with ``model.generate`` and draws, per image,
-    the plain image plus one attention panel per generated word (EOS excluded).
-    """
-    from captioning.images import as_unit_float
-    from captioning.viz import attention_overlay
-
-    n = min(max_items, len(batch["image_ids"]))
-    sub = {k: (v[:n] if isinstance(v, (torch.Tensor, list)) else v) for k, v in batch.items()}
-    result = model.generate(model.encode(sub), beam_size=beam_size)
-    words, grids = model.words(result), model.attention_grids(result)
-    images = as_unit_float(sub["images"]).float().cpu()  # (n, 3, H, W) in [0, 1]
-    items = []
-    for i in range(n):
-        key = str(sub["image_ids"][i])
-        pixels = (images[i].permute(1, 2, 0).numpy() * 255).round().astype("uint8")
-        items.append({"key": key, "prediction": " ".join(words[i]), "references": list(sub["references"][i]),
-                      "input": Image.fromarray(pixels),
-                      "figure": attention_overlay(pixels, words[i], grids[i], title=f"image {key}",
-                                                  panel_size=panel_size)})
-    return items
 
 
 def _batch_ids(batch: dict) -> list | None:
@@ -190,19 +163,14 @@ class AttentionOverlays(pl.Callback):
 
     def _figures(self, pl_module: pl.LightningModule, batch: dict) -> list[dict]:
         hook = getattr(pl_module, "attention_figures", None)
-        if callable(hook):
-            items = hook(batch, self.num_images)
-        elif all(hasattr(pl_module, name) for name in ("generate", "words", "attention_grids", "encode")):
-            if "images" not in batch:  # e.g. cached features: nothing to draw the heatmaps on
-                if not self._warned:
-                    self._warned = True
-                    rank_zero_warn("AttentionOverlays: validation batches carry no 'images' (cached features?); "
-                                   "no overlays are drawn")
-                return []
-            items = image_attention_figures(pl_module, batch, self.num_images, self.panel_size, self.beam_size)
-        else:
-            raise TypeError(f"AttentionOverlays: {type(pl_module).__name__} has neither attention_figures("
-                            "batch, max_items) nor the ImageCaptioner generate/words/attention_grids API")
+        if not callable(hook):
+            raise TypeError(f"AttentionOverlays: {type(pl_module).__name__} has no attention_figures(batch, max_items, "
+                            "panel_size, beam_size) hook (captioning.base_model.AttentionModel)")
+        items = hook(batch, self.num_images, panel_size=self.panel_size, beam_size=self.beam_size)
+        if not items and not self._warned:
+            self._warned = True
+            rank_zero_warn(f"AttentionOverlays: {type(pl_module).__name__} drew no figures for the validation batch "
+                           "(cached features carry no images to draw on)")
         for it in items:
             it["key"] = str(it["key"])
         return items

@@ -1,28 +1,26 @@
-"""The image captioning LightningModule: loss, optimisation, decoding for metrics, logging.
+"""The image captioning LightningModule: what is specific to images.
 
-The maths lives in plain modules (encoder, :class:`ShowAttendTellDecoder`, search); this
-class wires them, computes the loss with padding masked out, and scores validation/test
-by real decoding (beam or greedy), never teacher forcing.
+The maths lives in plain modules (encoder, :class:`ShowAttendTellDecoder`, search); what both
+models share (evaluation, logging, optimisation, checkpoints) is :class:`captioning.base_model.AttentionModel`.
+This class computes the loss with padding masked out and scores validation/test by real
+decoding (beam or greedy), never teacher forcing: COCO caption metrics, and the pointing game
+when batches carry named boxes (captioning/localisation.py).
 """
 
 from __future__ import annotations
 
-import math
-from typing import Any
-
-import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from captioning.base_model import AttentionModel, check_scheduler
 from captioning.decoders import ShowAttendTellDecoder
-from captioning.distributed import gather_unique
 from captioning.encoders import Encoder, encoder_config
-from captioning.search import SearchResult, beam_search, greedy_search
+from captioning.search import SearchResult
 from captioning.vocab import Vocabulary
 
 
-class ImageCaptioner(pl.LightningModule):
+class ImageCaptioner(AttentionModel):
     """Show, Attend and Tell captioner.
 
     Args:
@@ -54,8 +52,7 @@ class ImageCaptioner(pl.LightningModule):
         if vocab is None:
             raise ValueError("ImageCaptioner needs a vocabulary: the CLI links it from the datamodule "
                              "(data.vocab); in Python pass vocab=datamodule.vocab.to_dict()")
-        if scheduler not in ("none", "cosine", "plateau"):
-            raise ValueError(f"scheduler must be 'none', 'cosine' or 'plateau', got {scheduler!r}")
+        check_scheduler("ImageCaptioner", scheduler)
         self.save_hyperparameters(ignore=["encoder"])
         self.hparams["encoder"] = encoder_config(encoder)
         self.vocab = Vocabulary.from_dict(vocab)
@@ -64,7 +61,11 @@ class ImageCaptioner(pl.LightningModule):
         self.decoder = ShowAttendTellDecoder(
             len(self.vocab), encoder.out_channels, embed_dim, decoder_dim, attention_dim, attention=attention,
             num_heads=num_heads, gate=gate, dropout=dropout, max_positions=self.grid_size ** 2)
-        self._eval_outputs: list[dict] = []
+
+    eval_key = "image_id"
+    count_name = "num_images"
+    plateau_monitor = "val/cider"
+    example_in_checkpoint = True
 
     @property
     def preprocessing(self):
@@ -107,15 +108,9 @@ class ImageCaptioner(pl.LightningModule):
     def generate(self, features: Tensor, beam_size: int | None = None, max_length: int | None = None,
                  allow_unk: bool | None = None) -> SearchResult:
         """Decode captions for features (B, S, C); beam_size 1 = greedy; ``<unk>`` per :meth:`banned_ids`."""
-        beam = self.hparams.beam_size if beam_size is None else beam_size
-        length = self.hparams.max_length if max_length is None else max_length
-        memory = self.decoder.prepare_memory(features)
-        common = dict(bos_id=self.vocab.bos_id, eos_id=self.vocab.eos_id, pad_id=self.vocab.pad_id, max_length=length,
-                      banned_ids=self.banned_ids(allow_unk))
-        if beam <= 1:
-            return greedy_search(self.decoder, memory, features.shape[0], **common)
-        return beam_search(self.decoder, memory, features.shape[0], beam_size=beam,
-                           length_penalty=self.hparams.length_penalty, **common)
+        v = self.vocab
+        return self.search(self.decoder, self.decoder.prepare_memory(features), features.shape[0], v.bos_id, v.eos_id,
+                           v.pad_id, self.banned_ids(allow_unk), beam_size, max_length)
 
     def _caption_length(self, row: Tensor) -> int:
         """Number of generated words before EOS (special tokens mid-caption included, so
@@ -145,7 +140,7 @@ class ImageCaptioner(pl.LightningModule):
         self.log("train/doubly_stochastic", reg, batch_size=b)
         return total
 
-    def _eval_step(self, batch: dict, stage: str) -> None:
+    def eval_items(self, batch: dict, stage: str) -> list[dict]:
         features = self.encode(batch)
         total, _, _ = self.loss(features, batch["captions"])
         self.log(f"{stage}/loss", total, batch_size=features.shape[0], sync_dist=True)
@@ -153,59 +148,49 @@ class ImageCaptioner(pl.LightningModule):
         words = self.words(result)
         boxes = batch.get("boxes")  # named boxes when the data knows where things are
         grids = self.attention_grids(result) if boxes is not None else [None] * len(words)
+        items = []
         for i, w in enumerate(words):
-            item = {"image_id": batch["image_ids"][i], "caption": " ".join(w), "references": batch["references"][i]}
+            item = {"image_id": batch["image_ids"][i], "prediction": " ".join(w), "references": batch["references"][i]}
             if boxes is not None:
                 item.update(words=w, alpha=grids[i], boxes=boxes[i])
-            self._eval_outputs.append(item)
+            items.append(item)
+        return items
 
-    def validation_step(self, batch: dict, batch_idx: int) -> None:
-        self._eval_step(batch, "val")
-
-    def test_step(self, batch: dict, batch_idx: int) -> None:
-        self._eval_step(batch, "test")
-
-    def on_validation_epoch_start(self) -> None:
-        self._eval_outputs = []
-
-    on_test_epoch_start = on_validation_epoch_start
-
-    def on_validation_epoch_end(self) -> None:
-        self._log_caption_metrics("val")
-
-    def on_test_epoch_end(self) -> None:
-        self._log_caption_metrics("test")
-
-    def _log_caption_metrics(self, stage: str) -> None:
+    def eval_scores(self, items: list[dict]) -> dict[str, float]:
         from captioning.localisation import pointing_game
         from captioning.metrics import caption_scores
 
-        # Gather every rank's captions, drop the distributed sampler's padding duplicates,
-        # and score the corpus once: each rank computes (and logs) the same numbers.
-        items = gather_unique(self._eval_outputs, "image_id")
-        self._eval_outputs = []
-        if not items or self.trainer.sanity_checking:
-            return
-        scores = caption_scores({k: v["caption"] for k, v in items.items()},
-                                {k: v["references"] for k, v in items.items()})
-        boxed = [v for v in items.values() if "boxes" in v]
+        scores = caption_scores({v["image_id"]: v["prediction"] for v in items},
+                                {v["image_id"]: v["references"] for v in items})
+        boxed = [v for v in items if "boxes" in v]
         if boxed:  # the pointing game (captioning/localisation.py)
             loc = pointing_game([v["words"] for v in boxed], [v["alpha"] for v in boxed], [v["boxes"] for v in boxed])
             scores.update({k: v for k, v in loc.items() if not k.endswith(("_hits", "_total"))})
-        for name, value in scores.items():
-            if isinstance(value, (int, float)) and math.isfinite(value):
-                self.log(f"{stage}/{name}", float(value), rank_zero_only=False, sync_dist=False)
-        self.log(f"{stage}/num_images", float(len(items)))
-        self.last_eval_captions = {k: v["caption"] for k, v in items.items()}
+        return scores
 
-    def on_save_checkpoint(self, checkpoint: dict) -> None:
-        """Scores, data and one example image with the weights (see captioning.model_card)."""
-        from captioning.model_card import run_summary
+    @torch.no_grad()
+    def attention_figures(self, batch: dict, max_items: int, panel_size: int = 128,
+                          beam_size: int | None = None) -> list[dict]:
+        """The image, then one attention panel per generated word, for the first images of
+        ``batch``; [] for batches of cached features (no images to draw on)."""
+        from PIL import Image
 
-        if self._trainer is not None:
-            summary = run_summary(self.trainer, with_example=True, cached_example=getattr(self, "_example", None))
-            self._example = summary.get("example")
-            checkpoint["captioning"] = summary
+        from captioning.viz import attention_overlay
+
+        if "images" not in batch:
+            return []
+        n = min(max_items, len(batch["image_ids"]))
+        sub = {k: (v[:n] if isinstance(v, (Tensor, list)) else v) for k, v in batch.items()}
+        result = self.generate(self.encode(sub), beam_size=beam_size)
+        pixels = sub["images"].permute(0, 2, 3, 1).to("cpu", torch.uint8).numpy()  # (n, H, W, 3)
+        items = []
+        for i, (words, grid) in enumerate(zip(self.words(result), self.attention_grids(result))):
+            key = str(sub["image_ids"][i])
+            items.append({"key": key, "prediction": " ".join(words), "references": list(sub["references"][i]),
+                          "input": Image.fromarray(pixels[i]),
+                          "figure": attention_overlay(pixels[i], words, grid, title=f"image {key}",
+                                                      panel_size=panel_size)})
+        return items
 
     # ------------------------------------------------------------------ predict
     def predict_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> list[dict]:
@@ -213,34 +198,11 @@ class ImageCaptioner(pl.LightningModule):
         return [{"image_id": i, "caption": " ".join(w)} for i, w in zip(batch["image_ids"], self.words(result))]
 
     # ------------------------------------------------------------------ optimisation
-    def configure_optimizers(self) -> Any:
+    def param_groups(self) -> list[dict]:
+        """The decoder at ``lr``; trainable encoder parameters at ``encoder_lr``."""
         hp = self.hparams
-        enc = [p for p in self.encoder.parameters() if p.requires_grad]
-        groups = [{"params": [p for p in self.decoder.parameters() if p.requires_grad], "lr": hp.lr}]
-        if enc:
-            groups.append({"params": enc, "lr": hp.encoder_lr})
-        # fused: one kernel for all parameters (CPU and CUDA); ~3-10x faster steps than the loop.
-        # Not under mixed precision: Lightning cannot clip gradients of an optimizer that
-        # unscales them itself.
-        precision = str(getattr(self._trainer, "precision", "32-true")) if self._trainer is not None else "32-true"
-        fused = "mixed" not in precision and all(
-            p.device.type in ("cpu", "cuda") and p.is_floating_point() for g in groups for p in g["params"])
-        optimizer = torch.optim.AdamW(groups, lr=hp.lr, weight_decay=hp.weight_decay, fused=fused or None)
-        if hp.scheduler == "cosine":
-            total = max(1, int(self.trainer.estimated_stepping_batches))
-            warm = min(hp.warmup_steps, total - 1)
-
-            def factor(step: int) -> float:
-                if step < warm:
-                    return (step + 1) / (warm + 1)
-                return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warm) / max(1, total - warm))))
-
-            sched = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-            return {"optimizer": optimizer, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
-        if hp.scheduler == "plateau":
-            sched = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="max", factor=0.5, patience=2)
-            return {"optimizer": optimizer, "lr_scheduler": {"scheduler": sched, "monitor": "val/cider"}}
-        return optimizer
+        return [{"params": [p for p in self.decoder.parameters() if p.requires_grad], "lr": hp.lr},
+                {"params": [p for p in self.encoder.parameters() if p.requires_grad], "lr": hp.encoder_lr}]
 
 
 def compile_decoder_step(decoder: nn.Module) -> None:

@@ -1,4 +1,7 @@
-"""The text seq2seq LightningModule: loss, optimisation, decoding for metrics, logging.
+"""The text seq2seq LightningModule: what is specific to text.
+
+What both models share (evaluation, logging, optimisation, checkpoints) is
+:class:`captioning.base_model.AttentionModel`.
 
 The maths lives in :mod:`captioning.seq2seq` (BiLSTM encoder, attention LSTM decoder built on
 the shared attention layer) and :mod:`captioning.search` (the same greedy/beam search as
@@ -30,18 +33,16 @@ Text batch (dict), produced by every datamodule of ``datamodules/text.py``:
 
 from __future__ import annotations
 
-import math
 from typing import Any, NamedTuple, Sequence
 
-import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 from torch.nn.utils.rnn import pad_sequence
 
-from captioning.distributed import gather_unique
-from captioning.search import SearchResult, beam_search, greedy_search
+from captioning.base_model import AttentionModel, check_scheduler
+from captioning.search import SearchResult
 from captioning.seq2seq import AttentionLSTMDecoder, BiLSTMEncoder
 from captioning.text_vocab import TextTokenizer, TextVocab
 from captioning.vocab import EOS
@@ -101,7 +102,7 @@ class Translation(NamedTuple):
     score: float
 
 
-class Seq2SeqModel(pl.LightningModule):
+class Seq2SeqModel(AttentionModel):
     """BiLSTM encoder + attention LSTM decoder (Bahdanau / Luong), trained with teacher forcing.
 
     Args:
@@ -114,7 +115,8 @@ class Seq2SeqModel(pl.LightningModule):
         embed_dim: word embedding size (source and target); encoder_dim: BiLSTM hidden size per
             direction (states are 2x wide); encoder_layers; decoder_dim; attention_dim.
         dropout: embeddings, between encoder layers, before the output layer.
-        lr, weight_decay: AdamW. scheduler: "none" or "cosine" (per step, linear warmup).
+        lr, weight_decay: AdamW. scheduler: "none", "cosine" (per step, linear warmup) or
+            "plateau" (halve the learning rate when val/bleu stops improving).
         beam_size: 1 = greedy; used for validation, test, predict and translate.
         val_beam_size: beam for the validation passes during ``fit`` (None = beam_size); 1 keeps
             validation cheap on small data while test and translate use the beam.
@@ -140,8 +142,7 @@ class Seq2SeqModel(pl.LightningModule):
         if vocab is None:
             raise ValueError("Seq2SeqModel needs vocabularies: the CLI links them from the datamodule "
                              "(data.vocab_data); in Python pass vocab=datamodule.vocab_data")
-        if scheduler not in ("none", "cosine"):
-            raise ValueError(f"scheduler must be 'none' or 'cosine', got {scheduler!r}")
+        check_scheduler("Seq2SeqModel", scheduler)
         self.save_hyperparameters()
         self.text_vocab = TextVocab.from_dict(vocab)
         src, tgt = self.text_vocab.source, self.text_vocab.target
@@ -149,8 +150,11 @@ class Seq2SeqModel(pl.LightningModule):
         self.decoder = AttentionLSTMDecoder(
             len(tgt), self.encoder.out_dim, embed_dim, decoder_dim, attention_dim, attention=attention,
             query=query, num_heads=num_heads, dropout=dropout, max_positions=max_source_length, fused=fused)
-        self._eval_outputs: list[dict] = []
         self.bleu_signature: str | None = None
+
+    eval_key = "id"
+    count_name = "num_sentences"
+    plateau_monitor = "val/bleu"
 
     # ------------------------------------------------------------------ core
     def clip_source(self, source: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor]:
@@ -199,7 +203,6 @@ class Seq2SeqModel(pl.LightningModule):
         sentence may run ``max_length`` tokens. ``allow_unk`` None: the model's setting.
         """
         hp = self.hparams
-        beam = hp.beam_size if beam_size is None else beam_size
         source, lengths = self.clip_source(source, lengths)
         memory = self.memory(source, lengths)
         decoder: Any = self.decoder
@@ -212,12 +215,8 @@ class Seq2SeqModel(pl.LightningModule):
         banned = self.banned_ids
         if allow_unk is not None:
             banned = [t for t in banned if t != tgt.unk_id] + ([] if allow_unk else [tgt.unk_id])
-        common = dict(bos_id=tgt.bos_id, eos_id=tgt.eos_id, pad_id=tgt.pad_id, max_length=max_length,
-                      banned_ids=banned)
-        if beam <= 1:
-            return greedy_search(decoder, memory, source.shape[0], **common)
-        return beam_search(decoder, memory, source.shape[0], beam_size=beam, length_penalty=hp.length_penalty,
-                           **common)
+        return self.search(decoder, memory, source.shape[0], tgt.bos_id, tgt.eos_id, tgt.pad_id, banned, beam_size,
+                           max_length)
 
     def hypothesis_tokens(self, result: SearchResult) -> list[list[str]]:
         return [self.text_vocab.target.decode(row.tolist()) for row in result.tokens]
@@ -269,7 +268,8 @@ class Seq2SeqModel(pl.LightningModule):
         return self._translations(source, lengths, self.generate(source, lengths, beam_size, max_length, allow_unk))
 
     @torch.no_grad()
-    def attention_figures(self, batch: dict, max_items: int = 4) -> list[dict]:
+    def attention_figures(self, batch: dict, max_items: int = 4, panel_size: int = 128,
+                          beam_size: int | None = None) -> list[dict]:
         """Heatmaps (source x generated) of the first ``max_items`` items of a text batch.
 
         Returns per item ``{"key", "figure" (PIL), "prediction", "references" [str], "input"}``.
@@ -280,7 +280,8 @@ class Seq2SeqModel(pl.LightningModule):
         source = batch["source"][:n].to(self.device)
         lengths = batch["source_lengths"][:n].to(self.device)
         figures = []
-        for i, tr in enumerate(self._translations(source, lengths, self.generate(source, lengths))):
+        result = self.generate(source, lengths, beam_size=beam_size)
+        for i, tr in enumerate(self._translations(source, lengths, result)):
             figures.append({"key": batch["ids"][i], "prediction": tr.text, "references": [batch["references"][i]],
                             "input": batch["source_text"][i],
                             "figure": seq2seq_heatmap(tr.source_tokens, tr.target_tokens, tr.alpha)})
@@ -292,69 +293,38 @@ class Seq2SeqModel(pl.LightningModule):
         self.log("train/loss", ce, prog_bar=True, batch_size=batch["source"].shape[0])
         return ce
 
-    def _eval_step(self, batch: dict, stage: str) -> None:
+    def eval_items(self, batch: dict, stage: str) -> list[dict]:
         ce, alphas = self.loss(batch)
         b = batch["source"].shape[0]
         self.log(f"{stage}/loss", ce, batch_size=b, sync_dist=True)
         beam = None
-        if stage == "val" and self.hparams.get("val_beam_size") is not None and self._fitting:
+        if stage == "val" and self.hparams.get("val_beam_size") is not None and self.fitting:
             beam = self.hparams.val_beam_size
         result = self.generate(batch["source"], batch["source_lengths"], beam_size=beam)
         hyps = [self.detokenize(t) for t in self.hypothesis_tokens(result)]
         alignments = batch.get("alignments") if self.decoder.attention is not None else None
         lengths = batch["source_lengths"].clamp(max=self.hparams.max_source_length)
+        items = []
         for i in range(b):
-            item = {"id": batch["ids"][i], "hypothesis": hyps[i], "reference": batch["references"][i]}
+            item = {"id": batch["ids"][i], "prediction": hyps[i], "reference": batch["references"][i]}
             if alignments is not None:
                 n, s = int(batch["target_lengths"][i]) - 1, int(lengths[i])
                 item.update(alpha=alphas[i, :n, :s].float().cpu(),
                             alignment=[a if a < s else -1 for a in alignments[i]])  # cut sources: not scored
-            self._eval_outputs.append(item)
+            items.append(item)
+        return items
 
-    @property
-    def _fitting(self) -> bool:
-        trainer = self._trainer
-        return trainer is not None and trainer.state.fn == "fit"
-
-    def validation_step(self, batch: dict, batch_idx: int) -> None:
-        self._eval_step(batch, "val")
-
-    def test_step(self, batch: dict, batch_idx: int) -> None:
-        self._eval_step(batch, "test")
-
-    def on_validation_epoch_start(self) -> None:
-        self._eval_outputs = []
-
-    on_test_epoch_start = on_validation_epoch_start
-
-    def on_validation_epoch_end(self) -> None:
-        self._log_text_metrics("val")
-
-    def on_test_epoch_end(self) -> None:
-        self._log_text_metrics("test")
-
-    def _log_text_metrics(self, stage: str) -> None:
+    def eval_scores(self, items: list[dict]) -> dict[str, float]:
         from captioning.metrics import alignment_score
 
-        # Every rank gathers every sentence (corpus BLEU is not a mean of batch scores); the
-        # distributed sampler's padding duplicates share an id and collapse here.
-        items = gather_unique(self._eval_outputs, "id")
-        self._eval_outputs = []
-        if not items or self.trainer.sanity_checking:
-            return
-        values = list(items.values())
-        scores = score_translations([v["hypothesis"] for v in values], [v["reference"] for v in values],
+        scores = score_translations([v["prediction"] for v in items], [v["reference"] for v in items],
                                     self.text_vocab.tokenizer)
         self._log_signature(str(scores.pop("bleu_signature")))
-        with_alignment = [v for v in values if "alpha" in v]
+        with_alignment = [v for v in items if "alpha" in v]
         if with_alignment:
             scores["alignment"] = alignment_score([v["alpha"] for v in with_alignment],
                                                   [v["alignment"] for v in with_alignment])
-        for name, value in scores.items():
-            if isinstance(value, (int, float)) and math.isfinite(value):
-                self.log(f"{stage}/{name}", float(value), rank_zero_only=False, sync_dist=False)
-        self.log(f"{stage}/num_sentences", float(len(items)))
-        self.last_eval_translations = {k: v["hypothesis"] for k, v in items.items()}
+        return scores
 
     def _log_signature(self, signature: str) -> None:
         """Print and log sacrebleu's signature once, so the BLEU numbers can be reproduced."""
@@ -370,30 +340,6 @@ class Seq2SeqModel(pl.LightningModule):
         result = self.generate(batch["source"], batch["source_lengths"])
         return [{"id": i, "source": s, "translation": self.detokenize(t)}
                 for i, s, t in zip(batch["ids"], batch["source_text"], self.hypothesis_tokens(result))]
-
-    # ------------------------------------------------------------------ optimisation
-    def configure_optimizers(self) -> Any:
-        hp = self.hparams
-        # Fused: one kernel for all parameters instead of a dozen ops per parameter group step
-        # (measured ~2 ms of a 34 ms step at the tutorial's sizes on CPU).
-        # Not with fp16 loss scaling: Lightning refuses gradient clipping for optimizers that unscale
-        # gradients themselves, as fused ones do.
-        fp16 = self._trainer is not None and str(self.trainer.precision).startswith("16")
-        fused = not fp16 and all(p.device.type in ("cpu", "cuda") and p.dtype == torch.float32
-                                 for p in self.parameters())
-        optimizer = torch.optim.AdamW(self.parameters(), lr=hp.lr, weight_decay=hp.weight_decay, fused=fused or None)
-        if hp.scheduler == "none":
-            return optimizer
-        total = max(1, int(self.trainer.estimated_stepping_batches))
-        warm = min(hp.warmup_steps, total - 1)
-
-        def factor(step: int) -> float:
-            if step < warm:
-                return (step + 1) / (warm + 1)
-            return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warm) / max(1, total - warm))))
-
-        sched = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
 
 class _CappedDecoder:

@@ -102,7 +102,7 @@ class _TextModel(pl.LightningModule):
     def configure_optimizers(self):
         return torch.optim.SGD(self.parameters(), lr=0.1)
 
-    def attention_figures(self, batch: dict, max_items: int) -> list[dict]:
+    def attention_figures(self, batch: dict, max_items: int, panel_size: int = 128, beam_size=None) -> list[dict]:
         self.hook_calls.append(max_items)
         items = []
         for key, src, ref in list(zip(batch["ids"], batch["source_text"], batch["references"]))[:max_items]:
@@ -138,7 +138,7 @@ def test_only_global_rank_zero_draws_but_every_rank_gathers(tmp_path, monkeypatc
     monkeypatch.setattr("captioning.callbacks.gather_objects", lambda items: gathered.append(items) or items)
 
     class NoDrawing(_TextModel):
-        def attention_figures(self, batch, max_items):
+        def attention_figures(self, batch, max_items, panel_size=128, beam_size=None):
             raise AssertionError("a rank other than 0 drew overlays")
 
     callback = AttentionOverlays()
@@ -164,7 +164,7 @@ def test_batches_without_images_give_one_warning_and_no_overlays(tmp_path):
     model = _tiny_captioner(dm)
     batch["features"] = model.encode(batch)
     del batch["images"]
-    with pytest.warns(UserWarning, match="no 'images'"):
+    with pytest.warns(UserWarning, match="carry no images"):
         assert callback._figures(model, batch) == []
     with warnings.catch_warnings(record=True) as again:
         warnings.simplefilter("always")

@@ -60,7 +60,7 @@ def test_validation_logs_text_metrics_from_decoding(attention, capsys):
     assert ("val/alignment" in metrics) == (attention != "none")
     assert float(metrics["val/num_sentences"]) == 24
     assert model.bleu_signature and "nrefs:1" in model.bleu_signature
-    assert len(model.last_eval_translations) == 24
+    assert len(model.last_eval) == 24
 
 
 def test_checkpoint_round_trip_rebuilds_the_model_from_plain_data(tmp_path):
