@@ -33,10 +33,13 @@ _WRITTEN: dict[Path, str] = {}
 _WRITTEN_LOCK = threading.Lock()
 
 
-def claim_output_pair(output_dir: Path, stem: str, source: str, overwrite: bool) -> tuple[Path, Path]:
+def claim_output_pair(output_dir: Path, stem: str, source: str, overwrite: bool,
+                      remember: bool = True) -> tuple[Path, Path]:
     """Free ``<stem>.png``/``<stem>.json`` names in ``output_dir`` for ``source``: existing files
     (and files this process wrote for another source) are kept, ``<stem>-1``, ``-2``, ... are
-    tried instead; the JSON is created exclusively so concurrent writers never collide."""
+    tried instead; the JSON is created exclusively so concurrent writers never collide.
+    ``remember=False``: do not record the names for later calls (a server writing each request
+    into its own fresh folder would otherwise grow the record forever)."""
     with _WRITTEN_LOCK:
         for k in range(10_000):
             name = stem if k == 0 else f"{stem}-{k}"
@@ -51,7 +54,8 @@ def claim_output_pair(output_dir: Path, stem: str, source: str, overwrite: bool)
                     js.open("x").close()
                 except FileExistsError:
                     continue
-            _WRITTEN[png.resolve()] = _WRITTEN[js.resolve()] = source
+            if remember:
+                _WRITTEN[png.resolve()] = _WRITTEN[js.resolve()] = source
             return png, js
     raise FileExistsError(f"{output_dir}: no free file name for {stem!r} (tried {stem}-1 .. -9999)")
 

@@ -81,12 +81,24 @@ def _slug(text: str, limit: int = 40) -> str:
     return re.sub(r"[^\w]+", "-", text.lower()).strip("-")[:limit] or "sentence"
 
 
-def write_heatmap(directory: Path, stem: str, record: dict, figure, overwrite: bool = False) -> Path:
+def translation_record(tr, label: str, source: str) -> dict:
+    """The JSON written next to a heatmap: input label, texts, tokens, (T, S) attention, score."""
+    return {"input": label, "source": source, "translation": tr.text, "source_tokens": tr.source_tokens,
+            "target_tokens": tr.target_tokens, "attention": tr.alpha.round(decimals=5).tolist(), "score": tr.score}
+
+
+def heatmap_stem(text: str) -> str:
+    """A file-name stem from a sentence (words joined by '-', at most 40 characters)."""
+    return _slug(text)
+
+
+def write_heatmap(directory: Path, stem: str, record: dict, figure, overwrite: bool = False,
+                  remember: bool = True) -> Path:
     """Save ``<stem>.png`` and ``<stem>.json``; never replaces existing files unless ``overwrite``."""
     from captioning.outputs import claim_output_pair
 
     directory.mkdir(parents=True, exist_ok=True)
-    png, js = claim_output_pair(directory, stem, str(record.get("source", stem)), overwrite)
+    png, js = claim_output_pair(directory, stem, str(record.get("source", stem)), overwrite, remember)
     js.write_text(json.dumps(record) + "\n", encoding="utf-8")
     figure.save(png)
     return png
@@ -145,11 +157,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(one_line(tr.text) if tr is not None else "", flush=True)
         if tr is None or out_dir is None:
             continue
-        record = {"input": label, "source": text, "translation": tr.text, "source_tokens": tr.source_tokens,
-                  "target_tokens": tr.target_tokens, "attention": tr.alpha.round(decimals=5).tolist(),
-                  "score": tr.score}
         figure = seq2seq_heatmap(tr.source_tokens, tr.target_tokens, tr.alpha)
-        png = write_heatmap(out_dir, f"{i + 1:04d}-{_slug(text)}", record, figure, args.overwrite)
+        png = write_heatmap(out_dir, f"{i + 1:04d}-{_slug(text)}", translation_record(tr, label, text), figure,
+                            args.overwrite)
         print(f"  wrote {png}", file=sys.stderr)
     if failed:
         print(f"{failed} of {len(inputs)} sentence(s) could not be translated", file=sys.stderr)

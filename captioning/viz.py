@@ -31,7 +31,8 @@ MAX_COLUMNS = 6
 _BACKGROUND = (255, 255, 255)
 _TEXT = (20, 20, 20)
 
-__all__ = ["attention_overlay", "seq2seq_heatmap", "write_caption_result", "GAP", "MAX_COLUMNS"]
+__all__ = ["attention_overlay", "overlay_panel_boxes", "seq2seq_heatmap", "write_caption_result", "GAP",
+           "MAX_COLUMNS"]
 
 
 # --------------------------------------------------------------------------- helpers
@@ -205,16 +206,9 @@ def attention_overlay(
     if panel_size < 16:
         raise ValueError(f"panel_size must be >= 16 pixels, got {panel_size}")
     n = len(words) + 1
-    if columns is None:
-        rows = math.ceil(n / MAX_COLUMNS)
-        columns = math.ceil(n / rows)
-    if columns < 1:
-        raise ValueError(f"columns must be >= 1, got {columns}")
-    columns = min(columns, n)
-    rows = math.ceil(n / columns)
-
+    columns, rows = _panel_grid(n, columns)
+    line = _line_height(panel_size)
     fsize = max(10, panel_size // 10)
-    line = fsize + fsize // 2
     font, bold = _font(fsize), _font(fsize, bold=True)
     width = columns * panel_size + (columns + 1) * GAP
     caption = " ".join(words) if words else "(empty caption)"
@@ -233,16 +227,55 @@ def attention_overlay(
     maps = _smooth_maps(a, bh, bw)
     cmap = _colormap(colormap)
     labels = ["(image)"] + words
-    for k in range(n):
-        r, c = divmod(k, columns)
-        x0 = GAP + c * (panel_size + GAP)
-        y0 = header + GAP + r * (panel_size + line + GAP)
+    for k, (x0, y0, _, _) in enumerate(_panel_boxes(n, columns, header, panel_size)):
         pixels = base if k == 0 else _heat(base, maps[k - 1], cmap)
         canvas.paste(Image.fromarray(pixels), (x0 + (panel_size - bw) // 2, y0 + (panel_size - bh) // 2))
         label = _fit_text(font, labels[k], panel_size)
         draw.text((x0 + panel_size // 2, y0 + panel_size + line // 2), label, fill=_TEXT,
                   font=font, anchor="mm")
     return canvas
+
+
+def _panel_grid(n: int, columns: int | None) -> tuple[int, int]:
+    """(columns, rows) for ``n`` panels; default: balanced rows of at most ``MAX_COLUMNS``."""
+    if columns is None:
+        columns = math.ceil(n / math.ceil(n / MAX_COLUMNS))
+    if columns < 1:
+        raise ValueError(f"columns must be >= 1, got {columns}")
+    columns = min(columns, n)
+    return columns, math.ceil(n / columns)
+
+
+def _line_height(panel_size: int) -> int:
+    fsize = max(10, panel_size // 10)
+    return fsize + fsize // 2
+
+
+def _panel_boxes(n: int, columns: int, header: int, panel_size: int) -> list[tuple[int, int, int, int]]:
+    line = _line_height(panel_size)
+    boxes = []
+    for k in range(n):
+        r, c = divmod(k, columns)
+        x0 = GAP + c * (panel_size + GAP)
+        y0 = header + GAP + r * (panel_size + line + GAP)
+        boxes.append((x0, y0, x0 + panel_size, y0 + panel_size))
+    return boxes
+
+
+def overlay_panel_boxes(size: tuple[int, int], n_words: int, panel_size: int = 160,
+                        columns: int | None = None) -> list[tuple[int, int, int, int]]:
+    """(left, top, right, bottom) of the ``1 + n_words`` panels of an :func:`attention_overlay`
+    picture of ``size`` (width, height): panel 0 is the plain image, panel ``t + 1`` word t's
+    heatmap. The header (title and caption lines) is whatever height remains above the panels.
+    Raises ValueError when ``size`` cannot be such a picture."""
+    n = n_words + 1
+    columns, rows = _panel_grid(n, columns)
+    width, height = size
+    header = height - rows * (panel_size + _line_height(panel_size)) - (rows + 1) * GAP
+    if width != columns * panel_size + (columns + 1) * GAP or header < GAP:
+        raise ValueError(f"a {width}x{height} picture is not an overlay of {n_words} word(s) at panel size "
+                         f"{panel_size}")
+    return _panel_boxes(n, columns, header, panel_size)
 
 
 def seq2seq_heatmap(
@@ -310,6 +343,7 @@ def write_caption_result(
     image: Image.Image | torch.Tensor | np.ndarray | None = None,
     score: float | None = None,
     overwrite: bool = False,
+    remember: bool = True,
 ) -> tuple[Path, Path]:
     """Write ``<stem>.png`` (the attention overlay) and ``<stem>.json`` for one captioned image.
 
@@ -348,7 +382,7 @@ def write_caption_result(
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     source = str(Path(image_path).resolve())
-    png, js = claim_output_pair(output_dir, Path(image_path).stem, source, overwrite)
+    png, js = claim_output_pair(output_dir, Path(image_path).stem, source, overwrite, remember)
     try:
         overlay.save(png)
         js.write_text(json.dumps(record) + "\n", encoding="utf-8")

@@ -103,3 +103,17 @@ def folder_csv(root: Path, photos: list[Photo], with_split: bool = True, jsonl: 
         writer.writeheader()
         writer.writerows(rows)
     return path
+
+
+def bomb_png(path: Path, side: int = 20000) -> Path:
+    """A PNG whose header declares side x side pixels (400 megapixels by default) in ~150 bytes."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", side, side, 1, 0, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 100))
+                     + chunk(b"IEND", b""))
+    return path

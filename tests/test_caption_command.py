@@ -4,8 +4,6 @@ outputs, the wrong kind of model, and no ``<unk>`` in captions by default."""
 from __future__ import annotations
 
 import json
-import struct
-import zlib
 from pathlib import Path
 
 import pytest
@@ -13,6 +11,7 @@ import torch
 from PIL import Image
 
 from captioning.cli import main
+from photo_data import bomb_png
 
 
 @pytest.fixture(scope="module")
@@ -25,17 +24,6 @@ def scenes(tmp_path_factory):
     from datamodules.shapes import ShapesDataModule
 
     return ShapesDataModule().export_images("test", [0, 1, 2], tmp_path_factory.mktemp("scenes"))
-
-
-def _bomb(path: Path, side: int = 20000) -> Path:
-    """A PNG whose header declares side x side pixels (400 MP) in ~150 bytes."""
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-    ihdr = struct.pack(">IIBBBBB", side, side, 1, 0, 0, 0, 0)
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 100))
-                     + chunk(b"IEND", b""))
-    return path
 
 
 def test_folders_are_searched_recursively_and_jsonl_gives_one_object_per_image(ckpt, scenes, tmp_path, capsys):
@@ -65,7 +53,7 @@ def test_one_record_per_line_whatever_the_file_name(ckpt, scenes, tmp_path, caps
 
 
 def test_a_decompression_bomb_is_refused_by_name_and_the_others_are_captioned(ckpt, scenes, tmp_path, capsys):
-    bomb = _bomb(tmp_path / "bomb.png")
+    bomb = bomb_png(tmp_path / "bomb.png")
     code = main(["caption", "--ckpt_path", str(ckpt), "--output", str(tmp_path / "out"), str(scenes[0]),
                  str(bomb), str(scenes[1])])
     captured = capsys.readouterr()
