@@ -244,6 +244,9 @@ def lightning_cli(args: Sequence[str] | None, run: bool = True) -> Any:
         def before_predict(self) -> None:
             from captioning.prediction_writer import CocoResultsWriter
 
+            self._resolve_ckpt_path()
+            self._evaluate_in_run()
+
             self.trainer.callbacks.append(CocoResultsWriter(self._extra("predictions_path")))
 
     from captioning.runs import RunConfigSaver

@@ -91,7 +91,7 @@ class RunConfigSaver(SaveConfigCallback):
             folder = run_dir(trainer)
             folder.mkdir(parents=True, exist_ok=True)
             self.saved_path = free_path(folder / self.config_filename)
-            self.parser.save(self.config, str(self.saved_path), skip_none=False, multifile=self.multifile)
+            self.parser.save(self.config, str(self.saved_path), skip_unset=False, multifile=self.multifile)
             self.save_config(trainer, pl_module, stage)
             self.already_saved = True
         self.already_saved = trainer.strategy.broadcast(self.already_saved)

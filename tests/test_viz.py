@@ -88,16 +88,6 @@ def test_overlay_accepts_pil_and_rejects_bad_input():
         attention_overlay(pil, ["a"], np.full((1, 2, 2), np.nan))
 
 
-def test_overlay_is_fast_enough_for_a_long_caption():
-    import time
-
-    words = [f"word{i}" for i in range(15)]
-    attention_overlay(torch.rand(3, 224, 224), words, torch.rand(15, 14, 14))  # warm fonts
-    start = time.perf_counter()
-    attention_overlay(torch.rand(3, 224, 224), words, torch.rand(15, 14, 14))
-    assert time.perf_counter() - start < 2.0  # generous: shared 2-core machine
-
-
 def test_seq2seq_heatmap_labels_and_colours():
     src, tgt = ["the", "cat", "sat", "<eos>"], ["le", "chat", "<eos>"]
     alpha = torch.tensor([[0.9, 0.05, 0.05, 0.0], [0.0, 1.0, 0.0, 0.0], [0.1, 0.1, 0.1, 0.7]])
@@ -111,10 +101,18 @@ def test_seq2seq_heatmap_labels_and_colours():
 
 
 def test_seq2seq_heatmap_brighter_where_weight_is_higher():
+    """inferno: weight 1 is bright yellow, weight 0 is black. With the identity matrix the
+    diagonal cells must be the bright ones; with its complement, the off-diagonal ones."""
     alpha = np.array([[1.0, 0.0], [0.0, 1.0]])
-    a = np.asarray(seq2seq_heatmap(["x", "y"], ["p", "q"], alpha), dtype=np.float32)
-    b = np.asarray(seq2seq_heatmap(["x", "y"], ["p", "q"], 1 - alpha), dtype=np.float32)
-    assert a.shape == b.shape and np.abs(a - b).mean() > 1  # the cells follow the weights
+    a = np.asarray(seq2seq_heatmap(["x", "y"], ["p", "q"], alpha), dtype=np.float32).mean(-1)
+    b = np.asarray(seq2seq_heatmap(["x", "y"], ["p", "q"], 1 - alpha), dtype=np.float32).mean(-1)
+    ys, xs = np.nonzero(np.abs(a - b) > 50)  # the cells: everything else (labels, colour bar) is equal
+    y0, y1, x0, x1 = ys.min(), ys.max() + 1, xs.min(), xs.max() + 1
+    ym, xm = (y0 + y1) // 2, (x0 + x1) // 2
+    quarters = {"tl": np.s_[y0:ym, x0:xm], "tr": np.s_[y0:ym, xm:x1], "bl": np.s_[ym:y1, x0:xm], "br": np.s_[ym:y1, xm:x1]}
+    bright = {k: a[q].mean() for k, q in quarters.items()}
+    assert min(bright["tl"], bright["br"]) > 150 > 40 > max(bright["tr"], bright["bl"])
+    assert b[quarters["tr"]].mean() > 150 and b[quarters["tl"]].mean() < 40
 
 
 def softmax_maps(t: int, h: int, w: int) -> torch.Tensor:
