@@ -50,6 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "runs its code, so only for code you trust. Repeatable")
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs instead of new names")
     p.add_argument("--no_overlays", action="store_true", help="print captions only")
+    p.add_argument("--overlay_scale", choices=("word", "caption"), default="word",
+                   help="heat colours: each panel to its own maximum (word), or one scale for all panels of a "
+                        "caption (caption: a flat map stays dim). Each label shows the word's peak weight either way")
     p.add_argument("--progress", choices=("auto", "on", "off"), default="auto",
                    help="progress bar on stderr (auto: with more than one batch on a terminal)")
     return p
@@ -131,7 +134,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             written = None
             if out_dir is not None:  # an empty caption still gets its (image-only) overlay and JSON
                 written = write_caption_result(out_dir, path, result.words, result.attention, image=image,
-                                               score=result.score, overwrite=args.overwrite)
+                                               score=result.score, overwrite=args.overwrite,
+                                               sentinel=result.sentinel, scale=args.overlay_scale)
             if args.format == "jsonl":
                 record = {"image": str(path), "caption": result.text, "score": result.score}
                 if written:

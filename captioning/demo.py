@@ -210,7 +210,8 @@ class Demo:
         seconds = time.perf_counter() - start
         attention = result.attention.detach().float().cpu().numpy()
         strip, record = write_caption_result(self._request_dir(), name, result.words, attention, image=image,
-                                             score=result.score, overwrite=True, remember=False)
+                                             score=result.score, overwrite=True, remember=False,
+                                             sentinel=result.sentinel)
         return CaptionResult(name, list(result.words), attention, float(result.score), strip, record, seconds, beam,
                              sentinel_weights(result, len(result.words)), warnings)
 
@@ -221,7 +222,8 @@ class Demo:
             raise DemoError(f"no word {index + 1} in a caption of {len(result.words)} word(s)")
         with Image.open(result.strip) as strip:
             strip.load()
-            box = overlay_panel_boxes(strip.size, len(result.words), CLI_PANEL_SIZE)[index + 1]
+            box = overlay_panel_boxes(strip.size, len(result.words), CLI_PANEL_SIZE,
+                                      sentinel=result.sentinel is not None)[index + 1]
             panel = strip.convert("RGB").crop(box)
         return WordView(panel, word_html(result.words, index, result.attention, result.sentinel))
 

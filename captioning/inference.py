@@ -17,11 +17,14 @@ from captioning.images import image_tensor
 @dataclass
 class Caption:
     """One captioned image: ``words`` (T,), ``attention`` (T, H, W) per word, ``score`` (sum of
-    log-probabilities, length-normalised by the beam search's length penalty)."""
+    log-probabilities, length-normalised by the beam search's length penalty), and ``sentinel``
+    (T,): per word the weight on the visual sentinel (how much it relied on language instead of
+    the image) for models with one, else None."""
 
     words: list[str]
     attention: Tensor
     score: float
+    sentinel: list[float] | None = None
 
     @property
     def text(self) -> str:
@@ -49,5 +52,7 @@ def caption_images(model: Any, images: Sequence[Image.Image], beam_size: int | N
     device = next(model.parameters()).device
     batch = torch.stack([image_tensor(img, size) for img in images]).to(device)  # (B, 3, S, S) uint8
     result = model.generate(model.encoder(batch), beam_size=beam_size, max_length=max_length, allow_unk=allow_unk)
-    return [Caption(words, grid, float(score))
-            for words, grid, score in zip(model.words(result), model.attention_grids(result), result.scores.tolist())]
+    betas = model.sentinel_weights(result) if hasattr(model, "sentinel_weights") else None
+    return [Caption(words, grid, float(score), betas[i] if betas is not None else None)
+            for i, (words, grid, score) in enumerate(zip(model.words(result), model.attention_grids(result),
+                                                         result.scores.tolist()))]

@@ -18,7 +18,7 @@ import functools
 import json
 import math
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -29,6 +29,7 @@ from captioning.outputs import claim_output_pair
 GAP = 6
 MAX_COLUMNS = 6
 _BACKGROUND = (255, 255, 255)
+_SENTINEL = (90, 110, 200)  # the bar of a word's weight on language (the visual sentinel)
 _TEXT = (20, 20, 20)
 
 __all__ = ["attention_overlay", "overlay_panel_boxes", "seq2seq_heatmap", "write_caption_result", "GAP",
@@ -145,14 +146,22 @@ def _resample_matrix(n_in: int, n_out: int) -> np.ndarray:
     return up.astype(np.float32)
 
 
-def _smooth_maps(maps: np.ndarray, height: int, width: int) -> np.ndarray:
+def _smooth_maps(maps: np.ndarray, height: int, width: int, scale: str = "word") -> np.ndarray:
     """(T, h, w) -> (T, height, width) in [0, 1]: smooth upsampling (two small matrix
-    products per map, see :func:`_resample_matrix`), then per-word min-max. A constant map
-    has no peak to show: it becomes a flat 0.5 instead of 0/0."""
+    products per map, see :func:`_resample_matrix`), then display scaling:
+
+    * ``"word"``: each map min-max to its own range (shows where each word looked most, even
+      when the map is nearly uniform; a constant map becomes a flat 0.5 instead of 0/0);
+    * ``"caption"``: every map divided by the largest weight of the whole caption (one
+      absolute scale: a nearly uniform map stays dim, a confident peak is bright).
+    """
     t, h, w = maps.shape
     if t == 0:
         return np.zeros((0, height, width), np.float32)
     x = _resample_matrix(h, height) @ maps.astype(np.float32) @ _resample_matrix(w, width).T
+    if scale == "caption":
+        top = float(x.max())
+        return np.clip(x / top if top > 1e-12 else np.zeros_like(x), 0.0, 1.0).astype(np.float32)
     flat_in = (maps.reshape(t, -1).max(1) - maps.reshape(t, -1).min(1)) <= 1e-12
     lo = x.reshape(t, -1).min(1)[:, None, None]
     span = x.reshape(t, -1).max(1)[:, None, None] - lo
@@ -180,8 +189,14 @@ def attention_overlay(
     panel_size: int = 160,
     columns: int | None = None,
     colormap: str = "jet",
+    scale: str = "word",
+    sentinel: Sequence[float] | None = None,
 ) -> Image.Image:
     """One picture: the plain image, then one panel per word with its attention heatmap.
+
+    Each word's label carries the map's peak weight (the share of attention on its single
+    most attended cell; ``1/(h*w)`` means no preference), so a flat map cannot pass for a
+    confident one.
 
     Args:
         image: PIL image, (3, H, W) float tensor in [0, 1] (denormalised), or (H, W, 3) uint8.
@@ -192,12 +207,22 @@ def attention_overlay(
         panel_size: P, side of each square panel in pixels.
         columns: panels per row; default balances rows with at most ``MAX_COLUMNS`` per row.
         colormap: any matplotlib colormap name.
+        scale: ``"word"`` (each panel to its own maximum) or ``"caption"`` (one scale for all
+            panels: brightness is comparable across words).
+        sentinel: per word, the weight beta_t on the visual sentinel (adaptive attention: how
+            much the word relied on language instead of the image), drawn as a bar under the
+            panel (full = language only).
 
     Returns:
         RGB image of the size given in the module docstring.
     """
     words = [str(w) for w in words]
     a = _to_numpy(alphas, "alphas")
+    if scale not in ("word", "caption"):
+        raise ValueError(f"scale must be 'word' or 'caption', got {scale!r}")
+    betas = None if sentinel is None else [float(b) for b in _to_numpy(sentinel, "sentinel").reshape(-1)]
+    if betas is not None and len(betas) != len(words):
+        raise ValueError(f"got {len(words)} words but {len(betas)} sentinel weights; they must match")
     if a.ndim != 3:
         raise ValueError(f"alphas must be (T, h, w), one map per word; got shape {tuple(a.shape)} "
                          "(reshape a (T, S) decoder output to the feature grid first)")
@@ -208,6 +233,7 @@ def attention_overlay(
     n = len(words) + 1
     columns, rows = _panel_grid(n, columns)
     line = _line_height(panel_size)
+    below = _below_panel(panel_size, betas is not None)
     fsize = max(10, panel_size // 10)
     font, bold = _font(fsize), _font(fsize, bold=True)
     width = columns * panel_size + (columns + 1) * GAP
@@ -215,7 +241,7 @@ def attention_overlay(
     header_lines = [(l, bold) for l in _wrap(bold, title, width - 2 * GAP)] if title else []
     header_lines += [(l, font) for l in _wrap(font, caption, width - 2 * GAP)]
     header = GAP + len(header_lines) * line
-    height = header + rows * (panel_size + line) + (rows + 1) * GAP
+    height = header + rows * (panel_size + below) + (rows + 1) * GAP
 
     canvas = Image.new("RGB", (width, height), _BACKGROUND)
     draw = ImageDraw.Draw(canvas)
@@ -224,14 +250,21 @@ def attention_overlay(
 
     base = _fit_box(_image_array(image), panel_size)
     bh, bw = base.shape[:2]
-    maps = _smooth_maps(a, bh, bw)
+    maps = _smooth_maps(a, bh, bw, scale)
     cmap = _colormap(colormap)
-    labels = ["(image)"] + words
-    for k, (x0, y0, _, _) in enumerate(_panel_boxes(n, columns, header, panel_size)):
+    peaks = a.reshape(len(words), -1).max(1) if words else []
+    labels = ["(image)"] + [f"{w} {p:.2f}" for w, p in zip(words, peaks)]
+    bar = below - line
+    for k, (x0, y0, _, _) in enumerate(_panel_boxes(n, columns, header, panel_size, bar)):
         pixels = base if k == 0 else _heat(base, maps[k - 1], cmap)
         canvas.paste(Image.fromarray(pixels), (x0 + (panel_size - bw) // 2, y0 + (panel_size - bh) // 2))
+        if betas is not None and k > 0:  # sentinel bar: grey track, filled share = beta (language)
+            top = y0 + panel_size + 2
+            draw.rectangle((x0, top, x0 + panel_size - 1, top + bar - 4), fill=(225, 225, 225))
+            draw.rectangle((x0, top, x0 + round((panel_size - 1) * min(max(betas[k - 1], 0.0), 1.0)), top + bar - 4),
+                           fill=_SENTINEL)
         label = _fit_text(font, labels[k], panel_size)
-        draw.text((x0 + panel_size // 2, y0 + panel_size + line // 2), label, fill=_TEXT,
+        draw.text((x0 + panel_size // 2, y0 + panel_size + bar + line // 2), label, fill=_TEXT,
                   font=font, anchor="mm")
     return canvas
 
@@ -251,31 +284,38 @@ def _line_height(panel_size: int) -> int:
     return fsize + fsize // 2
 
 
-def _panel_boxes(n: int, columns: int, header: int, panel_size: int) -> list[tuple[int, int, int, int]]:
-    line = _line_height(panel_size)
+def _below_panel(panel_size: int, sentinel: bool) -> int:
+    """Height under each panel: its label line, plus the sentinel bar when there is one."""
+    return _line_height(panel_size) + (max(8, panel_size // 16) if sentinel else 0)
+
+
+def _panel_boxes(n: int, columns: int, header: int, panel_size: int, bar: int = 0) -> list[tuple[int, int, int, int]]:
+    below = _line_height(panel_size) + bar
     boxes = []
     for k in range(n):
         r, c = divmod(k, columns)
         x0 = GAP + c * (panel_size + GAP)
-        y0 = header + GAP + r * (panel_size + line + GAP)
+        y0 = header + GAP + r * (panel_size + below + GAP)
         boxes.append((x0, y0, x0 + panel_size, y0 + panel_size))
     return boxes
 
 
 def overlay_panel_boxes(size: tuple[int, int], n_words: int, panel_size: int = 160,
-                        columns: int | None = None) -> list[tuple[int, int, int, int]]:
+                        columns: int | None = None, sentinel: bool = False) -> list[tuple[int, int, int, int]]:
     """(left, top, right, bottom) of the ``1 + n_words`` panels of an :func:`attention_overlay`
     picture of ``size`` (width, height): panel 0 is the plain image, panel ``t + 1`` word t's
-    heatmap. The header (title and caption lines) is whatever height remains above the panels.
-    Raises ValueError when ``size`` cannot be such a picture."""
+    heatmap; ``sentinel``: the picture has sentinel bars. The header (title and caption lines)
+    is whatever height remains above the panels. Raises ValueError when ``size`` cannot be
+    such a picture."""
     n = n_words + 1
     columns, rows = _panel_grid(n, columns)
     width, height = size
-    header = height - rows * (panel_size + _line_height(panel_size)) - (rows + 1) * GAP
+    bar = _below_panel(panel_size, sentinel) - _line_height(panel_size)
+    header = height - rows * (panel_size + _line_height(panel_size) + bar) - (rows + 1) * GAP
     if width != columns * panel_size + (columns + 1) * GAP or header < GAP:
         raise ValueError(f"a {width}x{height} picture is not an overlay of {n_words} word(s) at panel size "
                          f"{panel_size}")
-    return _panel_boxes(n, columns, header, panel_size)
+    return _panel_boxes(n, columns, header, panel_size, bar)
 
 
 def seq2seq_heatmap(
@@ -344,11 +384,14 @@ def write_caption_result(
     score: float | None = None,
     overwrite: bool = False,
     remember: bool = True,
+    sentinel: Sequence[float] | None = None,
+    scale: str = "word",
 ) -> tuple[Path, Path]:
     """Write ``<stem>.png`` (the attention overlay) and ``<stem>.json`` for one captioned image.
 
     JSON: {"image", "caption", "words", "grid_size": [h, w], "attention": (T, h, w) nested
-    lists rounded to 5 decimals, "score"} (a non-finite score is written as null).
+    lists rounded to 5 decimals, "peak": per word its largest weight, "score"} (a non-finite
+    score is written as null), plus "sentinel" (beta per word) when given.
     Existing files are never replaced unless ``overwrite``; a free name ``<stem>-1``,
     ``<stem>-2``, ... is used instead. Returns the (png, json) paths actually written.
 
@@ -357,6 +400,7 @@ def write_caption_result(
         image_path: the source image; read with captioning.images.load_image if ``image``
             is not given.
         words, alphas: T words and (T, h, w) attention maps, as for :func:`attention_overlay`.
+        sentinel, scale: as for :func:`attention_overlay`.
     """
     words = [str(w) for w in words]
     a = _to_numpy(alphas, "alphas")
@@ -367,7 +411,7 @@ def write_caption_result(
         from captioning.images import load_image
 
         image = load_image(image_path)
-    overlay = attention_overlay(image, words, a, title=Path(image_path).name)
+    overlay = attention_overlay(image, words, a, title=Path(image_path).name, scale=scale, sentinel=sentinel)
     if score is not None:
         score = float(score)
         score = score if math.isfinite(score) else None
@@ -377,8 +421,11 @@ def write_caption_result(
         "words": words,
         "grid_size": [int(a.shape[1]), int(a.shape[2])],
         "attention": np.round(a.astype(np.float64), 5).tolist(),
+        "peak": [round(float(p), 5) for p in a.reshape(len(words), -1).max(1)] if words else [],
         "score": score,
     }
+    if sentinel is not None:
+        record["sentinel"] = [round(float(b), 5) for b in _to_numpy(sentinel, "sentinel").reshape(-1)]
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     source = str(Path(image_path).resolve())

@@ -181,3 +181,45 @@ def test_write_caption_result_validates(tmp_path):
     png, js = write_caption_result(tmp_path, tmp_path / "x.jpg", ["a"], softmax_maps(1, 2, 2),
                                    image=torch.rand(3, 8, 8), score=float("nan"))
     assert json.loads(js.read_text())["score"] is None
+
+
+def test_one_caption_scale_keeps_a_flat_map_dim_next_to_a_confident_one():
+    from captioning.viz import overlay_panel_boxes
+
+    img = torch.full((3, 80, 80), 0.5)
+    alphas = np.stack([np.full((4, 4), 1 / 16), peaked(4, 1, 1)])
+    per_word = attention_overlay(img, ["flat", "peak"], alphas, panel_size=P, scale="word")
+    shared = attention_overlay(img, ["flat", "peak"], alphas, panel_size=P, scale="caption")
+    boxes = overlay_panel_boxes(shared.size, 2, panel_size=P)
+    crop = lambda im, k: np.asarray(im.crop(boxes[k]), dtype=np.float32)  # noqa: E731
+    # per word, the flat map is a neutral mid tint; on one scale it is as dark as attention gets
+    assert heat(crop(shared, 1)) < heat(crop(per_word, 1)) - 30
+    assert heat(crop(shared, 2)[25:50, 25:50]) > heat(crop(shared, 1)[25:50, 25:50]) + 100  # the peak is bright
+    with pytest.raises(ValueError, match="scale"):
+        attention_overlay(img, ["a"], alphas[:1], scale="absolute-ish")
+
+
+def test_sentinel_bars_show_how_much_each_word_relied_on_language():
+    from captioning.viz import _SENTINEL, overlay_panel_boxes
+
+    img = torch.full((3, 80, 80), 0.5)
+    out = attention_overlay(img, ["image", "language"], np.stack([peaked(4, 0, 0)] * 2), panel_size=P,
+                            sentinel=[0.0, 1.0])
+    boxes = overlay_panel_boxes(out.size, 2, panel_size=P, sentinel=True)
+    px = np.asarray(out)
+    for k, filled in ((1, False), (2, True)):
+        x0, _, x1, y1 = boxes[k]
+        bar = px[y1 + 4, x0 + 2: x1 - 2]  # a row through the bar under the panel
+        assert (np.abs(bar.astype(int) - _SENTINEL).sum(-1) < 10).all() == filled
+    with pytest.raises(ValueError, match="sentinel"):
+        attention_overlay(img, ["a"], np.ones((1, 2, 2)), sentinel=[0.1, 0.2])
+
+
+def test_caption_json_records_peak_weights_and_sentinel(tmp_path):
+    src = tmp_path / "dog.png"
+    make_image(src)
+    maps = np.stack([np.full((2, 2), 0.25), peaked(2, 0, 1)])
+    _, js = write_caption_result(tmp_path / "out", src, ["a", "dog"], maps, sentinel=[0.7, 0.1])
+    meta = json.loads(js.read_text())
+    assert meta["peak"][0] == pytest.approx(0.25) and meta["peak"][1] > 0.9
+    assert meta["sentinel"] == [0.7, 0.1]
