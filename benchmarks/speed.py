@@ -22,6 +22,15 @@ Figures (each with the device and thread count it was measured on):
   every 2 ms) and how much of it the phase added; CUDA: peak allocated memory in the phase.
 Timings are medians; nothing is asserted. Run it on an idle machine: ``load_avg`` records
 the 1-minute load average before and after, since a shared machine skews every figure.
+
+Attention variants (the decoder is the same otherwise):
+
+    python benchmarks/speed.py --attention general --heads 8      # one score / head count
+    python benchmarks/speed.py --attention all --skip greedy,e2e  # every score, 1 and --multi-heads heads
+    python benchmarks/speed.py --query current --sentinel         # Luong query, visual sentinel
+
+``--attention all`` reports ``per_attention``: for every score x {1, --multi-heads} heads, the
+training step (ms, fused recurrence unless --plain) and beam captions/s, plus a text table.
 """
 
 from __future__ import annotations
@@ -41,6 +50,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
+from captioning.attention import SCORERS  # noqa: E402
+from captioning.decoders import ShowAttendTellDecoder  # noqa: E402
 from captioning.encoders import ImageEncoder, SmallCNN  # noqa: E402
 from captioning.models import ImageCaptioner  # noqa: E402
 from captioning.vocab import Vocabulary  # noqa: E402
@@ -62,6 +73,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=21, help="decode steps of a training caption")
     p.add_argument("--repeats", type=int, default=7, help="timed training steps (median reported)")
     p.add_argument("--plain", action="store_true", help="use the plain autograd decoder loop (fused=False)")
+    p.add_argument("--attention", default="additive",
+                   help=f"score function ({', '.join(sorted(SCORERS))}) or 'all' (each, single- and multi-head)")
+    p.add_argument("--heads", type=int, default=1, help="attention heads (1 = single-head)")
+    p.add_argument("--multi-heads", type=int, default=8, help="head count of the multi-head runs of --attention all")
+    p.add_argument("--query", choices=["previous", "current"], default="previous", help="decoder query style")
+    p.add_argument("--sentinel", action="store_true", help="adaptive attention with a visual sentinel")
     p.add_argument("--beam-images", type=int, default=64)
     p.add_argument("--beam-size", type=int, default=3)
     p.add_argument("--max-length", type=int, default=50)
@@ -182,12 +199,17 @@ def build_model(a: argparse.Namespace, encoder: torch.nn.Module | None = None) -
         encoder = SmallCNN(channels=a.channels, grid_size=a.grid, width=4)
     vocab = Vocabulary([f"w{i}" for i in range(a.vocab - 4)]).to_dict()
     model = ImageCaptioner(encoder, vocab, embed_dim=a.dim, decoder_dim=a.dim, attention_dim=a.dim,
-                           dropout=0.5, alpha_c=1.0)
+                           dropout=0.5, alpha_c=1.0, attention=a.attention, num_heads=a.heads)
+    if a.query != "previous" or a.sentinel:  # decoder options the captioner does not take (yet)
+        model.decoder = ShowAttendTellDecoder(a.vocab, a.channels, a.dim, a.dim, a.dim, attention=a.attention,
+                                              num_heads=a.heads, dropout=0.5, max_positions=a.grid ** 2,
+                                              query=a.query, sentinel=a.sentinel)
     model.decoder.fused = not a.plain
     return model
 
 
-def train_phase(a: argparse.Namespace, run: Runner) -> dict:
+def train_phase(a: argparse.Namespace, run: Runner, light: bool = False) -> dict:
+    """Training-step figures; ``light``: the step time only (no FLOP count, forward time, bf16 check)."""
     from torch.utils.flop_counter import FlopCounterMode
 
     torch.manual_seed(0)
@@ -209,6 +231,9 @@ def train_phase(a: argparse.Namespace, run: Runner) -> dict:
     run.reset_peak()
     times = run.time(step, a.repeats, warmup=2)
     peak = run.peak_mb()
+    if light:
+        return {"train_step_ms": figure(statistics.median(times) * 1e3, run,
+                                        samples_ms=[round(x * 1e3, 1) for x in times])}
     with torch.no_grad(), run.autocast():
         fwd = run.time(lambda: model.loss(feats, caps), 3, warmup=0)
     with FlopCounterMode(display=False) as counter:
@@ -218,7 +243,7 @@ def train_phase(a: argparse.Namespace, run: Runner) -> dict:
     ms = statistics.median(times) * 1e3
     out = {"train_step_ms": figure(ms, run, samples_ms=[round(x * 1e3, 1) for x in times],
                                    median_of=len(times), optimizer="Adam(fused=True)",
-                                   path="plain autograd loop" if a.plain else "fused SATRecurrence"),
+                                   path="plain autograd loop" if a.plain else "fused recurrence"),
            "train_step_gflop": {"value": round(counted, 2), "counted_with": "torch.utils.flop_counter.FlopCounterMode",
                                 "analytic": round(analytic_step_gflop(a), 2)},
            "achieved_gflops": figure(counted / (ms / 1e3), run),
@@ -294,6 +319,23 @@ def e2e_phase(a: argparse.Namespace, run: Runner, trainable_from: str | None) ->
             f"peak_memory_e2e_{key}": run.peak_mb()}
 
 
+def attention_table(a: argparse.Namespace, run: Runner, skip: set[str]) -> dict:
+    """Training step and beam search for every score x {1, multi} heads (``--attention all``)."""
+    table = {}
+    for score in sorted(SCORERS):
+        for heads in (1, a.multi_heads):
+            cfg = argparse.Namespace(**{**vars(a), "attention": score, "heads": heads})
+            row = {}
+            if "train" not in skip:
+                row["train_step_ms"] = round(train_phase(cfg, run, light=True)["train_step_ms"]["value"], 1)
+            if "beam" not in skip:
+                beam = decode_phase(cfg, run, a.beam_size)["beam_captions_per_s"]
+                row["beam_captions_per_s"] = round(beam["value"], 2)
+            table[f"{score}/h{heads}"] = row
+            print(f"{score:>10} heads {heads}: " + ", ".join(f"{k} {v}" for k, v in row.items()), file=sys.stderr)
+    return table
+
+
 def main(argv: list[str] | None = None) -> dict:
     a = parse_args(argv)
     if a.threads:
@@ -310,6 +352,12 @@ def main(argv: list[str] | None = None) -> dict:
               "gemm_gflops": gemm_gflops(run)}
     if a.precision == "bf16":
         report["gemm_gflops_bf16"] = gemm_gflops(run, dtype=torch.bfloat16)
+    report["decoder"] = {"attention": a.attention, "heads": a.heads, "query": a.query, "sentinel": a.sentinel,
+                         "path": "plain autograd loop" if a.plain else "fused recurrence"}
+    if a.attention == "all":
+        report["decoder"]["heads"] = [1, a.multi_heads]
+        report["per_attention"] = attention_table(a, run, skip)
+        skip = skip | {"train", "beam", "greedy", "e2e"}  # the table has the attention figures
     if "train" not in skip:
         report.update(train_phase(a, run))
         achieved = report["achieved_gflops"]["value"]

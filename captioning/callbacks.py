@@ -62,6 +62,14 @@ def per_image_cider(predictions: Mapping[Hashable, str],
     return {k: float(by_id[k]) for k in predictions}
 
 
+def sentinel_text(item: dict) -> str:
+    """"word beta" pairs of an item's sentinel weights (the W&B table column), or "" without one."""
+    betas = item.get("sentinel")
+    if betas is None:
+        return ""
+    return " | ".join(f"{w} {b:.2f}" for w, b in zip(str(item["prediction"]).split(), betas))
+
+
 def _batch_ids(batch: dict) -> list | None:
     for name in ("image_ids", "ids"):
         if isinstance(batch.get(name), (list, tuple)):
@@ -178,13 +186,13 @@ class AttentionOverlays(pl.Callback):
     def _log_wandb(self, logger: Any, items: list[dict], step: int) -> None:
         import wandb
 
-        table = wandb.Table(columns=["key", "input", "prediction", "references", "cider", "attention"])
+        table = wandb.Table(columns=["key", "input", "prediction", "references", "cider", "sentinel", "attention"])
         data: dict[str, Any] = {}
         for it in items:
             data[f"{self.key}/{it['key']}"] = wandb.Image(it["figure"], caption=it["prediction"])
             source = wandb.Image(it["input"]) if isinstance(it["input"], Image.Image) else str(it["input"])
             table.add_data(it["key"], source, it["prediction"], "\n".join(it["references"]), it["cider"],
-                           wandb.Image(it["figure"]))
+                           sentinel_text(it), wandb.Image(it["figure"]))
         data[f"{self.key}_table"] = table
         data["trainer/global_step"] = step  # the x axis Lightning's WandbLogger defines
         logger.experiment.log(data)
@@ -202,6 +210,6 @@ class AttentionOverlays(pl.Callback):
             it["figure"].save(png)
             rows.append({"key": it["key"], "prediction": it["prediction"], "references": it["references"],
                          "cider": it["cider"], "input": it["input"] if isinstance(it["input"], str) else None,
-                         "figure": png.name})
+                         "sentinel": it.get("sentinel"), "figure": png.name})
         (folder / "captions.json").write_text(json.dumps(rows, indent=1) + "\n", encoding="utf-8")
         return folder

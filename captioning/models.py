@@ -40,6 +40,10 @@ class ImageCaptioner(AttentionModel):
         compile_decoder: torch.compile the decoder step (GPU speed option).
         allow_unk: let decoding emit ``<unk>`` (default: never; the next likeliest word is
             used), for validation, test, predict and ``caption``.
+        query: ``"previous"`` (Show-Attend-Tell: attend with h_{t-1} before the LSTM step) or
+            ``"current"`` (Luong: attend with h_t after it, with input feeding).
+        sentinel: adaptive attention with a visual sentinel (Lu et al. 2017): per word, beta_t is
+            the weight on language instead of the image (captioning.decoders).
     """
 
     def __init__(self, encoder: Encoder, vocab: dict | None = None, attention: str = "additive",
@@ -47,7 +51,8 @@ class ImageCaptioner(AttentionModel):
                  dropout: float = 0.5, gate: bool = True, alpha_c: float = 1.0, lr: float = 4e-4,
                  encoder_lr: float = 1e-4, weight_decay: float = 0.0, scheduler: str = "none",
                  warmup_steps: int = 0, beam_size: int = 3, max_length: int = 30, length_penalty: float = 0.0,
-                 label_smoothing: float = 0.0, compile_decoder: bool = False, allow_unk: bool = False) -> None:
+                 label_smoothing: float = 0.0, compile_decoder: bool = False, allow_unk: bool = False,
+                 query: str = "previous", sentinel: bool = False) -> None:
         super().__init__()
         if vocab is None:
             raise ValueError("ImageCaptioner needs a vocabulary: the CLI links it from the datamodule "
@@ -60,7 +65,8 @@ class ImageCaptioner(AttentionModel):
         self.grid_size = int(getattr(encoder, "grid_size"))
         self.decoder = ShowAttendTellDecoder(
             len(self.vocab), encoder.out_channels, embed_dim, decoder_dim, attention_dim, attention=attention,
-            num_heads=num_heads, gate=gate, dropout=dropout, max_positions=self.grid_size ** 2)
+            num_heads=num_heads, gate=gate, dropout=dropout, max_positions=self.grid_size ** 2, query=query,
+            sentinel=sentinel)
 
     eval_key = "image_id"
     count_name = "num_images"
@@ -121,6 +127,13 @@ class ImageCaptioner(AttentionModel):
     def words(self, result: SearchResult) -> list[list[str]]:
         """Generated words per item, up to EOS (one word per attention map)."""
         return [[self.vocab.itos[i] for i in row.tolist()[: self._caption_length(row)]] for row in result.tokens]
+
+    def sentinel_weights(self, result: SearchResult) -> list[list[float]] | None:
+        """Per item, the sentinel weight beta of each generated word (EOS excluded), or None
+        for a model without a sentinel."""
+        if result.betas is None:
+            return None
+        return [b[: self._caption_length(row)].float().cpu().tolist() for row, b in zip(result.tokens, result.betas)]
 
     def attention_grids(self, result: SearchResult) -> list[Tensor]:
         """Per item (T_i, H, W) attention of each generated word (EOS excluded)."""
@@ -183,13 +196,16 @@ class ImageCaptioner(AttentionModel):
         sub = {k: (v[:n] if isinstance(v, (Tensor, list)) else v) for k, v in batch.items()}
         result = self.generate(self.encode(sub), beam_size=beam_size)
         pixels = sub["images"].permute(0, 2, 3, 1).to("cpu", torch.uint8).numpy()  # (n, H, W, 3)
+        betas = self.sentinel_weights(result)
         items = []
         for i, (words, grid) in enumerate(zip(self.words(result), self.attention_grids(result))):
             key = str(sub["image_ids"][i])
             items.append({"key": key, "prediction": " ".join(words), "references": list(sub["references"][i]),
                           "input": Image.fromarray(pixels[i]),
+                          "sentinel": betas[i] if betas is not None else None,
                           "figure": attention_overlay(pixels[i], words, grid, title=f"image {key}",
-                                                      panel_size=panel_size)})
+                                                      panel_size=panel_size,
+                                                      sentinel=betas[i] if betas is not None else None)})
         return items
 
     # ------------------------------------------------------------------ predict

@@ -1,4 +1,4 @@
-"""The teacher-forced Show-Attend-Tell recurrence with a hand-written backward (the speed path).
+"""The teacher-forced attention-LSTM recurrence with a hand-written backward (the speed path).
 
 Autograd through the T-step Python loop spends much of a training step on bookkeeping:
 every weight gradient becomes T thin products (inner size B), each added into a full-size
@@ -8,33 +8,48 @@ and keeps only what the backward needs; the backward walks the steps in reverse 
 only what depends on the recurrence, then forms every weight gradient as ONE product over
 all B*T rows.
 
-Per step (h = h_{t-1}, c = c_{t-1}; K = prepared keys (B, S, A), F = values (B, S, C)):
+Per step (h = h_{t-1}, c = c_{t-1}; every matrix that multiplies the state stacked in W_h):
 
-    [r | g | q] = h @ W_h^T          one GEMM: recurrent gates (4D), f_beta (C), query (A)
-    e = tanh(q + K) @ v;  alpha = masked_softmax(e);  ctx = alpha @ F
-    z = sigmoid(g + b_g) * ctx       (z = ctx without the gate)
-    gates = x_t + z @ W_c^T + r      x_t: embedding part, one GEMM for all steps outside
-    i, f, o = sigmoid(.), g~ = tanh(.);  c = f c + i g~;  h = o tanh(c)
+    query "previous" (Show-Attend-Tell):
+        [r | g | q] = h @ W_h^T + b       recurrent gates, f_beta gate (C), projected query (H*Q)
+        ctx, alpha[, beta] = attention(q [, sentinel s_{t-1}])
+        z = sigmoid(g) * ctx              (z = ctx without the gate)
+        gates = x_t + r + z @ W_x^T       x_t: embedding part, one GEMM for all steps outside
+        i, f, o[, g_s] = sigmoid(.), g~ = tanh(.);  c = f c + i g~;  h = o tanh(c)  [s = g_s tanh(c)]
+        output h
+    query "current" (Luong, input feeding): gates = x_t + r_{t-1} + feed_{t-1} @ W_x^T; the LSTM
+        step; then [r | g | q | u] = h_t @ W_h^T + b, attention with q (and s_t), z as above,
+        feed_t = tanh(u + z @ W_u^T); output feed_t.
 
-The (B, S, A) tanh is the largest elementwise op of a step, and PyTorch's CPU tanh is ~6x
-slower than its sigmoid, so it is written tanh(x) = 2 sigmoid(2x) - 1 and the affine part is
-folded into the score: e = 2 (sigmoid(2q + 2K) @ v) - sum(v). Same function; in float32 the
-scores differ from torch.tanh's by rounding only (~1e-6, like any reordering of the sum).
+The attention is the layer's, through its hooks only (captioning/attention.py,
+docs/attention.md): ``fused_query_map`` (stacked into W_h), the scorer's ``scores_into`` /
+``score_backward`` / ``scores_paired``, the layer's ``output_map`` (multi-head), and the one
+masked softmax with :func:`~captioning.attention.softmax_backward`. No score formula is written
+here, so every score and head count runs this path and follows its scorer's maths.
 
-This is exactly :class:`captioning.decoders.ShowAttendTellDecoder` with additive attention;
-tests/test_decoders.py checks outputs and every gradient against the plain autograd loop.
+The visual sentinel (``sentinel_rows``: s (M, D) -> the extra position's keys and values) is a
+small map; its input gradient comes from autograd step by step, its parameter gradients from
+one autograd call over all B*T rows at the end.
 
-Precision: GEMMs run in ``matmul_dtype`` (e.g. bf16, the autocast dtype under
+Tests (tests/test_sat_recurrence.py, tests/test_query_sentinel.py) check outputs and every
+gradient against the plain autograd loop, for every score, multi-head, both query styles and
+the sentinel. Precision: GEMMs run in ``matmul_dtype`` (e.g. bf16, the autocast dtype under
 ``torch.autocast``); states, softmax and the attention nonlinearity stay in float32 (or in the
 input dtype when wider, e.g. float64 in tests).
 """
 
 from __future__ import annotations
 
-import torch
-from torch import Tensor
+from dataclasses import dataclass
+from types import SimpleNamespace
+from typing import Callable, NamedTuple
 
-from captioning.attention import masked_softmax
+import torch
+from torch import Tensor, nn
+
+from captioning.attention import AdditiveScorer, PreparedMemory, Scorer, masked_softmax, softmax_backward
+
+QUERY_STYLES = ("previous", "current")
 
 
 def _mm(a: Tensor, b: Tensor, out_dtype: torch.dtype) -> Tensor:
@@ -42,171 +57,404 @@ def _mm(a: Tensor, b: Tensor, out_dtype: torch.dtype) -> Tensor:
     return torch.mm(a.to(b.dtype), b).to(out_dtype)
 
 
-def _attention_sigmoid(keys2: Tensor, query: Tensor, out: Tensor) -> Tensor:
-    """out = sigmoid(2K + 2q) (B, S, A): keys2 = 2K (B, S, A), query q (B, A)."""
-    return torch.add(keys2, query.unsqueeze(1), alpha=2, out=out).sigmoid_()
+@dataclass
+class RecurrencePlan:
+    """The non-tensor settings of a fused recurrence.
 
-
-class SATRecurrence(torch.autograd.Function):
-    """The Show-Attend-Tell time loop as one autograd node.
-
-    Inputs: xg (B, T, 4D) embedding part of the gates; keys (B, S, A) prepared (projected)
-    keys; values (B, S, C); mask (B, S) bool or None; h0, c0 (B, D); w_h (4D [+ C] + A, D)
-    stacked recurrent / f_beta / query weights; b_gate (C,) or None (no gate); v (A,) additive
-    score vector; w_c (4D, C) context part of the LSTM input weights; matmul_dtype or None.
-    Outputs: hidden (B, T, D) the h_t, alphas (B, T, S).
+    query: "previous" or "current"; scorer: the layer's scorer (its hooks); heads: H;
+    gate: an f_beta gate row block in W_h; sentinel_rows: s (M, D) -> (keys (M*H, 1, A),
+    values (M*H, 1, dv)) of the sentinel position, or None; matmul_dtype: GEMM dtype or None.
     """
 
-    @staticmethod
-    def forward(ctx, xg: Tensor, keys: Tensor, values: Tensor, mask: Tensor | None, h0: Tensor, c0: Tensor,
-                w_h: Tensor, b_gate: Tensor | None, v: Tensor, w_c: Tensor,
-                matmul_dtype: torch.dtype | None) -> tuple[Tensor, Tensor]:
-        with torch.autocast(xg.device.type, enabled=False):  # dtypes are chosen explicitly
-            dtype = torch.promote_types(xg.dtype, torch.float32)  # states and elementwise maths
-            mm_dtype = matmul_dtype or dtype
-            b, steps, four_d = xg.shape
-            d, a, c_dim = four_d // 4, keys.shape[-1], values.shape[-1]
-            w_h_t, w_c_t = w_h.to(mm_dtype).t(), w_c.to(mm_dtype).t()  # cast once, not per step
-            keys2, values_mm, v_f = 2 * keys.to(dtype), values.to(mm_dtype), v.to(dtype)
-            v_sum = v_f.sum()
-            xg_f = xg.to(dtype)
-            hidden, cells = xg_f.new_empty(b, steps, d), xg_f.new_empty(b, steps, d)
-            acts = xg_f.new_empty(b, steps, four_d)  # sigmoid(i), sigmoid(f), tanh(g~), sigmoid(o)
-            queries, alphas = xg_f.new_empty(b, steps, a), xg_f.new_empty(b, steps, keys.shape[1])
-            z_all = xg_f.new_empty(b, steps, c_dim)
-            gated = b_gate is not None
-            ctx_all = torch.empty_like(z_all) if gated else None
-            beta_all = torch.empty_like(z_all) if gated else None
-            s_buf = torch.empty_like(keys2)  # (B, S, A) scratch reused every step: stays in cache
-            h, c = h0.to(dtype), c0.to(dtype)
-            for t in range(steps):
-                p = _mm(h, w_h_t, dtype)  # (B, 4D [+ C] + A)
-                q = p[:, -a:]
-                queries[:, t] = q
-                sig = _attention_sigmoid(keys2, q, s_buf)
-                scores = torch.mv(sig.view(-1, a), v_f).view(b, -1).mul_(2).sub_(v_sum)  # (B, S)
-                alpha = masked_softmax(scores, mask)
-                alphas[:, t] = alpha
-                context = torch.bmm(alpha.to(mm_dtype).unsqueeze(1), values_mm).squeeze(1).to(dtype)  # (B, C)
-                if gated:
-                    beta = torch.sigmoid(p[:, four_d:four_d + c_dim] + b_gate)
-                    ctx_all[:, t], beta_all[:, t] = context, beta
-                    context = beta * context
-                z_all[:, t] = context
-                gates = xg_f[:, t] + p[:, :four_d] + _mm(context, w_c_t, dtype)
-                act = acts[:, t]
-                torch.sigmoid(gates, out=act)
-                act[:, 2 * d:3 * d] = torch.tanh(gates[:, 2 * d:3 * d])
-                i, f, g, o = act.chunk(4, dim=1)
-                c = torch.addcmul(f * c, i, g)
-                h = o * torch.tanh(c)
-                hidden[:, t], cells[:, t] = h, c
-        ctx.save_for_backward(keys, values, mask, h0, c0, w_h, b_gate, v, w_c, hidden, cells, acts, queries,
-                              alphas, z_all, ctx_all, beta_all)
-        ctx.mm_dtype, ctx.xg_dtype = mm_dtype, xg.dtype
-        return hidden.to(xg.dtype), alphas  # alphas stay >= float32, as softmax does under autocast
-
-    @staticmethod
-    def backward(ctx, d_hidden: Tensor, d_alphas: Tensor):
-        (keys, values, mask, h0, c0, w_h, b_gate, v, w_c, hidden, cells, acts, queries, alphas, z_all,
-         ctx_all, beta_all) = ctx.saved_tensors
-        with torch.autocast(hidden.device.type, enabled=False):
-            grads = _backward(ctx, d_hidden, d_alphas, keys, values, h0, c0, w_h, b_gate, v, w_c, hidden, cells,
-                              acts, queries, alphas, z_all, ctx_all, beta_all)
-        return grads
+    query: str
+    scorer: Scorer
+    heads: int = 1
+    gate: bool = True
+    sentinel_rows: Callable[[Tensor], tuple[Tensor, Tensor]] | None = None
+    matmul_dtype: torch.dtype | None = None
+    n_score_params: int = 0
 
 
-def _backward(ctx, d_hidden, d_alphas, keys, values, h0, c0, w_h, b_gate, v, w_c, hidden, cells, acts, queries,
-              alphas, z_all, ctx_all, beta_all) -> tuple:
-    """Reverse-time loop; see SATRecurrence. Returns one gradient (or None) per forward input."""
-    mm_dtype, dtype = ctx.mm_dtype, hidden.dtype
-    b, steps, d = hidden.shape
-    four_d, a, c_dim = 4 * d, keys.shape[-1], values.shape[-1]
-    gated = b_gate is not None
-    w_h_mm, w_c_mm = w_h.to(mm_dtype), w_c.to(mm_dtype)
-    values_t = values.to(mm_dtype).transpose(1, 2)  # (B, C, S): (1, C) @ (C, S) is the fast bmm layout
-    keys2, v_f = 2 * keys.to(dtype), v.to(dtype)
-    d_hidden, d_alphas = d_hidden.to(dtype), d_alphas.to(dtype)
-    need_values = ctx.needs_input_grad[2]
+class RecurrenceOutput(NamedTuple):
+    """out (B, T, D): h_t ("previous") or feed_t ("current"); alphas (B, T, S) image attention
+    (over the image alone when a sentinel takes part); betas (B, T) sentinel weight or None;
+    contexts (B, T, C) the (gated) context of every step."""
 
-    d_p = hidden.new_empty(b, steps, w_h.shape[0])  # grads of the stacked [r | g | q], every step
-    d_gates = d_p[..., :four_d]  # d gates = d r = d x_t
-    d_ctx_all = hidden.new_empty(b, steps, c_dim) if need_values else None
-    d_pre = torch.zeros_like(keys2)  # sum over steps of d(score pre-activation) / v
-    d_v = torch.zeros_like(v_f)
-    s_buf = torch.empty_like(keys2)
-    dh, dc = torch.zeros_like(hidden[:, 0]), torch.zeros_like(hidden[:, 0])
-    for t in reversed(range(steps)):
-        dh = dh + d_hidden[:, t]
-        i, f, g, o = acts[:, t].chunk(4, dim=1)
-        c_prev = cells[:, t - 1] if t > 0 else c0.to(dtype)
-        tanh_c = torch.tanh(cells[:, t])
-        dc = dc + dh * o * (1 - tanh_c * tanh_c)
-        dg = d_gates[:, t]
-        dg[:, :d] = dc * g * i * (1 - i)
-        dg[:, d:2 * d] = dc * c_prev * f * (1 - f)
-        dg[:, 2 * d:3 * d] = dc * i * (1 - g * g)
-        dg[:, 3 * d:] = dh * tanh_c * o * (1 - o)
-        dc = dc * f
-        dz = _mm(dg, w_c_mm, dtype)  # (B, C)
-        if gated:
-            beta = beta_all[:, t]
-            d_context = dz * beta
-            d_p[:, t, four_d:four_d + c_dim] = dz * ctx_all[:, t] * beta * (1 - beta)
-        else:
-            d_context = dz
-        if need_values:
-            d_ctx_all[:, t] = d_context
-        d_alpha = torch.bmm(d_context.to(mm_dtype).unsqueeze(1), values_t).squeeze(1).to(dtype) + d_alphas[:, t]
-        alpha = alphas[:, t]
-        d_e = alpha * (d_alpha - (alpha * d_alpha).sum(-1, keepdim=True))  # softmax; masked cells -> 0
-        # e = 2 sig @ v - sum(v), sig = sigmoid(2(q + K)), recomputed (cheaper than storing T copies).
-        sig = _attention_sigmoid(keys2, queries[:, t], s_buf)
-        d_e_row = d_e.unsqueeze(1)  # (B, 1, S)
-        d_v += 2 * torch.bmm(d_e_row, sig).sum((0, 1)) - d_e.sum()
-        # d pre-activation (q + K) = d_e * v * 4 sig (1 - sig); the factor v is applied once at the end.
-        sig_grad = sig.addcmul_(sig, sig, value=-1)  # sig - sig^2, in place
-        d_p[:, t, -a:] = 4 * v_f * torch.bmm(d_e_row, sig_grad).squeeze(1)
-        d_pre.addcmul_(sig_grad, d_e.unsqueeze(-1), value=4)
-        dh = _mm(d_p[:, t], w_h_mm, dtype)
-    # Weight gradients: one GEMM each over all B*T rows (step t's inputs: h_{t-1} and z_t).
-    h_prev = torch.cat([h0.to(dtype).unsqueeze(1), hidden[:, :-1]], 1)
-    d_w_h = _mm(d_p.reshape(-1, d_p.shape[-1]).t(), h_prev.reshape(-1, d).to(mm_dtype), dtype)
-    d_w_c = _mm(d_gates.reshape(-1, four_d).t(), z_all.reshape(-1, c_dim).to(mm_dtype), dtype)
-    d_b_gate = d_p[..., four_d:four_d + c_dim].sum((0, 1)).to(b_gate.dtype) if gated else None
-    d_values = None
-    if need_values:  # d F = sum_t alpha_t^T d ctx_t: one batched GEMM over the steps
-        d_values = torch.bmm(alphas.transpose(1, 2).to(mm_dtype), d_ctx_all.to(mm_dtype)).to(values.dtype)
-    d_keys = d_pre.mul_(v_f).to(keys.dtype)
-    return (d_gates.to(ctx.xg_dtype), d_keys, d_values, None, dh.to(h0.dtype), dc.to(c0.dtype),
-            d_w_h.to(w_h.dtype), d_b_gate, d_v.to(v.dtype), d_w_c.to(w_c.dtype), None)
+    out: Tensor
+    alphas: Tensor
+    betas: Tensor | None
+    contexts: Tensor
 
 
-@torch.no_grad()
-def additive_attention_into(scorer: torch.nn.Module, query: Tensor, keys: Tensor, values: Tensor,
-                            mask: Tensor | None, scratch: Tensor) -> tuple[Tensor, Tensor]:
-    """Additive attention for K queries per item, inference only, with no large temporaries.
-
-    Same maths as ``Attention(score="additive")`` (see :class:`captioning.attention.AdditiveScorer`),
-    but the (B, K, S, A) intermediate, the largest tensor of a beam-search step, is never
-    allocated: items are scored a chunk at a time in ``scratch``, small enough to stay in
-    cache (a fresh 77 MB tensor per step costs page faults, several times the arithmetic).
+def fused_recurrence(plan: RecurrencePlan, xg: Tensor, memory: PreparedMemory, h0: Tensor, c0: Tensor,
+                     s0: Tensor | None, w_h: Tensor, b_h: Tensor | None, w_x: Tensor, w_u: Tensor | None = None,
+                     output_map: tuple[Tensor, Tensor | None] | None = None, score_params: tuple = (),
+                     sentinel_params: tuple = ()) -> RecurrenceOutput:
+    """Run the recurrence (module docstring) as one autograd node.
 
     Args:
-        scorer: an AdditiveScorer. query: (B, K, Dq). keys: (B, S, A) prepared. values (B, S, C).
-        mask: (B, S) bool or None. scratch: (n, K, S, A) buffer, any n >= 1, overwritten.
-    Returns:
-        context (B, K, C), alpha (B, K, S).
+        xg: (B, T, G) embedding part of the gates (G = 4D, 5D with a sentinel gate).
+        memory: the layer's prepared keys/values/mask. h0, c0: (B, D). s0: (B, D) initial
+            sentinel ("previous" with a sentinel) or None.
+        w_h: (R, D) stacked [recurrent (G); gate (C) if plan.gate; query map (H*Q); combine
+            state part (D) if "current"]; b_h: (R,) their biases (zeros for the recurrent rows) or None.
+        w_x: (G, Cx) LSTM weights of the context ("previous") or fed-back vector ("current").
+        w_u: (D, C) combine weights of the context ("current"). output_map: the layer's.
+        score_params: ``plan.scorer.score_parameters()``; sentinel_params: every parameter
+            ``plan.sentinel_rows`` and the scorer's ``scores_paired`` may read.
     """
-    q2 = 2 * scorer.query_proj(query).unsqueeze(2)  # (B, K, 1, A)
-    v = scorer.v.weight.view(-1)
-    v2 = 2 * v.to(scratch.dtype)
-    b, n = q2.shape[0], scratch.shape[0]
-    scores = q2.new_empty(b, q2.shape[1], keys.shape[1], dtype=scratch.dtype)  # (B, K, S)
-    for i in range(0, b, n):
-        m = min(n, b - i)
-        sig = torch.add(q2[i:i + m], keys[i:i + m].unsqueeze(1), alpha=2, out=scratch[:m]).sigmoid_()
-        torch.matmul(sig, v2, out=scores[i:i + m])  # 2 sigmoid(2q + 2K) @ v
-    scores = scores.to(torch.promote_types(scores.dtype, torch.float32)).sub_(v.sum())  # = tanh(q + K) @ v, >= fp32
-    alpha = masked_softmax(scores, None if mask is None else mask.unsqueeze(1))
-    return torch.bmm(alpha.to(values.dtype), values), alpha
+    if plan.query not in QUERY_STYLES:
+        raise ValueError(f"query must be one of {QUERY_STYLES}, got {plan.query!r}")
+    plan.n_score_params = len(score_params)
+    out_w, out_b = output_map if output_map is not None else (None, None)
+    out, alphas, betas, contexts = _Recurrence.apply(plan, xg, memory.keys, memory.values, memory.mask, h0, c0, s0,
+                                                     w_h, b_h, w_x, w_u, out_w, out_b, *score_params,
+                                                     *sentinel_params)
+    return RecurrenceOutput(out, alphas, betas if plan.sentinel_rows is not None else None, contexts)
+
+
+def _cell(gates: Tensor, c: Tensor, act: Tensor, d: int, sentinel: bool) -> tuple[Tensor, Tensor, Tensor | None]:
+    """LSTM update from pre-activations (B, G); act (B, G) receives the activations."""
+    torch.sigmoid(gates, out=act)
+    act[:, 2 * d:3 * d] = torch.tanh(gates[:, 2 * d:3 * d])
+    i, f, g, o = act[:, :4 * d].chunk(4, dim=1)
+    c = torch.addcmul(f * c, i, g)
+    tanh_c = torch.tanh(c)
+    return o * tanh_c, c, act[:, 4 * d:] * tanh_c if sentinel else None
+
+
+def _cell_backward(act: Tensor, c: Tensor, c_prev: Tensor, dh: Tensor, dc: Tensor, ds: Tensor | None, d: int,
+                   out: Tensor) -> Tensor:
+    """Gradients of the gates' pre-activations into ``out`` (B, G); returns d c_{t-1}."""
+    i, f, g, o = act[:, :4 * d].chunk(4, dim=1)
+    tanh_c = torch.tanh(c)
+    dc = dc + dh * o * (1 - tanh_c * tanh_c)
+    if ds is not None:  # s = g_s tanh(c)
+        g_s = act[:, 4 * d:]
+        dc = dc + ds * g_s * (1 - tanh_c * tanh_c)
+        out[:, 4 * d:] = ds * tanh_c * g_s * (1 - g_s)
+    out[:, :d] = dc * g * i * (1 - i)
+    out[:, d:2 * d] = dc * c_prev * f * (1 - f)
+    out[:, 2 * d:3 * d] = dc * i * (1 - g * g)
+    out[:, 3 * d:4 * d] = dh * tanh_c * o * (1 - o)
+    return dc * f
+
+
+class _AttentionSteps:
+    """The attention layer inside the loop: per-step forward (no graph), hand-written backward.
+
+    Heads are flattened into the batch (N = B*H); keys (N, S, A) and values (N, S, dv) are cast
+    once. Saved per step: the image softmax per head, the joint weights with a sentinel, and
+    the heads' contexts before a multi-head output map.
+    """
+
+    def __init__(self, plan: RecurrencePlan, keys: Tensor, values: Tensor, mask: Tensor | None, steps: int,
+                 dtype: torch.dtype, mm: torch.dtype, out_w: Tensor | None, out_b: Tensor | None) -> None:
+        b, h = keys.shape[0], plan.heads
+        self.plan, self.b, self.h, self.n, self.dtype, self.mm, self.steps = plan, b, h, b * h, dtype, mm, steps
+        self.key_shape, self.value_shape = keys.shape, values.shape
+        self.s, self.dv = keys.shape[-2], values.shape[-1]
+        self.keys = keys.to(dtype).reshape(self.n, self.s, keys.shape[-1])
+        self.values = values.to(mm).reshape(self.n, self.s, self.dv)
+        self.mask = None if mask is None else (mask if h == 1 else mask.repeat_interleave(h, 0)).unsqueeze(1)
+        scorer = plan.scorer
+        self.scores_into, self.paired = scorer.hook("scores_into"), scorer.hook("scores_paired")
+        self.scratch = scorer.new_scratch(self.n, 1, self.keys) if scorer.offers("scores_into") else None
+        self.sentinel = plan.sentinel_rows is not None
+        self.alpha_heads = self.keys.new_empty(self.n, steps, self.s)
+        if self.sentinel:
+            self.joint = self.keys.new_empty(self.n, steps, self.s + 1)
+            ones = None if self.mask is None else self.mask.new_ones(self.n, 1, 1)  # the sentinel: always allowed
+            self.joint_mask = None if self.mask is None else torch.cat([self.mask, ones], -1)
+        self.out_w, self.out_b = out_w, out_b
+        if out_w is not None:
+            self.out_w_t = out_w.to(mm).t()
+            self.ctx_heads = self.keys.new_empty(b, steps, h * self.dv)
+
+    def forward(self, t: int, qp: Tensor, s: Tensor | None) -> tuple[Tensor, Tensor, Tensor | None]:
+        """qp (B, H*Q) projected queries, s (B, D) sentinel -> context (B, C), alpha (B, S), beta (B,)."""
+        b, h, n, s_len = self.b, self.h, self.n, self.s
+        qh = qp.reshape(n, 1, -1)
+        e = self.scores_into(qh, self.keys, self.scratch)  # (N, 1, S)
+        a = masked_softmax(e, self.mask)
+        self.alpha_heads[:, t] = a[:, 0]
+        beta = None
+        if s is None:
+            ctx = torch.bmm(a.to(self.mm), self.values).to(self.dtype)  # (N, 1, dv)
+        else:
+            kx, vx = self.plan.sentinel_rows(s)  # (N, 1, A), (N, 1, dv)
+            ex = self.paired(qh, kx.to(self.dtype), s_len).to(e.dtype)  # (N, 1)
+            w = masked_softmax(torch.cat([e, ex.unsqueeze(-1)], -1), self.joint_mask)  # (N, 1, S + 1)
+            self.joint[:, t] = w[:, 0]
+            ctx = torch.bmm(w[..., :s_len].to(self.mm), self.values).to(self.dtype) + w[..., s_len:] * vx.to(self.dtype)
+            beta = w[:, 0, s_len].view(b, h).mean(1) if h > 1 else w[:, 0, s_len]
+        ctx = ctx.view(b, h * self.dv)
+        if self.out_w is not None:
+            self.ctx_heads[:, t] = ctx
+            ctx = _mm(ctx, self.out_w_t, self.dtype)
+            if self.out_b is not None:
+                ctx = ctx + self.out_b.to(self.dtype)
+        alpha = a.view(b, h, s_len).mean(1) if h > 1 else a.view(b, s_len)
+        return ctx, alpha, beta
+
+    def begin_backward(self, need_values: bool) -> None:
+        self.acc = self.plan.scorer.hook("score_backward")(self.keys)
+        self.values_t = self.values.transpose(1, 2)  # (N, dv, S): (1, dv) @ (dv, S) is the fast bmm layout
+        self.d_ctx_heads = self.keys.new_empty(self.n, self.steps, self.dv) if need_values else None
+        if self.out_w is not None:
+            self.out_w_mm = self.out_w.to(self.mm)
+            self.d_out = self.keys.new_empty(self.b, self.steps, self.out_w.shape[0])
+        if self.sentinel:
+            self.d_ex = self.keys.new_empty(self.b, self.steps, self.h)
+            self.d_vx = self.keys.new_empty(self.b, self.steps, self.h, self.dv)
+
+    def _per_head(self, grad: Tensor) -> Tensor:  # (B, ...) of a head average -> (N, ...) per head
+        return grad if self.h == 1 else (grad / self.h).repeat_interleave(self.h, 0)
+
+    def backward(self, t: int, qp: Tensor, d_ctx: Tensor, d_alpha: Tensor | None, d_beta: Tensor | None,
+                 s: Tensor | None) -> tuple[Tensor, Tensor | None]:
+        """Step t's gradients: d_ctx (B, C), d_alpha (B, S), d_beta (B,) -> d_qp (B, H*Q), d_s (B, D)."""
+        n, s_len, dtype = self.n, self.s, self.dtype
+        if self.out_w is not None:
+            self.d_out[:, t] = d_ctx
+            d_ctx = _mm(d_ctx, self.out_w_mm, dtype)  # (B, H*dv)
+        d_ch = d_ctx.reshape(n, 1, self.dv)
+        if self.d_ctx_heads is not None:
+            self.d_ctx_heads[:, t] = d_ch[:, 0]
+        a = self.alpha_heads[:, t].unsqueeze(1)  # (N, 1, S)
+        d_a = None if d_alpha is None else self._per_head(d_alpha).unsqueeze(1)
+        d_w = torch.bmm(d_ch.to(self.mm), self.values_t).to(dtype)  # (N, 1, S)
+        qh = qp.reshape(n, 1, -1)
+        if s is None:
+            d_e = softmax_backward(a, d_w if d_a is None else d_w + d_a)  # masked cells -> 0
+            return self.acc.step(d_e, qh).reshape(self.b, -1), None
+        w = self.joint[:, t].unsqueeze(1)  # (N, 1, S + 1)
+        with torch.enable_grad():  # the sentinel position: a small map, autograd step by step
+            q_, s_ = qh.detach().requires_grad_(True), s.detach().requires_grad_(True)
+            # (views, not the leaves themselves: module hooks such as FlopCounterMode's refuse leaves here)
+            kx, vx = self.plan.sentinel_rows(s_.view_as(s_))
+            ex = self.paired(q_.view_as(q_), kx, s_len)  # (N, 1)
+        d_wx = (d_ch * vx.detach().to(dtype)).sum(-1, keepdim=True)  # (N, 1, 1)
+        if d_beta is not None:
+            d_wx = d_wx + self._per_head(d_beta).view(n, 1, 1)
+        d_joint = softmax_backward(w, torch.cat([d_w, d_wx], -1))
+        d_e = d_joint[..., :s_len] if d_a is None else d_joint[..., :s_len] + softmax_backward(a, d_a)
+        d_ex, d_vx = d_joint[..., s_len], w[..., s_len:] * d_ch  # (N, 1), (N, 1, dv)
+        self.d_ex[:, t], self.d_vx[:, t] = d_ex.view(self.b, self.h), d_vx.view(self.b, self.h, self.dv)
+        d_q, d_s = torch.autograd.grad((ex, vx), (q_, s_), (d_ex.to(ex.dtype), d_vx.to(vx.dtype)), allow_unused=True)
+        d_qh = self.acc.step(d_e, qh)
+        if d_q is not None:
+            d_qh = d_qh + d_q
+        return d_qh.reshape(self.b, -1), d_s
+
+    def finish(self, keys: Tensor, values: Tensor, need_values: bool, queries: Tensor, s_used: Tensor | None,
+               sentinel_params: tuple) -> tuple:
+        """(d_keys, d_values, d_out_w, d_out_b, d_score_params, d_sentinel_params)."""
+        d_keys, d_score = self.acc.finish()
+        d_values = None
+        if need_values:  # d V = sum_t w_t^T d ctx_t: one batched GEMM over the steps
+            w = self.joint[..., :self.s] if self.sentinel else self.alpha_heads
+            d_values = torch.bmm(w.transpose(1, 2).to(self.mm), self.d_ctx_heads.to(self.mm))
+            d_values = d_values.reshape(self.value_shape).to(values.dtype)
+        d_out_w = d_out_b = None
+        if self.out_w is not None:
+            flat = self.d_out.reshape(-1, self.d_out.shape[-1])
+            d_out_w = _mm(flat.t(), self.ctx_heads.reshape(-1, self.ctx_heads.shape[-1]).to(self.mm), self.dtype)
+            d_out_b = None if self.out_b is None else flat.sum(0)
+        d_sentinel = (None,) * len(sentinel_params)
+        trained = [p for p in sentinel_params if p.requires_grad]
+        if self.sentinel and trained:  # the sentinel map's parameters: one call over all B*T rows
+            with torch.enable_grad():
+                kx, vx = self.plan.sentinel_rows(s_used.reshape(-1, s_used.shape[-1]))
+                ex = self.paired(queries.reshape(vx.shape[0], 1, -1), kx, self.s)
+                pairs = [(o, d.reshape(o.shape).to(o.dtype)) for o, d in ((ex, self.d_ex), (vx, self.d_vx))
+                         if o.requires_grad]  # a location score reads no parameter here
+                grads = iter(torch.autograd.grad([o for o, _ in pairs], trained, [d for _, d in pairs],
+                                                 allow_unused=True))
+            d_sentinel = tuple(next(grads) if p.requires_grad else None for p in sentinel_params)
+        return d_keys.reshape(self.key_shape).to(keys.dtype), d_values, d_out_w, d_out_b, d_score, d_sentinel
+
+
+class _Recurrence(torch.autograd.Function):
+    """The time loop as one autograd node; see :func:`fused_recurrence` for the inputs."""
+
+    @staticmethod
+    def forward(ctx, plan: RecurrencePlan, xg: Tensor, keys: Tensor, values: Tensor, mask: Tensor | None,
+                h0: Tensor, c0: Tensor, s0: Tensor | None, w_h: Tensor, b_h: Tensor | None, w_x: Tensor,
+                w_u: Tensor | None, out_w: Tensor | None, out_b: Tensor | None, *params: Tensor):
+        ctx.set_materialize_grads(False)
+        with torch.autocast(xg.device.type, enabled=False):  # dtypes are chosen explicitly
+            dtype = torch.promote_types(xg.dtype, torch.float32)  # states and elementwise maths
+            mm = plan.matmul_dtype or dtype
+            b, steps, g = xg.shape
+            d = h0.shape[-1]
+            current, sentinel = plan.query == "current", plan.sentinel_rows is not None
+            att = _AttentionSteps(plan, keys, values, mask, steps, dtype, mm, out_w, out_b)
+            c_ctx = values.shape[-1] if out_w is None else out_w.shape[0]
+            gs, qs, us = _layout(plan, w_h.shape[0], g, c_ctx, d)
+            w_h_t, w_x_t = w_h.to(mm).t(), w_x.to(mm).t()  # cast once, not per step
+            w_u_t = w_u.to(mm).t() if current else None
+            bias = None if b_h is None else b_h[g:].to(dtype)
+            xg_f = xg.to(dtype)
+            new = xg_f.new_empty
+            hidden, cells, acts = new(b, steps, d), new(b, steps, d), new(b, steps, g)
+            queries, alphas, z_all = new(b, steps, qs.stop - qs.start), new(b, steps, att.s), new(b, steps, c_ctx)
+            betas = new(b, steps) if sentinel else new(0)
+            ctx_all, gate_all = (new(b, steps, c_ctx), new(b, steps, c_ctx)) if plan.gate else (None, None)
+            feeds = new(b, steps, d) if current else None
+            s_used = new(b, steps, d) if sentinel else None
+            h, c = h0.to(dtype), c0.to(dtype)
+            s = None if s0 is None else s0.to(dtype)
+            r = _mm(h, w_h_t[:, :g], dtype) if current else None
+            feed = h.new_zeros(b, d) if current else None
+            for t in range(steps):
+                if current:  # LSTM first, then attend with h_t
+                    h, c, s = _cell(xg_f[:, t] + r + _mm(feed, w_x_t, dtype), c, acts[:, t], d, sentinel)
+                    hidden[:, t], cells[:, t] = h, c
+                p = _mm(h, w_h_t, dtype)  # (B, R): every product on the state in one GEMM
+                if bias is not None:
+                    p[:, g:] += bias
+                queries[:, t] = p[:, qs]
+                if sentinel:
+                    s_used[:, t] = s
+                context, alphas[:, t], beta = att.forward(t, p[:, qs], s if sentinel else None)
+                if beta is not None:
+                    betas[:, t] = beta
+                if plan.gate:
+                    gate = torch.sigmoid(p[:, gs])
+                    ctx_all[:, t], gate_all[:, t] = context, gate
+                    context = gate * context
+                z_all[:, t] = context
+                if current:
+                    r = p[:, :g]
+                    feed = torch.tanh(p[:, us] + _mm(context, w_u_t, dtype))
+                    feeds[:, t] = feed
+                else:
+                    h, c, s = _cell(xg_f[:, t] + p[:, :g] + _mm(context, w_x_t, dtype), c, acts[:, t], d, sentinel)
+                    hidden[:, t], cells[:, t] = h, c
+        ctx.save_for_backward(keys, values, h0, c0, w_h, b_h, w_x, w_u, hidden, cells, acts, queries, z_all,
+                              ctx_all, gate_all, feeds, s_used)
+        ctx.plan, ctx.att, ctx.mm, ctx.xg_dtype, ctx.params = plan, att, mm, xg.dtype, params
+        ctx.dtypes = (h0.dtype, c0.dtype, None if s0 is None else s0.dtype)
+        out = feeds if current else hidden
+        return out.to(xg.dtype), alphas, betas, z_all.to(xg.dtype)  # alphas stay >= float32, as softmax does
+
+    @staticmethod
+    def backward(ctx, d_out, d_alphas, d_betas, d_contexts):
+        with torch.autocast(ctx.saved_tensors[8].device.type, enabled=False):
+            return (None, *_backward(ctx, d_out, d_alphas, d_betas, d_contexts))
+
+
+def _layout(plan: RecurrencePlan, rows: int, g: int, c_ctx: int, d: int) -> tuple[slice, slice, slice]:
+    """Row blocks of W_h after the recurrent ones: gate, query, combine ("current")."""
+    gate_end = g + (c_ctx if plan.gate else 0)
+    q_end = rows - (d if plan.query == "current" else 0)
+    return slice(g, gate_end), slice(gate_end, q_end), slice(q_end, rows)
+
+
+def _backward(ctx, d_out, d_alphas, d_betas, d_contexts) -> tuple:
+    """Reverse-time loop; one gradient (or None) per forward input after ``plan``."""
+    (keys, values, h0, c0, w_h, b_h, w_x, w_u, hidden, cells, acts, queries, z_all, ctx_all, gate_all, feeds,
+     s_used) = ctx.saved_tensors
+    plan, att, mm = ctx.plan, ctx.att, ctx.mm
+    dtype = hidden.dtype
+    b, steps, d = hidden.shape
+    g, c_ctx = acts.shape[-1], z_all.shape[-1]
+    current, sentinel = plan.query == "current", s_used is not None
+    gs, qs, us = _layout(plan, w_h.shape[0], g, c_ctx, d)
+    w_h_mm, w_x_mm = w_h.to(mm), w_x.to(mm)
+    w_u_mm = w_u.to(mm) if current else None
+    d_out, d_alphas, d_betas, d_contexts = (None if x is None or x.numel() == 0 else x.to(dtype)
+                                            for x in (d_out, d_alphas, d_betas, d_contexts))
+    need_values = ctx.needs_input_grad[3]
+    att.begin_backward(need_values)
+    # Row t of d_p: d of [r | g | q | u] of the GEMM that feeds step t's gates ("previous": that
+    # of step t itself; "current": that of step t-1's state, row 0 = the initial state).
+    d_p = hidden.new_zeros(b, steps + 1, w_h.shape[0]) if current else hidden.new_empty(b, steps, w_h.shape[0])
+    dh, dc = torch.zeros_like(hidden[:, 0]), torch.zeros_like(hidden[:, 0])
+    ds = torch.zeros_like(hidden[:, 0]) if sentinel and not current else None
+
+    def attend_backward(t: int, row: int, dz: Tensor) -> Tensor | None:
+        if d_contexts is not None:
+            dz = dz + d_contexts[:, t]
+        if plan.gate:
+            gate = gate_all[:, t]
+            d_context = dz * gate
+            d_p[:, row, gs] = dz * ctx_all[:, t] * gate * (1 - gate)
+        else:
+            d_context = dz
+        d_qp, d_s = att.backward(t, queries[:, t], d_context, None if d_alphas is None else d_alphas[:, t],
+                                 None if d_betas is None else d_betas[:, t], s_used[:, t] if sentinel else None)
+        d_p[:, row, qs] = d_qp
+        return d_s
+
+    for t in reversed(range(steps)):
+        c_prev = cells[:, t - 1] if t > 0 else c0.to(dtype)
+        if current:
+            d_feed = _mm(d_p[:, t + 1, :g], w_x_mm, dtype)  # feed_t enters step t+1's gates
+            if d_out is not None:
+                d_feed = d_feed + d_out[:, t]
+            feed = feeds[:, t]
+            d_u = d_feed * (1 - feed * feed)
+            d_p[:, t + 1, us] = d_u
+            d_s = attend_backward(t, t + 1, _mm(d_u, w_u_mm, dtype))
+            dh = _mm(d_p[:, t + 1], w_h_mm, dtype)
+            dc = _cell_backward(acts[:, t], cells[:, t], c_prev, dh, dc, d_s, d, d_p[:, t, :g])
+        else:
+            if d_out is not None:
+                dh = dh + d_out[:, t]
+            dc = _cell_backward(acts[:, t], cells[:, t], c_prev, dh, dc, ds, d, d_p[:, t, :g])
+            d_s = attend_backward(t, t, _mm(d_p[:, t, :g], w_x_mm, dtype))
+            dh = _mm(d_p[:, t], w_h_mm, dtype)
+            if sentinel:
+                ds = torch.zeros_like(dh) if d_s is None else d_s.to(dtype)
+    # Weight gradients: one GEMM each over all B*T rows.
+    h0f = h0.to(dtype).unsqueeze(1)
+    h_in = torch.cat([h0f, hidden], 1) if current else torch.cat([h0f, hidden[:, :-1]], 1)
+    d_w_h = _mm(d_p.reshape(-1, d_p.shape[-1]).t(), h_in.reshape(-1, d).to(mm), dtype)
+    d_gates = d_p[:, :steps, :g]  # row t's recurrent block = d gates of step t = d x_t
+    if current:
+        dh = _mm(d_p[:, 0, :g], w_h_mm[:g], dtype)
+        x_in = torch.cat([torch.zeros_like(feeds[:, :1]), feeds[:, :-1]], 1)
+    else:
+        x_in = z_all
+    d_w_x = _mm(d_gates.reshape(-1, g).t(), x_in.reshape(-1, x_in.shape[-1]).to(mm), dtype)
+    d_w_u = _mm(d_p[:, 1:, us].reshape(-1, d).t(), z_all.reshape(-1, c_ctx).to(mm), dtype) if current else None
+    d_b_h = None
+    if b_h is not None:
+        d_b_h = torch.cat([torch.zeros_like(d_p[0, 0, :g]), d_p[..., g:].sum((0, 1))]).to(b_h.dtype)
+    n_score = plan.n_score_params
+    sentinel_params = ctx.params[n_score:]
+    d_keys, d_values, d_out_w, d_out_b, d_score, d_sentinel = att.finish(keys, values, need_values, queries, s_used,
+                                                                          sentinel_params)
+    h_dt, c_dt, s_dt = ctx.dtypes
+    cast = lambda grad, like: None if grad is None else grad.to(like.dtype)  # noqa: E731
+    return (d_gates.to(ctx.xg_dtype), d_keys, d_values, None, dh.to(h_dt), dc.to(c_dt),
+            None if ds is None else ds.to(s_dt), d_w_h.to(w_h.dtype), d_b_h, d_w_x.to(w_x.dtype),
+            None if d_w_u is None else d_w_u.to(w_u.dtype),
+            cast(d_out_w, att.out_w) if att.out_w is not None else None,
+            cast(d_out_b, att.out_b) if att.out_b is not None else None,
+            *(cast(gr, p) for gr, p in zip(d_score, ctx.params[:n_score])),
+            *(cast(gr, p) for gr, p in zip(d_sentinel, sentinel_params)))
+
+
+class SATRecurrence:
+    """Compatibility entry point for callers of the previous fused recurrence (single-head
+    additive attention, query "previous", the score vector ``v`` passed in): use
+    :func:`fused_recurrence` instead. ``apply`` has the old signature and outputs."""
+
+    @staticmethod
+    def apply(xg: Tensor, keys: Tensor, values: Tensor, mask: Tensor | None, h0: Tensor, c0: Tensor, w_h: Tensor,
+              b_gate: Tensor | None, v: Tensor, w_c: Tensor, matmul_dtype: torch.dtype | None) -> tuple[Tensor, Tensor]:
+        """Returns hidden (B, T, D), alphas (B, T, S)."""
+        scorer = AdditiveScorer.__new__(AdditiveScorer)  # the additive maths around the given v
+        nn.Module.__init__(scorer)
+        scorer.v = SimpleNamespace(weight=v.view(1, -1))
+        g = xg.shape[-1]
+        b_h = None
+        if b_gate is not None:
+            b_h = torch.cat([b_gate.new_zeros(g), b_gate, b_gate.new_zeros(w_h.shape[0] - g - b_gate.shape[0])])
+        plan = RecurrencePlan("previous", scorer, gate=b_gate is not None, matmul_dtype=matmul_dtype)
+        out = fused_recurrence(plan, xg, PreparedMemory(keys, values, mask), h0, c0, None, w_h, b_h, w_c,
+                               score_params=(scorer.v.weight,))
+        return out.out, out.alphas

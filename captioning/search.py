@@ -1,10 +1,16 @@
 """Greedy and batched beam search, shared by the image captioner and the text seq2seq model.
 
-Both drive any decoder with the step interface::
+Both drive any decoder with the step interface, :class:`StepDecoder`::
 
     memory = decoder.prepare_memory(...)          # batch-first tensors, computed once
-    state = decoder.init_state(memory)            # dict of (N, ...) tensors
-    logits, alpha, state = decoder.step(tokens, state, memory)   # tokens (N,) -> (N, V), (N, S)
+    state = decoder.init_state(memory)            # (N, ...) tensors
+    out = decoder.step(tokens, state, memory)     # tokens (N,) -> StepOutput(logits (N, V), alpha (N, S),
+                                                  #                          state, beta (N,) or None)
+
+Memory and state are the decoder's own types: NamedTuples (the image decoder's
+``SATMemory``/``SATState``) or dicts (the text decoder); search only reorders and repeats the
+tensors inside them (:func:`map_tensors`), so any nest of dicts/tuples/NamedTuples works. A
+``step`` may also return a plain ``(logits, alpha, state)`` tuple (no beta).
 
 Beam search keeps all images x beams in one (B*K) batch: every step is a handful of tensor
 ops (one top-k over K*V candidates per image, one gather to reorder states), no Python loop
@@ -14,29 +20,73 @@ Words and backpointers are recorded per step and the hypotheses read back once a
 extended by padding at zero cost, so a batch never crashes when no beam emits EOS; it just
 stops at ``max_length``. Each image's result depends only on that image (rows never mix).
 
-Optional decoder hook: ``decoder.expand_memory(memory, K)`` returns the memory for K
-hypotheses per item (e.g. without copying the image grid); without it every memory tensor is
-repeated K times. Search normalises the step's logits in place: ``step`` must return a
-fresh tensor (any layer output is), not a view of something it keeps.
+Optional decoder hook (:class:`ExpandsMemory`): ``decoder.expand_memory(memory, K)`` returns
+the memory for K hypotheses per item (e.g. without copying the image grid); without it every
+memory tensor is repeated K times. Search normalises the step's logits in place: ``step`` must
+return a fresh tensor (any layer output is), not a view of something it keeps.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple, Sequence
+from typing import Any, Callable, NamedTuple, Protocol, Sequence, TypeVar, runtime_checkable
 
 import torch
 from torch import Tensor
+
+MemoryT = TypeVar("MemoryT")
+StateT = TypeVar("StateT")
+
+
+class StepOutput(NamedTuple):
+    """What ``step`` returns: logits (N, V) for the next word; alpha (N, S) the attention that
+    produced them (over the memory alone); state: the new state; beta (N,) the weight of an
+    extra attended position (the visual sentinel), or None."""
+
+    logits: Tensor
+    alpha: Tensor
+    state: Any
+    beta: Tensor | None = None
+
+
+@runtime_checkable
+class StepDecoder(Protocol[MemoryT, StateT]):
+    """The contract search drives (both decoders implement it).
+
+    ``prepare_memory(...)`` -> MemoryT: the step-invariant part, batch-first tensors (its
+    arguments are the decoder's own). ``init_state(memory)`` -> StateT: (N, ...) tensors.
+    ``step(tokens (N,), state, memory)`` -> :class:`StepOutput` (or ``(logits, alpha, state)``).
+    """
+
+    def prepare_memory(self, *args: Any, **kwargs: Any) -> MemoryT: ...
+
+    def init_state(self, memory: MemoryT) -> StateT: ...
+
+    def step(self, tokens: Tensor, state: StateT, memory: MemoryT) -> StepOutput: ...
+
+
+@runtime_checkable
+class ExpandsMemory(Protocol[MemoryT]):
+    """Optional: memory for K hypotheses per item (beam search; greedy calls it with K = 1)."""
+
+    def expand_memory(self, memory: MemoryT, beam_size: int) -> MemoryT: ...
 
 
 class SearchResult(NamedTuple):
     """tokens (B, T) without BOS, EOS included when produced, padded with pad_id after it;
     lengths (B,) tokens up to and including EOS; scores (B,) sum of log-probabilities
-    (length-normalised for beam search when ``length_penalty`` > 0); alphas (B, T, S)."""
+    (length-normalised for beam search when ``length_penalty`` > 0); alphas (B, T, S);
+    betas (B, T) the sentinel weight of each word when the decoder has one, else None."""
 
     tokens: Tensor
     lengths: Tensor
     scores: Tensor
     alphas: Tensor
+    betas: Tensor | None = None
+
+
+def _step(decoder: StepDecoder, tokens: Tensor, state: Any, memory: Any) -> tuple[Tensor, Tensor, Any, Tensor | None]:
+    out = decoder.step(tokens, state, memory)
+    return out[0], out[1], out[2], getattr(out, "beta", None)
 
 
 def map_tensors(fn: Callable[[Tensor], Tensor], obj: Any) -> Any:
@@ -60,7 +110,7 @@ def _lengths(tokens: Tensor, eos_id: int) -> Tensor:
 
 
 @torch.no_grad()
-def greedy_search(decoder: Any, memory: Any, batch_size: int, bos_id: int, eos_id: int, pad_id: int = 0,
+def greedy_search(decoder: StepDecoder, memory: Any, batch_size: int, bos_id: int, eos_id: int, pad_id: int = 0,
                   max_length: int = 50, banned_ids: Sequence[int] = ()) -> SearchResult:
     """Pick the most likely word at every step, for the whole batch at once.
 
@@ -75,9 +125,9 @@ def greedy_search(decoder: Any, memory: Any, batch_size: int, bos_id: int, eos_i
     tokens = torch.full((batch_size,), bos_id, dtype=torch.long, device=device)
     finished = torch.zeros(batch_size, dtype=torch.bool, device=device)
     scores = torch.zeros(batch_size, device=device)
-    out_tokens, out_alphas = [], []
+    out_tokens, out_alphas, out_betas = [], [], []
     for step in range(max_length):
-        logits, alpha, state = decoder.step(tokens, state, memory)
+        logits, alpha, state, beta = _step(decoder, tokens, state, memory)
         logits = logits.float()
         if banned is not None:
             logits.index_fill_(-1, banned.to(logits.device), float("-inf"))
@@ -87,11 +137,14 @@ def greedy_search(decoder: Any, memory: Any, batch_size: int, bos_id: int, eos_i
         scores = scores + best_logp.masked_fill(finished, 0.0)
         out_tokens.append(tokens)
         out_alphas.append(alpha.float())
+        if beta is not None:
+            out_betas.append(beta.float())
         finished = finished | (tokens == eos_id)
         if step % 4 == 3 and bool(finished.all()):  # one host sync every few steps to stop early
             break
     toks = torch.stack(out_tokens, 1)
-    return SearchResult(toks, _lengths(toks, eos_id), scores, torch.stack(out_alphas, 1))
+    betas = torch.stack(out_betas, 1) if out_betas else None
+    return SearchResult(toks, _lengths(toks, eos_id), scores, torch.stack(out_alphas, 1), betas)
 
 
 def _leaves(obj: Any):
@@ -115,7 +168,7 @@ def length_normaliser(lengths: Tensor, length_penalty: float) -> Tensor:
 
 
 @torch.no_grad()
-def beam_search(decoder: Any, memory: Any, batch_size: int, bos_id: int, eos_id: int, pad_id: int = 0,
+def beam_search(decoder: StepDecoder, memory: Any, batch_size: int, bos_id: int, eos_id: int, pad_id: int = 0,
                 beam_size: int = 3, max_length: int = 50, length_penalty: float = 0.0,
                 banned_ids: Sequence[int] = ()) -> SearchResult:
     """Batched beam search: all B images and K beams advance together.
@@ -128,7 +181,8 @@ def beam_search(decoder: Any, memory: Any, batch_size: int, bos_id: int, eos_id:
         length_penalty: GNMT alpha applied when choosing among finished hypotheses.
         banned_ids: tokens never emitted (e.g. ``<unk>``): probability 0, the rest renormalised.
     Returns:
-        the best hypothesis per item (see :class:`SearchResult`).
+        the best hypothesis per item (see :class:`SearchResult`), with the attention (and the
+        sentinel weight) that produced each of its words.
     """
     if beam_size < 1:
         raise ValueError(f"beam_size must be >= 1, got {beam_size}")
@@ -147,10 +201,10 @@ def beam_search(decoder: Any, memory: Any, batch_size: int, bos_id: int, eos_id:
     # Per step: the word chosen in each slot, the slot it extends (backpointer), and the
     # attention of every slot. Hypotheses are read back once at the end, so no step copies
     # the whole history.
-    step_tokens, step_origins, step_alphas = [], [], []
+    step_tokens, step_origins, step_alphas, step_betas = [], [], [], []
 
     for step in range(max_length):
-        logits, alpha, state = decoder.step(tokens, state, memory)
+        logits, alpha, state, beta = _step(decoder, tokens, state, memory)
         logits = logits.float()
         if banned is not None:
             logits.index_fill_(-1, banned.to(logits.device), float("-inf"))
@@ -167,6 +221,8 @@ def beam_search(decoder: Any, memory: Any, batch_size: int, bos_id: int, eos_id:
         step_tokens.append(tokens_bk)
         step_origins.append(origin)
         step_alphas.append(alpha.float().view(b, k, -1))
+        if beta is not None:
+            step_betas.append(beta.float().view(b, k))
         finished = finished.gather(1, origin) | (tokens_bk == eos_id)
         tokens = tokens_bk.view(-1)
         if step % 4 == 3 and bool(finished.all()):  # one host sync every few steps to stop early
@@ -181,7 +237,11 @@ def beam_search(decoder: Any, memory: Any, batch_size: int, bos_id: int, eos_id:
     parent = slots.gather(1, best.unsqueeze(-1).expand(-1, 1, slots.shape[2])).squeeze(1)  # (B, T)
     alphas = torch.stack(step_alphas, 1)  # (B, T, K, S)
     alphas_out = alphas.gather(2, parent[:, :, None, None].expand(-1, -1, 1, alphas.shape[-1])).squeeze(2)
-    return SearchResult(tokens_out, lengths.gather(1, best).squeeze(1), final.gather(1, best).squeeze(1), alphas_out)
+    betas_out = None
+    if step_betas:  # (B, T, K) -> the parent slot's beta, like alpha
+        betas_out = torch.stack(step_betas, 1).gather(2, parent.unsqueeze(-1)).squeeze(2)
+    return SearchResult(tokens_out, lengths.gather(1, best).squeeze(1), final.gather(1, best).squeeze(1), alphas_out,
+                        betas_out)
 
 
 def _backtrack(step_tokens: list[Tensor], step_origins: list[Tensor]) -> tuple[Tensor, Tensor]:

@@ -27,11 +27,12 @@ uniform over the real source positions.
 
 Speed: in teacher forcing the embedding part of the LSTM input and everything after the
 recurrence (``W_c``, the output layer) are one matrix product over all steps; only the
-recurrence runs step by step. With ``bahdanau`` and single-head ``additive`` attention (the
-default) that recurrence is exactly the Show-Attend-Tell one without its gate, so it runs
-through :class:`captioning.sat_recurrence.SATRecurrence` (one autograd node, every product on
-h_{t-1} in one GEMM, each weight gradient formed once over all steps); ``fused=False`` runs the
-plain autograd loop (same outputs and gradients; tests/test_seq2seq.py checks both).
+recurrence runs step by step. With any score and multi-head, and either query style, that
+recurrence is the Show-Attend-Tell one without its gate (Luong: the current-state query with
+input feeding), so it runs through :func:`captioning.sat_recurrence.fused_recurrence` (one
+autograd node, every product on the state in one GEMM, each weight gradient formed once over all
+steps); ``fused=False`` runs the plain autograd loop (same outputs and gradients;
+tests/test_seq2seq.py checks both).
 """
 
 from __future__ import annotations
@@ -42,9 +43,9 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
-from captioning.attention import AdditiveScorer, Attention, build_attention, compares_directly
+from captioning.attention import build_attention, compares_directly
 from captioning.decoders import DecoderOutput
-from captioning.sat_recurrence import SATRecurrence
+from captioning.sat_recurrence import RecurrencePlan, fused_recurrence
 
 QUERY_STYLES = ("bahdanau", "luong")
 
@@ -109,7 +110,7 @@ class AttentionLSTMDecoder(nn.Module):
         num_heads: > 1 for multi-head attention.
         dropout: on the vector fed to the output layer.
         max_positions: longest source (S incl. EOS); only the ``location`` score needs it.
-        fused: teacher forcing through SATRecurrence where it applies (module docstring).
+        fused: teacher forcing through the fused recurrence (module docstring); False: plain loop.
     """
 
     def __init__(self, vocab_size: int, encoder_dim: int, embed_dim: int = 128, decoder_dim: int = 256,
@@ -208,9 +209,8 @@ class AttentionLSTMDecoder(nn.Module):
     # ------------------------------------------------------------------ teacher forcing
     @property
     def uses_fused_recurrence(self) -> bool:
-        """True when teacher forcing runs :class:`SATRecurrence` (bahdanau + single-head additive)."""
-        return (self.fused and self.query == "bahdanau" and self.key_bridge is None
-                and isinstance(self.attention, Attention) and isinstance(self.attention.scorer, AdditiveScorer))
+        """True when teacher forcing runs the fused recurrence (every score, heads and query style)."""
+        return self.fused and self.attention is not None
 
     def attentional(self, states: Tensor, inputs: Tensor, mask: Tensor | None = None,
                     summary: Tensor | None = None) -> tuple[Tensor, Tensor]:
@@ -221,22 +221,38 @@ class AttentionLSTMDecoder(nn.Module):
         state = self.init_state(memory)
         x_gates = self.input_embed(self.embedding(inputs))  # (B, T, 4D): one GEMM for all steps
         if self.uses_fused_recurrence:
-            scorer: AdditiveScorer = self.attention.scorer
-            attn = memory["attn"]
-            w_h = torch.cat([self.recurrent.weight, scorer.query_proj.weight], 0)  # both multiply h_{t-1}
-            device = inputs.device.type
-            matmul_dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
-            hidden, alphas = SATRecurrence.apply(x_gates, attn.keys, attn.values, attn.mask, state["h"], state["c"],
-                                                 w_h, None, scorer.v.weight.view(-1), self.input_extra.weight,
-                                                 matmul_dtype)  # (B, T, D), (B, T, S)
-            context = torch.bmm(alphas.to(attn.values.dtype), attn.values)  # (B, T, C): one batched GEMM
-            return torch.tanh(self.combine(torch.cat([hidden, context.to(hidden.dtype)], -1))), alphas
+            return self._fused(memory, state, x_gates)
         outs, alphas = [], []
         for t in range(inputs.shape[1]):
             attentional, alpha, state = self._advance(x_gates[:, t], state, memory)
             outs.append(attentional)
             alphas.append(alpha)
         return torch.stack(outs, 1), torch.stack(alphas, 1)
+
+    def _fused(self, memory: dict, state: dict, x_gates: Tensor) -> tuple[Tensor, Tensor]:
+        """The time loop as one autograd node: every matrix that multiplies the state stacked in one
+        GEMM (recurrent gates, the attention's query map, Luong's combine half), the scores through
+        the scorer's own hooks (captioning.sat_recurrence)."""
+        layer, d, luong = self.attention, self.decoder_dim, self.query == "luong"
+        query_map = layer.fused_query_map()
+        w = self.recurrent.weight
+        w_q, b_q = query_map if query_map is not None else (torch.eye(d, dtype=w.dtype, device=w.device), None)
+        parts, biases = [w, w_q], [None, b_q]
+        if luong:
+            parts.append(self.combine.weight[:, :d])
+            biases.append(self.combine.bias)
+        b_h = None if all(b is None for b in biases) else \
+            torch.cat([p.new_zeros(p.shape[0]) if b is None else b for p, b in zip(parts, biases)])
+        device = x_gates.device.type
+        plan = RecurrencePlan("current" if luong else "previous", layer.scorer, layer.heads, gate=False,
+                              matmul_dtype=torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device)
+                              else None)
+        out = fused_recurrence(plan, x_gates, memory["attn"], state["h"], state["c"], None, torch.cat(parts, 0), b_h,
+                               self.input_extra.weight, self.combine.weight[:, d:] if luong else None,
+                               layer.output_map(), layer.scorer.score_parameters())
+        if luong:
+            return out.out, out.alphas
+        return torch.tanh(self.combine(torch.cat([out.out, out.contexts], -1))), out.alphas
 
     def forward(self, states: Tensor, inputs: Tensor, mask: Tensor | None = None,
                 summary: Tensor | None = None) -> DecoderOutput:

@@ -144,3 +144,93 @@ def test_masked_softmax_edges():
     torch.testing.assert_close(w[0], torch.softmax(torch.tensor([1.0, -math.inf, 3.0]), 0))
     half = masked_softmax(scores.half(), mask)
     assert not torch.isnan(half).any() and half[0, 1] == 0
+
+
+# --------------------------------------------------------------------------- fast-path hooks
+def _scorer_and_memory(score, heads=1, b=3, dtype=torch.double):
+    """A layer's scorer with its prepared keys, flattened as the fast path sees them: (N, S, A)."""
+    layer = _layer(score, heads).to(dtype)
+    keys = torch.randn(b, S, D, dtype=dtype)
+    memory = layer.prepare(keys, keys)
+    prepared = memory.keys.reshape(b * heads, S, memory.keys.shape[-1])
+    q_dim = layer.fused_query_map()[0].shape[0] // heads if layer.fused_query_map() is not None else D
+    return layer.scorer, prepared, q_dim
+
+
+@pytest.mark.parametrize("heads", [1, 4])
+@pytest.mark.parametrize("score", SCORES)
+def test_no_graph_scores_equal_the_plain_scores(score, heads):
+    scorer, prepared, q_dim = _scorer_and_memory(score, heads)
+    qp = torch.randn(prepared.shape[0], 3, q_dim, dtype=torch.double)  # K = 3 queries per item
+    scratch = scorer.new_scratch(prepared.shape[0], 3, prepared) if scorer.offers("scores_into") else None
+    if scratch is not None:  # chunks of 2 items: the last one partial
+        scratch = scratch[:2]
+    with torch.no_grad():
+        fast = scorer.hook("scores_into")(qp, prepared, scratch)
+    torch.testing.assert_close(fast, scorer.scores(qp, prepared))
+
+
+@pytest.mark.parametrize("heads", [1, 4])
+@pytest.mark.parametrize("score", SCORES)
+def test_score_backward_equals_autograd_over_several_steps(score, heads):
+    """The scorer's own backward (hand-written for every built-in score) = autograd of ``scores``:
+    query gradient each step, key and parameter gradients summed over the steps."""
+    scorer, prepared, q_dim = _scorer_and_memory(score, heads)
+    n, steps = prepared.shape[0], 4
+    queries = torch.randn(steps, n, 1, q_dim, dtype=torch.double)
+    queries[0, 0] *= 1e-9  # a query below the content score's normalisation eps
+    d_scores = torch.randn(steps, n, 1, S, dtype=torch.double)
+    backward = scorer.score_backward(prepared)
+    assert scorer.offers("score_backward"), "every built-in score has its own backward"
+    d_q = [backward.step(d_scores[t], queries[t]) for t in reversed(range(steps))][::-1]
+    d_prepared, d_params = backward.finish()
+
+    keys = prepared.detach().clone().requires_grad_(True)
+    q = queries.clone().requires_grad_(True)
+    params = scorer.score_parameters()
+    total = sum((scorer.scores(q[t], keys) * d_scores[t]).sum() for t in range(steps))
+    expected = torch.autograd.grad(total, (q, keys, *params), allow_unused=True)
+    torch.testing.assert_close(torch.stack(d_q), expected[0])
+    torch.testing.assert_close(d_prepared, torch.zeros_like(keys) if expected[1] is None else expected[1])
+    assert len(d_params) == len(params)
+    for got, want in zip(d_params, expected[2:]):
+        torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("score", SCORES)
+def test_paired_score_is_the_score_of_an_extra_memory_position(score):
+    """``scores_paired(q, k, S)`` = the score q would give k as position S of the memory."""
+    layer = build_attention(score, D, D, attention_dim=16, max_positions=S + 1).double()
+    keys, extra = torch.randn(2, S, D, dtype=torch.double), torch.randn(2, 3, D, dtype=torch.double)
+    qp = layer.scorer.project_query(torch.randn(2, 3, D, dtype=torch.double))  # (B, K, Q)
+    paired = layer.scorer.hook("scores_paired")(qp, layer.scorer.prepare_keys(extra), S)
+    for k in range(3):
+        joint = layer.scorer.prepare_keys(torch.cat([keys, extra[:, k:k + 1]], 1))  # (B, S + 1, A)
+        torch.testing.assert_close(paired[:, k], layer.scorer.scores(qp[:, k:k + 1], joint)[:, 0, S])
+
+
+@pytest.mark.parametrize("score", SCORES)
+def test_multi_head_fused_query_map_is_the_two_stage_projection(score):
+    layer = MultiHeadAttention(D, D, num_heads=4, score=score, attention_dim=6, max_positions=S).double()
+    query = torch.randn(5, 2, D, dtype=torch.double)
+    w, b = layer.fused_query_map()
+    staged = layer._project(query)  # (B, H, K, Q): q_proj, split, then the scorer's own map
+    fused = torch.nn.functional.linear(query, w, b).view(5, 2, 4, -1).transpose(1, 2)
+    torch.testing.assert_close(fused, staged)
+
+
+def test_a_hook_counts_only_next_to_its_maths():
+    from captioning.attention import AdditiveScorer, Scorer
+
+    class NewMaths(AdditiveScorer):  # changes scores() only: the additive fast hooks no longer apply
+        def scores(self, qp, prepared):
+            return super().scores(qp, prepared) ** 2
+
+    plain, changed = AdditiveScorer(4, 4, 4), NewMaths(4, 4, 4)
+    assert plain.offers("scores_into") and plain.offers("score_backward")
+    assert not changed.offers("scores_into") and not changed.offers("score_backward")
+    assert changed.hook("scores_into").__func__ is Scorer.scores_into
+    keys = changed.prepare_keys(torch.randn(2, S, 4))
+    q = torch.randn(2, 1, 4)
+    with torch.no_grad():
+        torch.testing.assert_close(changed.hook("scores_into")(q, keys), changed.scores(q, keys))

@@ -58,3 +58,30 @@ def test_compile_decoder_option_compiles_at_setup_only(monkeypatch):
     model.setup("fit")
     model.setup("validate")
     assert sorted(calls) == ["_attend", "_cell", "step"]
+
+
+def test_compiled_step_of_every_query_style_and_the_sentinel(monkeypatch):
+    """The step of each decoder variant is traceable without graph breaks (Dynamo, eager backend)."""
+    from torch._dynamo.utils import counters
+
+    from captioning.decoders import ShowAttendTellDecoder
+    from captioning.search import beam_search
+
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, "compile", functools.partial(real_compile, backend="eager"))
+    feats = torch.randn(3, 9, 16)
+    for query, sentinel, heads in [("previous", True, 1), ("current", False, 1), ("current", True, 2)]:
+        torch._dynamo.reset()
+        counters.clear()
+        torch.manual_seed(0)
+        dec = ShowAttendTellDecoder(20, 16, 8, 16, 16, num_heads=heads, dropout=0.0, max_positions=9, query=query,
+                                    sentinel=sentinel).eval()
+        eager = beam_search(dec, dec.prepare_memory(feats), 3, 1, 2, 0, beam_size=2, max_length=6)
+        compile_decoder_step(dec)
+        compiled = beam_search(dec, dec.prepare_memory(feats), 3, 1, 2, 0, beam_size=2, max_length=6)
+        assert counters["stats"]["unique_graphs"] >= 1, "nothing went through Dynamo"
+        assert not counters["graph_break"], f"graph breaks ({query}, {sentinel}): {dict(counters['graph_break'])}"
+        assert torch.equal(compiled.tokens, eager.tokens)
+        torch.testing.assert_close(compiled.alphas, eager.alphas)
+        if sentinel:
+            torch.testing.assert_close(compiled.betas, eager.betas)

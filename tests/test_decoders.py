@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from captioning.attention import SCORERS
-from captioning.decoders import ShowAttendTellDecoder
+from captioning.decoders import SATMemory, SATState, ShowAttendTellDecoder
+from captioning.search import ExpandsMemory, StepDecoder, StepOutput, beam_search
 
 V, C, S = 40, 24, 16
 
@@ -24,7 +25,8 @@ def test_teacher_forcing_equals_step_by_step(attention, heads):
     memory = dec.prepare_memory(feats)
     state = dec.init_state(memory)
     for t in range(7):
-        logits, alpha, state = dec.step(inputs[:, t], state, memory)
+        logits, alpha, state, beta = dec.step(inputs[:, t], state, memory)
+        assert beta is None
         torch.testing.assert_close(logits, out.logits[:, t])
         torch.testing.assert_close(alpha, out.alphas[:, t])
 
@@ -41,12 +43,83 @@ def test_every_score_function_trains(score):
     torch.testing.assert_close(out.alphas.sum(-1), torch.ones(4, 5))
 
 
-def test_attention_weights_follow_the_query():
-    """Alphas come from the state: two different images give different attention maps."""
+@pytest.mark.parametrize("heads", [1, 2])
+@pytest.mark.parametrize("score", sorted(SCORERS))
+def test_attention_follows_the_decoder_state(score, heads):
+    """One image, two different first words: step 0 attends with the same (initial) state, so
+    the same map; from step 1 the states differ and so must the maps. A decoder whose attention
+    ignored its query would give both items the same maps at every step (checked below)."""
+    dec = _decoder(attention=score, num_heads=heads)
+    feats = torch.randn(1, S, C, dtype=torch.double).expand(2, S, C)
+    inputs = torch.tensor([[5, 9, 9, 9], [6, 9, 9, 9]])
+
+    def alphas():
+        fused = dec(feats, inputs).alphas
+        dec.fused = False
+        plain = dec(feats, inputs).alphas
+        dec.fused = True
+        torch.testing.assert_close(fused, plain)
+        return plain
+
+    a = alphas()
+    torch.testing.assert_close(a[0, 0], a[1, 0])
+    assert (a[0, 1:] - a[1, 1:]).abs().amax(-1).min() > 1e-6, "attention did not follow the state"
+    # The assertion above can fail: the same decoder with its query zeroed gives equal maps.
+    project = dec.attention._project
+    dec.attention._project = lambda q: project(torch.zeros_like(q))
+    dec.fused = False
+    blind = dec(feats, inputs).alphas
+    torch.testing.assert_close(blind[0], blind[1])
+
+
+# Recorded from the implementation before the scorer hooks (commit 63e9f6c), float64: the
+# default decoder (additive, query "previous", no sentinel) must keep giving exactly these.
+GOLDEN_LOGITS = [0.03291766612, -0.004365257413, -0.012264461722, 0.033450885375, -0.018620068065, -0.00373002976,
+                 0.033497731828, -0.020699593309, -0.003451137878, 0.033235714674, -0.031530595376, -0.006045716036,
+                 0.033258339358, -0.034909707763, -0.00797779076]
+GOLDEN_ALPHAS = [0.127869251562, 0.097456167163, 0.104482917723, 0.101483481635, 0.148800749081, 0.093676166269,
+                 0.122210764609, 0.096618362791, 0.107402139166]
+GOLDEN_GRAD_SUMS = {
+    "attention.scorer.key_proj.weight": -0.017347048403, "attention.scorer.key_proj.bias": 0.030690935199,
+    "attention.scorer.query_proj.weight": -0.006110320129, "attention.scorer.v.weight": -0.138969399289,
+    "embedding.weight": 0.575126224752, "init_h.weight": -0.06920176545, "init_h.bias": -0.129783956751,
+    "init_c.weight": -0.218244676422, "init_c.bias": -0.319712032438, "gate.weight": -0.012483640451,
+    "gate.bias": 0.061891397222, "input_embed.weight": -0.001056131904, "input_embed.bias": -0.18348659842,
+    "input_context.weight": -0.190194247827, "recurrent.weight": 0.139955945495, "output.weight": -0.641389637997,
+    "output.bias": 3.471273304189}
+GOLDEN_BEAM = [[26, 26, 26, 26, 26, 9, 26, 9], [28, 28, 28, 28, 28, 28, 28, 28], [26, 26, 26, 26, 26, 28, 28, 28]]
+
+
+def test_default_decoder_is_unchanged():
+    torch.manual_seed(0)
+    dec = ShowAttendTellDecoder(30, 12, 8, 16, 10, dropout=0.0, max_positions=9).double()
+    feats = torch.randn(3, 9, 12, dtype=torch.double, requires_grad=True)
+    inputs = torch.randint(0, 30, (3, 5))
+    out = dec(feats, inputs)
+    (out.logits.pow(2).sum() + out.alphas.pow(2).sum()).backward()
+    exact = dict(atol=1e-11, rtol=1e-9)
+    torch.testing.assert_close(out.logits[0, :, :3].flatten(), torch.tensor(GOLDEN_LOGITS, dtype=torch.double), **exact)
+    torch.testing.assert_close(out.alphas[1, 3], torch.tensor(GOLDEN_ALPHAS, dtype=torch.double), **exact)
+    assert {n for n, _ in dec.named_parameters()} == set(GOLDEN_GRAD_SUMS)  # same modules, same checkpoints
+    for name, p in dec.named_parameters():
+        assert float(p.grad.sum()) == pytest.approx(GOLDEN_GRAD_SUMS[name], abs=1e-10), name
+    assert float(feats.grad.sum()) == pytest.approx(0.1644511531, abs=1e-10)
+    dec.eval()
+    with torch.no_grad():
+        result = beam_search(dec, dec.prepare_memory(feats.detach()), 3, 1, 2, 0, beam_size=3, max_length=8)
+    assert result.tokens.tolist() == GOLDEN_BEAM and result.betas is None
+
+
+def test_decoder_implements_the_step_protocol_with_typed_memory_and_state():
     dec = _decoder()
+    assert isinstance(dec, StepDecoder) and isinstance(dec, ExpandsMemory)
     feats = torch.randn(2, S, C, dtype=torch.double)
-    out = dec(feats, torch.randint(0, V, (2, 3)))
-    assert not torch.allclose(out.alphas[0], out.alphas[1])
+    memory = dec.prepare_memory(feats)
+    state = dec.init_state(memory)
+    assert isinstance(memory, SATMemory) and isinstance(state, SATState)
+    out = dec.step(torch.tensor([1, 1]), state, memory)
+    assert isinstance(out, StepOutput) and isinstance(out.state, SATState)
+    assert out.logits.shape == (2, V) and out.alpha.shape == (2, S) and out.beta is None
 
 
 def test_no_attention_baseline_uses_only_the_mean_feature():

@@ -48,11 +48,12 @@ def test_ddp_fit_logs_overlays_and_table_to_offline_wandb_run(ddp_run):
     tables = list((files / "media" / "table" / "val").glob("attention_table_*.table.json"))
     assert len(tables) == 1, "one validation epoch -> one table"
     table = json.loads(tables[0].read_text())
-    assert table["columns"] == ["key", "input", "prediction", "references", "cider", "attention"]
+    assert table["columns"] == ["key", "input", "prediction", "references", "cider", "sentinel", "attention"]
     assert [row[0] for row in table["data"]] == [str(i) for i in range(NUM_OVERLAYS)]
     images = {p.name.split("_")[0]: p for p in (files / "media" / "images" / "val" / "attention").glob("*.png")}
     assert sorted(images) == [str(i) for i in range(NUM_OVERLAYS)]
-    for key, _, prediction, references, cider, _ in table["data"]:
+    for key, _, prediction, references, cider, sentinel, _ in table["data"]:
+        assert sentinel == ""  # the shapes config has no visual sentinel
         assert len(references.split("\n")) == 5 and math.isfinite(cider) and cider >= 0
         words = prediction.split()
         # The overlay's size is fixed by its number of panels (image + one per word) and labels.

@@ -1,5 +1,7 @@
 """ImageCaptioner: loss masks padding, regulariser, decoding for metrics, checkpoint round trip."""
 
+import json
+
 import pytest
 import torch
 
@@ -81,3 +83,30 @@ def test_load_model_errors_name_the_file(tmp_path):
     bad.write_bytes(b"not a checkpoint")
     with pytest.raises(ValueError, match="bad.ckpt"):
         load_model(bad)
+
+
+@pytest.mark.parametrize("query", ["previous", "current"])
+def test_sentinel_model_reports_beta_per_word_in_captions_json_and_overlay_table(tmp_path, query):
+    from PIL import Image
+
+    from captioning.callbacks import sentinel_text
+    from captioning.inference import caption_images
+    from captioning.viz import write_caption_result
+
+    model = ImageCaptioner(SmallCNN(channels=8, grid_size=2, width=4), VOCAB.to_dict(), embed_dim=8, decoder_dim=16,
+                           attention_dim=8, query=query, sentinel=True, beam_size=2, max_length=6).eval()
+    with torch.no_grad():
+        model.decoder.output.bias[4] = 5.0  # say "a" a few times, then whatever
+    image = Image.new("RGB", (40, 30), (200, 30, 30))
+    caption = caption_images(model, [image])[0]
+    assert caption.sentinel is not None and len(caption.sentinel) == len(caption.words) > 0
+    assert all(0.0 <= b <= 1.0 for b in caption.sentinel)
+    image.save(tmp_path / "i.png")
+    _, js = write_caption_result(tmp_path / "out", tmp_path / "i.png", caption.words, caption.attention,
+                                 image=image, sentinel=caption.sentinel)
+    assert json.loads(js.read_text())["sentinel"] == pytest.approx(caption.sentinel, abs=1e-5)
+    text = sentinel_text({"prediction": caption.text, "sentinel": caption.sentinel})
+    assert text.count("|") == len(caption.words) - 1
+    plain = ImageCaptioner(SmallCNN(channels=8, grid_size=2, width=4), VOCAB.to_dict(), embed_dim=8, decoder_dim=16,
+                           attention_dim=8).eval()
+    assert caption_images(plain, [image])[0].sentinel is None

@@ -1,17 +1,17 @@
-"""The speed paths give what the plain paths give: fused recurrence (outputs AND gradients),
-beam search without copying the grid, scratch-buffer attention."""
+"""The speed paths give what the plain paths give: the fused recurrence (outputs AND every
+gradient) for every score and multi-head, beam search without copying the grid, the scorers'
+no-graph scores in search. (Query styles and the sentinel: tests/test_query_sentinel.py.)"""
 
 import pytest
 import torch
 
-from captioning.attention import Attention
+from captioning.attention import SCORERS, Attention
 from captioning.decoders import ShowAttendTellDecoder
-from captioning.sat_recurrence import additive_attention_into
 from captioning.search import beam_search, greedy_search
 
 V, C, S = 30, 12, 9
 PAD, BOS, EOS = 0, 1, 2
-
+SCORES = sorted(SCORERS)
 
 
 def _decoder(**kw):
@@ -19,48 +19,76 @@ def _decoder(**kw):
     return ShowAttendTellDecoder(V, C, 8, 16, 10, dropout=0.0, max_positions=S, **kw).double()
 
 
-def _run(dec, feats, inputs, mask, fused):
-    dec.fused = fused
-    dec.zero_grad()
-    feats = feats.detach().clone().requires_grad_(True)
-    out = dec(feats, inputs, mask)
-    g = torch.Generator().manual_seed(1)
-    # Weights on both outputs so every path of the backward is exercised (logits and alphas).
-    loss = (out.logits * torch.randn(out.logits.shape, generator=g, dtype=torch.double)).sum() \
-        + (out.alphas * torch.randn(out.alphas.shape, generator=g, dtype=torch.double)).sum()
-    loss.backward()
-    grads = {n: p.grad.clone() for n, p in dec.named_parameters() if p.grad is not None}
-    return out, grads, feats.grad
+def run_both(dec, feats, inputs, mask=None):
+    """(outputs, parameter gradients, feature gradient) of the fused and of the plain loop, for
+    a loss that weighs every output (logits, alphas, betas) so every backward path is used."""
+    results = []
+    for fused in (True, False):
+        dec.fused = fused
+        dec.zero_grad()
+        f = feats.detach().clone().requires_grad_(True)
+        out = dec(f, inputs, mask)
+        g = torch.Generator().manual_seed(1)
+        loss = sum((x * torch.randn(x.shape, generator=g, dtype=x.dtype)).sum() for x in out if x is not None)
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in dec.named_parameters() if p.grad is not None}
+        results.append((out, grads, f.grad))
+    dec.fused = True
+    return results
+
+
+def assert_fused_equals_plain(dec, feats, inputs, mask=None):
+    assert dec.uses_fused_recurrence
+    (f_out, f_grads, f_feat), (p_out, p_grads, p_feat) = run_both(dec, feats, inputs, mask)
+    for name, got, want in zip(p_out._fields, f_out, p_out):
+        if want is None:
+            assert got is None, name
+        else:
+            torch.testing.assert_close(got, want, msg=lambda m: f"{name}: {m}")
+    trained = {n for n, p in dec.named_parameters() if p.grad is not None}
+    assert f_grads.keys() == p_grads.keys() == trained
+    for name in p_grads:
+        torch.testing.assert_close(f_grads[name], p_grads[name], msg=lambda m: f"gradient of {name}: {m}")
+    torch.testing.assert_close(f_feat, p_feat)  # a fine-tuned encoder gets the same gradient
+
+
+def _mask(b=4):
+    mask = torch.ones(b, S, dtype=torch.bool)
+    mask[1, 5:] = False
+    mask[2] = False  # fully masked row: zero attention, no NaN, in both paths
+    return mask
+
+
+@pytest.mark.parametrize("heads", [1, 2])
+@pytest.mark.parametrize("score", SCORES)
+def test_fused_recurrence_matches_plain_loop_for_every_score(score, heads):
+    dec = _decoder(attention=score, num_heads=heads)
+    feats, inputs = torch.randn(4, S, C, dtype=torch.double), torch.randint(0, V, (4, 6))
+    assert_fused_equals_plain(dec, feats, inputs, _mask())
 
 
 @pytest.mark.parametrize("gate", [True, False])
 @pytest.mark.parametrize("with_mask", [False, True])
-def test_fused_recurrence_matches_plain_loop_outputs_and_gradients(gate, with_mask):
+def test_fused_recurrence_with_and_without_gate_and_mask(gate, with_mask):
     dec = _decoder(gate=gate)
-    assert dec.uses_fused_recurrence
     feats, inputs = torch.randn(4, S, C, dtype=torch.double), torch.randint(0, V, (4, 6))
-    mask = None
-    if with_mask:
-        mask = torch.ones(4, S, dtype=torch.bool)
-        mask[1, 5:] = False
-        mask[2] = False  # fully masked row: zero attention, no NaN, in both paths
-    fused_out, fused_grads, fused_feat_grad = _run(dec, feats, inputs, mask, fused=True)
-    plain_out, plain_grads, plain_feat_grad = _run(dec, feats, inputs, mask, fused=False)
-    torch.testing.assert_close(fused_out.logits, plain_out.logits)
-    torch.testing.assert_close(fused_out.alphas, plain_out.alphas)
-    assert fused_grads.keys() == plain_grads.keys() and len(fused_grads) == len(list(dec.parameters()))
-    for name in plain_grads:
-        torch.testing.assert_close(fused_grads[name], plain_grads[name], msg=f"gradient of {name}")
-    torch.testing.assert_close(fused_feat_grad, plain_feat_grad)  # a fine-tuned encoder gets the same gradient
+    assert_fused_equals_plain(dec, feats, inputs, _mask() if with_mask else None)
+    assert len({n for n, p in dec.named_parameters() if p.grad is not None}) == len(list(dec.parameters()))
 
 
-def test_fused_recurrence_passes_gradcheck():
+@pytest.mark.parametrize("score,heads", [(s, 1) for s in SCORES] + [("additive", 2), ("scaled_dot", 2)])
+def test_fused_recurrence_passes_gradcheck(score, heads):
     torch.manual_seed(0)
-    dec = ShowAttendTellDecoder(7, 4, 3, 5, 4, dropout=0.0).double()
+    dec = ShowAttendTellDecoder(7, 4, 3, 4, 4, attention=score, num_heads=heads, dropout=0.0, max_positions=3).double()
+    assert dec.uses_fused_recurrence
     feats = torch.randn(2, 3, 4, dtype=torch.double, requires_grad=True)
     inputs = torch.randint(0, 7, (2, 3))
-    assert torch.autograd.gradcheck(lambda f: dec(f, inputs).logits.sum() + dec(f, inputs).alphas.pow(2).sum(),
-                                    (feats,))
+
+    def f(x):
+        out = dec(x, inputs)
+        return out.logits.sum() + out.alphas.pow(2).sum()
+
+    assert torch.autograd.gradcheck(f, (feats,))
 
 
 def test_fused_recurrence_under_bf16_autocast_stays_close_to_fp32():
@@ -82,9 +110,10 @@ class _NoExpand:
         self.prepare_memory, self.init_state, self.step = dec.prepare_memory, dec.init_state, dec.step
 
 
-@pytest.mark.parametrize("attention", ["additive", "general", "none"])
-def test_beam_search_without_copying_the_grid_equals_copying(attention):
-    dec = _decoder(attention=attention).eval()
+@pytest.mark.parametrize("attention,heads", [("additive", 1), ("general", 1), ("none", 1), ("additive", 2),
+                                             ("content", 2)])
+def test_beam_search_without_copying_the_grid_equals_copying(attention, heads):
+    dec = _decoder(attention=attention, num_heads=heads).eval()
     feats = torch.randn(5, S, C, dtype=torch.double)
     mask = torch.ones(5, S, dtype=torch.bool)
     mask[3, 4:] = False
@@ -100,7 +129,7 @@ def test_beam_search_without_copying_the_grid_equals_copying(attention):
     torch.testing.assert_close(g_fast.scores, g_slow.scores)
 
 
-def test_scratch_attention_equals_the_attention_layer_in_chunks():
+def test_search_scores_in_chunks_equal_the_attention_layer():
     torch.manual_seed(0)
     layer = Attention(16, 12, attention_dim=10, score="additive").double()
     keys = torch.randn(5, S, 12, dtype=torch.double)
@@ -109,12 +138,13 @@ def test_scratch_attention_equals_the_attention_layer_in_chunks():
     mask[4] = False
     memory = layer.prepare(keys, keys, mask)
     queries = torch.randn(5, 3, 16, dtype=torch.double)  # K = 3 queries per item
-    expected_ctx, expected_alpha = layer(queries, memory)
-    scratch = torch.empty(2, 3, S, 10, dtype=torch.double)  # 2 items at a time: 3 chunks, the last partial
-    ctx, alpha = additive_attention_into(layer.scorer, queries, memory.keys, memory.values, mask, scratch)
-    torch.testing.assert_close(ctx, expected_ctx)
-    torch.testing.assert_close(alpha, expected_alpha)
-    assert torch.all(alpha[4] == 0) and torch.all(alpha[0, :, 3:] == 0)
+    expected = layer.attend(queries, memory)
+    scratch = layer.new_scratch(memory, 3)[:2]  # 2 items at a time: 3 chunks, the last partial
+    with torch.no_grad():
+        got = layer.attend(queries, memory, scratch=scratch)
+    torch.testing.assert_close(got.context, expected.context)
+    torch.testing.assert_close(got.alpha, expected.alpha)
+    assert torch.all(got.alpha[4] == 0) and torch.all(got.alpha[0, :, 3:] == 0)
 
 
 def test_beam_search_under_bf16_autocast_matches_fp32_closely():
@@ -127,3 +157,23 @@ def test_beam_search_under_bf16_autocast_matches_fp32_closely():
     assert low.alphas.dtype == torch.float32
     torch.testing.assert_close(low.alphas.sum(-1), torch.ones_like(low.alphas.sum(-1)))
     torch.testing.assert_close(low.scores, ref.scores, atol=0.1, rtol=0.02)
+
+
+def test_previous_entry_point_still_gives_the_decoder_results():
+    """SATRecurrence.apply (the old signature, kept for callers not yet moved to fused_recurrence)."""
+    from captioning.sat_recurrence import SATRecurrence
+
+    dec = _decoder()
+    feats, inputs = torch.randn(3, S, C, dtype=torch.double), torch.randint(0, V, (3, 5))
+    memory = dec.prepare_memory(feats)
+    state = dec.init_state(memory)
+    scorer = dec.attention.scorer
+    w_h = torch.cat([dec.recurrent.weight, dec.gate.weight, scorer.query_proj.weight])
+    hidden, alphas = SATRecurrence.apply(dec.input_embed(dec.embedding(inputs)), memory.attn.keys, memory.attn.values,
+                                         None, state.h, state.c, w_h, dec.gate.bias, scorer.v.weight.view(-1),
+                                         dec.input_context.weight, None)
+    hidden.sum().backward()
+    out = dec(feats, inputs)
+    torch.testing.assert_close(dec.output(hidden), out.logits)
+    torch.testing.assert_close(alphas, out.alphas)
+    assert scorer.v.weight.grad is not None and scorer.v.weight.grad.abs().sum() > 0

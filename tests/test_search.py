@@ -161,3 +161,33 @@ def test_banned_tokens_are_never_emitted_even_when_most_likely(search):
     banned = run(banned_ids=[unk])
     assert not (banned.tokens == unk).any()
     assert torch.isfinite(banned.scores).all()
+
+
+class SentinelMarkovDecoder(MarkovDecoder):
+    """MarkovDecoder whose step also reports a beta that encodes the word it was given:
+    beta = previous word / 100, so a result's betas can be checked against its own words."""
+
+    def step(self, tokens, state, memory):
+        rows, alpha, state = super().step(tokens, state, memory)
+        from captioning.search import StepOutput
+
+        return StepOutput(rows, alpha, state, tokens.double() / 100)
+
+
+@pytest.mark.parametrize("search", ["greedy", "beam"])
+def test_betas_belong_to_the_words_of_the_returned_hypothesis(search):
+    torch.manual_seed(5)
+    table = torch.randn(3, 8, 8) * 2
+    table[..., PAD] = -1e9
+    dec = SentinelMarkovDecoder(table)
+    if search == "greedy":
+        res = greedy_search(dec, dec.prepare_memory(), 3, BOS, EOS, PAD, max_length=6)
+    else:
+        res = beam_search(dec, dec.prepare_memory(), 3, BOS, EOS, PAD, beam_size=4, max_length=6)
+    assert res.betas.shape == res.tokens.shape
+    previous = torch.cat([torch.full((3, 1), BOS), res.tokens[:, :-1]], 1)  # the word each step was given
+    for row in range(3):
+        n = int(res.lengths[row])
+        torch.testing.assert_close(res.betas[row, :n], previous[row, :n].float() / 100)
+    plain = MarkovDecoder(table)  # a (logits, alpha, state) step: no betas
+    assert greedy_search(plain, plain.prepare_memory(), 3, BOS, EOS, PAD, max_length=6).betas is None

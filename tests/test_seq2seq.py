@@ -49,8 +49,12 @@ def test_image_and_text_models_share_one_attention_layer_and_one_search():
 
     # Both decoders build their attention with the one factory.
     assert seq2seq_module.build_attention is decoders_module.build_attention is attention_module.build_attention
-    for name in ("beam_search", "greedy_search"):  # the very functions, not copies
-        assert getattr(text_model_module, name) is getattr(models_module, name) is getattr(search_module, name)
+    # Both models decode through the one base-class search, i.e. the very search functions.
+    from captioning.base_model import AttentionModel
+
+    assert text_model_module.Seq2SeqModel.search is models_module.ImageCaptioner.search is AttentionModel.search
+    for name in ("beam_search", "greedy_search"):
+        assert getattr(__import__("captioning.base_model", fromlist=[name]), name) is getattr(search_module, name)
     # The captioner's own search drives the text decoder unchanged: model.generate == search on its memory.
     b = batch_of()
     memory = seq2seq.memory(b["source"], b["source_lengths"])
@@ -164,12 +168,14 @@ def test_bad_query_and_bad_lengths_are_clear_errors():
 
 
 @pytest.mark.parametrize("query", ["bahdanau", "luong"])
-def test_fused_teacher_forcing_matches_the_plain_loop_in_outputs_and_every_gradient(query):
+@pytest.mark.parametrize(("attention", "heads"), [("additive", 1), ("dot", 1), ("general", 1), ("content", 1),
+                                                   ("location", 1), ("scaled_dot", 2), ("additive", 2)])
+def test_fused_teacher_forcing_matches_the_plain_loop_in_outputs_and_every_gradient(query, attention, heads):
     torch.manual_seed(3)
-    fused = tiny_model(query=query).double()
-    plain = tiny_model(query=query, fused=False).double()
+    fused = tiny_model(query=query, attention=attention, num_heads=heads).double()
+    plain = tiny_model(query=query, attention=attention, num_heads=heads, fused=False).double()
     plain.load_state_dict(fused.state_dict())
-    assert fused.decoder.uses_fused_recurrence == (query == "bahdanau") and not plain.decoder.uses_fused_recurrence
+    assert fused.decoder.uses_fused_recurrence and not plain.decoder.uses_fused_recurrence
     b = batch_of(5, max_items=3)
     results = []
     for model in (fused, plain):
