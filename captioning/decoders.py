@@ -278,7 +278,7 @@ class ShowAttendTellDecoder(nn.Module):
             b_h = torch.cat([p.new_zeros(p.shape[0]) if b is None else b for p, b in zip(parts, biases)])
         device = inputs.device.type
         plan = RecurrencePlan(self.query, layer.scorer, layer.heads, self.gate is not None,
-                              (lambda s: _flat_rows(self._sentinel_rows(s))) if self.sentinel else None,
+                              (lambda s: flat_rows(self._sentinel_rows(s))) if self.sentinel else None,
                               torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None)
         w_x = self.input_context.weight if self.query == "previous" else self.input_feed.weight
         w_u = self.combine.weight[:, d:] if self.query == "current" else None
@@ -312,7 +312,7 @@ class ShowAttendTellDecoder(nn.Module):
         return DecoderOutput(logits, torch.stack(alphas, 1), torch.stack(betas, 1) if self.sentinel else None)
 
 
-def _flat_rows(rows: PreparedMemory) -> tuple[Tensor, Tensor]:
+def flat_rows(rows: PreparedMemory) -> tuple[Tensor, Tensor]:
     """(B, [H,] 1, .) per-item extra rows -> (B*H, 1, .) as the fused recurrence flattens heads."""
     n = rows.values.shape[:-1].numel()  # explicit: location keys are (..., 0) wide
     return rows.keys.reshape(n, 1, rows.keys.shape[-1]), rows.values.reshape(n, 1, rows.values.shape[-1])

@@ -247,7 +247,7 @@ class Demo:
         with torch.inference_mode():
             tr = self.model.translate([text], beam)[0]
         seconds = time.perf_counter() - start
-        figure = seq2seq_heatmap(tr.source_tokens, tr.target_tokens, tr.alpha)
+        figure = seq2seq_heatmap(tr.source_tokens, tr.target_tokens, tr.alpha, sentinel=tr.sentinel)
         png = write_heatmap(self._request_dir(), heatmap_stem(text), translation_record(tr, "demo", text), figure,
                             overwrite=True, remember=False)
         return TranslationResult(tr.text, png, png.with_suffix(".json"), seconds, beam, warnings)

@@ -21,6 +21,17 @@ attentional vector of the previous step is fed back as input::
     c_t, alpha_t = attention(h_t, encoder states)
     h~_t = tanh(W_c [h_t; c_t]);   p(y_t) = softmax(W_out h~_t)
 
+``sentinel=True`` (Lu et al. 2017, as in :class:`captioning.decoders.ShowAttendTellDecoder`): a
+fifth LSTM gate g_t gives s_t = sigmoid(g_t) * tanh(c_t) (what the decoder's language state
+already knows), projected to the width of an encoder state and attended as one more source
+position by the same score (its key goes through the same bridge as the encoder states).
+beta_t is its weight, how much target token t relies on the language state instead of the
+source: c_t = beta_t s + (1 - beta_t) sum_i alpha_ti h_i. ``bahdanau`` attends with the sentinel of
+the previous step (s_0 = tanh(W summary)), ``luong`` with that of the step itself. ``alphas``
+are the source weights renormalised over the real source positions (rows sum to 1, padding
+gets exactly 0); ``betas`` carry beta_t (``DecoderOutput.betas``, ``StepOutput.beta``, and
+``SearchResult.betas`` through search).
+
 ``attention="none"`` is the fixed-context baseline (Cho et al. 2014 "RNNenc"): ``c_t`` is the
 encoder summary (last forward + first backward state) at every step; its reported alpha is
 uniform over the real source positions.
@@ -29,10 +40,11 @@ Speed: in teacher forcing the embedding part of the LSTM input and everything af
 recurrence (``W_c``, the output layer) are one matrix product over all steps; only the
 recurrence runs step by step. With any score and multi-head, and either query style, that
 recurrence is the Show-Attend-Tell one without its gate (Luong: the current-state query with
-input feeding), so it runs through :func:`captioning.sat_recurrence.fused_recurrence` (one
-autograd node, every product on the state in one GEMM, each weight gradient formed once over all
-steps); ``fused=False`` runs the plain autograd loop (same outputs and gradients;
-tests/test_seq2seq.py checks both).
+input feeding; the sentinel as the image decoder's), so it runs through
+:func:`captioning.sat_recurrence.fused_recurrence` (one autograd node, every product on the state
+in one GEMM, each weight gradient formed once over all steps); ``fused=False`` runs the plain
+autograd loop (same outputs and gradients; tests/test_seq2seq.py and tests/test_text_sentinel.py
+check both).
 """
 
 from __future__ import annotations
@@ -40,12 +52,14 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
-from captioning.attention import build_attention, compares_directly
-from captioning.decoders import DecoderOutput
+from captioning.attention import PreparedMemory, build_attention, compares_directly
+from captioning.decoders import DecoderOutput, flat_rows
 from captioning.sat_recurrence import RecurrencePlan, fused_recurrence
+from captioning.search import StepOutput
 
 QUERY_STYLES = ("bahdanau", "luong")
 
@@ -111,16 +125,19 @@ class AttentionLSTMDecoder(nn.Module):
         dropout: on the vector fed to the output layer.
         max_positions: longest source (S incl. EOS); only the ``location`` score needs it.
         fused: teacher forcing through the fused recurrence (module docstring); False: plain loop.
+        sentinel: a language sentinel joins the attended source positions (module docstring).
     """
 
     def __init__(self, vocab_size: int, encoder_dim: int, embed_dim: int = 128, decoder_dim: int = 256,
                  attention_dim: int = 128, attention: str = "additive", query: str = "bahdanau",
                  num_heads: int = 1, dropout: float = 0.2, max_positions: int | None = None,
-                 fused: bool = True) -> None:
+                 fused: bool = True, sentinel: bool = False) -> None:
         super().__init__()
-        self.fused = fused
+        self.fused, self.sentinel = fused, sentinel
         if query not in QUERY_STYLES:
             raise ValueError(f"query must be one of {QUERY_STYLES}, got {query!r}")
+        if sentinel and (attention is None or attention == "none"):
+            raise ValueError("sentinel=True needs an attention score (the sentinel joins the attended source)")
         self.vocab_size, self.encoder_dim, self.decoder_dim = vocab_size, encoder_dim, decoder_dim
         self.query, self.attention_name = query, attention
         # Dot-product scores need query and key of one size: project the keys (values stay the
@@ -128,19 +145,32 @@ class AttentionLSTMDecoder(nn.Module):
         needs_bridge = compares_directly(attention, num_heads) and encoder_dim != decoder_dim
         self.key_bridge = nn.Linear(encoder_dim, decoder_dim, bias=False) if needs_bridge else None
         key_dim = decoder_dim if needs_bridge else encoder_dim
-        self.attention = build_attention(attention, decoder_dim, key_dim, attention_dim, num_heads, max_positions)
+        positions = max_positions + 1 if sentinel and max_positions else max_positions  # + the sentinel
+        self.attention = build_attention(attention, decoder_dim, key_dim, attention_dim, num_heads, positions)
+        # A score with its own sentinel score (``location``) scores the sentinel by its index, S. S
+        # is the padded width of a batch, so such memories are padded to a fixed width, keeping an
+        # item's output independent of its batch (padding gets exactly 0 weight).
+        self.fixed_width = max_positions if sentinel and max_positions and \
+            self.attention.scorer.offers("scores_paired") else None
         self.embedding = nn.Embedding(vocab_size, embed_dim)
         self.init_h = nn.Linear(encoder_dim, decoder_dim)
         self.init_c = nn.Linear(encoder_dim, decoder_dim)
         # LSTM input projection split by input (embedding / context or fed-back vector / state),
         # so the embedding part is one matrix product over all steps in teacher forcing.
-        self.input_embed = nn.Linear(embed_dim, 4 * decoder_dim)  # carries the LSTM bias
+        # A fifth gate block makes the sentinel.
+        gates = (5 if sentinel else 4) * decoder_dim
+        self.input_embed = nn.Linear(embed_dim, gates)  # carries the LSTM bias
         extra_dim = encoder_dim if query == "bahdanau" else decoder_dim
-        self.input_extra = nn.Linear(extra_dim, 4 * decoder_dim, bias=False)
-        self.recurrent = nn.Linear(decoder_dim, 4 * decoder_dim, bias=False)
+        self.input_extra = nn.Linear(extra_dim, gates, bias=False)
+        self.recurrent = nn.Linear(decoder_dim, gates, bias=False)
         self.combine = nn.Linear(decoder_dim + encoder_dim, decoder_dim)
         self.dropout = nn.Dropout(dropout)
         self.output = nn.Linear(decoder_dim, vocab_size)
+        # The sentinel's modules come last, so the default decoder is built (and seeded) as before.
+        if sentinel:
+            self.sentinel_proj = nn.Linear(decoder_dim, encoder_dim, bias=False)  # s_t -> one more "encoder state"
+            if query == "bahdanau":
+                self.init_sentinel = nn.Linear(encoder_dim, decoder_dim)
         with torch.no_grad():  # forget-gate bias 1: remember by default early in training
             self.input_embed.bias.zero_()
             self.input_embed.bias[decoder_dim: 2 * decoder_dim] = 1.0
@@ -156,6 +186,7 @@ class AttentionLSTMDecoder(nn.Module):
         Returns:
             dict of batch-first tensors (search expands them per beam): ``attn``
             (PreparedMemory, keys projected once, or None), ``summary`` (B, C), ``mask`` (B, S).
+            With :attr:`fixed_width` ``attn`` is padded to that many positions; ``mask`` keeps S.
         """
         if mask is None:
             mask = torch.ones(states.shape[:2], dtype=torch.bool, device=states.device)
@@ -164,47 +195,71 @@ class AttentionLSTMDecoder(nn.Module):
             summary = (states * m).sum(1) / m.sum(1).clamp(min=1)
         attn = None
         if self.attention is not None:
-            keys = states if self.key_bridge is None else self.key_bridge(states)
-            attn = self.attention.prepare(keys, states, mask)
+            wide_states, wide_mask = states, mask
+            if self.fixed_width is not None and states.shape[1] < self.fixed_width:
+                pad = self.fixed_width - states.shape[1]
+                wide_states, wide_mask = F.pad(states, (0, 0, 0, pad)), F.pad(mask, (0, pad), value=False)
+            attn = self.attention.prepare(self._keys(wide_states), wide_states, wide_mask)
         return {"attn": attn, "summary": summary, "mask": mask}
 
+    def _keys(self, states: Tensor) -> Tensor:
+        """Encoder states (or sentinels mapped to their width) (..., C) -> what the layer scores against."""
+        return states if self.key_bridge is None else self.key_bridge(states)
+
     def init_state(self, memory: dict) -> dict:
-        """Initial state from the summary: {"h", "c"} (B, D), plus "feed" (B, D) for luong."""
+        """Initial state from the summary: {"h", "c"} (B, D), plus "feed" (B, D) for luong and
+        "sentinel" (B, D) s_0 for bahdanau with a sentinel."""
         summary = memory["summary"]
         state = {"h": torch.tanh(self.init_h(summary)), "c": torch.tanh(self.init_c(summary))}
         if self.query == "luong":
             state["feed"] = summary.new_zeros(summary.shape[0], self.decoder_dim)
+        elif self.sentinel:
+            state["sentinel"] = torch.tanh(self.init_sentinel(summary))
         return state
 
-    def _attend(self, query: Tensor, memory: dict) -> tuple[Tensor, Tensor]:
-        """query (B, D) -> context (B, C), alpha (B, S)."""
+    def _sentinel_rows(self, s: Tensor) -> PreparedMemory:
+        """Sentinel s (N, D) -> the extra position's keys/values per query: (N, [H,] 1, .)."""
+        f = self.sentinel_proj(s).unsqueeze(1)  # (N, 1, C): one more encoder state per query
+        return self.attention.prepare(self._keys(f), f)
+
+    def _attend(self, query: Tensor, memory: dict, s: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor | None]:
+        """query (B, D) [, sentinel s (B, D)] -> context (B, C), alpha (B, S), beta (B,) or None."""
         if self.attention is None:
             mask = memory["mask"].to(query.dtype)
-            return memory["summary"], mask / mask.sum(1, keepdim=True).clamp(min=1)
-        return self.attention(query, memory["attn"])
+            return memory["summary"], mask / mask.sum(1, keepdim=True).clamp(min=1), None
+        out = self.attention.attend(query, memory["attn"], self._sentinel_rows(s) if self.sentinel else None)
+        return out.context, out.alpha[:, :memory["mask"].shape[1]], out.beta  # (cut a fixed-width pad)
 
-    def _cell(self, x_gates: Tensor, extra: Tensor, h: Tensor, c: Tensor) -> tuple[Tensor, Tensor]:
-        gates = x_gates + self.input_extra(extra) + self.recurrent(h)  # (B, 4D)
-        i, f, g, o = gates.chunk(4, dim=-1)
+    def _cell(self, x_gates: Tensor, extra: Tensor, h: Tensor, c: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
+        """One LSTM update -> h, c (B, D) and the sentinel s (B, D) or None."""
+        gates = x_gates + self.input_extra(extra) + self.recurrent(h)  # (B, 4D) or (B, 5D)
+        if self.sentinel:
+            i, f, g, o, g_s = gates.chunk(5, dim=-1)
+        else:
+            i, f, g, o = gates.chunk(4, dim=-1)
         c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
-        return torch.sigmoid(o) * torch.tanh(c), c
+        tanh_c = torch.tanh(c)
+        return torch.sigmoid(o) * tanh_c, c, torch.sigmoid(g_s) * tanh_c if self.sentinel else None
 
-    def _advance(self, x_gates: Tensor, state: dict, memory: dict) -> tuple[Tensor, Tensor, dict]:
-        """One step given the embedding gates (B, 4D) -> attentional vector (B, D), alpha (B, S), state."""
+    def _advance(self, x_gates: Tensor, state: dict, memory: dict) -> tuple[Tensor, Tensor, Tensor | None, dict]:
+        """One step given the embedding gates (B, G) -> attentional vector (B, D), alpha (B, S),
+        beta (B,) or None, state."""
         if self.query == "bahdanau":
-            context, alpha = self._attend(state["h"], memory)  # query: previous state
-            h, c = self._cell(x_gates, context, state["h"], state["c"])
+            # query: previous state (and the previous step's sentinel)
+            context, alpha, beta = self._attend(state["h"], memory, state.get("sentinel"))
+            h, c, s = self._cell(x_gates, context, state["h"], state["c"])
             attentional = torch.tanh(self.combine(torch.cat([h, context], -1)))
-            return attentional, alpha, {"h": h, "c": c}
-        h, c = self._cell(x_gates, state["feed"], state["h"], state["c"])
-        context, alpha = self._attend(h, memory)  # query: current state
+            return attentional, alpha, beta, {"h": h, "c": c} if s is None else {"h": h, "c": c, "sentinel": s}
+        h, c, s = self._cell(x_gates, state["feed"], state["h"], state["c"])
+        context, alpha, beta = self._attend(h, memory, s)  # query: current state
         attentional = torch.tanh(self.combine(torch.cat([h, context], -1)))
-        return attentional, alpha, {"h": h, "c": c, "feed": attentional}
+        return attentional, alpha, beta, {"h": h, "c": c, "feed": attentional}
 
-    def step(self, tokens: Tensor, state: dict, memory: dict) -> tuple[Tensor, Tensor, dict]:
-        """tokens (B,) previous words -> logits (B, V), alpha (B, S), new state."""
-        attentional, alpha, state = self._advance(self.input_embed(self.embedding(tokens)), state, memory)
-        return self.output(self.dropout(attentional)), alpha, state
+    def step(self, tokens: Tensor, state: dict, memory: dict) -> StepOutput:
+        """tokens (B,) previous words -> logits (B, V), alpha (B, S), new state, beta (B,) (None
+        without a sentinel)."""
+        attentional, alpha, beta, state = self._advance(self.input_embed(self.embedding(tokens)), state, memory)
+        return StepOutput(self.output(self.dropout(attentional)), alpha, state, beta)
 
     # ------------------------------------------------------------------ teacher forcing
     @property
@@ -216,23 +271,31 @@ class AttentionLSTMDecoder(nn.Module):
                     summary: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """Teacher-forced pass up to the output layer: states (B, S, C), inputs (B, T) = BOS y_1 ..
         y_{T-1}, mask (B, S) -> attentional vectors (B, T, D), alphas (B, T, S) (row t is the
-        attention used to predict y_{t+1}). ``output(dropout(.))`` of the first gives the logits."""
+        attention used to predict y_{t+1}). ``output(dropout(.))`` of the first gives the logits.
+        :meth:`teacher_forced` also returns the sentinel weights."""
+        return self.teacher_forced(states, inputs, mask, summary)[:2]
+
+    def teacher_forced(self, states: Tensor, inputs: Tensor, mask: Tensor | None = None,
+                       summary: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor | None]:
+        """:meth:`attentional` plus betas (B, T), the sentinel's weight of every step (or None)."""
         memory = self.prepare_memory(states, mask, summary)
         state = self.init_state(memory)
-        x_gates = self.input_embed(self.embedding(inputs))  # (B, T, 4D): one GEMM for all steps
+        x_gates = self.input_embed(self.embedding(inputs))  # (B, T, G): one GEMM for all steps
         if self.uses_fused_recurrence:
             return self._fused(memory, state, x_gates)
-        outs, alphas = [], []
+        outs, alphas, betas = [], [], []
         for t in range(inputs.shape[1]):
-            attentional, alpha, state = self._advance(x_gates[:, t], state, memory)
+            attentional, alpha, beta, state = self._advance(x_gates[:, t], state, memory)
             outs.append(attentional)
             alphas.append(alpha)
-        return torch.stack(outs, 1), torch.stack(alphas, 1)
+            betas.append(beta)
+        return torch.stack(outs, 1), torch.stack(alphas, 1), torch.stack(betas, 1) if self.sentinel else None
 
-    def _fused(self, memory: dict, state: dict, x_gates: Tensor) -> tuple[Tensor, Tensor]:
+    def _fused(self, memory: dict, state: dict, x_gates: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
         """The time loop as one autograd node: every matrix that multiplies the state stacked in one
         GEMM (recurrent gates, the attention's query map, Luong's combine half), the scores through
-        the scorer's own hooks (captioning.sat_recurrence)."""
+        the scorer's own hooks, the sentinel through the image decoder's machinery
+        (captioning.sat_recurrence)."""
         layer, d, luong = self.attention, self.decoder_dim, self.query == "luong"
         query_map = layer.fused_query_map()
         w = self.recurrent.weight
@@ -245,18 +308,26 @@ class AttentionLSTMDecoder(nn.Module):
             torch.cat([p.new_zeros(p.shape[0]) if b is None else b for p, b in zip(parts, biases)])
         device = x_gates.device.type
         plan = RecurrencePlan("current" if luong else "previous", layer.scorer, layer.heads, gate=False,
+                              sentinel_rows=(lambda s: flat_rows(self._sentinel_rows(s))) if self.sentinel else None,
                               matmul_dtype=torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device)
                               else None)
-        out = fused_recurrence(plan, x_gates, memory["attn"], state["h"], state["c"], None, torch.cat(parts, 0), b_h,
-                               self.input_extra.weight, self.combine.weight[:, d:] if luong else None,
-                               layer.output_map(), layer.scorer.score_parameters())
+        sentinel_params = ()
+        if self.sentinel:  # everything _sentinel_rows and the scorer's scores_paired may read
+            bridge = () if self.key_bridge is None else (self.key_bridge.weight,)
+            sentinel_params = (self.sentinel_proj.weight, *bridge, *layer.parameters())
+        out = fused_recurrence(plan, x_gates, memory["attn"], state["h"], state["c"], state.get("sentinel"),
+                               torch.cat(parts, 0), b_h, self.input_extra.weight,
+                               self.combine.weight[:, d:] if luong else None, layer.output_map(),
+                               layer.scorer.score_parameters(), sentinel_params)
+        alphas = out.alphas[..., :memory["mask"].shape[1]]  # (cut a fixed-width pad)
         if luong:
-            return out.out, out.alphas
-        return torch.tanh(self.combine(torch.cat([out.out, out.contexts], -1))), out.alphas
+            return out.out, alphas, out.betas
+        return torch.tanh(self.combine(torch.cat([out.out, out.contexts], -1))), alphas, out.betas
 
     def forward(self, states: Tensor, inputs: Tensor, mask: Tensor | None = None,
                 summary: Tensor | None = None) -> DecoderOutput:
         """Teacher-forced pass: states (B, S, C), inputs (B, T) = BOS y_1 .. y_{T-1}, mask (B, S)
-        -> logits (B, T, V), alphas (B, T, S) (row t is the attention used to predict y_{t+1})."""
-        attentional, alphas = self.attentional(states, inputs, mask, summary)
-        return DecoderOutput(self.output(self.dropout(attentional)), alphas)  # one GEMM for all steps
+        -> logits (B, T, V), alphas (B, T, S) (row t is the attention used to predict y_{t+1}),
+        betas (B, T) or None."""
+        attentional, alphas, betas = self.teacher_forced(states, inputs, mask, summary)
+        return DecoderOutput(self.output(self.dropout(attentional)), alphas, betas)  # one GEMM for all steps

@@ -11,7 +11,10 @@ is printed and logged once), ``val/exact_match`` and, when the datamodule gives 
 alignments (synthetic tasks), ``val/alignment``: how often the attention peak of a reference
 target token falls on its true source position. Alignment is read from the teacher-forced
 pass over the reference (the attention used to emit reference token t after the correct
-prefix), so it is defined even where the decoded output differs from the reference.
+prefix), so it is defined even where the decoded output differs from the reference. With a
+sentinel (``sentinel: true``) it reads the source weights renormalised over the real source
+positions, as the image decoder documents; the sentinel weight beta of each generated token
+travels in :class:`Translation` (``sentinel``), the ``translate`` JSON and the heatmaps.
 
 Scores: :func:`score_translations` is the one definition, used by validation, test and for
 scoring ``translate`` output offline: sacrebleu BLEU and chrF, and exact match = the share of
@@ -42,7 +45,7 @@ from torch import Tensor
 from torch.nn.utils.rnn import pad_sequence
 
 from captioning.base_model import AttentionModel, check_scheduler
-from captioning.search import SearchResult
+from captioning.search import SearchResult, StepOutput
 from captioning.seq2seq import AttentionLSTMDecoder, BiLSTMEncoder
 from captioning.text_vocab import TextTokenizer, TextVocab
 from captioning.vocab import EOS
@@ -93,13 +96,17 @@ class SourceReport(NamedTuple):
 
 class Translation(NamedTuple):
     """One decoded sentence: ``text`` (detokenised), ``source_tokens`` (S labels incl. ``<eos>``),
-    ``target_tokens`` (T generated tokens, ``<eos>`` last when produced), ``alpha`` (T, S), ``score``."""
+    ``target_tokens`` (T generated tokens, ``<eos>`` last when produced), ``alpha`` (T, S), ``score``,
+    ``sentinel``: per target token (aligned with ``target_tokens``) the sentinel weight beta in
+    [0, 1], how much it relied on the decoder's language state instead of the source; None
+    without a sentinel."""
 
     text: str
     source_tokens: list[str]
     target_tokens: list[str]
     alpha: Tensor
     score: float
+    sentinel: list[float] | None = None
 
 
 class Seq2SeqModel(AttentionModel):
@@ -127,6 +134,9 @@ class Seq2SeqModel(AttentionModel):
             cut to their first tokens (also the positions the ``location`` score has).
         allow_unk: let decoding emit ``<unk>`` (default: never; see the module docstring).
         fused: teacher forcing through the fused recurrence where it applies (captioning.seq2seq).
+        sentinel: adaptive attention with a language sentinel (captioning.seq2seq): each target
+            token may rely on the decoder's own state instead of the source; its weight beta is
+            reported per token. Needs an attention score. Off: the model is exactly as without it.
     """
 
     def __init__(self, vocab: dict | None = None, attention: str = "additive", query: str = "bahdanau",
@@ -135,7 +145,7 @@ class Seq2SeqModel(AttentionModel):
                  weight_decay: float = 0.01, scheduler: str = "none", warmup_steps: int = 0, beam_size: int = 1,
                  max_length: int = 200, max_length_ratio: float = 2.0, length_penalty: float = 0.0,
                  label_smoothing: float = 0.0, max_source_length: int = 256, val_beam_size: int | None = None,
-                 allow_unk: bool = False, fused: bool = True) -> None:
+                 allow_unk: bool = False, fused: bool = True, sentinel: bool = False) -> None:
         super().__init__()
         if max_source_length < 2:
             raise ValueError(f"max_source_length must be >= 2 (a token and the end of sentence), got {max_source_length}")
@@ -149,7 +159,8 @@ class Seq2SeqModel(AttentionModel):
         self.encoder = BiLSTMEncoder(len(src), embed_dim, encoder_dim, encoder_layers, dropout, src.pad_id)
         self.decoder = AttentionLSTMDecoder(
             len(tgt), self.encoder.out_dim, embed_dim, decoder_dim, attention_dim, attention=attention,
-            query=query, num_heads=num_heads, dropout=dropout, max_positions=max_source_length, fused=fused)
+            query=query, num_heads=num_heads, dropout=dropout, max_positions=max_source_length, fused=fused,
+            sentinel=sentinel)
         self.bleu_signature: str | None = None
 
     eval_key = "id"
@@ -232,8 +243,9 @@ class Seq2SeqModel(AttentionModel):
             n = min(int(result.lengths[i]), result.tokens.shape[1])  # tokens up to and incl. EOS
             # One heatmap row per generated position, so rows and attention never drift apart.
             rows = [EOS if t == tgt.eos_id else tgt.itos[t] for t in result.tokens[i, :n].tolist()]
+            betas = None if result.betas is None else result.betas[i, :n].float().cpu().tolist()
             out.append(Translation(self.detokenize(words), self.text_vocab.source_labels(source[i, :s].tolist()),
-                                   rows, result.alphas[i, :n, :s].float().cpu(), float(result.scores[i])))
+                                   rows, result.alphas[i, :n, :s].float().cpu(), float(result.scores[i]), betas))
         return out
 
     def source_report(self, text: str) -> SourceReport:
@@ -284,7 +296,8 @@ class Seq2SeqModel(AttentionModel):
         for i, tr in enumerate(self._translations(source, lengths, result)):
             figures.append({"key": batch["ids"][i], "prediction": tr.text, "references": [batch["references"][i]],
                             "input": batch["source_text"][i],
-                            "figure": seq2seq_heatmap(tr.source_tokens, tr.target_tokens, tr.alpha)})
+                            "figure": seq2seq_heatmap(tr.source_tokens, tr.target_tokens, tr.alpha,
+                                                      sentinel=tr.sentinel)})
         return figures
 
     # ------------------------------------------------------------------ training
@@ -358,12 +371,13 @@ class _CappedDecoder:
         state["steps"] = torch.zeros_like(memory["limit"])
         return state
 
-    def step(self, tokens: Tensor, state: dict, memory: dict) -> tuple[Tensor, Tensor, dict]:
+    def step(self, tokens: Tensor, state: dict, memory: dict) -> StepOutput:
         steps = state["steps"] + 1
         inner = {k: v for k, v in state.items() if k != "steps"}
-        logits, alpha, new_state = self.decoder.step(tokens, inner, memory)
+        out = self.decoder.step(tokens, inner, memory)
+        logits = out.logits
         only_eos = torch.full_like(logits[:1], float("-inf"))
         only_eos[0, self.eos_id] = 0.0
         logits = torch.where((steps >= memory["limit"]).unsqueeze(1), only_eos, logits)  # (N, V), fresh
-        new_state["steps"] = steps
-        return logits, alpha, new_state
+        out.state["steps"] = steps
+        return out._replace(logits=logits)

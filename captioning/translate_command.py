@@ -5,9 +5,10 @@ tokenizer and vocabularies are in the checkpoint) and prints exactly one line pe
 on stdout (line breaks or tabs inside a translation become spaces; an input that cannot be
 translated gives an empty line). With ``--heatmap_dir`` it also writes, per sentence,
 ``<name>.png`` (source x target attention heatmap) and ``<name>.json`` (tokens and the
-attention matrix); the folder is checked for writing before anything is decoded. Existing
-files are never replaced unless ``--overwrite``: a free name ``<name>-1``, ``-2``, ... is
-used instead. Problems are reported on stderr naming the file and line: errors (the exit
+attention matrix; with a sentinel model also each target token's sentinel weight, drawn as a
+"language" column beside the heatmap); the folder is checked for writing before anything is
+decoded. Existing files are never replaced unless ``--overwrite``: a free name ``<name>-1``,
+``-2``, ... is used instead. Problems are reported on stderr naming the file and line: errors (the exit
 status is 1 if any sentence could not be translated, 2 for an unusable checkpoint, input
 file or heatmap folder) and warnings (exit status unchanged) for an input longer than the
 model reads (``max_source_length``: only its first tokens are translated), longer than any
@@ -82,9 +83,15 @@ def _slug(text: str, limit: int = 40) -> str:
 
 
 def translation_record(tr, label: str, source: str) -> dict:
-    """The JSON written next to a heatmap: input label, texts, tokens, (T, S) attention, score."""
-    return {"input": label, "source": source, "translation": tr.text, "source_tokens": tr.source_tokens,
-            "target_tokens": tr.target_tokens, "attention": tr.alpha.round(decimals=5).tolist(), "score": tr.score}
+    """The JSON written next to a heatmap: input label, texts, tokens, (T, S) attention, score, and
+    "sentinel" (per target token, the weight beta on the decoder's language state) when the model
+    has a sentinel."""
+    record = {"input": label, "source": source, "translation": tr.text, "source_tokens": tr.source_tokens,
+              "target_tokens": tr.target_tokens, "attention": tr.alpha.round(decimals=5).tolist(), "score": tr.score}
+    sentinel = getattr(tr, "sentinel", None)
+    if sentinel is not None:
+        record["sentinel"] = [round(float(b), 5) for b in sentinel]
+    return record
 
 
 def heatmap_stem(text: str) -> str:
@@ -157,7 +164,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(one_line(tr.text) if tr is not None else "", flush=True)
         if tr is None or out_dir is None:
             continue
-        figure = seq2seq_heatmap(tr.source_tokens, tr.target_tokens, tr.alpha)
+        figure = seq2seq_heatmap(tr.source_tokens, tr.target_tokens, tr.alpha, sentinel=tr.sentinel)
         png = write_heatmap(out_dir, f"{i + 1:04d}-{_slug(text)}", translation_record(tr, label, text), figure,
                             args.overwrite)
         print(f"  wrote {png}", file=sys.stderr)

@@ -323,6 +323,7 @@ def seq2seq_heatmap(
     target_tokens: list[str],
     alpha: torch.Tensor | np.ndarray,
     colormap: str = "inferno",
+    sentinel: Sequence[float] | torch.Tensor | np.ndarray | None = None,
 ) -> Image.Image:
     """Attention matrix of a text seq2seq model as a labelled heatmap (Bahdanau et al. style).
 
@@ -331,21 +332,31 @@ def seq2seq_heatmap(
         target_tokens: the T generated tokens (rows, labels on the left).
         alpha: (T, S) attention weights; colours run from 0 to the largest weight, shown on
             the colour bar on the right.
+        sentinel: optional (T,) per target token, the sentinel weight beta in [0, 1] (how much
+            the token relied on the decoder's language state instead of the source). Drawn as
+            a narrow column labelled "language" right of the heatmap: per row a grey track whose
+            filled share is beta (full = language only), as the overlays' sentinel bars.
     """
     src, tgt = [str(t) for t in source_tokens], [str(t) for t in target_tokens]
     a = _to_numpy(alpha, "alpha")
     if a.ndim != 2 or a.shape != (len(tgt), len(src)):
         raise ValueError(f"alpha must be (T, S) = ({len(tgt)}, {len(src)}) for {len(tgt)} target and "
                          f"{len(src)} source tokens; got shape {tuple(a.shape)}")
+    betas = None if sentinel is None else _to_numpy(sentinel, "sentinel").reshape(-1)
+    if betas is not None and betas.shape[0] != len(tgt):
+        raise ValueError(f"got {len(tgt)} target tokens but {betas.shape[0]} sentinel weights; they must match")
     t, s = a.shape
     cell = int(min(32, max(12, 480 // max(t, s, 1))))
     fsize = max(9, min(14, int(cell * 0.6)))
     font = _font(fsize)
-    label_w = min(200, math.ceil(max([_text_width(font, w) for w in src + tgt] + [10])) + 2 * GAP)
+    column_label = ["language"] if betas is not None else []
+    label_w = min(200, math.ceil(max([_text_width(font, w) for w in src + tgt + column_label] + [10])) + 2 * GAP)
     bar_w, bar_gap = 12, 2 * GAP
+    col_w = 2 * cell if betas is not None else 0  # the sentinel column
+    col_space = GAP + col_w if betas is not None else 0
     vmax = float(a.max()) if a.size else 0.0
     vtext = f"{vmax:.2f}"
-    width = label_w + s * cell + bar_gap + bar_w + GAP + int(_text_width(font, vtext)) + GAP
+    width = label_w + s * cell + col_space + bar_gap + bar_w + GAP + int(_text_width(font, vtext)) + GAP
     height = label_w + max(t * cell, 4 * cell) + GAP
 
     canvas = Image.new("RGB", (width, height), _BACKGROUND)
@@ -360,14 +371,27 @@ def seq2seq_heatmap(
     for i, word in enumerate(tgt):
         draw.text((x0 - GAP, y0 + i * cell + cell // 2), _fit_text(font, word, label_w - 2 * GAP),
                   fill=_TEXT, font=font, anchor="rm")
-    for j, word in enumerate(src):
-        # Vertical source labels: draw horizontally on a strip, rotate, paste above column j.
+
+    def column_label_at(x: int, word: str) -> None:
+        # Vertical labels: draw horizontally on a strip, rotate, paste above the column at x.
         text = _fit_text(font, word, label_w - 2 * GAP)
         strip = Image.new("RGB", (label_w - GAP, cell), _BACKGROUND)
         ImageDraw.Draw(strip).text((GAP, cell // 2), text, fill=_TEXT, font=font, anchor="lm")
-        canvas.paste(strip.rotate(90, expand=True), (x0 + j * cell, 0))
-    # colour bar: 0 at the bottom, vmax at the top
-    bx, bh = x0 + s * cell + bar_gap, max(t * cell, 4 * cell)
+        canvas.paste(strip.rotate(90, expand=True), (x, 0))
+
+    for j, word in enumerate(src):
+        column_label_at(x0 + j * cell, word)
+    if betas is not None:  # per row: grey track, filled share = beta (language)
+        cx = x0 + s * cell + GAP
+        column_label_at(cx + (col_w - cell) // 2, column_label[0])
+        for i, beta in enumerate(np.clip(betas, 0.0, 1.0)):
+            top, bottom = y0 + i * cell + 1, y0 + (i + 1) * cell - 2
+            draw.rectangle((cx, top, cx + col_w - 1, bottom), fill=(225, 225, 225))
+            filled = round(col_w * float(beta))
+            if filled:
+                draw.rectangle((cx, top, cx + filled - 1, bottom), fill=_SENTINEL)
+    # colour bar (of the heatmap): 0 at the bottom, vmax at the top
+    bx, bh = x0 + s * cell + col_space + bar_gap, max(t * cell, 4 * cell)
     ramp = (cmap[np.linspace(255, 0, bh).round().astype(np.int64)] * 255).astype(np.uint8)
     canvas.paste(Image.fromarray(np.repeat(ramp[:, None, :], bar_w, axis=1)), (bx, y0))
     draw.text((bx + bar_w + GAP // 2, y0), vtext, fill=_TEXT, font=font, anchor="lt")
