@@ -36,7 +36,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from captioning.encoders import ImageEncoder  # noqa: E402
-from captioning.models import ImageCaptioner  # noqa: E402
+from captioning.image_model import ImageCaptioner  # noqa: E402
 from datamodules.cached import CachedFeaturesDataModule  # noqa: E402
 from datamodules.shapes import ShapesDataModule  # noqa: E402
 

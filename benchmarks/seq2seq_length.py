@@ -84,7 +84,8 @@ def train(args: argparse.Namespace, attention: str):
 def evaluate(args: argparse.Namespace, model, lengths: list[int]) -> list[dict]:
     """Per length n: exact match, BLEU, chrF and (attention only) alignment on fresh test examples."""
     from captioning.metrics import alignment_score, text_scores
-    from datamodules.text import SyntheticTextDataModule, collate
+    from datamodules.batches import collate_text as collate
+    from datamodules.text import SyntheticTextDataModule
 
     rows = []
     for n in lengths:

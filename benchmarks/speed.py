@@ -38,7 +38,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import statistics
 import sys
@@ -51,10 +50,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from captioning.attention import SCORERS  # noqa: E402
-from captioning.decoders import ShowAttendTellDecoder  # noqa: E402
+from captioning.image_decoder import ShowAttendTellDecoder  # noqa: E402
 from captioning.encoders import ImageEncoder, SmallCNN  # noqa: E402
-from captioning.models import ImageCaptioner  # noqa: E402
+from captioning.image_model import ImageCaptioner  # noqa: E402
 from captioning.vocab import Vocabulary  # noqa: E402
+from machine import cpu_name  # noqa: E402  (benchmarks/machine.py)
 
 REFERENCE = {"train_step_ms": 4500.0, "beam_seconds_per_caption": 1.1, "beam_captions_per_s": 0.9,
              "note": "best-known public implementation on this 2-core machine kind (shared/DESIGN.md)"}
@@ -151,16 +151,6 @@ def _rss_mb() -> float:
         return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
     except (OSError, ValueError):
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "cpu"
 
 
 def figure(value: float, run: Runner, **extra) -> dict:

@@ -53,6 +53,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import lightning.pytorch as pl  # noqa: E402
 import torch  # noqa: E402
+from machine import cpu_name  # noqa: E402  (benchmarks/machine.py)
 
 TUTORIAL_SIZES = dict(embed_dim=128, decoder_dim=128, attention_dim=128, encoder_layers=1)
 DEFAULT_SIZES = dict(embed_dim=256, encoder_dim=256, decoder_dim=512, attention_dim=256, encoder_layers=1)
@@ -223,7 +224,7 @@ def main(argv: list[str] | None = None) -> None:
         if args.validation:
             runs.setdefault("validation", []).append({f"beam{k}_s": run_validation(dm_default, k) for k in (1, 4)})
     result = {
-        "machine": {"cpu_count": os.cpu_count(), "cpu": _cpu_name(), "torch": torch.__version__,
+        "machine": {"cpu_count": os.cpu_count(), "cpu": cpu_name(), "torch": torch.__version__,
                     "torch_threads": args.threads, "torch_interop_threads": torch.get_num_interop_threads(),
                     "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "unset"),
                     "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY"),
@@ -249,16 +250,6 @@ def main(argv: list[str] | None = None) -> None:
     print(text)
     if args.out:
         Path(args.out).write_text(text + "\n")
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "cpu"
 
 
 if __name__ == "__main__":

@@ -76,7 +76,7 @@ def state_dict_problem(err: RuntimeError) -> str:
     return problems[0].rstrip(".") + more
 
 
-def load_model(path: str | Path, default_class: str = "captioning.models.ImageCaptioner",
+def load_model(path: str | Path, default_class: str = "captioning.image_model.ImageCaptioner",
                map_location: str | torch.device = "cpu", trust_modules: Sequence[str] = ()) -> pl.LightningModule:
     """Rebuild the LightningModule saved in ``path`` (file or run folder) and load its weights (eval mode).
 

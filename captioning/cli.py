@@ -48,7 +48,7 @@ LIGHTNING_COMMANDS = {
 }
 # Imported before parsing: configs may name their classes by short names (``--model ImageCaptioner``,
 # ``class_path: SmallCNN``), and ``--model.encoder.help`` lists exactly these encoders.
-MODEL_MODULES = ("captioning.models", "captioning.text_model", "captioning.encoders", "captioning.timm_encoder")
+MODEL_MODULES = ("captioning.image_model", "captioning.text_model", "captioning.encoders", "captioning.timm_encoder")
 
 
 def vocab_data(datamodule: Any) -> dict:
@@ -103,7 +103,7 @@ def _with_model_for_nested_help(args: list[str]) -> list[str]:
     wants = any(a.startswith(("--model.encoder.help", "--model.init_args.encoder.help")) for a in args)
     named = any(a in ("--model", "-c", "--config") or a.startswith(("--model=", "--config=")) for a in args)
     if wants and not named and args and args[0] in LIGHTNING_COMMANDS:
-        return [args[0], "--model", "captioning.models.ImageCaptioner", *args[1:]]
+        return [args[0], "--model", "captioning.image_model.ImageCaptioner", *args[1:]]
     return args
 
 

@@ -3,7 +3,7 @@
 With a frozen encoder, encoding the same image again every epoch (and once per caption) is
 wasted work: build the cache once, and :class:`datamodules.cached.CachedFeaturesDataModule`
 serves batches that carry ``"features"`` (B, S, C) instead of ``"images"``
-(:meth:`captioning.models.ImageCaptioner.encode` uses them when present).
+(:meth:`captioning.image_model.ImageCaptioner.encode` uses them when present).
 
 Cache format: one folder per split (``<cache_dir>/train``, ``/val``, ``/test``), or one
 folder shared by every split (``<cache_dir>`` itself; rows are looked up by image id):

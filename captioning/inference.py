@@ -43,7 +43,7 @@ def caption_images(model: Any, images: Sequence[Image.Image], beam_size: int | N
     """Caption PIL images (any size and mode) in one batch.
 
     Args:
-        model: an :class:`captioning.models.ImageCaptioner` (eval mode; on any device).
+        model: an :class:`captioning.image_model.ImageCaptioner` (eval mode; on any device).
         beam_size, max_length, allow_unk: decoding settings; None = the model's own.
     """
     if not images:

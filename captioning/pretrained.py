@@ -202,7 +202,7 @@ def load_pretrained(name_or_path: str | os.PathLike, trust_modules: Sequence[str
 
 
 def load_any(ckpt_path: str | None = None, model: str | None = None, trust_modules: Sequence[str] = (),
-             map_location: str | torch.device = "cpu", default_class: str = "captioning.models.ImageCaptioner") -> Any:
+             map_location: str | torch.device = "cpu", default_class: str = "captioning.image_model.ImageCaptioner") -> Any:
     """What the commands take: ``--ckpt_path`` (checkpoint or run folder) or ``--model`` (folder or repo)."""
     if (ckpt_path is None) == (model is None):
         raise ValueError("give either --ckpt_path (a checkpoint or run folder) or --model (an exported model "

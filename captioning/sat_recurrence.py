@@ -113,6 +113,21 @@ def fused_recurrence(plan: RecurrencePlan, xg: Tensor, memory: PreparedMemory, h
     return RecurrenceOutput(out, alphas, betas if plan.sentinel_rows is not None else None, contexts)
 
 
+def lstm_cell(gates: Tensor, c: Tensor, sentinel: bool) -> tuple[Tensor, Tensor, Tensor | None]:
+    """The LSTM update of both decoders' plain (autograd) steps, the maths :func:`_cell` runs here.
+
+    gates (N, 4D) pre-activations i, f, g, o (+ g_s (N, D) with the sentinel), c (N, D) ->
+    h, c (N, D) and the sentinel s = sigmoid(g_s) * tanh(c) (N, D) or None (Lu et al. 2017).
+    """
+    if sentinel:
+        i, f, g, o, g_s = gates.chunk(5, dim=-1)
+    else:
+        i, f, g, o = gates.chunk(4, dim=-1)
+    c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+    tanh_c = torch.tanh(c)
+    return torch.sigmoid(o) * tanh_c, c, torch.sigmoid(g_s) * tanh_c if sentinel else None
+
+
 def _cell(gates: Tensor, c: Tensor, act: Tensor, d: int, sentinel: bool) -> tuple[Tensor, Tensor, Tensor | None]:
     """LSTM update from pre-activations (B, G); act (B, G) receives the activations."""
     torch.sigmoid(gates, out=act)

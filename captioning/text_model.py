@@ -3,7 +3,7 @@
 What both models share (evaluation, logging, optimisation, checkpoints) is
 :class:`captioning.base_model.AttentionModel`.
 
-The maths lives in :mod:`captioning.seq2seq` (BiLSTM encoder, attention LSTM decoder built on
+The maths lives in :mod:`captioning.text_encoder` (BiLSTM encoder) and :mod:`captioning.text_decoder` (attention LSTM decoder built on
 the shared attention layer) and :mod:`captioning.search` (the same greedy/beam search as
 the image captioner). This class computes the loss with padding masked out and scores
 validation/test by real decoding: ``val/bleu``, ``val/chrf`` (sacrebleu; the BLEU signature
@@ -46,7 +46,8 @@ from torch.nn.utils.rnn import pad_sequence
 
 from captioning.base_model import AttentionModel, check_scheduler
 from captioning.search import SearchResult, StepOutput
-from captioning.seq2seq import AttentionLSTMDecoder, BiLSTMEncoder
+from captioning.text_decoder import AttentionLSTMDecoder
+from captioning.text_encoder import BiLSTMEncoder
 from captioning.text_vocab import TextTokenizer, TextVocab
 from captioning.vocab import EOS
 
@@ -133,8 +134,8 @@ class Seq2SeqModel(AttentionModel):
         max_source_length: longest source the model reads (tokens incl. EOS); longer ones are
             cut to their first tokens (also the positions the ``location`` score has).
         allow_unk: let decoding emit ``<unk>`` (default: never; see the module docstring).
-        fused: teacher forcing through the fused recurrence where it applies (captioning.seq2seq).
-        sentinel: adaptive attention with a language sentinel (captioning.seq2seq): each target
+        fused: teacher forcing through the fused recurrence where it applies (captioning.text_decoder).
+        sentinel: adaptive attention with a language sentinel (captioning.text_decoder): each target
             token may rely on the decoder's own state instead of the source; its weight beta is
             reported per token. Needs an attention score. Off: the model is exactly as without it.
     """

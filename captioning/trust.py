@@ -29,7 +29,9 @@ from torch import nn
 
 from captioning.encoders import ENCODER_CLASSES, Encoder
 
-MODEL_CLASSES = ("captioning.models.ImageCaptioner", "captioning.text_model.Seq2SeqModel")
+MODEL_CLASSES = ("captioning.image_model.ImageCaptioner", "captioning.text_model.Seq2SeqModel")
+# Class paths earlier releases wrote into checkpoints and run configs -> where the class lives now.
+RENAMED_CLASSES = {"captioning.models.ImageCaptioner": "captioning.image_model.ImageCaptioner"}
 TRUST_ENV = "CAPTIONING_TRUST_MODULES"
 _CLASS_PATH = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)+$")
 # Arguments older releases stored that no longer exist: dropped when they hold the old default.
@@ -54,6 +56,7 @@ def resolve_class(class_path: Any, kind: str, trust: Sequence[str] = (), source:
     """The class ``class_path`` names, if it may be built as a ``kind`` ("model" or "encoder")."""
     if not isinstance(class_path, str) or not _CLASS_PATH.match(class_path):
         raise ValueError(f"{source}: {class_path!r} is not a class path (module.Class)")
+    class_path = RENAMED_CLASSES.get(class_path, class_path)
     ours = MODEL_CLASSES if kind == "model" else ENCODER_CLASSES
     base = nn.Module if kind == "model" else Encoder
     module_name, name = class_path.rsplit(".", 1)

@@ -1,7 +1,7 @@
 """Train the decoder from cached encoder features: wraps an image datamodule (shapes, COCO).
 
 Batches carry ``"features"`` (B, S, C) float16 in place of ``"images"``;
-:meth:`captioning.models.ImageCaptioner.encode` uses them as they are (cast to the model's
+:meth:`captioning.image_model.ImageCaptioner.encode` uses them as they are (cast to the model's
 dtype). Every image is encoded once, by the model's own frozen encoder, when the cache is
 missing or stale (checked by the encoder's weight hash and the data settings); see
 :mod:`captioning.features` for the format and for bringing features from another extractor.
@@ -24,13 +24,13 @@ from typing import Any
 import torch
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
-from torch.nn.utils.rnn import pad_sequence
 from torch.utils.data import DataLoader, Dataset, RandomSampler
 
 from captioning.encoders import encoder_config
 from captioning.features import FeatureCache, build_feature_cache, encoder_fingerprint
 from captioning.images import image_tensor, load_image
 from captioning.vocab import Vocabulary
+from datamodules.batches import CaptionBatch, collate_captions
 from datamodules.sampling import LengthBucketBatchSampler, OneCaptionPerImageSampler
 
 SPLITS = ("train", "val", "test")
@@ -68,15 +68,9 @@ class _Collate:
     def __init__(self, cache: FeatureCache) -> None:
         self.cache = cache
 
-    def __call__(self, items: list[dict]) -> dict:
-        caps = [torch.tensor(it["caption"], dtype=torch.long) for it in items]
-        batch = {"features": self.cache.read([it["row"] for it in items]),  # (B, S, C) float16
-                 "captions": pad_sequence(caps, batch_first=True, padding_value=Vocabulary.pad_id).view(len(caps), -1),
-                 "lengths": torch.tensor([len(c) for c in caps], dtype=torch.long),
-                 "image_ids": [it["image_id"] for it in items],
-                 "references": [it["references"] for it in items]}
-        if "boxes" in items[0]:
-            batch["boxes"] = [it["boxes"] for it in items]
+    def __call__(self, items: list[dict]) -> CaptionBatch:
+        batch = collate_captions(items)
+        batch["features"] = self.cache.read([it["row"] for it in items])  # (B, S, C) float16
         return batch
 
 
@@ -93,10 +87,6 @@ class _ImageFiles(Dataset):
         image_id, path = self.records[k]
         return {"image": image_tensor(load_image(path, max_pixels=self.max_pixels), self.image_size),
                 "image_id": image_id}
-
-
-def _collate_files(items: list[dict]) -> dict:
-    return {"images": torch.stack([it["image"] for it in items]), "image_ids": [it["image_id"] for it in items]}
 
 
 class CachedFeaturesDataModule(LightningDataModule):
@@ -196,12 +186,10 @@ class CachedFeaturesDataModule(LightningDataModule):
         if hasattr(self.data, "image_records"):  # COCO-style: files on disk
             dataset = _ImageFiles(self.data.image_records(split), self.data.image_size,
                                   getattr(self.data, "max_pixels", None))
-            return DataLoader(dataset, collate_fn=_collate_files, **kw), len(dataset)
+            return DataLoader(dataset, collate_fn=collate_captions, **kw), len(dataset)
         if hasattr(self.data, "dataset") and hasattr(self.data, "train_dataloader"):  # shapes: generated
-            from datamodules.shapes import collate
-
             dataset = self.data.dataset(split)  # eval dataset: one item per image, all references
-            return DataLoader(dataset, collate_fn=collate, **kw), len(dataset)
+            return DataLoader(dataset, collate_fn=collate_captions, **kw), len(dataset)
         raise TypeError(f"cannot list the images of {type(self.data).__name__}: it needs image_records(split) "
                         "or dataset(split); build the cache yourself (captioning.features.write_feature_cache)")
 

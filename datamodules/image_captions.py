@@ -30,11 +30,11 @@ from typing import Any
 import torch
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
-from torch.nn.utils.rnn import pad_sequence
 from torch.utils.data import DataLoader, Dataset, RandomSampler
 
 from captioning.images import DEFAULT_MAX_PIXELS, ImageReadError, Preprocessing, image_tensor, load_image
 from captioning.vocab import Vocabulary
+from datamodules.batches import collate_captions
 from datamodules.sampling import LengthBucketBatchSampler
 
 log = logging.getLogger(__name__)
@@ -128,22 +128,6 @@ class CaptionDataset(Dataset):
         if self.boxes is not None:
             item["boxes"] = self.boxes.get(rec.image_id, [])
         return item
-
-
-def collate_captions(items: list[dict[str, Any] | None]) -> dict[str, Any]:
-    """Items -> batch: images (B, 3, H, W) uint8, captions (B, L) padded with 0, lengths (B,),
-    image_ids, references[, boxes]. ``None`` items (skipped bad images) are dropped."""
-    items = [it for it in items if it is not None]
-    caps = [it["caption"] for it in items]
-    extra = {"boxes": [it["boxes"] for it in items]} if items and "boxes" in items[0] else {}
-    return {**extra,
-        "images": torch.stack([it["image"] for it in items]) if items else torch.zeros(0, 3, 1, 1, dtype=torch.uint8),
-        "captions": pad_sequence(caps, batch_first=True, padding_value=Vocabulary.pad_id).view(len(caps), -1)
-        if items else torch.zeros(0, 0, dtype=torch.long),
-        "lengths": torch.tensor([len(c) for c in caps], dtype=torch.long),
-        "image_ids": [it["image_id"] for it in items],
-        "references": [it["references"] for it in items],
-    }
 
 
 # ----------------------------------------------------------------------------- datamodule

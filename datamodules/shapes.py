@@ -23,11 +23,11 @@ import lightning as L
 import numpy as np
 import torch
 from PIL import Image, ImageDraw
-from torch.nn.utils.rnn import pad_sequence
 from torch.utils.data import DataLoader, Dataset
 
 from captioning.images import Preprocessing
 from captioning.vocab import Vocabulary, tokenize
+from datamodules.batches import collate_captions
 from datamodules.image_captions import FollowsEncoder
 
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "diamond")
@@ -265,20 +265,7 @@ class ShapesDataset(Dataset):
         k = int(torch.randint(len(scene.captions), ())) if self.per_caption else 0
         ids = self.vocab.encode(scene.captions[k].split()) if self.with_captions else []
         return {"image": image, "caption": torch.tensor(ids, dtype=torch.long), "image_id": index,
-                "references": scene.captions, "objects": scene.objects}
-
-
-def collate(items: list[dict]) -> dict:
-    """Items -> batch: images (B, 3, H, W) uint8, captions (B, L) padded with 0, lengths (B,),
-    image_ids, references, objects (per image, the objects with their boxes)."""
-    captions = pad_sequence([it["caption"] for it in items], batch_first=True, padding_value=0)
-    return {"images": torch.stack([it["image"] for it in items]),
-            "captions": captions.view(len(items), -1).long(),
-            "lengths": torch.tensor([len(it["caption"]) for it in items], dtype=torch.long),
-            "image_ids": [it["image_id"] for it in items],
-            "references": [it["references"] for it in items],
-            "objects": [it["objects"] for it in items],
-            "boxes": [named_boxes(it["objects"]) for it in items]}
+                "references": scene.captions, "objects": scene.objects, "boxes": named_boxes(scene.objects)}
 
 
 def named_boxes(objects: Sequence[dict]) -> list[dict]:
@@ -359,7 +346,7 @@ class ShapesDataModule(FollowsEncoder, L.LightningDataModule):
 
     def _loader(self, dataset: ShapesDataset, shuffle: bool) -> DataLoader:
         return DataLoader(dataset, batch_size=self.batch_size, shuffle=shuffle,
-                          num_workers=self.num_workers, collate_fn=collate,
+                          num_workers=self.num_workers, collate_fn=collate_captions,
                           persistent_workers=self.num_workers > 0)
 
     def train_dataloader(self) -> DataLoader:

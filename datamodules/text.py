@@ -31,7 +31,6 @@ from typing import Sequence
 
 import lightning as L
 import torch
-from torch.nn.utils.rnn import pad_sequence
 from torch.utils.data import DataLoader, Dataset, RandomSampler
 
 from captioning.text_vocab import SUBWORD_KINDS, TextTokenizer, TextVocab
@@ -39,6 +38,7 @@ from captioning.vocab import Vocabulary
 # Imported at module level on purpose: Lightning records the init args of BatchSampler
 # subclasses that exist when it calls the dataloader hooks, so it can rebuild the sampler
 # with a DistributedSampler underneath under DDP.
+from datamodules.batches import collate_text
 from datamodules.sampling import LengthBucketBatchSampler
 
 SPLITS = ("train", "val", "test")
@@ -67,21 +67,6 @@ class TextPairDataset(Dataset):
         return self.items[index] if self.items is not None else self.make(index)
 
 
-def collate(items: list[dict]) -> dict:
-    """Items -> the text batch (ids padded with 0); "alignments" only when every item has one."""
-    sources = [torch.as_tensor(it["source"], dtype=torch.long) for it in items]
-    targets = [torch.as_tensor(it["target"], dtype=torch.long) for it in items]
-    batch = {"source": pad_sequence(sources, batch_first=True),
-             "source_lengths": torch.tensor([len(s) for s in sources], dtype=torch.long),
-             "target": pad_sequence(targets, batch_first=True),
-             "target_lengths": torch.tensor([len(t) for t in targets], dtype=torch.long),
-             "ids": [it["id"] for it in items], "source_text": [it["source_text"] for it in items],
-             "references": [it["reference"] for it in items]}
-    if all(it.get("alignment") is not None for it in items):
-        batch["alignments"] = [list(it["alignment"]) for it in items]
-    return batch
-
-
 class _TextDataModule(L.LightningDataModule):
     """Loaders shared by both datamodules; subclasses provide ``dataset(split)`` and ``text_vocab``."""
 
@@ -95,7 +80,7 @@ class _TextDataModule(L.LightningDataModule):
 
     def _loader(self, split: str, shuffle: bool, by_length: bool = False) -> DataLoader:
         data = self.dataset(split)
-        common = dict(num_workers=self.num_workers, collate_fn=collate, persistent_workers=self.num_workers > 0)
+        common = dict(num_workers=self.num_workers, collate_fn=collate_text, persistent_workers=self.num_workers > 0)
         lengths = self.source_lengths(split) if by_length else None
         if lengths is None:
             return DataLoader(data, batch_size=self.batch_size, shuffle=shuffle, **common)

@@ -20,7 +20,8 @@ from torch.utils.data import DataLoader, RandomSampler
 # (to rebuild it around a DistributedSampler) only for classes defined before fit starts; a
 # class first imported inside train_dataloader() is rebuilt without `lengths` and fails.
 from datamodules.sampling import LengthBucketBatchSampler
-from datamodules.shapes import ShapesDataModule, collate
+from datamodules.batches import collate_captions as collate
+from datamodules.shapes import ShapesDataModule
 
 ROOT = Path(__file__).resolve().parents[1]
 TESTS = Path(__file__).resolve().parent

@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader
 from captioning.callbacks import AttentionOverlays, per_image_cider
 from captioning.encoders import SmallCNN
 from captioning.metrics import caption_scores
-from captioning.models import ImageCaptioner
+from captioning.image_model import ImageCaptioner
 from captioning.viz import attention_overlay, seq2seq_heatmap
 from datamodules.shapes import ShapesDataModule
 

@@ -94,14 +94,14 @@ def _fuzz(tmp_path: Path, name: str, original: bytes, load: Callable[[Path], Any
 @pytest.fixture(scope="module")
 def checkpoint_bytes(tmp_path_factory) -> bytes:
     from captioning.encoders import SmallCNN
-    from captioning.models import ImageCaptioner
+    from captioning.image_model import ImageCaptioner
     from captioning.vocab import Vocabulary
 
     model = ImageCaptioner(SmallCNN(channels=4, grid_size=2, width=2), Vocabulary(["a", "b"]).to_dict(),
                            embed_dim=4, decoder_dim=4, attention_dim=4)
     path = tmp_path_factory.mktemp("ckpt") / "m.ckpt"
     torch.save({"state_dict": model.state_dict(), "hyper_parameters": {
-        "_class_path": "captioning.models.ImageCaptioner", **dict(model.hparams)}}, path)
+        "_class_path": "captioning.image_model.ImageCaptioner", **dict(model.hparams)}}, path)
     return path.read_bytes()
 
 

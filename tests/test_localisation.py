@@ -124,7 +124,7 @@ def test_localisation_is_measured_on_coco_format_data_with_an_instances_file(tmp
     import lightning.pytorch as pl
 
     from captioning.encoders import SmallCNN
-    from captioning.models import ImageCaptioner
+    from captioning.image_model import ImageCaptioner
     from datamodules.coco import CocoCaptionsDataModule
     from photo_data import karpathy, write_photos
 

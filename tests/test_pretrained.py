@@ -36,7 +36,7 @@ def test_export_writes_a_self_contained_model_folder(exported):
     names = {p.name for p in exported.iterdir()}
     assert {"config.json", "model.safetensors", "README.md", "example.png", "example.json"} <= names
     config = json.loads((exported / CONFIG_FILE).read_text())
-    assert config["class_path"] == "captioning.models.ImageCaptioner"
+    assert config["class_path"] == "captioning.image_model.ImageCaptioner"
     assert config["init_args"]["encoder"]["class_path"] == "captioning.encoders.SmallCNN"
     assert config["init_args"]["vocab"]["itos"][:4] == ["<pad>", "<bos>", "<eos>", "<unk>"]
     assert config["preprocessing"] == {"image_size": 64, "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}

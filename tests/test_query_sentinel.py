@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from captioning.attention import SCORERS
-from captioning.decoders import ShowAttendTellDecoder
+from captioning.image_decoder import ShowAttendTellDecoder
 from captioning.search import beam_search, greedy_search
 from test_sat_recurrence import assert_fused_equals_plain
 

@@ -187,14 +187,14 @@ def test_external_features_route_then_attached_extractor_captions_photos(photos,
 
 def test_attaching_an_extractor_of_the_wrong_size_is_refused(tmp_path, capsys):
     from captioning.encoders import PrecomputedFeatures
-    from captioning.models import ImageCaptioner
+    from captioning.image_model import ImageCaptioner
     from captioning.vocab import Vocabulary
 
     model = ImageCaptioner(PrecomputedFeatures(grid_size=7, channels=1280), Vocabulary(["a", "b"]).to_dict(),
                            embed_dim=8, decoder_dim=8, attention_dim=8)
     ckpt = tmp_path / "f.ckpt"
     torch.save({"state_dict": model.state_dict(), "hyper_parameters": {
-        "_class_path": "captioning.models.ImageCaptioner", **dict(model.hparams)}}, ckpt)
+        "_class_path": "captioning.image_model.ImageCaptioner", **dict(model.hparams)}}, ckpt)
     spec = tmp_path / "enc.yaml"
     spec.write_text("class_path: captioning.encoders.ImageEncoder\ninit_args: {backbone: resnet18, weights: null, "
                     "grid_size: 2}\n")

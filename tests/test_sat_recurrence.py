@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from captioning.attention import SCORERS, Attention
-from captioning.decoders import ShowAttendTellDecoder
+from captioning.image_decoder import ShowAttendTellDecoder
 from captioning.search import beam_search, greedy_search
 
 V, C, S = 30, 12, 9

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from captioning.attention import SCORERS, AdditiveScorer, Scorer
-from captioning.decoders import ShowAttendTellDecoder
+from captioning.image_decoder import ShowAttendTellDecoder
 from captioning.search import StepOutput, beam_search
 
 V, C, S = 25, 12, 9

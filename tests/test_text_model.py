@@ -12,7 +12,8 @@ from PIL import Image
 from captioning.checkpoints import load_model
 from captioning.metrics import alignment_score
 from captioning.text_model import Seq2SeqModel
-from datamodules.text import SyntheticTextDataModule, collate
+from datamodules.batches import collate_text as collate
+from datamodules.text import SyntheticTextDataModule
 
 
 

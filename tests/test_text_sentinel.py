@@ -12,12 +12,13 @@ from PIL import Image
 import captioning.viz as viz
 from captioning.checkpoints import load_model
 from captioning.search import beam_search, greedy_search
-from captioning.seq2seq import AttentionLSTMDecoder
+from captioning.text_decoder import AttentionLSTMDecoder
 from captioning.text_model import Seq2SeqModel
 from captioning.translate_command import main as translate_main
 from captioning.translate_command import translation_record
 from captioning.viz import _SENTINEL, seq2seq_heatmap
-from datamodules.text import SyntheticTextDataModule, collate
+from datamodules.batches import collate_text as collate
+from datamodules.text import SyntheticTextDataModule
 from test_sat_recurrence import assert_fused_equals_plain
 
 V, C, S, T = 20, 12, 7, 5

@@ -91,7 +91,7 @@ def test_pretrained_weights_come_from_the_hub_cache_layout(no_hub, monkeypatch):
 
 def test_checkpoint_round_trip_rebuilds_without_pretrained_weights(tmp_path, no_hub, monkeypatch):
     from captioning.checkpoints import load_model
-    from captioning.models import ImageCaptioner
+    from captioning.image_model import ImageCaptioner
     from captioning.vocab import Vocabulary
 
     model = ImageCaptioner(TimmEncoder(CNN, pretrained=False, grid_size=2), Vocabulary(["a"]).to_dict(),
@@ -100,7 +100,7 @@ def test_checkpoint_round_trip_rebuilds_without_pretrained_weights(tmp_path, no_
     model.hparams["encoder"]["init_args"]["pretrained"] = True
     path = tmp_path / "timm.ckpt"
     torch.save({"state_dict": model.state_dict(), "hyper_parameters": {
-        "_class_path": "captioning.models.ImageCaptioner", **dict(model.hparams)}}, path)
+        "_class_path": "captioning.image_model.ImageCaptioner", **dict(model.hparams)}}, path)
     monkeypatch.setenv("CAPTIONING_OFFLINE", "1")  # the weights are in the checkpoint: nothing to fetch
     loaded = load_model(path)
     x = torch.randint(0, 256, (1, 3, 224, 224), dtype=torch.uint8)

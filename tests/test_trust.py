@@ -6,6 +6,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import textwrap
+import warnings
 
 import pytest
 import torch
@@ -13,7 +14,7 @@ import torch
 from captioning.checkpoints import load_model
 from captioning.cli import main
 from captioning.encoders import SmallCNN
-from captioning.models import ImageCaptioner
+from captioning.image_model import ImageCaptioner
 from captioning.trust import TRUST_ENV, UntrustedClassError
 from captioning.vocab import Vocabulary
 from cli_probe import cli_command, cli_env
@@ -139,3 +140,21 @@ def test_caption_with_a_user_encoder_needs_the_trust_flag(tmp_path, user_module)
                              capture_output=True, text=True, timeout=300)
     assert trusted.returncode == 0, trusted.stderr
     assert (tmp_path / "out" / "photo.png").is_file() and (tmp_path / "out" / "photo.json").is_file()
+
+
+def test_checkpoints_and_configs_naming_the_former_module_still_load(tmp_path):
+    """captioning.models was renamed captioning.image_model: files written before still work."""
+    model = ImageCaptioner(SmallCNN(channels=8, grid_size=2), VOCAB, embed_dim=8, decoder_dim=8, attention_dim=8)
+    loaded = load_model(_save(model, tmp_path / "old.ckpt", _class_path="captioning.models.ImageCaptioner"))
+    assert type(loaded) is ImageCaptioner
+    for name, p in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], p), name
+    # A run's config.yaml names the class path; importing the old module works and says the new name.
+    code = ("import warnings; warnings.simplefilter('error', FutureWarning)\n"
+            "try:\n    import captioning.models\nexcept FutureWarning as w:\n    print(w)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert "renamed captioning.image_model" in out
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        from captioning.models import ImageCaptioner as Former
+    assert Former is ImageCaptioner

@@ -10,7 +10,7 @@ import torch
 
 from captioning.encoders import ImageEncoder, SmallCNN
 from captioning.features import write_feature_cache
-from captioning.models import ImageCaptioner
+from captioning.image_model import ImageCaptioner
 from captioning.vocab import Vocabulary
 from datamodules.cached import CachedFeaturesDataModule
 from datamodules.sampling import LengthBucketBatchSampler, OneCaptionPerImageSampler

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from captioning.text_vocab import TextTokenizer, TextVocab
-from datamodules.text import (MONTHS, SyntheticTextDataModule, TsvFormatError, TsvTextDataModule, collate,
+from datamodules.batches import collate_text as collate
+from datamodules.text import (MONTHS, SyntheticTextDataModule, TsvFormatError, TsvTextDataModule,
                               read_tsv)
 
 

@@ -7,7 +7,7 @@ import torch
 
 from captioning.checkpoints import load_model, read_checkpoint
 from captioning.encoders import SmallCNN
-from captioning.models import ImageCaptioner
+from captioning.image_model import ImageCaptioner
 from captioning.vocab import Vocabulary
 
 VOCAB = Vocabulary(["a", "red", "blue", "circle", "square"])

@@ -6,16 +6,18 @@ import pytest
 import torch
 
 import captioning.attention as attention_module
-import captioning.models as models_module
+import captioning.image_model as models_module
 import captioning.search as search_module
 import captioning.text_model as text_model_module
 from captioning.attention import SCORERS
 from captioning.encoders import SmallCNN
-from captioning.models import ImageCaptioner
+from captioning.image_model import ImageCaptioner
 from captioning.search import beam_search, greedy_search
-from captioning.seq2seq import AttentionLSTMDecoder, BiLSTMEncoder
+from captioning.text_decoder import AttentionLSTMDecoder
+from captioning.text_encoder import BiLSTMEncoder
 from captioning.text_model import Seq2SeqModel
-from datamodules.text import SyntheticTextDataModule, collate
+from datamodules.batches import collate_text as collate
+from datamodules.text import SyntheticTextDataModule
 
 
 
@@ -44,11 +46,11 @@ def test_image_and_text_models_share_one_attention_layer_and_one_search():
     assert type(captioner.decoder.attention) is type(seq2seq.decoder.attention) is attention_module.Attention
     assert type(captioner.decoder.attention.scorer) is type(seq2seq.decoder.attention.scorer)
     assert inspect.getsourcefile(type(seq2seq.decoder.attention)) == inspect.getsourcefile(attention_module)
-    import captioning.decoders as decoders_module
-    import captioning.seq2seq as seq2seq_module
+    import captioning.image_decoder as decoders_module
+    import captioning.text_decoder as text_decoder_module
 
     # Both decoders build their attention with the one factory.
-    assert seq2seq_module.build_attention is decoders_module.build_attention is attention_module.build_attention
+    assert text_decoder_module.build_attention is decoders_module.build_attention is attention_module.build_attention
     # Both models decode through the one base-class search, i.e. the very search functions.
     from captioning.base_model import AttentionModel
 

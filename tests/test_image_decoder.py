@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from captioning.attention import SCORERS
-from captioning.decoders import SATMemory, SATState, ShowAttendTellDecoder
+from captioning.image_decoder import SATMemory, SATState, ShowAttendTellDecoder
 from captioning.search import ExpandsMemory, StepDecoder, StepOutput, beam_search
 
 V, C, S = 40, 24, 16

@@ -1,8 +1,8 @@
-"""Text sequence-to-sequence maths: a BiLSTM encoder and an attention LSTM decoder.
+"""The text decoder: an attention LSTM decoder over the states of :mod:`captioning.text_encoder`.
 
 The decoder uses the SAME attention layer as the image captioner
 (:func:`captioning.attention.build_attention`) and implements the SAME step interface as
-:class:`captioning.decoders.ShowAttendTellDecoder` (``prepare_memory`` / ``init_state`` /
+:class:`captioning.image_decoder.ShowAttendTellDecoder` (``prepare_memory`` / ``init_state`` /
 ``step``), so :func:`captioning.search.greedy_search` and :func:`~captioning.search.beam_search`
 drive it unchanged.
 
@@ -21,7 +21,7 @@ attentional vector of the previous step is fed back as input::
     c_t, alpha_t = attention(h_t, encoder states)
     h~_t = tanh(W_c [h_t; c_t]);   p(y_t) = softmax(W_out h~_t)
 
-``sentinel=True`` (Lu et al. 2017, as in :class:`captioning.decoders.ShowAttendTellDecoder`): a
+``sentinel=True`` (Lu et al. 2017, as in :class:`captioning.image_decoder.ShowAttendTellDecoder`): a
 fifth LSTM gate g_t gives s_t = sigmoid(g_t) * tanh(c_t) (what the decoder's language state
 already knows), projected to the width of an encoder state and attended as one more source
 position by the same score (its key goes through the same bridge as the encoder states).
@@ -43,73 +43,23 @@ recurrence is the Show-Attend-Tell one without its gate (Luong: the current-stat
 input feeding; the sentinel as the image decoder's), so it runs through
 :func:`captioning.sat_recurrence.fused_recurrence` (one autograd node, every product on the state
 in one GEMM, each weight gradient formed once over all steps); ``fused=False`` runs the plain
-autograd loop (same outputs and gradients; tests/test_seq2seq.py and tests/test_text_sentinel.py
+autograd loop (same outputs and gradients; tests/test_text_decoder.py and tests/test_text_sentinel.py
 check both).
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from captioning.attention import PreparedMemory, build_attention, compares_directly
-from captioning.decoders import DecoderOutput, flat_rows
-from captioning.sat_recurrence import RecurrencePlan, fused_recurrence
+from captioning.image_decoder import DecoderOutput, flat_rows
+from captioning.sat_recurrence import RecurrencePlan, fused_recurrence, lstm_cell
 from captioning.search import StepOutput
 
 QUERY_STYLES = ("bahdanau", "luong")
-
-
-class EncoderOutput(NamedTuple):
-    """states (B, S, 2H) (exactly 0 at padding); mask (B, S) True = real token; summary (B, 2H)
-    = [last forward state; first backward state] of the top layer."""
-
-    states: Tensor
-    mask: Tensor
-    summary: Tensor
-
-
-def length_mask(lengths: Tensor, max_len: int) -> Tensor:
-    """lengths (B,) -> (B, max_len) bool, True for positions < length."""
-    return torch.arange(max_len, device=lengths.device).unsqueeze(0) < lengths.unsqueeze(1)
-
-
-class BiLSTMEncoder(nn.Module):
-    """Bidirectional LSTM over embedded source tokens, run on packed sequences so padding
-    never enters the recurrence: an item's states do not depend on how much it is padded.
-
-    Args:
-        vocab_size: source vocabulary size.
-        embed_dim: E; hidden_dim: H per direction (states are 2H wide, ``out_dim``).
-        num_layers: stacked BiLSTM layers; dropout between layers and on the embeddings.
-    """
-
-    def __init__(self, vocab_size: int, embed_dim: int = 128, hidden_dim: int = 128, num_layers: int = 1,
-                 dropout: float = 0.0, pad_id: int = 0) -> None:
-        super().__init__()
-        self.embedding = nn.Embedding(vocab_size, embed_dim, padding_idx=pad_id)
-        self.lstm = nn.LSTM(embed_dim, hidden_dim, num_layers, batch_first=True, bidirectional=True,
-                            dropout=dropout if num_layers > 1 else 0.0)
-        self.dropout = nn.Dropout(dropout)
-        self.out_dim = 2 * hidden_dim
-
-    def forward(self, source: Tensor, lengths: Tensor) -> EncoderOutput:
-        """source (B, S) token ids, lengths (B,) real tokens per row (>= 1) -> :class:`EncoderOutput`."""
-        if source.dim() != 2 or lengths.shape != source.shape[:1]:
-            raise ValueError(f"source must be (B, S) with lengths (B,), got {tuple(source.shape)} "
-                             f"and {tuple(lengths.shape)}")
-        if bool((lengths < 1).any()) or bool((lengths > source.shape[1]).any()):
-            raise ValueError(f"source lengths must be in 1..{source.shape[1]}, got {lengths.tolist()}")
-        emb = self.dropout(self.embedding(source))  # (B, S, E)
-        packed = pack_padded_sequence(emb, lengths.cpu(), batch_first=True, enforce_sorted=False)
-        out, (h, _) = self.lstm(packed)
-        states, _ = pad_packed_sequence(out, batch_first=True, total_length=source.shape[1])  # (B, S, 2H)
-        summary = torch.cat([h[-2], h[-1]], dim=-1)  # top layer: forward final, backward final
-        return EncoderOutput(states, length_mask(lengths, source.shape[1]), summary)
 
 
 class AttentionLSTMDecoder(nn.Module):
@@ -117,7 +67,7 @@ class AttentionLSTMDecoder(nn.Module):
 
     Args:
         vocab_size: V (target vocabulary).
-        encoder_dim: C, width of each encoder state (2H for :class:`BiLSTMEncoder`).
+        encoder_dim: C, width of each encoder state (2H for :class:`captioning.text_encoder.BiLSTMEncoder`).
         embed_dim, decoder_dim, attention_dim: E, D, A.
         attention: a score of :data:`captioning.attention.SCORERS` (or alias) or ``"none"``.
         query: ``"bahdanau"`` (previous state) or ``"luong"`` (current state + input feeding).
@@ -233,13 +183,7 @@ class AttentionLSTMDecoder(nn.Module):
     def _cell(self, x_gates: Tensor, extra: Tensor, h: Tensor, c: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
         """One LSTM update -> h, c (B, D) and the sentinel s (B, D) or None."""
         gates = x_gates + self.input_extra(extra) + self.recurrent(h)  # (B, 4D) or (B, 5D)
-        if self.sentinel:
-            i, f, g, o, g_s = gates.chunk(5, dim=-1)
-        else:
-            i, f, g, o = gates.chunk(4, dim=-1)
-        c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
-        tanh_c = torch.tanh(c)
-        return torch.sigmoid(o) * tanh_c, c, torch.sigmoid(g_s) * tanh_c if self.sentinel else None
+        return lstm_cell(gates, c, self.sentinel)
 
     def _advance(self, x_gates: Tensor, state: dict, memory: dict) -> tuple[Tensor, Tensor, Tensor | None, dict]:
         """One step given the embedding gates (B, G) -> attentional vector (B, D), alpha (B, S),

@@ -45,7 +45,7 @@ import torch
 from torch import Tensor, nn
 
 from captioning.attention import PreparedMemory, build_attention, compares_directly
-from captioning.sat_recurrence import QUERY_STYLES, RecurrenceOutput, RecurrencePlan, fused_recurrence
+from captioning.sat_recurrence import QUERY_STYLES, RecurrenceOutput, RecurrencePlan, fused_recurrence, lstm_cell
 from captioning.search import StepOutput
 
 
@@ -218,13 +218,7 @@ class ShowAttendTellDecoder(nn.Module):
         context ("previous") or fed-back vector ("current"). Returns h, c and the sentinel (or None)."""
         linear = self.input_context if self.query == "previous" else self.input_feed
         gates = x_gates + linear(extra) + self.recurrent(h)
-        if self.sentinel:
-            i, f, g, o, g_s = gates.chunk(5, dim=-1)
-        else:
-            i, f, g, o = gates.chunk(4, dim=-1)
-        c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
-        tanh_c = torch.tanh(c)
-        return torch.sigmoid(o) * tanh_c, c, torch.sigmoid(g_s) * tanh_c if self.sentinel else None
+        return lstm_cell(gates, c, self.sentinel)
 
     def _advance(self, x_gates: Tensor, state: SATState, memory: SATMemory):
         """One step from the embedding gates -> (output vector (N, D), alpha, beta, new state)."""
