@@ -21,7 +21,7 @@ Per step (h = h_{t-1}, c = c_{t-1}; every matrix that multiplies the state stack
         step; then [r | g | q | u] = h_t @ W_h^T + b, attention with q (and s_t), z as above,
         feed_t = tanh(u + z @ W_u^T); output feed_t.
 
-The attention is the layer's, through its hooks only (captioning/attention.py,
+The attention is the layer's, through its hooks only (captioning/attention.py, captioning/scores.py,
 docs/attention.md): ``fused_query_map`` (stacked into W_h), the scorer's ``scores_into`` /
 ``score_backward`` / ``scores_paired``, the layer's ``output_map`` (multi-head), and the one
 masked softmax with :func:`~captioning.attention.softmax_backward`. No score formula is written
@@ -47,7 +47,8 @@ from typing import Callable, NamedTuple
 import torch
 from torch import Tensor, nn
 
-from captioning.attention import AdditiveScorer, PreparedMemory, Scorer, masked_softmax, softmax_backward
+from captioning.attention import PreparedMemory, masked_softmax, softmax_backward
+from captioning.scores import AdditiveScorer, Scorer
 
 QUERY_STYLES = ("previous", "current")
 

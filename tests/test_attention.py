@@ -220,7 +220,7 @@ def test_multi_head_fused_query_map_is_the_two_stage_projection(score):
 
 
 def test_a_hook_counts_only_next_to_its_maths():
-    from captioning.attention import AdditiveScorer, Scorer
+    from captioning.scores import AdditiveScorer, Scorer
 
     class NewMaths(AdditiveScorer):  # changes scores() only: the additive fast hooks no longer apply
         def scores(self, qp, prepared):

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from captioning.attention import SCORERS, AdditiveScorer, Scorer
+from captioning.scores import SCORERS, AdditiveScorer, Scorer
 from captioning.image_decoder import ShowAttendTellDecoder
 from captioning.search import StepOutput, beam_search
 
