@@ -19,21 +19,18 @@ import sys
 from pathlib import Path
 from typing import Iterator, Sequence
 
-import torch
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
 
 
 def build_parser() -> argparse.ArgumentParser:
     from captioning.images import DEFAULT_MAX_PIXELS
+    from captioning.pretrained import add_model_arguments
 
     p = argparse.ArgumentParser(prog="captioning caption", description=__doc__.split("\n\n")[1])
     p.add_argument("images", nargs="+", metavar="IMAGE", help="image files, or folders (searched recursively)")
-    source = p.add_mutually_exclusive_group(required=True)
-    source.add_argument("--ckpt_path", help="checkpoint written by `captioning fit`, or a run folder "
-                                            "(its newest valid best*.ckpt is used)")
-    source.add_argument("--model", help="model folder written by `captioning export`, or a Hugging Face Hub "
-                                        "repo id (owner/name; needs the [hub] extra)")
+    add_model_arguments(p, "checkpoint written by `captioning fit`, or a run folder (its newest valid best*.ckpt "
+                           "is used)")
     p.add_argument("--output", help="folder for the overlay PNGs and JSON files (created); required unless "
                                     "--no_overlays")
     p.add_argument("--format", choices=("tsv", "jsonl"), default="tsv", help="stdout records (default tsv)")
@@ -44,10 +41,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max_pixels", type=int, default=DEFAULT_MAX_PIXELS,
                    help=f"refuse images with more pixels than this, each by name (decompression bombs; default "
                         f"{DEFAULT_MAX_PIXELS:,})")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--trust_module", action="append", default=[], metavar="MODULE",
-                   help="allow the model file to name classes from MODULE (your own encoder); importing it "
-                        "runs its code, so only for code you trust. Repeatable")
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs instead of new names")
     p.add_argument("--no_overlays", action="store_true", help="print captions only")
     p.add_argument("--overlay_scale", choices=("word", "caption"), default="word",

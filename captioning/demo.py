@@ -474,11 +474,10 @@ def translate_request(demo: Demo, text: str, beam_size: Any) -> dict:
 # ----------------------------------------------------------------------------- command
 def build_parser() -> argparse.ArgumentParser:
     from captioning.images import DEFAULT_MAX_PIXELS
+    from captioning.pretrained import add_model_arguments
 
     p = argparse.ArgumentParser(prog="captioning demo", description=__doc__.split("\n\n")[1])
-    source = p.add_mutually_exclusive_group(required=True)
-    source.add_argument("--ckpt_path", help="checkpoint written by `captioning fit`, or a run folder")
-    source.add_argument("--model", help="model folder written by `captioning export`, or a Hugging Face Hub repo id")
+    add_model_arguments(p, "checkpoint written by `captioning fit`, or a run folder")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine "
                                                        "only; 0.0.0.0 opens it to the network)")
     p.add_argument("--port", type=int, default=7860, help="port (default 7860)")
@@ -490,9 +489,6 @@ def build_parser() -> argparse.ArgumentParser:
                                                               "more wait in the queue")
     p.add_argument("--max_pixels", type=int, default=DEFAULT_MAX_PIXELS,
                    help=f"refuse images with more pixels than this (default {DEFAULT_MAX_PIXELS:,})")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--trust_module", action="append", default=[], metavar="MODULE",
-                   help="allow the model file to name classes from MODULE (runs its code). Repeatable")
     p.add_argument("--no_examples", action="store_true", help="do not offer the built-in example scenes")
     return p
 

@@ -23,11 +23,14 @@ import re
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
 
 from captioning.trust import build_model, trusted_modules
+
+if TYPE_CHECKING:
+    import argparse
 
 FORMAT = "attention-captioning/1"
 CONFIG_FILE, WEIGHTS_FILE, CARD_FILE = "config.json", "model.safetensors", "README.md"
@@ -199,6 +202,21 @@ def load_pretrained(name_or_path: str | os.PathLike, trust_modules: Sequence[str
             from err
     model.checkpoint_info = config.get("training") or {}
     return model.to(map_location).eval()
+
+
+def add_model_arguments(parser: "argparse.ArgumentParser", ckpt_help: str) -> None:
+    """The options every command that runs a model takes: where the model comes from
+    (``--ckpt_path`` or ``--model``, one required), ``--trust_module`` and ``--device``;
+    :func:`load_any` reads them."""
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--ckpt_path", help=ckpt_help)
+    source.add_argument("--model", help="model folder written by `captioning export`, or a Hugging Face Hub repo id "
+                                        "(owner/name; needs the [hub] extra)")
+    parser.add_argument("--trust_module", action="append", default=[], metavar="MODULE",
+                        help="allow the model file to name classes from MODULE (your own encoder); importing it runs "
+                             "its code, so only for code you trust. Repeatable")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="where the model runs (default: cuda when available, else cpu)")
 
 
 def load_any(ckpt_path: str | None = None, model: str | None = None, trust_modules: Sequence[str] = (),

@@ -29,22 +29,17 @@ import torch
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from captioning.pretrained import add_model_arguments
     p = argparse.ArgumentParser(prog="captioning translate", description=__doc__.split("\n\n")[1])
     p.add_argument("texts", nargs="*", metavar="TEXT", help="sentences to translate (or use --input)")
-    source = p.add_mutually_exclusive_group(required=True)
-    source.add_argument("--ckpt_path", help="checkpoint written by `captioning fit` with a text config, or a run "
-                                            "folder (its newest valid best*.ckpt, else last.ckpt)")
-    source.add_argument("--model", help="model folder written by `captioning export`, or a Hugging Face Hub repo id "
-                                        "(owner/name; needs the [hub] extra)")
-    p.add_argument("--trust_module", action="append", default=[], metavar="MODULE",
-                   help="allow the model file to name classes from MODULE; importing it runs its code. Repeatable")
+    add_model_arguments(p, "checkpoint written by `captioning fit` with a text config, or a run folder (its newest "
+                           "valid best*.ckpt, else last.ckpt)")
     p.add_argument("--input", help="file with one sentence per line ('-' = stdin); in a TSV file only the "
                                    "text before the first tab is used")
     p.add_argument("--heatmap_dir", help="write <name>.png (attention heatmap) and <name>.json here")
     p.add_argument("--beam_size", type=int, default=None, help="default: the model's own (1 = greedy)")
     p.add_argument("--max_length", type=int, default=None, help="longest output in tokens")
     p.add_argument("--batch_size", type=int, default=32, help="sentences decoded together")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--overwrite", action="store_true", help="replace existing heatmap files")
     p.add_argument("--allow_unk", action="store_true", default=None,
                    help="let translations contain <unk> (default: the model's allow_unk setting, normally off)")
