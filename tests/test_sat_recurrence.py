@@ -4,6 +4,7 @@ no-graph scores in search. (Query styles and the sentinel: tests/test_query_sent
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from captioning.attention import SCORERS, Attention
 from captioning.image_decoder import ShowAttendTellDecoder
@@ -52,6 +53,31 @@ def assert_fused_equals_plain(dec, feats, inputs, mask=None):
     torch.testing.assert_close(f_feat, p_feat)  # a fine-tuned encoder gets the same gradient
 
 
+def training_losses(dec, feats, captions, steps, lr):
+    """Adam steps of teacher forcing on one batch -> the loss of each step."""
+    opt = torch.optim.Adam(dec.parameters(), lr=lr)
+    losses = []
+    for _ in range(steps):
+        logits = dec(feats, captions[:, :-1]).logits
+        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), captions[:, 1:].reshape(-1))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses
+
+
+def assert_bf16_autocast_close_to_fp32(dec, feats, inputs):
+    """Forward (and backward) under bf16 autocast: finite gradients, logits and alphas near fp32."""
+    ref = dec(feats, inputs)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = dec(feats, inputs)
+        low.logits.float().sum().backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in dec.parameters())
+    torch.testing.assert_close(low.logits.float(), ref.logits, atol=0.05, rtol=0.05)
+    torch.testing.assert_close(low.alphas.float(), ref.alphas, atol=0.02, rtol=0.05)
+
+
 def _mask(b=4):
     mask = torch.ones(b, S, dtype=torch.bool)
     mask[1, 5:] = False
@@ -92,15 +118,7 @@ def test_fused_recurrence_passes_gradcheck(score, heads):
 
 
 def test_fused_recurrence_under_bf16_autocast_stays_close_to_fp32():
-    dec = _decoder().float()
-    feats, inputs = torch.randn(4, S, C), torch.randint(0, V, (4, 6))
-    ref = dec(feats, inputs)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        low = dec(feats, inputs)
-        low.logits.float().sum().backward()
-    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in dec.parameters())
-    torch.testing.assert_close(low.logits.float(), ref.logits, atol=0.05, rtol=0.05)
-    torch.testing.assert_close(low.alphas.float(), ref.alphas, atol=0.02, rtol=0.05)
+    assert_bf16_autocast_close_to_fp32(_decoder().float(), torch.randn(4, S, C), torch.randint(0, V, (4, 6)))
 
 
 class _NoExpand:

@@ -189,19 +189,11 @@ def test_a_new_score_defined_and_registered_trains_and_decodes(monkeypatch, head
     assert isinstance(dec.attention.scorer, DistanceScorer) and dec.uses_fused_recurrence
     feats, captions = torch.randn(4, S, C, dtype=torch.double), torch.randint(3, V, (4, 6))
     # Training: the fused recurrence (autograd backward through scores()) equals the plain loop.
-    from test_sat_recurrence import assert_fused_equals_plain
+    from test_sat_recurrence import assert_fused_equals_plain, training_losses
 
     assert_fused_equals_plain(dec, feats, captions[:, :-1])
     # It learns: a few steps on one batch bring the loss down.
-    opt = torch.optim.Adam(dec.parameters(), lr=2e-2)
-    losses = []
-    for _ in range(20):
-        logits = dec(feats, captions[:, :-1]).logits
-        loss = F.cross_entropy(logits.reshape(-1, V), captions[:, 1:].reshape(-1))
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    losses = training_losses(dec, feats, captions, steps=20, lr=2e-2)
     assert losses[-1] < 0.5 * losses[0]
     # Decoding: beam search returns captions with attention maps that sum to 1.
     dec.eval()
