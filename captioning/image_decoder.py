@@ -45,7 +45,8 @@ import torch
 from torch import Tensor, nn
 
 from captioning.attention import PreparedMemory, build_attention, compares_directly
-from captioning.sat_recurrence import QUERY_STYLES, RecurrenceOutput, RecurrencePlan, fused_recurrence, lstm_cell
+from captioning.sat_recurrence import (QUERY_STYLES, RecurrenceOutput, RecurrencePlan, autocast_matmul_dtype,
+                                       fused_recurrence, lstm_cell, stack_state_maps)
 from captioning.search import StepOutput
 
 
@@ -258,26 +259,20 @@ class ShowAttendTellDecoder(nn.Module):
             if self.query_proj is not None:
                 w_q = w_q @ self.query_proj.weight
         # Every matrix that multiplies the state, stacked: one (B, D) x (D, R) GEMM a step.
-        parts, biases = [self.recurrent.weight], [None]
+        maps = [(self.recurrent.weight, None)]
         if self.gate is not None:
-            parts.append(self.gate.weight)
-            biases.append(self.gate.bias)
-        parts.append(w_q)
-        biases.append(b_q)
+            maps.append((self.gate.weight, self.gate.bias))
+        maps.append((w_q, b_q))
         if self.query == "current":
-            parts.append(self.combine.weight[:, :d])
-            biases.append(self.combine.bias)
-        b_h = None
-        if any(b is not None for b in biases):
-            b_h = torch.cat([p.new_zeros(p.shape[0]) if b is None else b for p, b in zip(parts, biases)])
-        device = inputs.device.type
+            maps.append((self.combine.weight[:, :d], self.combine.bias))
+        w_h, b_h = stack_state_maps(maps)
         plan = RecurrencePlan(self.query, layer.scorer, layer.heads, self.gate is not None,
                               (lambda s: flat_rows(self._sentinel_rows(s))) if self.sentinel else None,
-                              torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None)
+                              autocast_matmul_dtype(inputs.device))
         w_x = self.input_context.weight if self.query == "previous" else self.input_feed.weight
         w_u = self.combine.weight[:, d:] if self.query == "current" else None
         sentinel_params = (self.sentinel_proj.weight, *layer.parameters()) if self.sentinel else ()
-        return fused_recurrence(plan, x_gates, memory.attn, state.h, state.c, state.sentinel, torch.cat(parts, 0), b_h,
+        return fused_recurrence(plan, x_gates, memory.attn, state.h, state.c, state.sentinel, w_h, b_h,
                                 w_x, w_u, layer.output_map(), layer.scorer.score_parameters(), sentinel_params)
 
     def forward(self, features: Tensor, inputs: Tensor, mask: Tensor | None = None) -> DecoderOutput:

@@ -87,6 +87,21 @@ class RecurrenceOutput(NamedTuple):
     contexts: Tensor
 
 
+def stack_state_maps(maps: list[tuple[Tensor, Tensor | None]]) -> tuple[Tensor, Tensor | None]:
+    """Every linear map applied to the state, (weight (R_i, D), bias (R_i,) or None) in the row
+    order of ``w_h`` -> the stacked ``w_h`` (R, D) and ``b_h`` (R,) (zeros where a map has no
+    bias) or None when no map has one."""
+    w_h = torch.cat([w for w, _ in maps], 0)
+    if all(b is None for _, b in maps):
+        return w_h, None
+    return w_h, torch.cat([w.new_zeros(w.shape[0]) if b is None else b for w, b in maps])
+
+
+def autocast_matmul_dtype(device: torch.device) -> torch.dtype | None:
+    """The GEMM dtype of the fused recurrence: the autocast dtype when autocast is on, else None."""
+    return torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else None
+
+
 def fused_recurrence(plan: RecurrencePlan, xg: Tensor, memory: PreparedMemory, h0: Tensor, c0: Tensor,
                      s0: Tensor | None, w_h: Tensor, b_h: Tensor | None, w_x: Tensor, w_u: Tensor | None = None,
                      output_map: tuple[Tensor, Tensor | None] | None = None, score_params: tuple = (),

@@ -56,7 +56,8 @@ from torch import Tensor, nn
 
 from captioning.attention import PreparedMemory, build_attention, compares_directly
 from captioning.image_decoder import DecoderOutput, flat_rows
-from captioning.sat_recurrence import RecurrencePlan, fused_recurrence, lstm_cell
+from captioning.sat_recurrence import (RecurrencePlan, autocast_matmul_dtype, fused_recurrence, lstm_cell,
+                                       stack_state_maps)
 from captioning.search import StepOutput
 
 QUERY_STYLES = ("bahdanau", "luong")
@@ -244,23 +245,19 @@ class AttentionLSTMDecoder(nn.Module):
         query_map = layer.fused_query_map()
         w = self.recurrent.weight
         w_q, b_q = query_map if query_map is not None else (torch.eye(d, dtype=w.dtype, device=w.device), None)
-        parts, biases = [w, w_q], [None, b_q]
+        maps = [(w, None), (w_q, b_q)]
         if luong:
-            parts.append(self.combine.weight[:, :d])
-            biases.append(self.combine.bias)
-        b_h = None if all(b is None for b in biases) else \
-            torch.cat([p.new_zeros(p.shape[0]) if b is None else b for p, b in zip(parts, biases)])
-        device = x_gates.device.type
+            maps.append((self.combine.weight[:, :d], self.combine.bias))
+        w_h, b_h = stack_state_maps(maps)
         plan = RecurrencePlan("current" if luong else "previous", layer.scorer, layer.heads, gate=False,
                               sentinel_rows=(lambda s: flat_rows(self._sentinel_rows(s))) if self.sentinel else None,
-                              matmul_dtype=torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device)
-                              else None)
+                              matmul_dtype=autocast_matmul_dtype(x_gates.device))
         sentinel_params = ()
         if self.sentinel:  # everything _sentinel_rows and the scorer's scores_paired may read
             bridge = () if self.key_bridge is None else (self.key_bridge.weight,)
             sentinel_params = (self.sentinel_proj.weight, *bridge, *layer.parameters())
         out = fused_recurrence(plan, x_gates, memory["attn"], state["h"], state["c"], state.get("sentinel"),
-                               torch.cat(parts, 0), b_h, self.input_extra.weight,
+                               w_h, b_h, self.input_extra.weight,
                                self.combine.weight[:, d:] if luong else None, layer.output_map(),
                                layer.scorer.score_parameters(), sentinel_params)
         alphas = out.alphas[..., :memory["mask"].shape[1]]  # (cut a fixed-width pad)
