@@ -88,17 +88,6 @@ class TranslationResult:
     warnings: list[str] = field(default_factory=list)
 
 
-def sentinel_weights(caption: Any, n_words: int) -> list[float] | None:
-    """Per-word sentinel weight of a caption (``sentinel`` or ``beta``, one value per word), else None."""
-    for name in ("sentinel", "beta"):
-        value = getattr(caption, name, None)
-        if value is None:
-            continue
-        values = [float(v) for v in (value.flatten().tolist() if isinstance(value, torch.Tensor) else value)]
-        return values if len(values) == n_words else None
-    return None
-
-
 def _escape(text: str) -> str:
     import html
 
@@ -213,7 +202,7 @@ class Demo:
                                              score=result.score, overwrite=True, remember=False,
                                              sentinel=result.sentinel)
         return CaptionResult(name, list(result.words), attention, float(result.score), strip, record, seconds, beam,
-                             sentinel_weights(result, len(result.words)), warnings)
+                             result.sentinel, warnings)
 
     def word(self, result: CaptionResult, index: int) -> WordView:
         """Word ``index``'s heatmap: its panel cut out of the CLI's overlay (the same pixels)."""
