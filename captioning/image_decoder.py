@@ -244,7 +244,7 @@ class ShowAttendTellDecoder(nn.Module):
         """True when :meth:`forward` runs the fused recurrence (every score and head count)."""
         return self.fused and self.attention is not None
 
-    def _fused_forward(self, memory: SATMemory, inputs: Tensor) -> RecurrenceOutput:
+    def _fused_forward(self, memory: SATMemory, inputs: Tensor, steps: Tensor | None = None) -> RecurrenceOutput:
         layer, d = self.attention, self.decoder_dim
         state = self.init_state(memory)
         x_gates = self.input_embed(self.embedding(inputs))  # (B, T, G): one GEMM for all steps
@@ -273,22 +273,35 @@ class ShowAttendTellDecoder(nn.Module):
         w_u = self.combine.weight[:, d:] if self.query == "current" else None
         sentinel_params = (self.sentinel_proj.weight, *layer.parameters()) if self.sentinel else ()
         return fused_recurrence(plan, x_gates, memory.attn, state.h, state.c, state.sentinel, w_h, b_h,
-                                w_x, w_u, layer.output_map(), layer.scorer.score_parameters(), sentinel_params)
+                                w_x, w_u, layer.output_map(), layer.scorer.score_parameters(), sentinel_params,
+                                steps)
 
-    def forward(self, features: Tensor, inputs: Tensor, mask: Tensor | None = None) -> DecoderOutput:
+    def forward(self, features: Tensor, inputs: Tensor, mask: Tensor | None = None,
+                steps: Tensor | None = None) -> DecoderOutput:
         """Teacher-forced pass.
 
         Args:
             features: (B, S, C) image grid features.
             inputs: (B, T) input words (BOS w1 .. w_{T-1}); targets are the same shifted by one.
             mask: (B, S) which grid cells may be attended (None: all).
+            steps: (B,) real target words per row (the rest is padding). The fused recurrence
+                then skips each row's padding steps (their outputs are zeros; the plain loop
+                computes them anyway): same loss and gradients when the loss ignores padding.
         Returns:
             logits (B, T, V), alphas (B, T, S), betas (B, T) or None.
         """
+        out, alphas, betas = self.teacher_forced(features, inputs, mask, steps)
+        return DecoderOutput(self.output(self.dropout(out)), alphas, betas)  # (B, T, V): one GEMM for all steps
+
+    def teacher_forced(self, features: Tensor, inputs: Tensor, mask: Tensor | None = None,
+                       steps: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor | None]:
+        """:meth:`forward` up to the output layer: the vectors ``output(dropout(.))`` turns into
+        logits (B, T, D) (h_t, or h~_t with ``query: current``), alphas (B, T, S), betas (B, T)
+        or None. The loss applies the output layer to the real words only."""
         memory = self.prepare_memory(features, mask)
         if self.uses_fused_recurrence:
-            out, alphas, betas, _ = self._fused_forward(memory, inputs)
-            return DecoderOutput(self.output(self.dropout(out)), alphas, betas)
+            out, alphas, betas, _ = self._fused_forward(memory, inputs, steps)
+            return out, alphas, betas
         state = self.init_state(memory)
         x_gates = self.input_embed(self.embedding(inputs))  # (B, T, G): one GEMM for all steps
         outs, alphas, betas = [], [], []
@@ -297,8 +310,7 @@ class ShowAttendTellDecoder(nn.Module):
             outs.append(out)
             alphas.append(alpha)
             betas.append(beta)
-        logits = self.output(self.dropout(torch.stack(outs, 1)))  # (B, T, V): one GEMM for all steps
-        return DecoderOutput(logits, torch.stack(alphas, 1), torch.stack(betas, 1) if self.sentinel else None)
+        return torch.stack(outs, 1), torch.stack(alphas, 1), torch.stack(betas, 1) if self.sentinel else None
 
 
 def flat_rows(rows: PreparedMemory) -> tuple[Tensor, Tensor]:

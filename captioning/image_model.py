@@ -91,18 +91,23 @@ class ImageCaptioner(AttentionModel):
         return self.encoder(batch["images"])
 
     def loss(self, features: Tensor, captions: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """Teacher-forced loss. captions (B, L) = BOS w.. EOS PAD.. -> (total, cross-entropy, regulariser)."""
+        """Teacher-forced loss. captions (B, L) = BOS w.. EOS PAD.. -> (total, cross-entropy, regulariser).
+
+        Padding costs nothing: the decoder skips each caption's padding steps, and the output
+        layer (B*T x D x V, the largest product with a COCO-sized vocabulary) runs on the real
+        words only."""
         inputs, targets = captions[:, :-1], captions[:, 1:]
-        out = self.decoder(features, inputs)
-        ce = F.cross_entropy(out.logits.reshape(-1, out.logits.shape[-1]).float(), targets.reshape(-1),
-                             ignore_index=self.vocab.pad_id, label_smoothing=self.hparams.label_smoothing)
+        real = targets != self.vocab.pad_id  # (B, T)
+        out, alphas, _ = self.decoder.teacher_forced(features, inputs, steps=real.sum(1))
+        logits = self.decoder.output(self.decoder.dropout(out[real]))  # (N, V), N real words
+        ce = F.cross_entropy(logits.float(), targets[real], label_smoothing=self.hparams.label_smoothing)
         if self.decoder.attention is None or self.hparams.alpha_c == 0:
             reg = ce.new_zeros(())
         else:
             # Doubly stochastic attention: every cell should receive ~1 unit of attention
             # over the caption (padding steps excluded).
-            valid = (targets != self.vocab.pad_id).unsqueeze(-1).to(out.alphas.dtype)  # (B, T, 1)
-            reg = self.hparams.alpha_c * ((1.0 - (out.alphas * valid).sum(1)) ** 2).mean()
+            valid = real.unsqueeze(-1).to(alphas.dtype)  # (B, T, 1)
+            reg = self.hparams.alpha_c * ((1.0 - (alphas * valid).sum(1)) ** 2).mean()
         return ce + reg, ce, reg
 
     def banned_ids(self, allow_unk: bool | None = None) -> list[int]:

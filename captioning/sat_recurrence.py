@@ -27,6 +27,11 @@ docs/attention.md): ``fused_query_map`` (stacked into W_h), the scorer's ``score
 masked softmax with :func:`~captioning.attention.softmax_backward`. No score formula is written
 here, so every score and head count runs this path and follows its scorer's maths.
 
+Padding is not computed: given each row's real length (``steps``), the rows are put longest
+first and step t runs on the first rows only, those still going, shrinking the batch as short
+captions end (the way packed sequences run through cuDNN's RNNs). Gradients are unchanged for
+any loss that ignores padding.
+
 The visual sentinel (``sentinel_rows``: s (M, D) -> the extra position's keys and values) is a
 small map; its input gradient comes from autograd step by step, its parameter gradients from
 one autograd call over all B*T rows at the end.
@@ -65,6 +70,8 @@ class RecurrencePlan:
     query: "previous" or "current"; scorer: the layer's scorer (its hooks); heads: H;
     gate: an f_beta gate row block in W_h; sentinel_rows: s (M, D) -> (keys (M*H, 1, A),
     values (M*H, 1, dv)) of the sentinel position, or None; matmul_dtype: GEMM dtype or None.
+    Set by :func:`fused_recurrence` per call: ``n_score_params``, and ``active``: how many rows
+    take part in each step (the first ones: rows come sorted by length), or None for all.
     """
 
     query: str
@@ -74,6 +81,7 @@ class RecurrencePlan:
     sentinel_rows: Callable[[Tensor], tuple[Tensor, Tensor]] | None = None
     matmul_dtype: torch.dtype | None = None
     n_score_params: int = 0
+    active: list[int] | None = None
 
 
 class RecurrenceOutput(NamedTuple):
@@ -105,7 +113,7 @@ def autocast_matmul_dtype(device: torch.device) -> torch.dtype | None:
 def fused_recurrence(plan: RecurrencePlan, xg: Tensor, memory: PreparedMemory, h0: Tensor, c0: Tensor,
                      s0: Tensor | None, w_h: Tensor, b_h: Tensor | None, w_x: Tensor, w_u: Tensor | None = None,
                      output_map: tuple[Tensor, Tensor | None] | None = None, score_params: tuple = (),
-                     sentinel_params: tuple = ()) -> RecurrenceOutput:
+                     sentinel_params: tuple = (), steps: Tensor | None = None) -> RecurrenceOutput:
     """Run the recurrence (module docstring) as one autograd node.
 
     Args:
@@ -118,15 +126,48 @@ def fused_recurrence(plan: RecurrencePlan, xg: Tensor, memory: PreparedMemory, h
         w_u: (D, C) combine weights of the context ("current"). output_map: the layer's.
         score_params: ``plan.scorer.score_parameters()``; sentinel_params: every parameter
             ``plan.sentinel_rows`` and the scorer's ``scores_paired`` may read.
+        steps: (B,) how many of the T steps count for each row (teacher forcing: its real target
+            tokens), or None for all. A row's later steps are padding: they are not computed and
+            come out as zeros, and gradients are those of the full loop whenever the loss ignores
+            padding. Rows are sorted by length inside, so each step runs on only the rows still
+            going (a batch of captions of 6-25 words does ~35% less work).
     """
     if plan.query not in QUERY_STYLES:
         raise ValueError(f"query must be one of {QUERY_STYLES}, got {plan.query!r}")
     plan.n_score_params = len(score_params)
     out_w, out_b = output_map if output_map is not None else (None, None)
-    out, alphas, betas, contexts = _Recurrence.apply(plan, xg, memory.keys, memory.values, memory.mask, h0, c0, s0,
+    keys, values, mask = memory.keys, memory.values, memory.mask
+    order, plan.active = longest_first(steps, xg.shape[0], xg.shape[1])
+    if order is not None:  # the recurrence wants the rows that run longest first
+        xg, keys, values, h0, c0 = (x.index_select(0, order) for x in (xg, keys, values, h0, c0))
+        mask, s0 = (None if x is None else x.index_select(0, order) for x in (mask, s0))
+    out, alphas, betas, contexts = _Recurrence.apply(plan, xg, keys, values, mask, h0, c0, s0,
                                                      w_h, b_h, w_x, w_u, out_w, out_b, *score_params,
                                                      *sentinel_params)
+    if order is not None:
+        back = torch.empty_like(order)
+        back[order] = torch.arange(order.numel(), device=order.device)
+        out, alphas, contexts = (x.index_select(0, back) for x in (out, alphas, contexts))
+        betas = betas.index_select(0, back) if betas.numel() else betas
     return RecurrenceOutput(out, alphas, betas if plan.sentinel_rows is not None else None, contexts)
+
+
+def longest_first(steps: Tensor | None, rows: int, length: int) -> tuple[Tensor | None, list[int] | None]:
+    """steps (B,) real steps per row -> (the row order that puts the longest first, or None when
+    they already are; the number of rows still going at each of the ``length`` steps, or None
+    when every row runs them all)."""
+    if steps is None:
+        return None, None
+    if steps.shape != (rows,):
+        raise ValueError(f"steps must be one count per row, shape ({rows},), got {tuple(steps.shape)}")
+    counts = steps.detach().to("cpu", torch.long).clamp(0, length)  # one device sync, then host maths
+    if bool((counts == length).all()):
+        return None, None
+    ordered, order = counts.sort(descending=True, stable=True)
+    active = (ordered.unsqueeze(0) > torch.arange(length).unsqueeze(1)).sum(1).tolist()
+    if bool((order == torch.arange(rows)).all()):
+        return None, active
+    return order.to(steps.device), active
 
 
 def lstm_cell(gates: Tensor, c: Tensor, sentinel: bool) -> tuple[Tensor, Tensor, Tensor | None]:
@@ -192,36 +233,42 @@ class _AttentionSteps:
         self.scores_into, self.paired = scorer.hook("scores_into"), scorer.hook("scores_paired")
         self.scratch = scorer.new_scratch(self.n, 1, self.keys) if scorer.offers("scores_into") else None
         self.sentinel = plan.sentinel_rows is not None
-        self.alpha_heads = self.keys.new_empty(self.n, steps, self.s)
+        # Zeros: rows that sit out a step (padding) must add nothing to the gradients formed at the end.
+        self.alpha_heads = self.keys.new_zeros(self.n, steps, self.s)
         if self.sentinel:
-            self.joint = self.keys.new_empty(self.n, steps, self.s + 1)
+            self.joint = self.keys.new_zeros(self.n, steps, self.s + 1)
             ones = None if self.mask is None else self.mask.new_ones(self.n, 1, 1)  # the sentinel: always allowed
             self.joint_mask = None if self.mask is None else torch.cat([self.mask, ones], -1)
         self.out_w, self.out_b = out_w, out_b
         if out_w is not None:
             self.out_w_t = out_w.to(mm).t()
-            self.ctx_heads = self.keys.new_empty(b, steps, h * self.dv)
+            self.ctx_heads = self.keys.new_zeros(b, steps, h * self.dv)
 
     def forward(self, t: int, qp: Tensor, s: Tensor | None) -> tuple[Tensor, Tensor, Tensor | None]:
-        """qp (B, H*Q) projected queries, s (B, D) sentinel -> context (B, C), alpha (B, S), beta (B,)."""
-        b, h, n, s_len = self.b, self.h, self.n, self.s
+        """qp (b, H*Q) projected queries, s (b, D) sentinel of the first b <= B rows -> context
+        (b, C), alpha (b, S), beta (b,)."""
+        h, s_len = self.h, self.s
+        b = qp.shape[0]
+        n = b * h  # heads are flattened item-major: the first b items are the first n rows
         qh = qp.reshape(n, 1, -1)
-        e = self.scores_into(qh, self.keys, self.scratch)  # (N, 1, S)
-        a = masked_softmax(e, self.mask)
-        self.alpha_heads[:, t] = a[:, 0]
+        e = self.scores_into(qh, self.keys[:n], self.scratch)  # (n, 1, S)
+        a = masked_softmax(e, None if self.mask is None else self.mask[:n])
+        self.alpha_heads[:n, t] = a[:, 0]
         beta = None
         if s is None:
-            ctx = torch.bmm(a.to(self.mm), self.values).to(self.dtype)  # (N, 1, dv)
+            ctx = torch.bmm(a.to(self.mm), self.values[:n]).to(self.dtype)  # (n, 1, dv)
         else:
-            kx, vx = self.plan.sentinel_rows(s)  # (N, 1, A), (N, 1, dv)
-            ex = self.paired(qh, kx.to(self.dtype), s_len).to(e.dtype)  # (N, 1)
-            w = masked_softmax(torch.cat([e, ex.unsqueeze(-1)], -1), self.joint_mask)  # (N, 1, S + 1)
-            self.joint[:, t] = w[:, 0]
-            ctx = torch.bmm(w[..., :s_len].to(self.mm), self.values).to(self.dtype) + w[..., s_len:] * vx.to(self.dtype)
+            kx, vx = self.plan.sentinel_rows(s)  # (n, 1, A), (n, 1, dv)
+            ex = self.paired(qh, kx.to(self.dtype), s_len).to(e.dtype)  # (n, 1)
+            joint_mask = None if self.joint_mask is None else self.joint_mask[:n]
+            w = masked_softmax(torch.cat([e, ex.unsqueeze(-1)], -1), joint_mask)  # (n, 1, S + 1)
+            self.joint[:n, t] = w[:, 0]
+            ctx = (torch.bmm(w[..., :s_len].to(self.mm), self.values[:n]).to(self.dtype)
+                   + w[..., s_len:] * vx.to(self.dtype))
             beta = w[:, 0, s_len].view(b, h).mean(1) if h > 1 else w[:, 0, s_len]
         ctx = ctx.view(b, h * self.dv)
         if self.out_w is not None:
-            self.ctx_heads[:, t] = ctx
+            self.ctx_heads[:b, t] = ctx
             ctx = _mm(ctx, self.out_w_t, self.dtype)
             if self.out_b is not None:
                 ctx = ctx + self.out_b.to(self.dtype)
@@ -231,35 +278,38 @@ class _AttentionSteps:
     def begin_backward(self, need_values: bool) -> None:
         self.acc = self.plan.scorer.hook("score_backward")(self.keys)
         self.values_t = self.values.transpose(1, 2)  # (N, dv, S): (1, dv) @ (dv, S) is the fast bmm layout
-        self.d_ctx_heads = self.keys.new_empty(self.n, self.steps, self.dv) if need_values else None
+        zeros = self.keys.new_zeros  # rows that sit out a step must add nothing at the end
+        self.d_ctx_heads = zeros(self.n, self.steps, self.dv) if need_values else None
         if self.out_w is not None:
             self.out_w_mm = self.out_w.to(self.mm)
-            self.d_out = self.keys.new_empty(self.b, self.steps, self.out_w.shape[0])
+            self.d_out = zeros(self.b, self.steps, self.out_w.shape[0])
         if self.sentinel:
-            self.d_ex = self.keys.new_empty(self.b, self.steps, self.h)
-            self.d_vx = self.keys.new_empty(self.b, self.steps, self.h, self.dv)
+            self.d_ex = zeros(self.b, self.steps, self.h)
+            self.d_vx = zeros(self.b, self.steps, self.h, self.dv)
 
     def _per_head(self, grad: Tensor) -> Tensor:  # (B, ...) of a head average -> (N, ...) per head
         return grad if self.h == 1 else (grad / self.h).repeat_interleave(self.h, 0)
 
     def backward(self, t: int, qp: Tensor, d_ctx: Tensor, d_alpha: Tensor | None, d_beta: Tensor | None,
                  s: Tensor | None) -> tuple[Tensor, Tensor | None]:
-        """Step t's gradients: d_ctx (B, C), d_alpha (B, S), d_beta (B,) -> d_qp (B, H*Q), d_s (B, D)."""
-        n, s_len, dtype = self.n, self.s, self.dtype
+        """Step t's gradients for its first b rows: d_ctx (b, C), d_alpha (b, S), d_beta (b,) ->
+        d_qp (b, H*Q), d_s (b, D)."""
+        s_len, dtype, b = self.s, self.dtype, qp.shape[0]
+        n = b * self.h
         if self.out_w is not None:
-            self.d_out[:, t] = d_ctx
-            d_ctx = _mm(d_ctx, self.out_w_mm, dtype)  # (B, H*dv)
+            self.d_out[:b, t] = d_ctx
+            d_ctx = _mm(d_ctx, self.out_w_mm, dtype)  # (b, H*dv)
         d_ch = d_ctx.reshape(n, 1, self.dv)
         if self.d_ctx_heads is not None:
-            self.d_ctx_heads[:, t] = d_ch[:, 0]
-        a = self.alpha_heads[:, t].unsqueeze(1)  # (N, 1, S)
+            self.d_ctx_heads[:n, t] = d_ch[:, 0]
+        a = self.alpha_heads[:n, t].unsqueeze(1)  # (n, 1, S)
         d_a = None if d_alpha is None else self._per_head(d_alpha).unsqueeze(1)
-        d_w = torch.bmm(d_ch.to(self.mm), self.values_t).to(dtype)  # (N, 1, S)
+        d_w = torch.bmm(d_ch.to(self.mm), self.values_t[:n]).to(dtype)  # (n, 1, S)
         qh = qp.reshape(n, 1, -1)
         if s is None:
             d_e = softmax_backward(a, d_w if d_a is None else d_w + d_a)  # masked cells -> 0
-            return self.acc.step(d_e, qh).reshape(self.b, -1), None
-        w = self.joint[:, t].unsqueeze(1)  # (N, 1, S + 1)
+            return self.acc.step(d_e, qh).reshape(b, -1), None
+        w = self.joint[:n, t].unsqueeze(1)  # (n, 1, S + 1)
         with torch.enable_grad():  # the sentinel position: a small map, autograd step by step
             q_, s_ = qh.detach().requires_grad_(True), s.detach().requires_grad_(True)
             # (views, not the leaves themselves: module hooks such as FlopCounterMode's refuse leaves here)
@@ -271,12 +321,12 @@ class _AttentionSteps:
         d_joint = softmax_backward(w, torch.cat([d_w, d_wx], -1))
         d_e = d_joint[..., :s_len] if d_a is None else d_joint[..., :s_len] + softmax_backward(a, d_a)
         d_ex, d_vx = d_joint[..., s_len], w[..., s_len:] * d_ch  # (N, 1), (N, 1, dv)
-        self.d_ex[:, t], self.d_vx[:, t] = d_ex.view(self.b, self.h), d_vx.view(self.b, self.h, self.dv)
+        self.d_ex[:b, t], self.d_vx[:b, t] = d_ex.view(b, self.h), d_vx.view(b, self.h, self.dv)
         d_q, d_s = torch.autograd.grad((ex, vx), (q_, s_), (d_ex.to(ex.dtype), d_vx.to(vx.dtype)), allow_unused=True)
         d_qh = self.acc.step(d_e, qh)
         if d_q is not None:
             d_qh = d_qh + d_q
-        return d_qh.reshape(self.b, -1), d_s
+        return d_qh.reshape(b, -1), d_s
 
     def finish(self, keys: Tensor, values: Tensor, need_values: bool, queries: Tensor, s_used: Tensor | None,
                sentinel_params: tuple) -> tuple:
@@ -327,7 +377,8 @@ class _Recurrence(torch.autograd.Function):
             w_u_t = w_u.to(mm).t() if current else None
             bias = None if b_h is None else b_h[g:].to(dtype)
             xg_f = xg.to(dtype)
-            new = xg_f.new_empty
+            active = plan.active or [b] * steps  # rows taking part in each step: the first ones
+            new = xg_f.new_zeros  # zeros: padding steps are not computed, and must add nothing later
             hidden, cells, acts = new(b, steps, d), new(b, steps, d), new(b, steps, g)
             queries, alphas, z_all = new(b, steps, qs.stop - qs.start), new(b, steps, att.s), new(b, steps, c_ctx)
             betas = new(b, steps) if sentinel else new(0)
@@ -339,33 +390,43 @@ class _Recurrence(torch.autograd.Function):
             r = _mm(h, w_h_t[:, :g], dtype) if current else None
             feed = h.new_zeros(b, d) if current else None
             for t in range(steps):
+                m = active[t]  # rows still going: the state of the others is no longer needed
+                if m == 0:
+                    break
+                if m < h.shape[0]:
+                    h, c = h[:m], c[:m]
+                    s = None if s is None else s[:m]
+                    if current:
+                        r, feed = r[:m], feed[:m]
                 if current:  # LSTM first, then attend with h_t
-                    h, c, s = _cell(xg_f[:, t] + r + _mm(feed, w_x_t, dtype), c, acts[:, t], d, sentinel)
-                    hidden[:, t], cells[:, t] = h, c
-                p = _mm(h, w_h_t, dtype)  # (B, R): every product on the state in one GEMM
+                    h, c, s = _cell(xg_f[:m, t] + r + _mm(feed, w_x_t, dtype), c, acts[:m, t], d, sentinel)
+                    hidden[:m, t], cells[:m, t] = h, c
+                p = _mm(h, w_h_t, dtype)  # (m, R): every product on the state in one GEMM
                 if bias is not None:
                     p[:, g:] += bias
-                queries[:, t] = p[:, qs]
+                queries[:m, t] = p[:, qs]
                 if sentinel:
-                    s_used[:, t] = s
-                context, alphas[:, t], beta = att.forward(t, p[:, qs], s if sentinel else None)
+                    s_used[:m, t] = s
+                context, alphas[:m, t], beta = att.forward(t, p[:, qs], s if sentinel else None)
                 if beta is not None:
-                    betas[:, t] = beta
+                    betas[:m, t] = beta
                 if plan.gate:
                     gate = torch.sigmoid(p[:, gs])
-                    ctx_all[:, t], gate_all[:, t] = context, gate
+                    ctx_all[:m, t], gate_all[:m, t] = context, gate
                     context = gate * context
-                z_all[:, t] = context
+                z_all[:m, t] = context
                 if current:
                     r = p[:, :g]
                     feed = torch.tanh(p[:, us] + _mm(context, w_u_t, dtype))
-                    feeds[:, t] = feed
+                    feeds[:m, t] = feed
                 else:
-                    h, c, s = _cell(xg_f[:, t] + p[:, :g] + _mm(context, w_x_t, dtype), c, acts[:, t], d, sentinel)
-                    hidden[:, t], cells[:, t] = h, c
+                    h, c, s = _cell(xg_f[:m, t] + p[:, :g] + _mm(context, w_x_t, dtype), c, acts[:m, t], d,
+                                    sentinel)
+                    hidden[:m, t], cells[:m, t] = h, c
         ctx.save_for_backward(keys, values, h0, c0, w_h, b_h, w_x, w_u, hidden, cells, acts, queries, z_all,
                               ctx_all, gate_all, feeds, s_used)
         ctx.plan, ctx.att, ctx.mm, ctx.xg_dtype, ctx.params = plan, att, mm, xg.dtype, params
+        ctx.active, ctx.padded = active, plan.active is not None
         ctx.dtypes = (h0.dtype, c0.dtype, None if s0 is None else s0.dtype)
         out = feeds if current else hidden
         return out.to(xg.dtype), alphas, betas, z_all.to(xg.dtype)  # alphas stay >= float32, as softmax does
@@ -381,6 +442,24 @@ def _layout(plan: RecurrencePlan, rows: int, g: int, c_ctx: int, d: int) -> tupl
     gate_end = g + (c_ctx if plan.gate else 0)
     q_end = rows - (d if plan.query == "current" else 0)
     return slice(g, gate_end), slice(gate_end, q_end), slice(q_end, rows)
+
+
+def _real_cells(active: list[int], rows: int, device: torch.device) -> Tensor:
+    """Flat indices of the (row, step) cells of a (rows, len(active)) grid that took part in
+    their step (rows are sorted longest first, so step t's are the first ``active[t]``)."""
+    going = torch.arange(rows).unsqueeze(1) < torch.tensor(active).unsqueeze(0)  # (rows, T)
+    return going.reshape(-1).nonzero().squeeze(1).to(device)
+
+
+def _cells(x: Tensor, real: Tensor | None) -> Tensor:
+    """(B, T, X) -> (B*T, X), or only the ``real`` cells' rows (padding adds nothing to a gradient)."""
+    flat = x.reshape(-1, x.shape[-1])
+    return flat if real is None else flat.index_select(0, real)
+
+
+def _rows(x: Tensor, m: int) -> Tensor:
+    """A carried gradient (k, D) -> (m, D): rows that join at their last step start from zero."""
+    return x if x.shape[0] >= m else torch.cat([x, x.new_zeros(m - x.shape[0], x.shape[1])])
 
 
 def _backward(ctx, d_out, d_alphas, d_betas, d_contexts) -> tuple:
@@ -400,57 +479,72 @@ def _backward(ctx, d_out, d_alphas, d_betas, d_contexts) -> tuple:
     need_values = ctx.needs_input_grad[3]
     att.begin_backward(need_values)
     # Row t of d_p: d of [r | g | q | u] of the GEMM that feeds step t's gates ("previous": that
-    # of step t itself; "current": that of step t-1's state, row 0 = the initial state).
-    d_p = hidden.new_zeros(b, steps + 1, w_h.shape[0]) if current else hidden.new_empty(b, steps, w_h.shape[0])
-    dh, dc = torch.zeros_like(hidden[:, 0]), torch.zeros_like(hidden[:, 0])
-    ds = torch.zeros_like(hidden[:, 0]) if sentinel and not current else None
+    # of step t itself; "current": that of step t-1's state, row 0 = the initial state). Zeros
+    # where a row sat out a step (padding), so the weight gradients below can take all rows.
+    d_p = hidden.new_zeros(b, steps + (1 if current else 0), w_h.shape[0])
+    # Carried gradients have a row per row still going: rows join (with zeros) at their last step.
+    dh, dc = hidden.new_zeros(0, d), hidden.new_zeros(0, d)
+    ds = hidden.new_zeros(0, d) if sentinel and not current else None
+    active = ctx.active
 
     def attend_backward(t: int, row: int, dz: Tensor) -> Tensor | None:
+        m = dz.shape[0]
         if d_contexts is not None:
-            dz = dz + d_contexts[:, t]
+            dz = dz + d_contexts[:m, t]
         if plan.gate:
-            gate = gate_all[:, t]
+            gate = gate_all[:m, t]
             d_context = dz * gate
-            d_p[:, row, gs] = dz * ctx_all[:, t] * gate * (1 - gate)
+            d_p[:m, row, gs] = dz * ctx_all[:m, t] * gate * (1 - gate)
         else:
             d_context = dz
-        d_qp, d_s = att.backward(t, queries[:, t], d_context, None if d_alphas is None else d_alphas[:, t],
-                                 None if d_betas is None else d_betas[:, t], s_used[:, t] if sentinel else None)
-        d_p[:, row, qs] = d_qp
+        d_qp, d_s = att.backward(t, queries[:m, t], d_context, None if d_alphas is None else d_alphas[:m, t],
+                                 None if d_betas is None else d_betas[:m, t], s_used[:m, t] if sentinel else None)
+        d_p[:m, row, qs] = d_qp
         return d_s
 
     for t in reversed(range(steps)):
-        c_prev = cells[:, t - 1] if t > 0 else c0.to(dtype)
+        m = active[t]
+        if m == 0:
+            continue
+        c_prev = cells[:m, t - 1] if t > 0 else c0[:m].to(dtype)
+        dc = _rows(dc, m)
         if current:
-            d_feed = _mm(d_p[:, t + 1, :g], w_x_mm, dtype)  # feed_t enters step t+1's gates
+            d_feed = _mm(d_p[:m, t + 1, :g], w_x_mm, dtype)  # feed_t enters step t+1's gates
             if d_out is not None:
-                d_feed = d_feed + d_out[:, t]
-            feed = feeds[:, t]
+                d_feed = d_feed + d_out[:m, t]
+            feed = feeds[:m, t]
             d_u = d_feed * (1 - feed * feed)
-            d_p[:, t + 1, us] = d_u
+            d_p[:m, t + 1, us] = d_u
             d_s = attend_backward(t, t + 1, _mm(d_u, w_u_mm, dtype))
-            dh = _mm(d_p[:, t + 1], w_h_mm, dtype)
-            dc = _cell_backward(acts[:, t], cells[:, t], c_prev, dh, dc, d_s, d, d_p[:, t, :g])
+            dh = _mm(d_p[:m, t + 1], w_h_mm, dtype)
+            dc = _cell_backward(acts[:m, t], cells[:m, t], c_prev, dh, dc, d_s, d, d_p[:m, t, :g])
         else:
+            dh = _rows(dh, m)
+            if ds is not None:
+                ds = _rows(ds, m)
             if d_out is not None:
-                dh = dh + d_out[:, t]
-            dc = _cell_backward(acts[:, t], cells[:, t], c_prev, dh, dc, ds, d, d_p[:, t, :g])
-            d_s = attend_backward(t, t, _mm(d_p[:, t, :g], w_x_mm, dtype))
-            dh = _mm(d_p[:, t], w_h_mm, dtype)
+                dh = dh + d_out[:m, t]
+            dc = _cell_backward(acts[:m, t], cells[:m, t], c_prev, dh, dc, ds, d, d_p[:m, t, :g])
+            d_s = attend_backward(t, t, _mm(d_p[:m, t, :g], w_x_mm, dtype))
+            dh = _mm(d_p[:m, t], w_h_mm, dtype)
             if sentinel:
                 ds = torch.zeros_like(dh) if d_s is None else d_s.to(dtype)
-    # Weight gradients: one GEMM each over all B*T rows.
+    dh, dc = _rows(dh, b), _rows(dc, b)
+    ds = None if ds is None else _rows(ds, b)
+    # Weight gradients: one GEMM each over all B*T rows (over the real ones when there is padding).
     h0f = h0.to(dtype).unsqueeze(1)
     h_in = torch.cat([h0f, hidden], 1) if current else torch.cat([h0f, hidden[:, :-1]], 1)
-    d_w_h = _mm(d_p.reshape(-1, d_p.shape[-1]).t(), h_in.reshape(-1, d).to(mm), dtype)
+    real = _real_cells(active, b, d_p.device) if ctx.padded else None  # (B*T,) or None
+    real_p = real if real is None or not current else _real_cells([active[0], *active], b, d_p.device)
+    d_w_h = _mm(_cells(d_p, real_p).t(), _cells(h_in, real_p).to(mm), dtype)
     d_gates = d_p[:, :steps, :g]  # row t's recurrent block = d gates of step t = d x_t
     if current:
         dh = _mm(d_p[:, 0, :g], w_h_mm[:g], dtype)
         x_in = torch.cat([torch.zeros_like(feeds[:, :1]), feeds[:, :-1]], 1)
     else:
         x_in = z_all
-    d_w_x = _mm(d_gates.reshape(-1, g).t(), x_in.reshape(-1, x_in.shape[-1]).to(mm), dtype)
-    d_w_u = _mm(d_p[:, 1:, us].reshape(-1, d).t(), z_all.reshape(-1, c_ctx).to(mm), dtype) if current else None
+    d_w_x = _mm(_cells(d_gates, real).t(), _cells(x_in, real).to(mm), dtype)
+    d_w_u = _mm(_cells(d_p[:, 1:, us], real).t(), _cells(z_all, real).to(mm), dtype) if current else None
     d_b_h = None
     if b_h is not None:
         d_b_h = torch.cat([torch.zeros_like(d_p[0, 0, :g]), d_p[..., g:].sum((0, 1))]).to(b_h.dtype)

@@ -48,8 +48,9 @@ SCRATCH_ELEMENTS = 1 << 21
 class ScoreBackward(Protocol):
     """A scorer's backward over the T steps of one sequence, one query per item a step.
 
-    ``step(d_scores (N, 1, S), qp (N, 1, Q)) -> d_qp (N, 1, Q)`` is called once per step (in any
-    order) and accumulates the gradients of the prepared keys and of the score parameters;
+    ``step(d_scores (n, 1, S), qp (n, 1, Q)) -> d_qp (n, 1, Q)`` is called once per step (in any
+    order) for the first n <= N items (a batch sorted by length shrinks as its short sequences
+    end) and accumulates the gradients of the prepared keys and of the score parameters;
     ``finish() -> (d_prepared (N, S, A), d_params)`` returns them, ``d_params`` in
     :meth:`Scorer.score_parameters` order (None where there is no gradient).
     """
@@ -57,6 +58,17 @@ class ScoreBackward(Protocol):
     def step(self, d_scores: Tensor, qp: Tensor) -> Tensor: ...
 
     def finish(self) -> tuple[Tensor, tuple[Tensor | None, ...]]: ...
+
+
+def _steps_stacked(rows: list[Tensor], items: int) -> Tensor:
+    """Per-step (n_t, 1, X) tensors of the first n_t items -> (items, T, X), zeros where an item
+    took no part in a step."""
+    if all(r.shape[0] == items for r in rows):
+        return torch.cat(rows, 1)
+    out = rows[0].new_zeros(items, len(rows), rows[0].shape[-1])
+    for t, r in enumerate(rows):
+        out[:r.shape[0], t] = r[:, 0]
+    return out
 
 
 def _owner(cls: type, name: str) -> type:
@@ -127,12 +139,14 @@ class AutogradScoreBackward:
         self.d_params: list[Tensor | None] = [None] * len(self.trained)
 
     def step(self, d_scores: Tensor, qp: Tensor) -> Tensor:
+        n = qp.shape[0]
         with torch.enable_grad():
             q = qp.detach().requires_grad_(True)
-            s = self.scorer.scores(q, self.prepared)
-            grads = torch.autograd.grad(s, (q, self.prepared, *self.trained), d_scores, allow_unused=True)
+            keys = self.prepared if n == self.prepared.shape[0] else self.prepared[:n].detach().requires_grad_(True)
+            s = self.scorer.scores(q, keys)
+            grads = torch.autograd.grad(s, (q, keys, *self.trained), d_scores, allow_unused=True)
         if grads[1] is not None:
-            self.d_prepared += grads[1]
+            self.d_prepared[:n] += grads[1]
         for i, g in enumerate(grads[2:]):
             if g is not None:
                 self.d_params[i] = g if self.d_params[i] is None else self.d_params[i] + g
@@ -158,11 +172,12 @@ class _ProductScorer(Scorer):
         def step(self, d_scores: Tensor, qp: Tensor) -> Tensor:
             self.d_scores.append(d_scores)
             self.queries.append(qp)
-            return torch.bmm(d_scores, self.keys) * self.scale  # (N, 1, S) @ (N, S, Q)
+            return torch.bmm(d_scores, self.keys[:qp.shape[0]]) * self.scale  # (n, 1, S) @ (n, S, Q)
 
         @torch.no_grad()
         def finish(self) -> tuple[Tensor, tuple[Tensor | None, ...]]:
-            d_s, q = torch.cat(self.d_scores, 1), torch.cat(self.queries, 1)  # (N, T, S), (N, T, Q)
+            items = self.keys.shape[0]
+            d_s, q = _steps_stacked(self.d_scores, items), _steps_stacked(self.queries, items)  # (N, T, S), (N, T, Q)
             return torch.bmm(d_s.transpose(1, 2), q) * self.scale, ()
 
     scale = 1.0
@@ -238,8 +253,8 @@ class AdditiveScorer(Scorer):
             self.buf = prepared.new_empty(n, *prepared.shape[1:])  # (n, S, A) scratch reused every step
 
         @torch.no_grad()
-        def step(self, d_scores: Tensor, qp: Tensor) -> Tensor:  # (N, 1, S), (N, 1, A)
-            items, chunk, a = self.keys2.shape[0], self.buf.shape[0], self.keys2.shape[-1]
+        def step(self, d_scores: Tensor, qp: Tensor) -> Tensor:  # (n, 1, S), (n, 1, A): the first n items
+            items, chunk, a = qp.shape[0], self.buf.shape[0], self.keys2.shape[-1]  # the first `items` of N
             d_v_rows, d_q = d_scores.new_empty(items, 1, a), d_scores.new_empty(items, 1, a)
             for i in range(0, items, chunk):
                 j = min(i + chunk, items)
@@ -323,18 +338,20 @@ class ContentScorer(Scorer):
         def step(self, d_scores: Tensor, qp: Tensor) -> Tensor:
             norm = qp.norm(dim=-1, keepdim=True)
             unit = qp / norm.clamp_min(ContentScorer.eps)
-            cos = torch.bmm(unit, self.keys.transpose(1, 2))  # (N, 1, S)
+            keys = self.keys[:qp.shape[0]]  # the first n items
+            cos = torch.bmm(unit, keys.transpose(1, 2))  # (n, 1, S)
             self.d_raw += (d_scores * cos).sum()
             self.d_scores.append(d_scores)
             self.units.append(unit)
-            d_unit = self.beta * torch.bmm(d_scores, self.keys)  # (N, 1, Q)
+            d_unit = self.beta * torch.bmm(d_scores, keys)  # (n, 1, Q)
             # normalize: x / max(|x|, eps): (I - u u^T) / |x| above eps, I / eps below it.
             radial = (d_unit - unit * (unit * d_unit).sum(-1, keepdim=True)) / norm.clamp_min(ContentScorer.eps)
             return torch.where(norm >= ContentScorer.eps, radial, d_unit / ContentScorer.eps)
 
         @torch.no_grad()
         def finish(self) -> tuple[Tensor, tuple[Tensor | None, ...]]:
-            d_s, u = torch.cat(self.d_scores, 1), torch.cat(self.units, 1)
+            items = self.keys.shape[0]
+            d_s, u = _steps_stacked(self.d_scores, items), _steps_stacked(self.units, items)
             d_keys = self.beta * torch.bmm(d_s.transpose(1, 2), u)
             return d_keys, ((self.d_raw * torch.sigmoid(self.raw.detach())).to(self.raw.dtype).view_as(self.raw),)
 

@@ -213,21 +213,24 @@ class AttentionLSTMDecoder(nn.Module):
         return self.fused and self.attention is not None
 
     def attentional(self, states: Tensor, inputs: Tensor, mask: Tensor | None = None,
-                    summary: Tensor | None = None) -> tuple[Tensor, Tensor]:
+                    summary: Tensor | None = None, steps: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """Teacher-forced pass up to the output layer: states (B, S, C), inputs (B, T) = BOS y_1 ..
         y_{T-1}, mask (B, S) -> attentional vectors (B, T, D), alphas (B, T, S) (row t is the
         attention used to predict y_{t+1}). ``output(dropout(.))`` of the first gives the logits.
-        :meth:`teacher_forced` also returns the sentinel weights."""
-        return self.teacher_forced(states, inputs, mask, summary)[:2]
+        steps (B,): real target tokens per row; the fused recurrence skips the padding steps
+        after them (outputs there are not meaningful). :meth:`teacher_forced` also returns the
+        sentinel weights."""
+        return self.teacher_forced(states, inputs, mask, summary, steps)[:2]
 
     def teacher_forced(self, states: Tensor, inputs: Tensor, mask: Tensor | None = None,
-                       summary: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor | None]:
+                       summary: Tensor | None = None,
+                       steps: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor | None]:
         """:meth:`attentional` plus betas (B, T), the sentinel's weight of every step (or None)."""
         memory = self.prepare_memory(states, mask, summary)
         state = self.init_state(memory)
         x_gates = self.input_embed(self.embedding(inputs))  # (B, T, G): one GEMM for all steps
         if self.uses_fused_recurrence:
-            return self._fused(memory, state, x_gates)
+            return self._fused(memory, state, x_gates, steps)
         outs, alphas, betas = [], [], []
         for t in range(inputs.shape[1]):
             attentional, alpha, beta, state = self._advance(x_gates[:, t], state, memory)
@@ -236,7 +239,8 @@ class AttentionLSTMDecoder(nn.Module):
             betas.append(beta)
         return torch.stack(outs, 1), torch.stack(alphas, 1), torch.stack(betas, 1) if self.sentinel else None
 
-    def _fused(self, memory: dict, state: dict, x_gates: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
+    def _fused(self, memory: dict, state: dict, x_gates: Tensor,
+               steps: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor | None]:
         """The time loop as one autograd node: every matrix that multiplies the state stacked in one
         GEMM (recurrent gates, the attention's query map, Luong's combine half), the scores through
         the scorer's own hooks, the sentinel through the image decoder's machinery
@@ -259,16 +263,16 @@ class AttentionLSTMDecoder(nn.Module):
         out = fused_recurrence(plan, x_gates, memory["attn"], state["h"], state["c"], state.get("sentinel"),
                                w_h, b_h, self.input_extra.weight,
                                self.combine.weight[:, d:] if luong else None, layer.output_map(),
-                               layer.scorer.score_parameters(), sentinel_params)
+                               layer.scorer.score_parameters(), sentinel_params, steps)
         alphas = out.alphas[..., :memory["mask"].shape[1]]  # (cut a fixed-width pad)
         if luong:
             return out.out, alphas, out.betas
         return torch.tanh(self.combine(torch.cat([out.out, out.contexts], -1))), alphas, out.betas
 
     def forward(self, states: Tensor, inputs: Tensor, mask: Tensor | None = None,
-                summary: Tensor | None = None) -> DecoderOutput:
+                summary: Tensor | None = None, steps: Tensor | None = None) -> DecoderOutput:
         """Teacher-forced pass: states (B, S, C), inputs (B, T) = BOS y_1 .. y_{T-1}, mask (B, S)
         -> logits (B, T, V), alphas (B, T, S) (row t is the attention used to predict y_{t+1}),
-        betas (B, T) or None."""
-        attentional, alphas, betas = self.teacher_forced(states, inputs, mask, summary)
+        betas (B, T) or None. steps (B,): as in :meth:`attentional`."""
+        attentional, alphas, betas = self.teacher_forced(states, inputs, mask, summary, steps)
         return DecoderOutput(self.output(self.dropout(attentional)), alphas, betas)  # one GEMM for all steps

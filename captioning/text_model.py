@@ -193,9 +193,10 @@ class Seq2SeqModel(AttentionModel):
         source, lengths = self.clip_source(batch["source"], batch["source_lengths"])
         enc = self.encoder(source, lengths)
         target = batch["target"]
-        attentional, alphas = self.decoder.attentional(enc.states, target[:, :-1], enc.mask, enc.summary)
         gold = target[:, 1:]
         real = gold != self.text_vocab.target.pad_id  # (B, T-1)
+        attentional, alphas = self.decoder.attentional(enc.states, target[:, :-1], enc.mask, enc.summary,
+                                                       steps=real.sum(1))  # padding steps are skipped
         logits = self.decoder.output(self.decoder.dropout(attentional[real]))  # (N, V), N real tokens
         ce = F.cross_entropy(logits.float(), gold[real], label_smoothing=self.hparams.label_smoothing)
         return ce, alphas

@@ -30,6 +30,29 @@ def test_loss_ignores_padding():
     torch.testing.assert_close(base, again)
 
 
+@pytest.mark.parametrize("query", ["previous", "current"])
+def test_loss_on_real_words_only_equals_the_full_padded_computation(query):
+    """The loss skips padding steps and runs the output layer on real words only: its value and
+    every gradient are those of the plain loop over all steps with a padding-ignoring
+    cross-entropy (label smoothing and the doubly stochastic term included)."""
+    torch.manual_seed(0)
+    model = _model(query=query, alpha_c=1.0, label_smoothing=0.1).double().eval()
+    feats = torch.randn(3, 16, 16, dtype=torch.double)
+    caps = torch.tensor([[1, 4, 5, 6, 2, 0, 0], [1, 4, 7, 8, 5, 6, 2], [1, 5, 2, 0, 0, 0, 0]])
+    total, ce, reg = model.loss(feats, caps)
+    grads = torch.autograd.grad(total, list(model.decoder.parameters()))
+    model.decoder.fused = False  # the reference: every step computed, padding masked in the loss
+    out = model.decoder(feats, caps[:, :-1])
+    want_ce = torch.nn.functional.cross_entropy(out.logits.reshape(-1, out.logits.shape[-1]).float(), caps[:, 1:].reshape(-1),
+                                                ignore_index=0, label_smoothing=0.1)
+    real = (caps[:, 1:] != 0).unsqueeze(-1).double()
+    want_reg = ((1.0 - (out.alphas * real).sum(1)) ** 2).mean()
+    torch.testing.assert_close(ce, want_ce)
+    torch.testing.assert_close(reg, want_reg)
+    for got, want in zip(grads, torch.autograd.grad(want_ce + want_reg, list(model.decoder.parameters()))):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)  # the cross-entropy runs in float32
+
+
 def test_doubly_stochastic_regulariser_weight():
     feats = torch.randn(2, 16, 16)
     caps = torch.tensor([[1, 4, 5, 2], [1, 6, 7, 2]])

@@ -172,3 +172,43 @@ def test_bf16_autocast_training_and_beam_search_stay_close_to_fp32(query, sentin
     torch.testing.assert_close(bf16.scores, fp32.scores, atol=0.1, rtol=0.02)
     if sentinel:
         assert bf16.betas.dtype == torch.float32 and torch.all((bf16.betas >= 0) & (bf16.betas <= 1))
+
+
+@pytest.mark.parametrize("heads", [1, 2])
+@pytest.mark.parametrize("score", sorted(SCORERS))
+@pytest.mark.parametrize("query,sentinel", VARIANTS)
+def test_skipping_padding_steps_gives_the_full_loops_outputs_and_gradients(query, sentinel, score, heads):
+    """Teacher forcing with ``steps`` runs each row only for its real words (rows sorted by
+    length inside): the real positions and every gradient of a loss over them are those of the
+    plain loop over all T steps; the skipped positions come out as zeros."""
+    dec = _decoder(query, sentinel, score, heads)
+    b, t = 6, 7
+    g = torch.Generator().manual_seed(2)
+    feats, inputs = torch.randn(b, S, C, dtype=torch.double, generator=g), torch.randint(0, V, (b, t), generator=g)
+    steps = torch.tensor([3, 7, 0, 5, 1, 7])  # unsorted, a full row, an empty one
+    real = torch.arange(t)[None] < steps[:, None]  # (B, T)
+    mask = torch.ones(b, S, dtype=torch.bool)
+    mask[3, 4:] = False
+    results = []
+    for fused, given in ((True, steps), (False, None)):
+        dec.fused = fused
+        dec.zero_grad()
+        f = feats.clone().requires_grad_(True)
+        out = dec(f, inputs, mask, steps=given)
+        weights = torch.Generator().manual_seed(1)
+        loss = sum((x * torch.randn(x.shape, generator=weights, dtype=x.dtype)
+                    * real.view(b, t, *[1] * (x.dim() - 2))).sum() for x in out if x is not None)
+        loss.backward()
+        results.append((out, {n: p.grad.clone() for n, p in dec.named_parameters() if p.grad is not None}, f.grad))
+    dec.fused = True
+    (f_out, f_grads, f_feat), (p_out, p_grads, p_feat) = results
+    for name, got, want in zip(p_out._fields, f_out, p_out):
+        if want is None:
+            assert got is None
+            continue
+        torch.testing.assert_close(got[real], want[real], msg=lambda m: f"{name}: {m}")
+    assert (f_out.alphas[~real] == 0).all() and (f_out.betas is None or (f_out.betas[~real] == 0).all())
+    assert f_grads.keys() == p_grads.keys()
+    for name in p_grads:
+        torch.testing.assert_close(f_grads[name], p_grads[name], msg=lambda m: f"gradient of {name}: {m}")
+    torch.testing.assert_close(f_feat, p_feat)
