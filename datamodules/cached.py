@@ -30,7 +30,7 @@ from captioning.encoders import encoder_config
 from captioning.features import FeatureCache, build_feature_cache, encoder_fingerprint
 from captioning.images import image_tensor, load_image
 from captioning.vocab import Vocabulary
-from datamodules.batches import CaptionBatch, collate_captions
+from datamodules.batches import CaptionBatch, MovesTensorsOnly, collate_captions
 from datamodules.sampling import LengthBucketBatchSampler, OneCaptionPerImageSampler
 
 SPLITS = ("train", "val", "test")
@@ -89,7 +89,7 @@ class _ImageFiles(Dataset):
                 "image_id": image_id}
 
 
-class CachedFeaturesDataModule(LightningDataModule):
+class CachedFeaturesDataModule(MovesTensorsOnly, LightningDataModule):
     """Cached-feature batches for an image datamodule.
 
     Args:

@@ -34,7 +34,7 @@ from torch.utils.data import DataLoader, Dataset, RandomSampler
 
 from captioning.images import DEFAULT_MAX_PIXELS, ImageReadError, Preprocessing, image_tensor, load_image
 from captioning.vocab import Vocabulary
-from datamodules.batches import collate_captions
+from datamodules.batches import MovesTensorsOnly, collate_captions
 from datamodules.sampling import LengthBucketBatchSampler
 
 log = logging.getLogger(__name__)
@@ -169,7 +169,7 @@ class FollowsEncoder:
         return self.preprocessing.image_size
 
 
-class ImageCaptionsDataModule(FollowsEncoder, LightningDataModule):
+class ImageCaptionsDataModule(FollowsEncoder, MovesTensorsOnly, LightningDataModule):
     """Shared machinery of file-based caption datamodules (module docstring).
 
     Args:

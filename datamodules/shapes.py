@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from captioning.images import Preprocessing
 from captioning.vocab import Vocabulary, tokenize
-from datamodules.batches import collate_captions
+from datamodules.batches import MovesTensorsOnly, collate_captions
 from datamodules.image_captions import FollowsEncoder
 
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "diamond")
@@ -232,18 +232,21 @@ class ShapesDataset(Dataset):
 
     ``per_caption=True`` (train): each draw returns one reference chosen at random (torch RNG,
     so seeded per worker). Otherwise: the first reference as "caption", all as "references".
+    ``keep_scenes=True``: a scene is drawn once and kept in memory (each epoch reads the same
+    images; every DataLoader worker keeps the ones it drew).
     """
 
     def __init__(self, split: str, size: int, vocab: Vocabulary, seed: int = 0,
                  image_size: int = 64, min_objects: int = 1, max_objects: int = 4,
                  noise: float = 0.5, per_caption: bool = False, with_captions: bool = True,
-                 input_size: int | None = None) -> None:
+                 input_size: int | None = None, keep_scenes: bool = False) -> None:
         if split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
         self.split, self.size, self.vocab, self.seed = split, size, vocab, seed
         self.image_size, self.min_objects, self.max_objects = image_size, min_objects, max_objects
         self.noise, self.per_caption, self.with_captions = noise, per_caption, with_captions
         self.input_size = input_size or image_size  # side of the images in batches (the encoder's)
+        self.kept: dict[int, tuple[Scene, np.ndarray]] | None = {} if keep_scenes else None
 
     def __len__(self) -> int:
         return self.size
@@ -256,16 +259,27 @@ class ShapesDataset(Dataset):
         n = int(rng.integers(self.min_objects, self.max_objects + 1))
         return generate_scene(rng, self.image_size, n, self.noise)
 
-    def __getitem__(self, index: int) -> dict:
+    def _scene_and_pixels(self, index: int) -> tuple[Scene, np.ndarray]:
+        """The scene and its pixels at the encoder's input size, drawn once when scenes are kept."""
+        if self.kept is not None and index in self.kept:
+            return self.kept[index]
         scene = self.scene(index)
         pixels = scene.pixels
         if self.input_size != self.image_size:  # drawn at image_size, resized for the encoder
             pixels = np.array(Image.fromarray(pixels).resize((self.input_size,) * 2, Image.BILINEAR))
-        image = torch.from_numpy(np.ascontiguousarray(pixels)).permute(2, 0, 1)  # uint8; the encoder normalises
+        if self.kept is not None:
+            self.kept[index] = (scene, pixels)
+        return scene, pixels
+
+    def __getitem__(self, index: int) -> dict:
+        scene, pixels = self._scene_and_pixels(index)
+        # Copies (12 KB): what a caller changes in an item must not change a kept scene.
+        image = torch.from_numpy(np.array(pixels)).permute(2, 0, 1)  # uint8; the encoder normalises
         k = int(torch.randint(len(scene.captions), ())) if self.per_caption else 0
         ids = self.vocab.encode(scene.captions[k].split()) if self.with_captions else []
         return {"image": image, "caption": torch.tensor(ids, dtype=torch.long), "image_id": index,
-                "references": scene.captions, "objects": scene.objects, "boxes": named_boxes(scene.objects)}
+                "references": list(scene.captions), "objects": [dict(o, box=list(o["box"])) for o in scene.objects],
+                "boxes": named_boxes(scene.objects)}
 
 
 def named_boxes(objects: Sequence[dict]) -> list[dict]:
@@ -273,7 +287,7 @@ def named_boxes(objects: Sequence[dict]) -> list[dict]:
     return [{"box": list(o["box"]), "nouns": [o["shape"]], "attributes": [o["size"], o["color"]]} for o in objects]
 
 
-class ShapesDataModule(FollowsEncoder, L.LightningDataModule):
+class ShapesDataModule(FollowsEncoder, MovesTensorsOnly, L.LightningDataModule):
     """Synthetic shapes captions; see the module docstring.
 
     Args:
@@ -287,13 +301,16 @@ class ShapesDataModule(FollowsEncoder, L.LightningDataModule):
         eval_min_objects, eval_max_objects: objects per val/test/predict scene; None = the
             training limits. E.g. 3 and 4 to compare attention with a mean-feature model.
         noise: background clutter and pixel noise in [0, 1]; 0 = plain background.
+        keep_scenes: draw each scene once and keep it in memory for the later epochs and
+            validations (train_size * input_size**2 * 3 bytes: 98 MB at the defaults, per
+            DataLoader worker); False draws every scene again each time it is read.
     """
 
     def __init__(self, batch_size: int = 64, num_workers: int = 0, image_size: int = 64,
                  seed: int = 0, train_size: int = 8000, val_size: int = 500,
                  test_size: int = 500, min_objects: int = 1, max_objects: int = 4,
                  eval_min_objects: int | None = None, eval_max_objects: int | None = None,
-                 noise: float = 0.5) -> None:
+                 noise: float = 0.5, keep_scenes: bool = True) -> None:
         super().__init__()
         eval_min = min_objects if eval_min_objects is None else eval_min_objects
         eval_max = max_objects if eval_max_objects is None else eval_max_objects
@@ -316,7 +333,7 @@ class ShapesDataModule(FollowsEncoder, L.LightningDataModule):
             raise ValueError(f"ShapesDataModule: noise must be in [0, 1], got {noise!r}")
         self.save_hyperparameters()
         self.batch_size, self.num_workers, self.seed = batch_size, num_workers, seed
-        self.draw_size, self.noise = image_size, float(noise)
+        self.draw_size, self.noise, self.keep_scenes = image_size, float(noise), bool(keep_scenes)
         self.sizes = {"train": train_size, "val": val_size, "test": test_size}
         self.limits = {"train": (min_objects, max_objects), "val": (eval_min, eval_max),
                        "test": (eval_min, eval_max)}
@@ -333,7 +350,8 @@ class ShapesDataModule(FollowsEncoder, L.LightningDataModule):
         """The :class:`ShapesDataset` of ``split`` ("train", "val" or "test")."""
         lo, hi = self.limits.get(split, (1, 1))  # an unknown split: ShapesDataset raises
         return ShapesDataset(split, self.sizes.get(split, 0), self._vocab, self.seed, self.draw_size,
-                             lo, hi, self.noise, per_caption, with_captions, input_size=self.image_size)
+                             lo, hi, self.noise, per_caption, with_captions, input_size=self.image_size,
+                             keep_scenes=self.keep_scenes)
 
     def describe(self) -> str:
         return (f"built-in shapes (seed {self.seed}; {self.sizes['train']} train, {self.sizes['val']} val, "

@@ -38,7 +38,7 @@ from captioning.vocab import Vocabulary
 # Imported at module level on purpose: Lightning records the init args of BatchSampler
 # subclasses that exist when it calls the dataloader hooks, so it can rebuild the sampler
 # with a DistributedSampler underneath under DDP.
-from datamodules.batches import collate_text
+from datamodules.batches import MovesTensorsOnly, collate_text
 from datamodules.sampling import LengthBucketBatchSampler
 
 SPLITS = ("train", "val", "test")
@@ -67,7 +67,7 @@ class TextPairDataset(Dataset):
         return self.items[index] if self.items is not None else self.make(index)
 
 
-class _TextDataModule(L.LightningDataModule):
+class _TextDataModule(MovesTensorsOnly, L.LightningDataModule):
     """Loaders shared by both datamodules; subclasses provide ``dataset(split)`` and ``text_vocab``."""
 
     batch_size: int

@@ -7,7 +7,7 @@ import typing
 import torch
 
 from captioning.encoders import SmallCNN
-from datamodules.batches import CaptionBatch, TextBatch, collate_captions, collate_text
+from datamodules.batches import METADATA_KEYS, CaptionBatch, TextBatch, collate_captions, collate_text
 from datamodules.cached import CachedFeaturesDataModule
 from datamodules.folder import FolderCaptionsDataModule
 from datamodules.shapes import ShapesDataModule
@@ -88,3 +88,26 @@ def test_text_batches_follow_the_text_layout():
                                   "reference": "z"}])
     assert "alignments" not in no_alignment and no_alignment["target"].tolist() == [[1, 6, 2]]
 
+
+
+def test_metadata_keys_are_exactly_the_batch_keys_that_hold_no_tensors():
+    hints = {**typing.get_type_hints(CaptionBatch), **typing.get_type_hints(TextBatch)}
+    assert METADATA_KEYS == {k for k, t in hints.items() if t is not torch.Tensor}
+
+
+def test_datamodules_move_tensors_and_hand_metadata_on_untouched():
+    dm = ShapesDataModule(batch_size=4, train_size=8, val_size=4, test_size=4)
+    dm.setup("fit")
+    batch = next(iter(dm.val_dataloader()))
+    moved = dm.transfer_batch_to_device(batch, torch.device("meta"), 0)  # "meta": a device that is not the CPU
+    assert list(moved) == list(batch)  # same keys, same order
+    for key, value in batch.items():
+        if key in METADATA_KEYS:
+            assert moved[key] is value
+        else:
+            assert moved[key].device.type == "meta" and moved[key].shape == value.shape
+    text = SyntheticTextDataModule(task="reverse", train_size=8, val_size=4, test_size=4, batch_size=4)
+    text.setup("fit")
+    tb = next(iter(text.val_dataloader()))
+    moved = text.transfer_batch_to_device(tb, torch.device("meta"), 0)
+    assert moved["source"].device.type == "meta" and moved["ids"] is tb["ids"]

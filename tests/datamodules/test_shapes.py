@@ -9,8 +9,8 @@ import torch
 
 from captioning.images import Preprocessing, load_image
 from captioning.vocab import Vocabulary, tokenize
-from datamodules.shapes import (COLORS, RGB, SHAPES, SIZE_RANGE, SIZES, ShapesDataModule, _layout,
-                                main, object_word_alignment, shapes_vocabulary)
+from datamodules.shapes import (COLORS, RGB, SHAPES, SIZE_RANGE, SIZES, ShapesDataModule, ShapesDataset,
+                                _layout, main, object_word_alignment, shapes_vocabulary)
 
 
 def small_dm(**kwargs) -> ShapesDataModule:
@@ -250,3 +250,23 @@ def test_export_images_and_command_write_readable_pngs(tmp_path, capsys):
     path, caption = lines[0].split("\t")
     assert np.array_equal(np.asarray(load_image(path)), dm.dataset("test").scene(0).pixels)
     assert caption == dm.dataset("test").scene(0).captions[0]
+
+
+def test_kept_scenes_are_the_drawn_ones_and_items_do_not_share_them():
+    vocab = shapes_vocabulary()
+    drawn = ShapesDataset("train", 6, vocab, seed=3)
+    kept = ShapesDataset("train", 6, vocab, seed=3, keep_scenes=True)
+    for i in (0, 5, 0):  # index 0 a second time: read back from memory
+        a, b = drawn[i], kept[i]
+        assert torch.equal(a["image"], b["image"]) and a["references"] == b["references"]
+        assert a["objects"] == b["objects"] and a["boxes"] == b["boxes"]
+    assert set(kept.kept) == {0, 5}
+    item = kept[0]
+    item["image"].zero_()
+    item["references"].append("changed")
+    item["objects"][0]["box"][0] = -1.0
+    again = kept[0]
+    assert torch.equal(again["image"], drawn[0]["image"])
+    assert again["references"] == drawn[0]["references"] and again["objects"] == drawn[0]["objects"]
+    assert ShapesDataModule().dataset("train").kept == {}  # the datamodule keeps scenes by default
+    assert ShapesDataModule(keep_scenes=False).dataset("train").kept is None
