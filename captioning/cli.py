@@ -20,9 +20,8 @@ import os
 import sys
 from typing import Any, Optional, Sequence
 
-# Before torch is imported: OpenMP threads that spin while waiting make a 2-core machine
-# shared with data loading several times slower; passive waiting costs little elsewhere.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+from captioning.openmp import choose_wait_policy
+
 
 # Commands that are not LightningCLI subcommands: name -> (module:function, one-line help).
 COMMANDS = {
@@ -297,6 +296,9 @@ def _run(args: list[str]) -> int:
     if not args or args[0] in ("-h", "--help", "help"):
         print(usage())
         return 0
+    # Before torch is imported (OpenMP reads it once): spin between operations on an idle
+    # machine, sleep when other programs keep a core busy (captioning/openmp.py).
+    choose_wait_policy()
     if args[0] in COMMANDS:
         module, func = COMMANDS[args[0]][0].split(":")
         import importlib
@@ -307,6 +309,8 @@ def _run(args: list[str]) -> int:
     # main() always hands LightningCLI its (rewritten) arguments; Lightning warns when
     # sys.argv has arguments too, which is every console run.
     warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
+    # Lightning 2.6's own use of torch's pytree warns on every fit: nothing a user can act on.
+    warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
     lightning_cli(_with_model_for_nested_help(nested_null_args(args)))
     return 0
 
