@@ -1,4 +1,4 @@
-"""The README's main job at full size (about 6 minutes on 2 cores): `-m slow` runs it.
+"""The README's main job at full size (about 3.5 minutes on 2 cores): `-m slow` runs it.
 
 Trains configs/shapes.yaml exactly as the quickstart does, then checks the scores the README
 reports are reached (with a margin for run-to-run noise) and that captioning a test image
