@@ -46,7 +46,7 @@ from torch import Tensor, nn
 
 from captioning.attention import PreparedMemory, build_attention, compares_directly
 from captioning.sat_recurrence import (QUERY_STYLES, RecurrenceOutput, RecurrencePlan, autocast_matmul_dtype,
-                                       fused_recurrence, lstm_cell, stack_state_maps)
+                                       fused_recurrence, lstm_cell, plain_steps, stack_state_maps)
 from captioning.search import StepOutput
 
 
@@ -302,15 +302,8 @@ class ShowAttendTellDecoder(nn.Module):
         if self.uses_fused_recurrence:
             out, alphas, betas, _ = self._fused_forward(memory, inputs, steps)
             return out, alphas, betas
-        state = self.init_state(memory)
         x_gates = self.input_embed(self.embedding(inputs))  # (B, T, G): one GEMM for all steps
-        outs, alphas, betas = [], [], []
-        for t in range(inputs.shape[1]):
-            out, alpha, beta, state = self._advance(x_gates[:, t], state, memory)
-            outs.append(out)
-            alphas.append(alpha)
-            betas.append(beta)
-        return torch.stack(outs, 1), torch.stack(alphas, 1), torch.stack(betas, 1) if self.sentinel else None
+        return plain_steps(self._advance, x_gates, self.init_state(memory), memory, self.sentinel)
 
 
 def flat_rows(rows: PreparedMemory) -> tuple[Tensor, Tensor]:

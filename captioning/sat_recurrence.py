@@ -185,6 +185,20 @@ def lstm_cell(gates: Tensor, c: Tensor, sentinel: bool) -> tuple[Tensor, Tensor,
     return torch.sigmoid(o) * tanh_c, c, torch.sigmoid(g_s) * tanh_c if sentinel else None
 
 
+def plain_steps(advance: Callable, x_gates: Tensor, state: object, memory: object,
+                sentinel: bool) -> tuple[Tensor, Tensor, Tensor | None]:
+    """Both decoders' plain (autograd) teacher forcing, the reference of the fused recurrence:
+    ``advance(x_gates[:, t], state, memory) -> (out, alpha, beta, state)`` for every step t of
+    x_gates (B, T, G) -> outputs (B, T, D), alphas (B, T, S), betas (B, T) or None."""
+    outs, alphas, betas = [], [], []
+    for t in range(x_gates.shape[1]):
+        out, alpha, beta, state = advance(x_gates[:, t], state, memory)
+        outs.append(out)
+        alphas.append(alpha)
+        betas.append(beta)
+    return torch.stack(outs, 1), torch.stack(alphas, 1), torch.stack(betas, 1) if sentinel else None
+
+
 def _cell(gates: Tensor, c: Tensor, act: Tensor, d: int, sentinel: bool) -> tuple[Tensor, Tensor, Tensor | None]:
     """LSTM update from pre-activations (B, G); act (B, G) receives the activations."""
     torch.sigmoid(gates, out=act)

@@ -57,7 +57,7 @@ from torch import Tensor, nn
 from captioning.attention import PreparedMemory, build_attention, compares_directly
 from captioning.image_decoder import DecoderOutput, flat_rows
 from captioning.sat_recurrence import (RecurrencePlan, autocast_matmul_dtype, fused_recurrence, lstm_cell,
-                                       stack_state_maps)
+                                       plain_steps, stack_state_maps)
 from captioning.search import StepOutput
 
 QUERY_STYLES = ("bahdanau", "luong")
@@ -231,13 +231,7 @@ class AttentionLSTMDecoder(nn.Module):
         x_gates = self.input_embed(self.embedding(inputs))  # (B, T, G): one GEMM for all steps
         if self.uses_fused_recurrence:
             return self._fused(memory, state, x_gates, steps)
-        outs, alphas, betas = [], [], []
-        for t in range(inputs.shape[1]):
-            attentional, alpha, beta, state = self._advance(x_gates[:, t], state, memory)
-            outs.append(attentional)
-            alphas.append(alpha)
-            betas.append(beta)
-        return torch.stack(outs, 1), torch.stack(alphas, 1), torch.stack(betas, 1) if self.sentinel else None
+        return plain_steps(self._advance, x_gates, state, memory, self.sentinel)
 
     def _fused(self, memory: dict, state: dict, x_gates: Tensor,
                steps: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor | None]:
