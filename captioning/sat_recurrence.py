@@ -247,16 +247,18 @@ class _AttentionSteps:
         self.scores_into, self.paired = scorer.hook("scores_into"), scorer.hook("scores_paired")
         self.scratch = scorer.new_scratch(self.n, 1, self.keys) if scorer.offers("scores_into") else None
         self.sentinel = plan.sentinel_rows is not None
-        # Zeros: rows that sit out a step (padding) must add nothing to the gradients formed at the end.
-        self.alpha_heads = self.keys.new_zeros(self.n, steps, self.s)
+        # Zeros when rows sit out steps (padding): they must add nothing to the gradients formed at
+        # the end. Without padding every cell is written: no fill needed.
+        self.new = self.keys.new_zeros if plan.active is not None else self.keys.new_empty
+        self.alpha_heads = self.new(self.n, steps, self.s)
         if self.sentinel:
-            self.joint = self.keys.new_zeros(self.n, steps, self.s + 1)
+            self.joint = self.new(self.n, steps, self.s + 1)
             ones = None if self.mask is None else self.mask.new_ones(self.n, 1, 1)  # the sentinel: always allowed
             self.joint_mask = None if self.mask is None else torch.cat([self.mask, ones], -1)
         self.out_w, self.out_b = out_w, out_b
         if out_w is not None:
             self.out_w_t = out_w.to(mm).t()
-            self.ctx_heads = self.keys.new_zeros(b, steps, h * self.dv)
+            self.ctx_heads = self.new(b, steps, h * self.dv)
 
     def forward(self, t: int, qp: Tensor, s: Tensor | None) -> tuple[Tensor, Tensor, Tensor | None]:
         """qp (b, H*Q) projected queries, s (b, D) sentinel of the first b <= B rows -> context
@@ -292,7 +294,7 @@ class _AttentionSteps:
     def begin_backward(self, need_values: bool) -> None:
         self.acc = self.plan.scorer.hook("score_backward")(self.keys)
         self.values_t = self.values.transpose(1, 2)  # (N, dv, S): (1, dv) @ (dv, S) is the fast bmm layout
-        zeros = self.keys.new_zeros  # rows that sit out a step must add nothing at the end
+        zeros = self.new  # (zeros with padding, see __init__)
         self.d_ctx_heads = zeros(self.n, self.steps, self.dv) if need_values else None
         if self.out_w is not None:
             self.out_w_mm = self.out_w.to(self.mm)
@@ -392,7 +394,8 @@ class _Recurrence(torch.autograd.Function):
             bias = None if b_h is None else b_h[g:].to(dtype)
             xg_f = xg.to(dtype)
             active = plan.active or [b] * steps  # rows taking part in each step: the first ones
-            new = xg_f.new_zeros  # zeros: padding steps are not computed, and must add nothing later
+            # Zeros with padding: padding steps are not computed, and must add nothing later.
+            new = xg_f.new_zeros if plan.active is not None else xg_f.new_empty
             hidden, cells, acts = new(b, steps, d), new(b, steps, d), new(b, steps, g)
             queries, alphas, z_all = new(b, steps, qs.stop - qs.start), new(b, steps, att.s), new(b, steps, c_ctx)
             betas = new(b, steps) if sentinel else new(0)
@@ -495,7 +498,8 @@ def _backward(ctx, d_out, d_alphas, d_betas, d_contexts) -> tuple:
     # Row t of d_p: d of [r | g | q | u] of the GEMM that feeds step t's gates ("previous": that
     # of step t itself; "current": that of step t-1's state, row 0 = the initial state). Zeros
     # where a row sat out a step (padding), so the weight gradients below can take all rows.
-    d_p = hidden.new_zeros(b, steps + (1 if current else 0), w_h.shape[0])
+    d_p = (hidden.new_zeros if current or ctx.padded else hidden.new_empty)(b, steps + (1 if current else 0),
+                                                                           w_h.shape[0])
     # Carried gradients have a row per row still going: rows join (with zeros) at their last step.
     dh, dc = hidden.new_zeros(0, d), hidden.new_zeros(0, d)
     ds = hidden.new_zeros(0, d) if sentinel and not current else None
