@@ -71,6 +71,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dim", type=int, default=512, help="attention = embedding = decoder width")
     p.add_argument("--vocab", type=int, default=10000)
     p.add_argument("--steps", type=int, default=21, help="decode steps of a training caption")
+    p.add_argument("--min-steps", type=int, default=None,
+                   help="captions of random lengths in [min-steps, steps], padded (default: all --steps long)")
     p.add_argument("--repeats", type=int, default=7, help="timed training steps (median reported)")
     p.add_argument("--plain", action="store_true", help="use the plain autograd decoder loop (fused=False)")
     p.add_argument("--attention", default="additive",
@@ -210,6 +212,11 @@ def train_phase(a: argparse.Namespace, run: Runner, light: bool = False) -> dict
     feats = torch.randn(a.batch, a.grid ** 2, a.channels, device=run.device)
     caps = torch.randint(4, a.vocab, (a.batch, a.steps + 1), device=run.device)
     caps[:, 0], caps[:, -1] = 1, 2  # BOS ... EOS: 21 decode steps, no padding
+    if a.min_steps is not None:  # BOS w.. EOS PAD..: a row of n decode steps ends at position n
+        gen = torch.Generator().manual_seed(0)
+        ends = torch.randint(a.min_steps, a.steps + 1, (a.batch,), generator=gen).to(run.device)
+        pos = torch.arange(a.steps + 1, device=run.device)
+        caps = torch.where(pos[None] < ends[:, None], caps, torch.where(pos[None] == ends[:, None], 2, 0))
 
     def step() -> None:
         with run.autocast():
@@ -338,7 +345,7 @@ def main(argv: list[str] | None = None) -> dict:
               "load_avg_1min_before": round(os.getloadavg()[0], 2),
               "workload": {"batch": a.batch, "grid": f"{a.grid}x{a.grid}", "channels": a.channels,
                            "attention_embed_decoder_dim": a.dim, "vocab": a.vocab, "decode_steps": a.steps,
-                           "optimizer": "Adam", "alpha_c": 1.0, "dropout": 0.5},
+                           "min_decode_steps": a.min_steps, "optimizer": "Adam", "alpha_c": 1.0, "dropout": 0.5},
               "gemm_gflops": gemm_gflops(run)}
     if a.precision == "bf16":
         report["gemm_gflops_bf16"] = gemm_gflops(run, dtype=torch.bfloat16)
