@@ -443,7 +443,7 @@ class _Recurrence(torch.autograd.Function):
         ctx.save_for_backward(keys, values, h0, c0, w_h, b_h, w_x, w_u, hidden, cells, acts, queries, z_all,
                               ctx_all, gate_all, feeds, s_used)
         ctx.plan, ctx.att, ctx.mm, ctx.xg_dtype, ctx.params = plan, att, mm, xg.dtype, params
-        ctx.active, ctx.padded = active, plan.active is not None
+        ctx.active = active
         ctx.dtypes = (h0.dtype, c0.dtype, None if s0 is None else s0.dtype)
         out = feeds if current else hidden
         return out.to(xg.dtype), alphas, betas, z_all.to(xg.dtype)  # alphas stay >= float32, as softmax does
@@ -498,8 +498,8 @@ def _backward(ctx, d_out, d_alphas, d_betas, d_contexts) -> tuple:
     # Row t of d_p: d of [r | g | q | u] of the GEMM that feeds step t's gates ("previous": that
     # of step t itself; "current": that of step t-1's state, row 0 = the initial state). Zeros
     # where a row sat out a step (padding), so the weight gradients below can take all rows.
-    d_p = (hidden.new_zeros if current or ctx.padded else hidden.new_empty)(b, steps + (1 if current else 0),
-                                                                           w_h.shape[0])
+    padded = plan.active is not None
+    d_p = (hidden.new_zeros if current or padded else hidden.new_empty)(b, steps + int(current), w_h.shape[0])
     # Carried gradients have a row per row still going: rows join (with zeros) at their last step.
     dh, dc = hidden.new_zeros(0, d), hidden.new_zeros(0, d)
     ds = hidden.new_zeros(0, d) if sentinel and not current else None
@@ -552,7 +552,7 @@ def _backward(ctx, d_out, d_alphas, d_betas, d_contexts) -> tuple:
     # Weight gradients: one GEMM each over all B*T rows (over the real ones when there is padding).
     h0f = h0.to(dtype).unsqueeze(1)
     h_in = torch.cat([h0f, hidden], 1) if current else torch.cat([h0f, hidden[:, :-1]], 1)
-    real = _real_cells(active, b, d_p.device) if ctx.padded else None  # (B*T,) or None
+    real = _real_cells(active, b, d_p.device) if padded else None  # (B*T,) or None
     real_p = real if real is None or not current else _real_cells([active[0], *active], b, d_p.device)
     d_w_h = _mm(_cells(d_p, real_p).t(), _cells(h_in, real_p).to(mm), dtype)
     d_gates = d_p[:, :steps, :g]  # row t's recurrent block = d gates of step t = d x_t
