@@ -50,7 +50,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from captioning.attention import SCORERS  # noqa: E402
-from captioning.image_decoder import ShowAttendTellDecoder  # noqa: E402
+from captioning.nn.image_decoder import ShowAttendTellDecoder  # noqa: E402
 from captioning.encoders import ImageEncoder, SmallCNN  # noqa: E402
 from captioning.image_model import ImageCaptioner  # noqa: E402
 from captioning.vocab import Vocabulary  # noqa: E402

@@ -2,7 +2,7 @@
 
 A score function is a :class:`~captioning.scores.Scorer` that owns all of its maths (the plain
 score, its no-graph forward and backward hooks); the fused training recurrence
-(:mod:`captioning.sat_recurrence`) and search (through :meth:`Attention.attend`) call those
+(:mod:`captioning.nn.recurrence`) and search (through :meth:`Attention.attend`) call those
 hooks, so no score formula is written anywhere else (docs/attention.md).
 
 :class:`Attention` puts a scorer behind the one masked-softmax-and-context path

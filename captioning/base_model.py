@@ -7,6 +7,8 @@
   :meth:`eval_items`; at the end of the epoch every rank's records are gathered, the
   distributed sampler's padding duplicates dropped (by ``eval_key``), :meth:`eval_scores` scores
   the whole corpus once, and every rank logs the same ``<stage>/<name>`` values;
+* the training step (:mod:`captioning.train_step`): on one GPU a CUDA graph replay per step;
+  TF32 for float32 products on GPUs that have it (``tf32``);
 * optimisation: AdamW over :meth:`param_groups` (fused where PyTorch allows it), with
   ``scheduler`` "none", "cosine" (linear warmup, then cosine decay per step) or "plateau"
   (halve the learning rate when ``plateau_monitor`` stops improving). These are built here
@@ -18,7 +20,7 @@
 * :meth:`attention_figures` is the one hook the overlay callback calls.
 
 A subclass implements :meth:`eval_items`, :meth:`eval_scores` and :meth:`attention_figures`,
-plus its loss and ``training_step``.
+plus its loss through :meth:`train_inputs` and :meth:`train_losses`.
 """
 
 from __future__ import annotations
@@ -28,18 +30,21 @@ from typing import Any, Sequence
 
 import lightning.pytorch as pl
 import torch
+import torch.nn.functional as F
 
 from captioning.distributed import gather_unique
 from captioning.search import SearchResult, beam_search, greedy_search
+from captioning.train_step import TrainingStep
 
 SCHEDULERS = ("none", "cosine", "plateau")
 
 
-class AttentionModel(pl.LightningModule):
+class AttentionModel(TrainingStep):
     """Base LightningModule of both models (module docstring).
 
     Hyper-parameters it reads (subclasses save them): ``lr``, ``weight_decay``, ``scheduler``,
-    ``warmup_steps``, ``beam_size``, ``max_length``, ``length_penalty``.
+    ``warmup_steps``, ``beam_size``, ``max_length``, ``length_penalty``, ``label_smoothing``,
+    ``cuda_graphs``, ``tf32``.
     """
 
     eval_key = "id"  # the field that identifies an evaluation record (an image or a sentence)
@@ -52,17 +57,47 @@ class AttentionModel(pl.LightningModule):
         self._eval_outputs: list[dict] = []
         self.last_eval: dict = {}  # id -> prediction of the last validation/test (rank-local copy)
 
+    def setup(self, stage: str) -> None:
+        from lightning.pytorch.accelerators import CUDAAccelerator
+
+        if self._trainer is not None and isinstance(self.trainer.accelerator, CUDAAccelerator) and \
+                self.hparams.get("tf32", True):
+            # TF32 tensor cores for float32 products (Ampere and newer; 10 mantissa bits, float32 range).
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+
     # ------------------------------------------------------------------ decoding
     def search(self, decoder: Any, memory: Any, batch_size: int, bos_id: int, eos_id: int, pad_id: int,
-               banned_ids: Sequence[int], beam_size: int | None = None, max_length: int | None = None) -> SearchResult:
-        """Greedy (beam 1) or batched beam search with the model's defaults for unset options."""
+               banned_ids: Sequence[int], beam_size: int | None = None, max_length: int | None = None,
+               max_lengths: torch.Tensor | None = None) -> SearchResult:
+        """Greedy (beam 1) or batched beam search with the model's defaults for unset options;
+        ``max_lengths`` (B,): each item's own cap (tokens incl. EOS), within ``max_length``."""
         hp = self.hparams
         beam = hp.beam_size if beam_size is None else beam_size
         length = hp.max_length if max_length is None else max_length
-        common = dict(bos_id=bos_id, eos_id=eos_id, pad_id=pad_id, max_length=length, banned_ids=banned_ids)
+        common = dict(bos_id=bos_id, eos_id=eos_id, pad_id=pad_id, max_length=length, banned_ids=banned_ids,
+                      max_lengths=max_lengths)
         if beam <= 1:
             return greedy_search(decoder, memory, batch_size, **common)
         return beam_search(decoder, memory, batch_size, beam_size=beam, length_penalty=hp.length_penalty, **common)
+
+    # ------------------------------------------------------------------ loss
+    def token_loss(self, decoder: Any, out: torch.Tensor, targets: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
+        """Cross-entropy (with the model's ``label_smoothing``) of the decoder's output layer over
+        the real target tokens: out (B, T, D) teacher-forced output vectors, targets (B, T), real
+        (B, T) bool.
+
+        Padding costs nothing where the decoder skipped it (``shrink``, CPUs: only the real
+        cells go through the output layer, B*T x D x V being the largest product of a step with
+        a COCO-sized vocabulary) and costs no host sync where it masked it (``mask``, GPUs: every
+        cell goes through it and the loss ignores padding). Same value either way."""
+        smoothing = float(self.hparams.get("label_smoothing", 0.0))
+        if decoder.padding_mode(out.device) == "mask":
+            logits = decoder.output(decoder.dropout(out))  # (B, T, V)
+            return F.cross_entropy(logits.flatten(0, 1).float(), targets.masked_fill(~real, -100).flatten(),
+                                   ignore_index=-100, label_smoothing=smoothing)
+        logits = decoder.output(decoder.dropout(out[real]))  # (N, V), N real tokens
+        return F.cross_entropy(logits.float(), targets[real], label_smoothing=smoothing)
 
     # ------------------------------------------------------------------ evaluation
     def eval_items(self, batch: dict, stage: str) -> list[dict]:
@@ -124,10 +159,12 @@ class AttentionModel(pl.LightningModule):
         hp = self.hparams
         groups = [g for g in self.param_groups() if g["params"]]
         # Fused: one kernel for all parameters (CPU and CUDA), several times faster than the
-        # per-parameter loop. Not under mixed precision (bf16 or fp16): Lightning's mixed-precision
-        # plugin refuses gradient clipping for optimizers that (could) unscale gradients themselves.
+        # per-parameter loop. Not under mixed precision (bf16 or fp16) with Lightning's own step:
+        # its mixed-precision plugin refuses gradient clipping for optimizers that (could) unscale
+        # gradients themselves; a graphed step clips inside the graph instead.
         precision = str(self.trainer.precision) if self._trainer is not None else "32-true"
-        fused = "mixed" not in precision and not precision.startswith("16") and all(
+        graphs = self._trainer is not None and self.why_no_step_graphs(check_optimizers=False) is None
+        fused = (graphs or ("mixed" not in precision and not precision.startswith("16"))) and all(
             p.device.type in ("cpu", "cuda") and p.dtype == torch.float32 for g in groups for p in g["params"])
         optimizer = torch.optim.AdamW(groups, lr=hp.lr, weight_decay=hp.weight_decay, fused=fused or None)
         if hp.scheduler == "cosine":
@@ -152,6 +189,7 @@ class AttentionModel(pl.LightningModule):
         """Scores, data and (image models) one example with the weights (captioning.model_card)."""
         from captioning.model_card import run_summary
 
+        super().on_save_checkpoint(checkpoint)  # the optimiser state in its portable form
         if self._trainer is not None:
             summary = run_summary(self.trainer, with_example=self.example_in_checkpoint,
                                   cached_example=getattr(self, "_example", None))

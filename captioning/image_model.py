@@ -14,7 +14,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from captioning.base_model import AttentionModel, check_scheduler
-from captioning.image_decoder import ShowAttendTellDecoder
+from captioning.train_step import pad_length
+from captioning.nn.image_decoder import ShowAttendTellDecoder
 from captioning.encoders import Encoder, encoder_config
 from captioning.search import SearchResult
 from captioning.vocab import Vocabulary
@@ -43,7 +44,10 @@ class ImageCaptioner(AttentionModel):
         query: ``"previous"`` (Show-Attend-Tell: attend with h_{t-1} before the LSTM step) or
             ``"current"`` (Luong: attend with h_t after it, with input feeding).
         sentinel: adaptive attention with a visual sentinel (Lu et al. 2017): per word, beta_t is
-            the weight on language instead of the image (captioning.image_decoder).
+            the weight on language instead of the image (captioning.nn.image_decoder).
+        cuda_graphs: on one CUDA device, run each training step as a CUDA graph replay
+            (captioning.train_step); False runs it eagerly.
+        tf32: TF32 tensor cores for float32 products on GPUs that have them (Ampere and newer).
     """
 
     def __init__(self, encoder: Encoder, vocab: dict | None = None, attention: str = "additive",
@@ -52,7 +56,8 @@ class ImageCaptioner(AttentionModel):
                  encoder_lr: float = 1e-4, weight_decay: float = 0.0, scheduler: str = "none",
                  warmup_steps: int = 0, beam_size: int = 3, max_length: int = 30, length_penalty: float = 0.0,
                  label_smoothing: float = 0.0, compile_decoder: bool = False, allow_unk: bool = False,
-                 query: str = "previous", sentinel: bool = False) -> None:
+                 query: str = "previous", sentinel: bool = False, cuda_graphs: bool = True,
+                 tf32: bool = True) -> None:
         super().__init__()
         if vocab is None:
             raise ValueError("ImageCaptioner needs a vocabulary: the CLI links it from the datamodule "
@@ -79,6 +84,7 @@ class ImageCaptioner(AttentionModel):
         return self.encoder.preprocessing
 
     def setup(self, stage: str) -> None:
+        super().setup(stage)
         if self.hparams.compile_decoder:
             compile_decoder_step(self.decoder)
 
@@ -93,14 +99,13 @@ class ImageCaptioner(AttentionModel):
     def loss(self, features: Tensor, captions: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Teacher-forced loss. captions (B, L) = BOS w.. EOS PAD.. -> (total, cross-entropy, regulariser).
 
-        Padding costs nothing: the decoder skips each caption's padding steps, and the output
-        layer (B*T x D x V, the largest product with a COCO-sized vocabulary) runs on the real
-        words only."""
+        Padding costs nothing: the decoder skips each caption's padding steps and the output layer
+        runs on the real words only (:meth:`token_loss`; on GPUs padding is masked instead, with
+        no host sync)."""
         inputs, targets = captions[:, :-1], captions[:, 1:]
         real = targets != self.vocab.pad_id  # (B, T)
         out, alphas, _ = self.decoder.teacher_forced(features, inputs, steps=real.sum(1))
-        logits = self.decoder.output(self.decoder.dropout(out[real]))  # (N, V), N real words
-        ce = F.cross_entropy(logits.float(), targets[real], label_smoothing=self.hparams.label_smoothing)
+        ce = self.token_loss(self.decoder, out, targets, real)
         if self.decoder.attention is None or self.hparams.alpha_c == 0:
             reg = ce.new_zeros(())
         else:
@@ -150,13 +155,22 @@ class ImageCaptioner(AttentionModel):
         return out
 
     # ------------------------------------------------------------------ training
-    def training_step(self, batch: dict, batch_idx: int) -> Tensor:
-        total, ce, reg = self.loss(self.encode(batch), batch["captions"])
-        b = batch["captions"].shape[0]
-        self.log("train/loss", total, prog_bar=True, batch_size=b)
-        self.log("train/ce", ce, batch_size=b)
-        self.log("train/doubly_stochastic", reg, batch_size=b)
-        return total
+    def train_inputs(self, batch: dict) -> dict[str, Tensor]:
+        """Features (or images) and captions; captions padded to a length bucket under CUDA graphs."""
+        captions = batch["captions"]
+        if self.graphed:
+            captions = pad_length(captions, self.length_bucket, self.vocab.pad_id)
+        key = "features" if "features" in batch else "images"
+        return {key: batch[key], "captions": captions}
+
+    def train_losses(self, inputs: dict[str, Tensor]) -> dict[str, Tensor]:
+        total, ce, reg = self.loss(self.encode(inputs), inputs["captions"])
+        return {"loss": total, "ce": ce, "doubly_stochastic": reg}
+
+    def can_run_step_graphs(self) -> str | None:
+        if self.hparams.get("compile_decoder", False):
+            return "compile_decoder is on"
+        return None
 
     def eval_items(self, batch: dict, stage: str) -> list[dict]:
         features = self.encode(batch)

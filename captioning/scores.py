@@ -9,7 +9,7 @@ A score function is a :class:`Scorer`. Its maths, all in its own class:
   plain autograd maths. ``score(query, prepared)`` = ``scores(project_query(query), prepared)``.
 
 and its fast-path hooks (see docs/attention.md), which the fused training recurrence
-(:mod:`captioning.sat_recurrence`) and search (through :meth:`Attention.attend`) call, so no
+(:mod:`captioning.nn.recurrence`) and search (through :meth:`Attention.attend`) call, so no
 score formula is written anywhere else:
 
 * ``scores_into(qp (N, K, Q), prepared (N, S, A), scratch) -> (N, K, S)``: no-graph scores,
@@ -37,6 +37,8 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from captioning.nn import kernels
 
 __all__ = ["SCORERS", "SCORE_ALIASES", "ScoreBackward", "Scorer", "compares_directly", "make_scorer"]
 
@@ -270,6 +272,31 @@ class AdditiveScorer(Scorer):
         def finish(self) -> tuple[Tensor, tuple[Tensor | None, ...]]:
             return self.d_pre.mul_(self.v), (self.d_v.view(1, -1),)
 
+    class KernelBackward:
+        """:class:`Backward` as one fused kernel per step (captioning.nn.kernels.additive; CUDA):
+        the same sums, without the chunked (n, S, A) scratch."""
+
+        def __init__(self, prepared: Tensor, v: Tensor) -> None:
+            self.keys = prepared.detach().contiguous()
+            self.v = v.detach().to(prepared.dtype).contiguous()
+            self.d_pre = torch.zeros_like(self.keys)
+            self.d_v_rows = self.keys.new_zeros(self.keys.shape[0], self.keys.shape[-1])
+            self.d_sums = self.keys.new_zeros(self.keys.shape[0])
+
+        @torch.no_grad()
+        def step(self, d_scores: Tensor, qp: Tensor) -> Tensor:  # (n, 1, S), (n, 1, A): the first n items
+            from captioning.nn.kernels.additive import backward_step
+
+            n = qp.shape[0]
+            d_qp = qp.new_empty(n, 1, qp.shape[-1], dtype=self.keys.dtype)
+            backward_step(d_scores.reshape(n, -1).contiguous(), qp.reshape(n, -1).contiguous(), self.keys, self.v,
+                          self.d_pre, self.d_v_rows, self.d_sums, d_qp.view(n, -1))
+            return d_qp
+
+        def finish(self) -> tuple[Tensor, tuple[Tensor | None, ...]]:
+            d_v = 2 * self.d_v_rows.sum(0) - self.d_sums.sum()
+            return self.d_pre.mul_(self.v), (d_v.view(1, -1),)
+
     def __init__(self, query_dim: int, key_dim: int, attention_dim: int, **_: object) -> None:
         super().__init__()
         self.key_proj = nn.Linear(key_dim, attention_dim)
@@ -299,6 +326,12 @@ class AdditiveScorer(Scorer):
         """:meth:`scores` without the (N, K, S, A) intermediate: items are scored a chunk at a time
         in ``scratch`` (n, K, S, A), small enough to stay in cache (a fresh 77 MB tensor per
         beam step costs page faults, several times the arithmetic)."""
+        if kernels.usable(qp):  # one fused kernel, no scratch (GPU)
+            from captioning.nn.kernels.additive import scores as fused
+
+            dtype = torch.promote_types(prepared.dtype, torch.float32)
+            out = qp.new_empty(*qp.shape[:2], prepared.shape[1], dtype=dtype)
+            return fused(qp.contiguous(), prepared.contiguous(), self.v.weight.view(-1), out)
         if scratch is None:
             scratch = self.new_scratch(qp.shape[0], qp.shape[1], prepared)
         q2 = 2 * qp.unsqueeze(2)  # (N, K, 1, A)
@@ -313,6 +346,8 @@ class AdditiveScorer(Scorer):
         return scores.to(torch.promote_types(scores.dtype, torch.float32)).sub_(v.sum())  # >= fp32
 
     def score_backward(self, prepared: Tensor) -> ScoreBackward:
+        if kernels.usable(prepared):
+            return AdditiveScorer.KernelBackward(prepared, self.v.weight.view(-1))
         return AdditiveScorer.Backward(prepared, self.v.weight.view(-1))
 
 

@@ -7,9 +7,8 @@ Both drive any decoder with the step interface, :class:`StepDecoder`::
     out = decoder.step(tokens, state, memory)     # tokens (N,) -> StepOutput(logits (N, V), alpha (N, S),
                                                   #                          state, beta (N,) or None)
 
-Memory and state are the decoder's own types: NamedTuples (the image decoder's
-``SATMemory``/``SATState``) or dicts (the text decoder); search only reorders and repeats the
-tensors inside them (:func:`map_tensors`), so any nest of dicts/tuples/NamedTuples works. A
+Memory and state are the decoder's own types: NamedTuples (both decoders'
+``DecoderMemory``/``DecoderState``) or dicts; search only reorders and repeats the tensors inside them (:func:`map_tensors`), so any nest of dicts/tuples/NamedTuples works. A
 ``step`` may also return a plain ``(logits, alpha, state)`` tuple (no beta).
 
 Beam search keeps all images x beams in one (B*K) batch: every step is a handful of tensor
@@ -20,6 +19,11 @@ Words and backpointers are recorded per step and the hypotheses read back once a
 extended by padding at zero cost, so a batch never crashes when no beam emits EOS; it just
 stops at ``max_length``. Each image's result depends only on that image (rows never mix).
 
+A step reads and writes only tensors allocated before the first step (tokens, scores, the
+decoder's state, the histories, a step counter on the device), so on CUDA the first step runs
+as usual and every later one is a replay of it captured as a CUDA graph (``graphs``): a step
+of a few dozen small kernels becomes one launch.
+
 Optional decoder hook (:class:`ExpandsMemory`): ``decoder.expand_memory(memory, K)`` returns
 the memory for K hypotheses per item (e.g. without copying the image grid); without it every
 memory tensor is repeated K times. Search normalises the step's logits in place: ``step`` must
@@ -28,6 +32,8 @@ return a fresh tensor (any layer output is), not a view of something it keeps.
 
 from __future__ import annotations
 
+import os
+import warnings
 from typing import Any, Callable, NamedTuple, Protocol, Sequence, TypeVar, runtime_checkable
 
 import torch
@@ -102,51 +108,6 @@ def map_tensors(fn: Callable[[Tensor], Tensor], obj: Any) -> Any:
     return obj
 
 
-def _lengths(tokens: Tensor, eos_id: int) -> Tensor:
-    """(B, T) -> (B,) position of the first EOS + 1, or T when there is none."""
-    is_eos = tokens == eos_id
-    first = torch.where(is_eos.any(1), is_eos.float().argmax(1), torch.full_like(tokens[:, 0], tokens.shape[1] - 1))
-    return first + 1
-
-
-@torch.no_grad()
-def greedy_search(decoder: StepDecoder, memory: Any, batch_size: int, bos_id: int, eos_id: int, pad_id: int = 0,
-                  max_length: int = 50, banned_ids: Sequence[int] = ()) -> SearchResult:
-    """Pick the most likely word at every step, for the whole batch at once.
-
-    ``banned_ids``: tokens never emitted (e.g. ``<unk>``): their probability is set to 0 and
-    the others renormalised, at every step.
-    """
-    banned = _banned(banned_ids)
-    expand = getattr(decoder, "expand_memory", None)
-    memory = expand(memory, 1) if expand is not None else memory
-    state = decoder.init_state(memory)
-    device = next(t for t in _leaves(state)).device
-    tokens = torch.full((batch_size,), bos_id, dtype=torch.long, device=device)
-    finished = torch.zeros(batch_size, dtype=torch.bool, device=device)
-    scores = torch.zeros(batch_size, device=device)
-    out_tokens, out_alphas, out_betas = [], [], []
-    for step in range(max_length):
-        logits, alpha, state, beta = _step(decoder, tokens, state, memory)
-        logits = logits.float()
-        if banned is not None:
-            logits.index_fill_(-1, banned.to(logits.device), float("-inf"))
-        best, tokens = logits.max(-1)
-        best_logp = best - torch.logsumexp(logits, -1)  # log_softmax of the best word only
-        tokens = tokens.masked_fill(finished, pad_id)
-        scores = scores + best_logp.masked_fill(finished, 0.0)
-        out_tokens.append(tokens)
-        out_alphas.append(alpha.float())
-        if beta is not None:
-            out_betas.append(beta.float())
-        finished = finished | (tokens == eos_id)
-        if step % 4 == 3 and bool(finished.all()):  # one host sync every few steps to stop early
-            break
-    toks = torch.stack(out_tokens, 1)
-    betas = torch.stack(out_betas, 1) if out_betas else None
-    return SearchResult(toks, _lengths(toks, eos_id), scores, torch.stack(out_alphas, 1), betas)
-
-
 def _leaves(obj: Any):
     if isinstance(obj, Tensor):
         yield obj
@@ -158,8 +119,32 @@ def _leaves(obj: Any):
             yield from _leaves(v)
 
 
-def _banned(ids: Sequence[int]) -> Tensor | None:
-    return torch.tensor(sorted(set(int(i) for i in ids)), dtype=torch.long) if len(ids) else None
+def _copy_state(static: Any, new: Any, rows: Tensor | None = None) -> None:
+    """Copy the decoder's new state into the search's own state tensors (same structure), in
+    place, taking ``rows`` (beam reordering) when given."""
+    for mine, theirs in zip(_leaves(static), _leaves(new)):
+        mine.copy_(theirs if rows is None else theirs.index_select(0, rows))
+
+
+def _lengths(tokens: Tensor, eos_id: int) -> Tensor:
+    """(B, T) -> (B,) position of the first EOS + 1, or T when there is none."""
+    is_eos = tokens == eos_id
+    first = torch.where(is_eos.any(1), is_eos.float().argmax(1), torch.full_like(tokens[:, 0], tokens.shape[1] - 1))
+    return first + 1
+
+
+def _cap(logits: Tensor, step: Tensor, limits: Tensor | None, eos_id: int) -> Tensor:
+    """Per-item length caps: a row whose item has produced ``limits - 1`` tokens may only emit EOS.
+    logits (N, V); step: 0-dim (on the device); limits (N,) tokens incl. EOS, or None. No host sync."""
+    if limits is None:
+        return logits
+    only_eos = torch.full_like(logits[:1], float("-inf"))
+    only_eos[0, eos_id] = 0.0
+    return torch.where((limits <= step + 1).unsqueeze(1), only_eos, logits)
+
+
+def _banned(ids: Sequence[int], device: torch.device) -> Tensor | None:
+    return torch.tensor(sorted(set(int(i) for i in ids)), dtype=torch.long, device=device) if len(ids) else None
 
 
 def length_normaliser(lengths: Tensor, length_penalty: float) -> Tensor:
@@ -167,10 +152,121 @@ def length_normaliser(lengths: Tensor, length_penalty: float) -> Tensor:
     return ((5.0 + lengths.float()) / 6.0) ** length_penalty
 
 
+def _backend(graphs: str | None, device: torch.device) -> str:
+    """``graphs``: "cuda" (capture the step as a CUDA graph), "eager" (tests: replay calls the
+    step), "off"; None: "cuda" on CUDA devices (unless CAPTIONING_SEARCH_GRAPHS=0), else "off"."""
+    if graphs is None:
+        on = device.type == "cuda" and os.environ.get("CAPTIONING_SEARCH_GRAPHS", "1") != "0"
+        return "cuda" if on else "off"
+    if graphs not in ("cuda", "eager", "off"):
+        raise ValueError(f"graphs must be 'cuda', 'eager' or 'off', got {graphs!r}")
+    return graphs
+
+
+def _run(step: Callable[[], None], finished: Tensor, max_length: int, backend: str) -> int:
+    """Run up to ``max_length`` steps (the first eagerly; with graphs the others as replays of
+    it); stop early, with one host sync every 4 steps, once every row is finished. Returns the
+    number of steps run."""
+    if backend != "cuda":
+        for i in range(max_length):
+            step()
+            if i % 4 == 3 and bool(finished.all()):
+                return i + 1
+        return max_length
+    side = torch.cuda.Stream(device=finished.device)
+    side.wait_stream(torch.cuda.current_stream(finished.device))
+    with torch.cuda.stream(side):  # warm-up, capture and replays on one side stream
+        run: Callable[[], None] | None = None
+        for i in range(max_length):
+            if run is None and i > 0:
+                run = _captured(step)
+            (run or step)()
+            if i % 4 == 3 and bool(finished.all()):
+                break
+    torch.cuda.current_stream(finished.device).wait_stream(side)
+    return i + 1
+
+
+def _captured(step: Callable[[], None]) -> Callable[[], None]:
+    """``step`` captured as a CUDA graph (its replay), or ``step`` itself when it cannot be
+    captured (a decoder that reads the device on the host): nothing ran during the attempt."""
+    graph = torch.cuda.CUDAGraph()
+    try:
+        graph.capture_begin()
+        try:
+            step()
+        finally:
+            graph.capture_end()
+    except RuntimeError as err:
+        warnings.warn(f"search step could not be captured as a CUDA graph ({err}); it runs eagerly", stacklevel=3)
+        return step
+    return graph.replay
+
+
+@torch.no_grad()
+def greedy_search(decoder: StepDecoder, memory: Any, batch_size: int, bos_id: int, eos_id: int, pad_id: int = 0,
+                  max_length: int = 50, banned_ids: Sequence[int] = (), max_lengths: Tensor | None = None,
+                  graphs: str | None = None) -> SearchResult:
+    """Pick the most likely word at every step, for the whole batch at once.
+
+    ``banned_ids``: tokens never emitted (e.g. ``<unk>``): their probability is set to 0 and
+    the others renormalised, at every step. ``max_lengths`` (B,): each item's own cap (tokens
+    incl. EOS; once reached only EOS may follow), so an item's output does not depend on its batch.
+    ``graphs``: see the module docstring (None: CUDA graphs on CUDA devices).
+    """
+    expand = getattr(decoder, "expand_memory", None)
+    memory = expand(memory, 1) if expand is not None else memory
+    state = decoder.init_state(memory)
+    device = next(t for t in _leaves(state)).device
+    banned = _banned(banned_ids, device)
+    limits = None if max_lengths is None else max_lengths.to(device)
+    b = batch_size
+    tokens = torch.full((b,), bos_id, dtype=torch.long, device=device)
+    finished = torch.zeros(b, dtype=torch.bool, device=device)
+    scores = torch.zeros(b, device=device)
+    t = torch.zeros((), dtype=torch.long, device=device)
+    out_tokens = torch.full((max_length, b), pad_id, dtype=torch.long, device=device)
+    history: dict[str, Tensor] = {}
+
+    def step() -> None:
+        logits, alpha, new_state, beta = _step(decoder, tokens, state, memory)
+        logits = logits.float()
+        if banned is not None:
+            logits.index_fill_(-1, banned, float("-inf"))
+        logits = _cap(logits, t, limits, eos_id)
+        best, chosen = logits.max(-1)
+        best_logp = best - torch.logsumexp(logits, -1)  # log_softmax of the best word only
+        chosen = chosen.masked_fill(finished, pad_id)
+        scores.add_(best_logp.masked_fill(finished, 0.0))
+        _record(history, t, max_length, alpha=alpha.float(), beta=None if beta is None else beta.float())
+        out_tokens.index_copy_(0, t.view(1), chosen.unsqueeze(0))
+        finished.logical_or_(chosen == eos_id)
+        tokens.copy_(chosen)
+        _copy_state(state, new_state)
+        t.add_(1)
+
+    n = _run(step, finished, max_length, _backend(graphs, device))
+    toks = out_tokens[:n].t()
+    betas = history["beta"][:n].transpose(0, 1) if "beta" in history else None
+    return SearchResult(toks, _lengths(toks, eos_id), scores, history["alpha"][:n].transpose(0, 1), betas)
+
+
+def _record(history: dict[str, Tensor], t: Tensor, length: int, **rows: Tensor | None) -> None:
+    """Write this step's rows into (length, ...) histories at the device step ``t`` (allocated on the
+    first step, before any capture)."""
+    for name, row in rows.items():
+        if row is None:
+            continue
+        if name not in history:
+            history[name] = row.new_zeros(length, *row.shape)
+        history[name].index_copy_(0, t.view(1), row.unsqueeze(0))
+
+
 @torch.no_grad()
 def beam_search(decoder: StepDecoder, memory: Any, batch_size: int, bos_id: int, eos_id: int, pad_id: int = 0,
                 beam_size: int = 3, max_length: int = 50, length_penalty: float = 0.0,
-                banned_ids: Sequence[int] = ()) -> SearchResult:
+                banned_ids: Sequence[int] = (), max_lengths: Tensor | None = None,
+                graphs: str | None = None) -> SearchResult:
     """Batched beam search: all B images and K beams advance together.
 
     Args:
@@ -180,6 +276,8 @@ def beam_search(decoder: StepDecoder, memory: Any, batch_size: int, bos_id: int,
             is repeated K times along the batch.
         length_penalty: GNMT alpha applied when choosing among finished hypotheses.
         banned_ids: tokens never emitted (e.g. ``<unk>``): probability 0, the rest renormalised.
+        max_lengths: (B,) each item's own cap (tokens incl. EOS), or None: ``max_length`` for all.
+        graphs: see the module docstring (None: CUDA graphs on CUDA devices).
     Returns:
         the best hypothesis per item (see :class:`SearchResult`), with the attention (and the
         sentinel weight) that produced each of its words.
@@ -187,27 +285,30 @@ def beam_search(decoder: StepDecoder, memory: Any, batch_size: int, bos_id: int,
     if beam_size < 1:
         raise ValueError(f"beam_size must be >= 1, got {beam_size}")
     b, k = batch_size, beam_size
-    banned = _banned(banned_ids)
     expand = getattr(decoder, "expand_memory", None)
-    memory = expand(memory, k) if expand is not None else map_tensors(lambda t: t.repeat_interleave(k, 0), memory)
+    memory = expand(memory, k) if expand is not None else map_tensors(lambda x: x.repeat_interleave(k, 0), memory)
     state = decoder.init_state(memory)
-    device = next(t for t in _leaves(state)).device
+    device = next(x for x in _leaves(state)).device
+    banned = _banned(banned_ids, device)
+    limits = None if max_lengths is None else max_lengths.to(device).repeat_interleave(k)  # (B*K,)
     tokens = torch.full((b * k,), bos_id, dtype=torch.long, device=device)
     # Only beam 0 is alive at the start, so the first top-k does not pick K copies of one word.
     scores = torch.full((b, k), float("-inf"), device=device)
     scores[:, 0] = 0.0
     finished = torch.zeros(b, k, dtype=torch.bool, device=device)
     base = (torch.arange(b, device=device) * k).unsqueeze(1)  # (B, 1) offset of each item's beams
+    t = torch.zeros((), dtype=torch.long, device=device)
     # Per step: the word chosen in each slot, the slot it extends (backpointer), and the
     # attention of every slot. Hypotheses are read back once at the end, so no step copies
     # the whole history.
-    step_tokens, step_origins, step_alphas, step_betas = [], [], [], []
+    history: dict[str, Tensor] = {}
 
-    for step in range(max_length):
-        logits, alpha, state, beta = _step(decoder, tokens, state, memory)
+    def step() -> None:
+        logits, alpha, new_state, beta = _step(decoder, tokens, state, memory)
         logits = logits.float()
         if banned is not None:
-            logits.index_fill_(-1, banned.to(logits.device), float("-inf"))
+            logits.index_fill_(-1, banned, float("-inf"))
+        logits = _cap(logits, t, limits, eos_id)
         logp = torch.log_softmax(logits, -1).view(b, k, -1)  # (B, K, V); then in place
         vocab = logp.shape[-1]
         # A finished beam continues only with PAD at no cost: it keeps its score and slot.
@@ -215,42 +316,40 @@ def beam_search(decoder: StepDecoder, memory: Any, batch_size: int, bos_id: int,
         logp.masked_fill_(finished.unsqueeze(-1), float("-inf"))
         logp[:, :, pad_id] = pad_logp
         candidates = logp.add_(scores.unsqueeze(-1)).view(b, k * vocab)
-        scores, flat = candidates.topk(k, dim=1)  # (B, K)
-        origin, tokens_bk = flat // vocab, flat % vocab  # which beam each came from, its word
-        state = map_tensors(lambda t: t.index_select(0, (base + origin).view(-1)), state)
-        step_tokens.append(tokens_bk)
-        step_origins.append(origin)
-        step_alphas.append(alpha.float().view(b, k, -1))
-        if beta is not None:
-            step_betas.append(beta.float().view(b, k))
-        finished = finished.gather(1, origin) | (tokens_bk == eos_id)
-        tokens = tokens_bk.view(-1)
-        if step % 4 == 3 and bool(finished.all()):  # one host sync every few steps to stop early
-            break
+        best, flat = candidates.topk(k, dim=1)  # (B, K)
+        origin, chosen = flat // vocab, flat % vocab  # which beam each came from, its word
+        _copy_state(state, new_state, (base + origin).view(-1))
+        _record(history, t, max_length, tokens=chosen, origins=origin, alpha=alpha.float().view(b, k, -1),
+                beta=None if beta is None else beta.float().view(b, k))
+        finished.copy_(finished.gather(1, origin) | (chosen == eos_id))
+        scores.copy_(best)
+        tokens.copy_(chosen.view(-1))
+        t.add_(1)
 
-    history, slots = _backtrack(step_tokens, step_origins)  # (B, K, T) words, (B, K, T) slot at each step
-    lengths = _lengths(history.view(b * k, -1), eos_id).view(b, k)
+    n = _run(step, finished, max_length, _backend(graphs, device))
+    words, slots = _backtrack(history["tokens"][:n], history["origins"][:n])  # (B, K, T) each
+    lengths = _lengths(words.view(b * k, -1), eos_id).view(b, k)
     final = scores / length_normaliser(lengths, length_penalty)
     best = final.argmax(1, keepdim=True)  # (B, 1)
-    tokens_out = history.gather(1, best.unsqueeze(-1).expand(-1, 1, history.shape[2])).squeeze(1)  # (B, T)
+    tokens_out = words.gather(1, best.unsqueeze(-1).expand(-1, 1, words.shape[2])).squeeze(1)  # (B, T)
     # The attention that produced word t of the best hypothesis: that of its parent slot at step t.
     parent = slots.gather(1, best.unsqueeze(-1).expand(-1, 1, slots.shape[2])).squeeze(1)  # (B, T)
-    alphas = torch.stack(step_alphas, 1)  # (B, T, K, S)
+    alphas = history["alpha"][:n].transpose(0, 1)  # (B, T, K, S)
     alphas_out = alphas.gather(2, parent[:, :, None, None].expand(-1, -1, 1, alphas.shape[-1])).squeeze(2)
     betas_out = None
-    if step_betas:  # (B, T, K) -> the parent slot's beta, like alpha
-        betas_out = torch.stack(step_betas, 1).gather(2, parent.unsqueeze(-1)).squeeze(2)
+    if "beta" in history:  # (B, T, K) -> the parent slot's beta, like alpha
+        betas_out = history["beta"][:n].transpose(0, 1).gather(2, parent.unsqueeze(-1)).squeeze(2)
     return SearchResult(tokens_out, lengths.gather(1, best).squeeze(1), final.gather(1, best).squeeze(1), alphas_out,
                         betas_out)
 
 
-def _backtrack(step_tokens: list[Tensor], step_origins: list[Tensor]) -> tuple[Tensor, Tensor]:
-    """Follow backpointers from the final slots: per step t, tokens (B, K) and origins (B, K).
+def _backtrack(step_tokens: Tensor, step_origins: Tensor) -> tuple[Tensor, Tensor]:
+    """Follow backpointers from the final slots: tokens (T, B, K) and origins (T, B, K) per step.
 
     Returns (history (B, K, T) the words of each final hypothesis, parents (B, K, T) the slot
     whose state produced word t, i.e. whose attention belongs to that word).
     """
-    slot = torch.arange(step_tokens[0].shape[1], device=step_tokens[0].device).expand_as(step_tokens[0])
+    slot = torch.arange(step_tokens.shape[2], device=step_tokens.device).expand_as(step_tokens[0])
     words, parents = [], []
     for tokens, origin in zip(reversed(step_tokens), reversed(step_origins)):
         words.append(tokens.gather(1, slot))

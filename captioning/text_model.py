@@ -3,7 +3,7 @@
 What both models share (evaluation, logging, optimisation, checkpoints) is
 :class:`captioning.base_model.AttentionModel`.
 
-The maths lives in :mod:`captioning.text_encoder` (BiLSTM encoder) and :mod:`captioning.text_decoder` (attention LSTM decoder built on
+The maths lives in :mod:`captioning.text_encoder` (BiLSTM encoder) and :mod:`captioning.nn.text_decoder` (attention LSTM decoder built on
 the shared attention layer) and :mod:`captioning.search` (the same greedy/beam search as
 the image captioner). This class computes the loss with padding masked out and scores
 validation/test by real decoding: ``val/bleu``, ``val/chrf`` (sacrebleu; the BLEU signature
@@ -36,7 +36,7 @@ Text batch (dict), produced by every datamodule of ``datamodules/text.py``:
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple, Sequence
+from typing import NamedTuple, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -45,8 +45,10 @@ from torch import Tensor
 from torch.nn.utils.rnn import pad_sequence
 
 from captioning.base_model import AttentionModel, check_scheduler
-from captioning.search import SearchResult, StepOutput
-from captioning.text_decoder import AttentionLSTMDecoder
+from captioning.train_step import pad_length
+from captioning.search import SearchResult
+from captioning.nn.decoder_core import DecoderMemory
+from captioning.nn.text_decoder import AttentionLSTMDecoder
 from captioning.text_encoder import BiLSTMEncoder
 from captioning.text_vocab import TextTokenizer, TextVocab
 from captioning.vocab import EOS
@@ -134,10 +136,13 @@ class Seq2SeqModel(AttentionModel):
         max_source_length: longest source the model reads (tokens incl. EOS); longer ones are
             cut to their first tokens (also the positions the ``location`` score has).
         allow_unk: let decoding emit ``<unk>`` (default: never; see the module docstring).
-        fused: teacher forcing through the fused recurrence where it applies (captioning.text_decoder).
-        sentinel: adaptive attention with a language sentinel (captioning.text_decoder): each target
+        fused: teacher forcing through the fused recurrence where it applies (captioning.nn.text_decoder).
+        sentinel: adaptive attention with a language sentinel (captioning.nn.text_decoder): each target
             token may rely on the decoder's own state instead of the source; its weight beta is
             reported per token. Needs an attention score. Off: the model is exactly as without it.
+        cuda_graphs: on one CUDA device, run each training step as a CUDA graph replay
+            (captioning.train_step); False runs it eagerly.
+        tf32: TF32 tensor cores for float32 products on GPUs that have them (Ampere and newer).
     """
 
     def __init__(self, vocab: dict | None = None, attention: str = "additive", query: str = "bahdanau",
@@ -146,7 +151,8 @@ class Seq2SeqModel(AttentionModel):
                  weight_decay: float = 0.01, scheduler: str = "none", warmup_steps: int = 0, beam_size: int = 1,
                  max_length: int = 200, max_length_ratio: float = 2.0, length_penalty: float = 0.0,
                  label_smoothing: float = 0.0, max_source_length: int = 256, val_beam_size: int | None = None,
-                 allow_unk: bool = False, fused: bool = True, sentinel: bool = False) -> None:
+                 allow_unk: bool = False, fused: bool = True, sentinel: bool = False, cuda_graphs: bool = True,
+                 tf32: bool = True) -> None:
         super().__init__()
         if max_source_length < 2:
             raise ValueError(f"max_source_length must be >= 2 (a token and the end of sentence), got {max_source_length}")
@@ -174,15 +180,20 @@ class Seq2SeqModel(AttentionModel):
         limit = self.hparams.max_source_length
         if source.shape[1] <= limit:
             return source, lengths
-        long = lengths > limit
         source = source[:, :limit].clone()
-        source[long, limit - 1] = self.text_vocab.source.eos_id
+        cut = torch.where(lengths > limit, self.text_vocab.source.eos_id, source[:, limit - 1])  # no host sync
+        source[:, limit - 1] = cut
         return source, lengths.clamp(max=limit)
 
-    def memory(self, source: Tensor, lengths: Tensor) -> dict:
+    def encode(self, source: Tensor, lengths: Tensor):
+        """The encoder's states of (clipped) sources; on padded rows where the decoder masks padding
+        (GPUs: no host sync), on packed ones otherwise (the same states)."""
+        return self.encoder(source, lengths, padded=self.decoder.padding_mode(source.device) == "mask")
+
+    def memory(self, source: Tensor, lengths: Tensor) -> DecoderMemory:
         """source (B, S), lengths (B,) -> the decoder memory (encoder states, keys projected once)."""
         source, lengths = self.clip_source(source, lengths)
-        enc = self.encoder(source, lengths)
+        enc = self.encode(source, lengths)
         return self.decoder.prepare_memory(enc.states, enc.mask, enc.summary)
 
     def loss(self, batch: dict) -> tuple[Tensor, Tensor]:
@@ -191,14 +202,13 @@ class Seq2SeqModel(AttentionModel):
         The output layer (the largest product of a step) runs on the real target tokens only,
         not on padding."""
         source, lengths = self.clip_source(batch["source"], batch["source_lengths"])
-        enc = self.encoder(source, lengths)
+        enc = self.encode(source, lengths)
         target = batch["target"]
         gold = target[:, 1:]
         real = gold != self.text_vocab.target.pad_id  # (B, T-1)
-        attentional, alphas = self.decoder.attentional(enc.states, target[:, :-1], enc.mask, enc.summary,
-                                                       steps=real.sum(1))  # padding steps are skipped
-        logits = self.decoder.output(self.decoder.dropout(attentional[real]))  # (N, V), N real tokens
-        ce = F.cross_entropy(logits.float(), gold[real], label_smoothing=self.hparams.label_smoothing)
+        attentional, alphas, _ = self.decoder.teacher_forced(enc.states, target[:, :-1], enc.mask, enc.summary,
+                                                             steps=real.sum(1))  # padding steps are skipped
+        ce = self.token_loss(self.decoder, attentional, gold, real)
         return ce, alphas
 
     @property
@@ -218,18 +228,16 @@ class Seq2SeqModel(AttentionModel):
         hp = self.hparams
         source, lengths = self.clip_source(source, lengths)
         memory = self.memory(source, lengths)
-        decoder: Any = self.decoder
         tgt = self.text_vocab.target
+        limits = None
         if max_length is None:
             limits = (hp.max_length_ratio * lengths.float()).long().add(10).clamp(max=hp.max_length)
             max_length = int(limits.max())
-            memory = dict(memory, limit=limits.to(source.device))
-            decoder = _CappedDecoder(self.decoder, tgt.eos_id)
         banned = self.banned_ids
         if allow_unk is not None:
             banned = [t for t in banned if t != tgt.unk_id] + ([] if allow_unk else [tgt.unk_id])
-        return self.search(decoder, memory, source.shape[0], tgt.bos_id, tgt.eos_id, tgt.pad_id, banned, beam_size,
-                           max_length)
+        return self.search(self.decoder, memory, source.shape[0], tgt.bos_id, tgt.eos_id, tgt.pad_id, banned, beam_size,
+                           max_length, max_lengths=limits)
 
     def hypothesis_tokens(self, result: SearchResult) -> list[list[str]]:
         return [self.text_vocab.target.decode(row.tolist()) for row in result.tokens]
@@ -303,10 +311,16 @@ class Seq2SeqModel(AttentionModel):
         return figures
 
     # ------------------------------------------------------------------ training
-    def training_step(self, batch: dict, batch_idx: int) -> Tensor:
-        ce, _ = self.loss(batch)
-        self.log("train/loss", ce, prog_bar=True, batch_size=batch["source"].shape[0])
-        return ce
+    def train_inputs(self, batch: dict) -> dict[str, Tensor]:
+        """Sources, their lengths and targets; padded to a length bucket under CUDA graphs."""
+        source, target = batch["source"], batch["target"]
+        if self.graphed:
+            source = pad_length(source, self.length_bucket, self.text_vocab.source.pad_id)
+            target = pad_length(target, self.length_bucket, self.text_vocab.target.pad_id)
+        return {"source": source, "source_lengths": batch["source_lengths"], "target": target}
+
+    def train_losses(self, inputs: dict[str, Tensor]) -> dict[str, Tensor]:
+        return {"loss": self.loss(inputs)[0]}
 
     def eval_items(self, batch: dict, stage: str) -> list[dict]:
         ce, alphas = self.loss(batch)
@@ -356,30 +370,3 @@ class Seq2SeqModel(AttentionModel):
         return [{"id": i, "source": s, "translation": self.detokenize(t)}
                 for i, s, t in zip(batch["ids"], batch["source_text"], self.hypothesis_tokens(result))]
 
-
-class _CappedDecoder:
-    """The decoder as search sees it, with a per-sentence length cap: once item i has produced
-    ``memory["limit"][i] - 1`` tokens, the only token it may emit is EOS.
-
-    The cap travels in the memory (search repeats it per beam) and the step count in the state
-    (search reorders it with the beams), so the cap of a sentence does not depend on its batch.
-    """
-
-    def __init__(self, decoder: AttentionLSTMDecoder, eos_id: int) -> None:
-        self.decoder, self.eos_id = decoder, eos_id
-
-    def init_state(self, memory: dict) -> dict:
-        state = self.decoder.init_state(memory)
-        state["steps"] = torch.zeros_like(memory["limit"])
-        return state
-
-    def step(self, tokens: Tensor, state: dict, memory: dict) -> StepOutput:
-        steps = state["steps"] + 1
-        inner = {k: v for k, v in state.items() if k != "steps"}
-        out = self.decoder.step(tokens, inner, memory)
-        logits = out.logits
-        only_eos = torch.full_like(logits[:1], float("-inf"))
-        only_eos[0, self.eos_id] = 0.0
-        logits = torch.where((steps >= memory["limit"]).unsqueeze(1), only_eos, logits)  # (N, V), fresh
-        out.state["steps"] = steps
-        return out._replace(logits=logits)

@@ -7,6 +7,10 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch: no spinning
 os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("WANDB_SILENT", "true")
 os.environ.setdefault("CAPTIONING_OFFLINE", "1")
+# Without a GPU the fused Triton kernels run through Triton's interpreter (tests/nn/test_kernels.py).
+# Set before anything imports Triton (it decides how its own helpers are compiled at import).
+if not any(os.path.exists(p) for p in ("/dev/nvidiactl", "/dev/nvidia0")):
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

@@ -64,7 +64,7 @@ def test_compiled_step_of_every_query_style_and_the_sentinel(monkeypatch):
     """The step of each decoder variant is traceable without graph breaks (Dynamo, eager backend)."""
     from torch._dynamo.utils import counters
 
-    from captioning.image_decoder import ShowAttendTellDecoder
+    from captioning.nn.image_decoder import ShowAttendTellDecoder
     from captioning.search import beam_search
 
     real_compile = torch.compile

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from captioning.attention import SCORERS
-from captioning.image_decoder import SATMemory, SATState, ShowAttendTellDecoder
+from captioning.nn.decoder_core import DecoderMemory, DecoderState
+from captioning.nn.image_decoder import ShowAttendTellDecoder
 from captioning.search import ExpandsMemory, StepDecoder, StepOutput, beam_search
 
 V, C, S = 40, 24, 16
@@ -85,7 +86,7 @@ GOLDEN_GRAD_SUMS = {
     "embedding.weight": 0.575126224752, "init_h.weight": -0.06920176545, "init_h.bias": -0.129783956751,
     "init_c.weight": -0.218244676422, "init_c.bias": -0.319712032438, "gate.weight": -0.012483640451,
     "gate.bias": 0.061891397222, "input_embed.weight": -0.001056131904, "input_embed.bias": -0.18348659842,
-    "input_context.weight": -0.190194247827, "recurrent.weight": 0.139955945495, "output.weight": -0.641389637997,
+    "input_extra.weight": -0.190194247827, "recurrent.weight": 0.139955945495, "output.weight": -0.641389637997,
     "output.bias": 3.471273304189}
 GOLDEN_BEAM = [[26, 26, 26, 26, 26, 9, 26, 9], [28, 28, 28, 28, 28, 28, 28, 28], [26, 26, 26, 26, 26, 28, 28, 28]]
 
@@ -116,9 +117,9 @@ def test_decoder_implements_the_step_protocol_with_typed_memory_and_state():
     feats = torch.randn(2, S, C, dtype=torch.double)
     memory = dec.prepare_memory(feats)
     state = dec.init_state(memory)
-    assert isinstance(memory, SATMemory) and isinstance(state, SATState)
+    assert isinstance(memory, DecoderMemory) and isinstance(state, DecoderState)
     out = dec.step(torch.tensor([1, 1]), state, memory)
-    assert isinstance(out, StepOutput) and isinstance(out.state, SATState)
+    assert isinstance(out, StepOutput) and isinstance(out.state, DecoderState)
     assert out.logits.shape == (2, V) and out.alpha.shape == (2, S) and out.beta is None
 
 
@@ -135,3 +136,14 @@ def test_no_attention_baseline_uses_only_the_mean_feature():
 def test_gate_can_be_switched_off():
     assert _decoder(gate=False).gate is None
     assert _decoder(gate=True).gate is not None
+
+
+@pytest.mark.parametrize("query,old_name", [("previous", "input_context"), ("current", "input_feed")])
+def test_state_dicts_of_the_decoder_before_the_core_load(query, old_name):
+    dec = _decoder(query=query)
+    state = dec.state_dict()
+    state[f"{old_name}.weight"] = state.pop("input_extra.weight")
+    fresh = _decoder(query=query)
+    torch.nn.init.zeros_(fresh.input_extra.weight)
+    fresh.load_state_dict(state)  # strict: every key accounted for
+    torch.testing.assert_close(fresh.input_extra.weight, dec.input_extra.weight)

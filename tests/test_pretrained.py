@@ -163,3 +163,26 @@ def _copy_config_only(tmp_path: Path) -> Path:
                                                   "init_args": {}}))
     (folder / WEIGHTS_FILE).write_bytes(b"")
     return folder
+
+
+def test_folders_and_checkpoints_written_before_the_decoder_core_still_load(shapes_run, exported, tmp_path):
+    """Earlier versions named the LSTM's context weights ``input_context`` (``input_feed`` with the
+    current-state query); such model folders and checkpoints load into ``input_extra``."""
+    from safetensors.torch import load_file, save_file
+
+    from captioning.checkpoints import find_checkpoint, load_model
+
+    old = tmp_path / "old-folder"
+    old.mkdir()
+    for f in exported.iterdir():
+        (old / f.name).write_bytes(f.read_bytes())
+    state = load_file(str(exported / WEIGHTS_FILE))
+    state["decoder.input_feed.weight"] = state.pop("decoder.input_extra.weight")  # the quickstart: query current
+    save_file(state, str(old / WEIGHTS_FILE))
+    new, legacy = load_pretrained(exported), load_pretrained(old)
+    torch.testing.assert_close(legacy.decoder.input_extra.weight, new.decoder.input_extra.weight)
+    ckpt = torch.load(find_checkpoint(shapes_run), weights_only=True)
+    ckpt["state_dict"]["decoder.input_feed.weight"] = ckpt["state_dict"].pop("decoder.input_extra.weight")
+    torch.save(ckpt, tmp_path / "old.ckpt")
+    torch.testing.assert_close(load_model(tmp_path / "old.ckpt").decoder.input_extra.weight,
+                               new.decoder.input_extra.weight)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from captioning.attention import SCORERS
-from captioning.image_decoder import ShowAttendTellDecoder
+from captioning.nn.image_decoder import ShowAttendTellDecoder
 from captioning.search import beam_search, greedy_search
 from test_sat_recurrence import assert_bf16_autocast_close_to_fp32, assert_fused_equals_plain, training_losses
 
@@ -174,14 +174,16 @@ def test_bf16_autocast_training_and_beam_search_stay_close_to_fp32(query, sentin
         assert bf16.betas.dtype == torch.float32 and torch.all((bf16.betas >= 0) & (bf16.betas <= 1))
 
 
+@pytest.mark.parametrize("padding", ["shrink", "mask"])
 @pytest.mark.parametrize("heads", [1, 2])
 @pytest.mark.parametrize("score", sorted(SCORERS))
 @pytest.mark.parametrize("query,sentinel", VARIANTS)
-def test_skipping_padding_steps_gives_the_full_loops_outputs_and_gradients(query, sentinel, score, heads):
-    """Teacher forcing with ``steps`` runs each row only for its real words (rows sorted by
-    length inside): the real positions and every gradient of a loss over them are those of the
-    plain loop over all T steps; the skipped positions come out as zeros."""
-    dec = _decoder(query, sentinel, score, heads)
+def test_skipping_padding_steps_gives_the_full_loops_outputs_and_gradients(query, sentinel, score, heads, padding):
+    """Teacher forcing with ``steps`` skips each row's padding steps, either by running each row
+    only for its real words (``shrink``: rows sorted by length inside) or by masking them
+    (``mask``: every row runs, no host sync): the real positions and every gradient of a loss
+    over them are those of the plain loop over all T steps; padding positions come out as zeros."""
+    dec = _decoder(query, sentinel, score, heads, padding=padding)
     b, t = 6, 7
     g = torch.Generator().manual_seed(2)
     feats, inputs = torch.randn(b, S, C, dtype=torch.double, generator=g), torch.randint(0, V, (b, t), generator=g)

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from captioning.attention import SCORERS, Attention
-from captioning.image_decoder import ShowAttendTellDecoder
+from captioning.nn.image_decoder import ShowAttendTellDecoder
 from captioning.search import beam_search, greedy_search
 
 V, C, S = 30, 12, 9
@@ -176,22 +176,3 @@ def test_beam_search_under_bf16_autocast_matches_fp32_closely():
     torch.testing.assert_close(low.alphas.sum(-1), torch.ones_like(low.alphas.sum(-1)))
     torch.testing.assert_close(low.scores, ref.scores, atol=0.1, rtol=0.02)
 
-
-def test_previous_entry_point_still_gives_the_decoder_results():
-    """SATRecurrence.apply (the old signature, kept for callers not yet moved to fused_recurrence)."""
-    from captioning.sat_recurrence import SATRecurrence
-
-    dec = _decoder()
-    feats, inputs = torch.randn(3, S, C, dtype=torch.double), torch.randint(0, V, (3, 5))
-    memory = dec.prepare_memory(feats)
-    state = dec.init_state(memory)
-    scorer = dec.attention.scorer
-    w_h = torch.cat([dec.recurrent.weight, dec.gate.weight, scorer.query_proj.weight])
-    hidden, alphas = SATRecurrence.apply(dec.input_embed(dec.embedding(inputs)), memory.attn.keys, memory.attn.values,
-                                         None, state.h, state.c, w_h, dec.gate.bias, scorer.v.weight.view(-1),
-                                         dec.input_context.weight, None)
-    hidden.sum().backward()
-    out = dec(feats, inputs)
-    torch.testing.assert_close(dec.output(hidden), out.logits)
-    torch.testing.assert_close(alphas, out.alphas)
-    assert scorer.v.weight.grad is not None and scorer.v.weight.grad.abs().sum() > 0

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from captioning.scores import SCORERS, AdditiveScorer, Scorer
-from captioning.image_decoder import ShowAttendTellDecoder
+from captioning.nn.image_decoder import ShowAttendTellDecoder
 from captioning.search import StepOutput, beam_search
 
 V, C, S = 25, 12, 9
@@ -91,7 +91,7 @@ class ReferenceSAT:
         d, h, c = self.dec, state["h"], state["c"]
         alpha = torch.softmax(d.attention.scorer.score(h.unsqueeze(1), memory["keys"]).squeeze(1), -1)  # (N, S)
         context = torch.sigmoid(d.gate(h)) * (alpha.unsqueeze(-1) * memory["feats"]).sum(1)
-        gates = d.input_embed(d.embedding(tokens)) + d.input_context(context) + d.recurrent(h)
+        gates = d.input_embed(d.embedding(tokens)) + d.input_extra(context) + d.recurrent(h)
         i, f, g, o = gates.chunk(4, -1)
         c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
         h = torch.sigmoid(o) * torch.tanh(c)

@@ -5,7 +5,7 @@ import itertools
 import pytest
 import torch
 
-from captioning.image_decoder import ShowAttendTellDecoder
+from captioning.nn.image_decoder import ShowAttendTellDecoder
 from captioning.search import beam_search, greedy_search
 
 PAD, BOS, EOS = 0, 1, 2

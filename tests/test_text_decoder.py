@@ -13,7 +13,7 @@ from captioning.attention import SCORERS
 from captioning.encoders import SmallCNN
 from captioning.image_model import ImageCaptioner
 from captioning.search import beam_search, greedy_search
-from captioning.text_decoder import AttentionLSTMDecoder
+from captioning.nn.text_decoder import AttentionLSTMDecoder
 from captioning.text_encoder import BiLSTMEncoder
 from captioning.text_model import Seq2SeqModel
 from datamodules.batches import collate_text as collate
@@ -46,11 +46,14 @@ def test_image_and_text_models_share_one_attention_layer_and_one_search():
     assert type(captioner.decoder.attention) is type(seq2seq.decoder.attention) is attention_module.Attention
     assert type(captioner.decoder.attention.scorer) is type(seq2seq.decoder.attention.scorer)
     assert inspect.getsourcefile(type(seq2seq.decoder.attention)) == inspect.getsourcefile(attention_module)
-    import captioning.image_decoder as decoders_module
-    import captioning.text_decoder as text_decoder_module
+    import captioning.nn.decoder_core as core_module
 
-    # Both decoders build their attention with the one factory.
-    assert text_decoder_module.build_attention is decoders_module.build_attention is attention_module.build_attention
+    # Both decoders are the one attention-LSTM core, which builds its attention with the one factory.
+    assert isinstance(captioner.decoder, core_module.AttentionDecoderCore)
+    assert isinstance(seq2seq.decoder, core_module.AttentionDecoderCore)
+    assert core_module.build_attention is attention_module.build_attention
+    for name in ("step", "_advance", "_attend", "_fused", "teacher_forced", "prepare_memory", "init_state"):
+        assert getattr(type(captioner.decoder), name) is getattr(type(seq2seq.decoder), name), name
     # Both models decode through the one base-class search, i.e. the very search functions.
     from captioning.base_model import AttentionModel
 

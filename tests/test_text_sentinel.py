@@ -12,7 +12,7 @@ from PIL import Image
 import captioning.viz as viz
 from captioning.checkpoints import load_model
 from captioning.search import beam_search, greedy_search
-from captioning.text_decoder import AttentionLSTMDecoder
+from captioning.nn.text_decoder import AttentionLSTMDecoder
 from captioning.text_model import Seq2SeqModel
 from captioning.translate_command import main as translate_main
 from captioning.translate_command import translation_record
