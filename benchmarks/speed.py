@@ -20,6 +20,15 @@ Figures (each with the device and thread count it was measured on):
   + decoder training step, frozen backbone or fine-tuning layer2-4 as the reference does.
 * ``peak_memory_<phase>``: CPU: peak resident memory of the process during the phase (sampled
   every 2 ms) and how much of it the phase added; CUDA: peak allocated memory in the phase.
+* ``step_profile``: where a training step's time goes. CUDA: kernels executed per step, host
+  launches per step (kernel launches + graph launches), GPU-busy time per step (sum of kernel
+  times, torch.profiler) and its share of the step's wall time. CPU: operators dispatched per
+  step (each would be at least one kernel launch on a GPU).
+
+On CUDA the training step is what ``captioning fit`` runs there: padding masked on the device,
+and the whole step (forward, loss, backward, Adam) replayed as one CUDA graph
+(``--no-graphs``: launched op by op); ``--padding`` picks how padding is skipped
+(auto: shrink on CPUs, mask on GPUs).
 Timings are medians; nothing is asserted. Run it on an idle machine: ``load_avg`` records
 the 1-minute load average before and after, since a shared machine skews every figure.
 
@@ -75,6 +84,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="captions of random lengths in [min-steps, steps], padded (default: all --steps long)")
     p.add_argument("--repeats", type=int, default=7, help="timed training steps (median reported)")
     p.add_argument("--plain", action="store_true", help="use the plain autograd decoder loop (fused=False)")
+    p.add_argument("--padding", choices=["auto", "shrink", "mask"], default="auto",
+                   help="how teacher forcing skips padding (auto: shrink on CPUs, mask on GPUs)")
+    p.add_argument("--no-graphs", dest="graphs", action="store_false",
+                   help="CUDA: launch the training step op by op instead of replaying it as a CUDA graph")
     p.add_argument("--attention", default="additive",
                    help=f"score function ({', '.join(sorted(SCORERS))}) or 'all' (each, single- and multi-head)")
     p.add_argument("--heads", type=int, default=1, help="attention heads (1 = single-head)")
@@ -197,6 +210,7 @@ def build_model(a: argparse.Namespace, encoder: torch.nn.Module | None = None) -
                                               num_heads=a.heads, dropout=0.5, max_positions=a.grid ** 2,
                                               query=a.query, sentinel=a.sentinel)
     model.decoder.fused = not a.plain
+    model.decoder.padding = a.padding
     return model
 
 
@@ -218,29 +232,49 @@ def train_phase(a: argparse.Namespace, run: Runner, light: bool = False) -> dict
         pos = torch.arange(a.steps + 1, device=run.device)
         caps = torch.where(pos[None] < ends[:, None], caps, torch.where(pos[None] == ends[:, None], 2, 0))
 
-    def step() -> None:
+    def eager_step() -> None:
         with run.autocast():
             total, _, _ = model.loss(feats, caps)
         opt.zero_grad(set_to_none=True)
         total.backward()
         opt.step()
 
+    graphed = run.cuda and a.graphs
+    step = eager_step
+    if graphed:  # what `captioning fit` runs on a GPU: the whole step replayed as a CUDA graph
+        from captioning.step_graphs import StepGraphs
+
+        def losses(inputs: dict) -> dict:
+            total, _, _ = model.loss(inputs["features"], inputs["captions"])
+            total.backward()
+            return {"loss": total}
+
+        graphs = StepGraphs(losses, opt, params, warmup=2)
+
+        def step() -> None:
+            with run.autocast():
+                graphs({"features": feats, "captions": caps})
+
     run.reset_peak()
-    times = run.time(step, a.repeats, warmup=2)
+    times = run.time(step, a.repeats, warmup=4 if graphed else 2)
     peak = run.peak_mb()
+    profile = step_profile(step, run)
     if light:
         return {"train_step_ms": figure(statistics.median(times) * 1e3, run,
-                                        samples_ms=[round(x * 1e3, 1) for x in times])}
+                                        samples_ms=[round(x * 1e3, 1) for x in times]), "step_profile": profile}
     with torch.no_grad(), run.autocast():
         fwd = run.time(lambda: model.loss(feats, caps), 3, warmup=0)
     with FlopCounterMode(display=False) as counter:
-        step()
+        eager_step()
     agreement = bf16_agreement(model, feats, caps, run) if a.precision == "bf16" else None
     counted = counter.get_total_flops() / 1e9
     ms = statistics.median(times) * 1e3
     out = {"train_step_ms": figure(ms, run, samples_ms=[round(x * 1e3, 1) for x in times],
                                    median_of=len(times), optimizer="Adam(fused=True)",
-                                   path="plain autograd loop" if a.plain else "fused recurrence"),
+                                   path="plain autograd loop" if a.plain else "fused recurrence",
+                                   padding=model.decoder.padding_mode(run.device),
+                                   cuda_graph=graphed),
+           "step_profile": profile,
            "train_step_gflop": {"value": round(counted, 2), "counted_with": "torch.utils.flop_counter.FlopCounterMode",
                                 "analytic": round(analytic_step_gflop(a), 2)},
            "achieved_gflops": figure(counted / (ms / 1e3), run),
@@ -249,6 +283,46 @@ def train_phase(a: argparse.Namespace, run: Runner, light: bool = False) -> dict
     if agreement:
         out["bf16_vs_fp32"] = agreement
     return out
+
+
+def step_profile(step, run: Runner, steps: int = 3) -> dict:
+    """Where a step's time goes: CUDA kernels and host launches per step, GPU-busy time and its
+    share of the wall time (torch.profiler); CPU: operators dispatched per step."""
+    if not run.cuda:
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        class Count(TorchDispatchMode):
+            ops = 0
+
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                Count.ops += 1
+                return func(*args, **(kwargs or {}))
+
+        with Count():
+            step()
+        return {"ops_per_step": Count.ops, "note": "aten operators dispatched (each >= 1 kernel launch on a GPU)"}
+    from torch.profiler import ProfilerActivity, profile
+
+    step()
+    run.sync()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            step()
+        run.sync()
+        wall = (time.perf_counter() - t0) / steps
+    kernels = busy = launches = 0
+    for e in prof.events():
+        if e.device_type.name == "CUDA":
+            kernels += 1
+            busy += e.device_time_total if hasattr(e, "device_time_total") else e.cuda_time_total
+        elif e.name in ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC", "cudaGraphLaunch",
+                        "cuLaunchKernelEx"):
+            launches += 1
+    busy_ms = busy / 1e3 / steps
+    return {"kernels_per_step": round(kernels / steps), "launches_per_step": round(launches / steps),
+            "gpu_busy_ms_per_step": round(busy_ms, 3), "wall_ms_per_step": round(wall * 1e3, 3),
+            "gpu_busy_share": round(busy_ms / (wall * 1e3), 3), "measured_with": "torch.profiler, 3 steps"}
 
 
 def bf16_agreement(model: ImageCaptioner, feats: torch.Tensor, caps: torch.Tensor, run: Runner) -> dict:

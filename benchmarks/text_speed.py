@@ -26,6 +26,10 @@ machine's load then weighs on all alike; medians over rounds are reported):
   text_tsv.yaml's) and beam 4, next to the seconds of one training epoch at the measured
   ``ours_default_sizes`` rate: the share of an epoch that validation takes.
 
+On a GPU (``--device cuda [--precision bf16]``) only our model runs (tutorial and default
+sizes), through the same ``Trainer.fit`` as ``captioning fit`` there: padding masked on the
+device and every training step one CUDA graph replay (``--no-graphs``: op by op).
+
 Per system: ``pairs_per_s`` (training pairs per wall second over the timed steps, after
 ``--warmup`` steps), ``tokens_per_s`` (source + target tokens without padding: our subword
 tokens, the tutorial's words; each system's own units), ``cpu_percent`` (process CPU time /
@@ -99,11 +103,13 @@ def figures(m: dict) -> dict:
 def run_ours(dm, sizes: dict, args: argparse.Namespace) -> dict:
     from captioning.text_model import Seq2SeqModel
 
-    model = Seq2SeqModel(vocab=dm.vocab_data, dropout=0.1, lr=1e-3, **sizes)
+    model = Seq2SeqModel(vocab=dm.vocab_data, dropout=0.1, lr=1e-3, cuda_graphs=args.graphs, **sizes)
     timer = StepTimer(args.warmup)
-    trainer = pl.Trainer(accelerator="cpu", devices=1, max_steps=args.warmup + args.steps, limit_val_batches=0,
-                         num_sanity_val_steps=0, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                         enable_model_summary=False, callbacks=[timer], gradient_clip_val=1.0)
+    gpu = args.device == "cuda"
+    trainer = pl.Trainer(accelerator="gpu" if gpu else "cpu", devices=1, max_steps=args.warmup + args.steps,
+                         limit_val_batches=0, num_sanity_val_steps=0, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, callbacks=[timer],
+                         gradient_clip_val=1.0, precision="bf16-mixed" if args.precision == "bf16" else "32-true")
     trainer.fit(model, datamodule=dm)
     return dict(figures(timer.result()), params=sum(p.numel() for p in model.parameters()))
 
@@ -184,6 +190,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--validation", action="store_true", help="also time a validation pass (greedy / beam 4)")
     p.add_argument("--tutorial_active", action="store_true",
                    help="also the tutorial with 2 threads and OMP_WAIT_POLICY=ACTIVE (child process)")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="cuda: our model only, on one GPU")
+    p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32", help="bf16: bf16-mixed (GPU)")
+    p.add_argument("--no-graphs", dest="graphs", action="store_false", help="GPU: no CUDA graphs")
     p.add_argument("--out", help="also write the JSON here")
     p.add_argument("--_tutorial_child", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -208,7 +217,14 @@ def main(argv: list[str] | None = None) -> None:
     load_before = os.getloadavg()[0]
     runs: dict[str, list[dict]] = {}
     small = dict(TUTORIAL_SIZES, encoder_dim=args.encoder_dim)
+    gpu = args.device == "cuda"
     for r in range(args.rounds):  # interleaved: every system once per round
+        if gpu:  # our model only, both sizes
+            runs.setdefault("ours_tutorial_sizes_gpu", []).append(run_ours(dm_small, dict(TUTORIAL_SIZES,
+                                                                                          encoder_dim=args.encoder_dim),
+                                                                           args))
+            runs.setdefault("ours_default_sizes_gpu", []).append(run_ours(dm_default, DEFAULT_SIZES, args))
+            continue
         runs.setdefault("tutorial", []).append(run_tutorial(pairs, args))
         if args.tutorial_active:
             env = dict(os.environ, OMP_WAIT_POLICY="ACTIVE", OMP_NUM_THREADS="2")
@@ -225,6 +241,8 @@ def main(argv: list[str] | None = None) -> None:
             runs.setdefault("validation", []).append({f"beam{k}_s": run_validation(dm_default, k) for k in (1, 4)})
     result = {
         "machine": {"cpu_count": os.cpu_count(), "cpu": cpu_name(), "torch": torch.__version__,
+                    "device": torch.cuda.get_device_name() if gpu else "cpu", "precision": args.precision,
+                    "cuda_graphs": args.graphs if gpu else None,
                     "torch_threads": args.threads, "torch_interop_threads": torch.get_num_interop_threads(),
                     "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "unset"),
                     "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY"),

@@ -138,15 +138,17 @@ class _Recurrence(torch.autograd.Function):
             w_u_t = w_u.to(mmt).t() if current else None
             bias = None if b_h is None else b_h.to(mmt)
             x_t = (xg if kern else xg.to(dtype)).transpose(0, 1)  # (T, B, G)
-            # Zeros with padding: padding cells are not computed, and must add nothing later.
-            new = xg.new_zeros if sched.padded else xg.new_empty
-            p_all = new(steps, b, w_h.shape[0], dtype=mmt)  # every product on the state, per step
-            hidden, cells = new(steps, b, d, dtype=dtype), new(steps, b, d, dtype=dtype)
+            # Cells a row sits out (padding) are not computed. Those returned (outputs, contexts)
+            # must be 0 there, and so must the sentinel's inputs (its parameter gradient reads
+            # every cell of s_used and of the queries in P); the others are read at real cells only.
+            new, out_new = xg.new_empty, (xg.new_zeros if sched.padded else xg.new_empty)
+            p_all = (out_new if sentinel else new)(steps, b, w_h.shape[0], dtype=mmt)  # products on the state
+            hidden, cells = (new if current else out_new)(steps, b, d, dtype=dtype), new(steps, b, d, dtype=dtype)
             acts = new(steps, b, g, dtype=dtype)
-            z_all = new(steps, b, c_ctx, dtype=mmt)  # the (gated) contexts: inputs of GEMMs only
+            z_all = out_new(steps, b, c_ctx, dtype=mmt)  # the (gated) contexts
             ctx_all = new(steps, b, c_ctx, dtype=dtype) if plan.gate else None
-            feeds = new(steps, b, d, dtype=dtype) if current else None
-            s_used = new(steps, b, d, dtype=dtype) if sentinel else None
+            feeds = out_new(steps, b, d, dtype=dtype) if current else None
+            s_used = out_new(steps, b, d, dtype=dtype) if sentinel else None
             h_mm = xg.new_empty(b, d, dtype=mmt) if mmt != dtype else None  # h in the GEMM dtype
             h0f, c0f = h0.to(dtype), c0.to(dtype)
             if sentinel and not current:
