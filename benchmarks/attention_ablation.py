@@ -11,9 +11,9 @@ wall-clock: the machine is shared); ``max_time`` is raised so it never cuts a ru
 
 * test scores the run wrote (``test_after_fit``: metrics.csv): BLEU-4, CIDEr-D, the pointing
   game over object words (``localisation``) and shape nouns alone (``localisation_nouns``)
-  with their chance levels (captioning/localisation.py);
-* the best checkpoint (``captioning.checkpoints.load_model``) captions the test scenes with
-  :func:`captioning.inference.caption_images`: the mean sentinel weight beta over *object
+  with their chance levels (captioning/eval/localisation.py);
+* the best checkpoint (``captioning.io.checkpoints.load_model``) captions the test scenes with
+  :func:`captioning.models.inference.caption_images`: the mean sentinel weight beta over *object
   words* (the shapes' SHAPES, COLORS, SIZES) and over *function words* (every other generated
   word), token-weighted, plus beta per word; the pointing game is recomputed from these
   captions as a cross-check of the logged figure;
@@ -49,7 +49,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch: see docs/re
 
 import torch  # noqa: E402
 
-from datamodules.shapes import COLORS, SHAPES, SIZES  # noqa: E402
+from captioning.data.shapes import COLORS, SHAPES, SIZES  # noqa: E402
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from machine import cpu_name  # noqa: E402  (benchmarks/machine.py)
@@ -149,9 +149,9 @@ def caption_statistics(model, scenes: list, betas_wanted: bool) -> dict:
     """Caption the scenes; beta per word class and the pointing game recomputed."""
     from PIL import Image
 
-    from captioning.inference import caption_images
-    from captioning.localisation import pointing_game
-    from datamodules.shapes import named_boxes
+    from captioning.models.inference import caption_images
+    from captioning.eval.localisation import pointing_game
+    from captioning.data.shapes import named_boxes
 
     caps = []
     for k in range(0, len(scenes), 100):
@@ -189,7 +189,7 @@ def write_overlay(model, scene, path: Path, title: str) -> dict:
     """Overlay of one scene as a 128-colour PNG; returns its caption and betas."""
     from PIL import Image
 
-    from captioning.inference import caption_images
+    from captioning.models.inference import caption_images
     from captioning.viz import attention_overlay
 
     cap = caption_images(model, [Image.fromarray(scene.pixels)])[0]
@@ -205,7 +205,7 @@ def write_overlay(model, scene, path: Path, title: str) -> dict:
 
 
 def run_one(variant: str, seed: int, a: argparse.Namespace, test_set, overlay_index: int) -> dict:
-    from captioning.checkpoints import load_model
+    from captioning.io.checkpoints import load_model
 
     run_dir = ROOT / a.work / slug(variant) / f"seed{seed}"
     result_file = run_dir / "result.json"
@@ -238,9 +238,9 @@ def run_one(variant: str, seed: int, a: argparse.Namespace, test_set, overlay_in
 # --------------------------------------------------------------------------- speed
 def step_times(variants: list[str], a: argparse.Namespace) -> dict:
     """Median seconds per training step of each variant, round-robin on one fixed batch."""
-    from captioning.checkpoints import load_model
-    from datamodules.batches import collate_captions as collate
-    from datamodules.shapes import ShapesDataModule
+    from captioning.io.checkpoints import load_model
+    from captioning.data.batches import collate_captions as collate
+    from captioning.data.shapes import ShapesDataModule
 
     torch.set_num_threads(a.threads)
     dm = ShapesDataModule(batch_size=64)
@@ -344,7 +344,7 @@ def main(argv: list[str] | None = None) -> dict:
     variants = [v.strip() for v in a.variants.split(",") if v.strip()] if "@" not in a.variants else \
         _split_variants(a.variants)
     seeds = [int(s) for s in a.seeds.split(",")]
-    from datamodules.shapes import ShapesDataModule
+    from captioning.data.shapes import ShapesDataModule
 
     test_set = ShapesDataModule().dataset("test")
     overlay_index = overlay_scene_index(test_set, a.overlay_index)

@@ -35,10 +35,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from captioning.encoders import ImageEncoder  # noqa: E402
-from captioning.image_model import ImageCaptioner  # noqa: E402
-from datamodules.cached import CachedFeaturesDataModule  # noqa: E402
-from datamodules.shapes import ShapesDataModule  # noqa: E402
+from captioning.nn.encoders import ImageEncoder  # noqa: E402
+from captioning.models.image_captioner import ImageCaptioner  # noqa: E402
+from captioning.data.cached import CachedFeaturesDataModule  # noqa: E402
+from captioning.data.shapes import ShapesDataModule  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -97,7 +97,7 @@ def main(argv: list[str] | None = None) -> dict:
     cached = CachedFeaturesDataModule(shapes, cache_dir, captions_per_epoch="one", bucket_by_length=False)
     start = time.perf_counter()
     loader, count = cached._image_batches("train")
-    from captioning.features import build_feature_cache
+    from captioning.data.feature_cache import build_feature_cache
 
     build_feature_cache(model.encoder, loader, count, Path(cache_dir) / "train")
     report["build_seconds_train_split"] = round(time.perf_counter() - start, 2)

@@ -59,8 +59,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def train(args: argparse.Namespace, attention: str):
     import lightning.pytorch as pl
 
-    from captioning.text_model import Seq2SeqModel
-    from datamodules.text import SyntheticTextDataModule
+    from captioning.models.seq2seq import Seq2SeqModel
+    from captioning.data.text import SyntheticTextDataModule
 
     pl.seed_everything(args.seed, verbose=False)
     dm = SyntheticTextDataModule(task=args.task, min_items=args.min_items, max_items=args.max_items,
@@ -83,9 +83,9 @@ def train(args: argparse.Namespace, attention: str):
 @torch.no_grad()
 def evaluate(args: argparse.Namespace, model, lengths: list[int]) -> list[dict]:
     """Per length n: exact match, BLEU, chrF and (attention only) alignment on fresh test examples."""
-    from captioning.metrics import alignment_score, text_scores
-    from datamodules.batches import collate_text as collate
-    from datamodules.text import SyntheticTextDataModule
+    from captioning.eval.metrics import alignment_score, text_scores
+    from captioning.data.batches import collate_text as collate
+    from captioning.data.text import SyntheticTextDataModule
 
     rows = []
     for n in lengths:

@@ -58,11 +58,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from captioning.attention import SCORERS  # noqa: E402
+from captioning.nn.attention import SCORERS  # noqa: E402
 from captioning.nn.image_decoder import ShowAttendTellDecoder  # noqa: E402
-from captioning.encoders import ImageEncoder, SmallCNN  # noqa: E402
-from captioning.image_model import ImageCaptioner  # noqa: E402
-from captioning.vocab import Vocabulary  # noqa: E402
+from captioning.nn.encoders import ImageEncoder, SmallCNN  # noqa: E402
+from captioning.models.image_captioner import ImageCaptioner  # noqa: E402
+from captioning.data.vocab import Vocabulary  # noqa: E402
 from machine import cpu_name  # noqa: E402  (benchmarks/machine.py)
 
 REFERENCE = {"train_step_ms": 4500.0, "beam_seconds_per_caption": 1.1, "beam_captions_per_s": 0.9,
@@ -242,7 +242,7 @@ def train_phase(a: argparse.Namespace, run: Runner, light: bool = False) -> dict
     graphed = run.cuda and a.graphs
     step = eager_step
     if graphed:  # what `captioning fit` runs on a GPU: the whole step replayed as a CUDA graph
-        from captioning.step_graphs import StepGraphs
+        from captioning.models.step_graphs import StepGraphs
 
         def losses(inputs: dict) -> dict:
             total, _, _ = model.loss(inputs["features"], inputs["captions"])

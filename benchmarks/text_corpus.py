@@ -14,7 +14,7 @@ split, by default 500 validation and 1,000 test pairs, the rest for training, wr
 configs/text_tsv.yaml`` with only the three paths (plus ``--trainer.max_time``) in a child
 process (its test numbers come from ``test_after_fit``); (4) ``captioning translate`` of the
 test sources from the best checkpoint, scored offline with
-:func:`captioning.text_model.score_translations` (the same definition as ``test``: the two
+:func:`captioning.models.seq2seq.score_translations` (the same definition as ``test``: the two
 must agree); (5) the tutorial model (benchmarks/text_tutorial_model.py) trained in a child
 process for the same wall-clock budget, greedy on the test split.
 
@@ -136,9 +136,9 @@ def run_child(cmd: list[str], env: dict, log: Path) -> dict:
 
 
 def ours(args: argparse.Namespace, work: Path, env: dict) -> dict:
-    from captioning.checkpoints import find_checkpoint, read_checkpoint
-    from captioning.text_model import score_translations
-    from captioning.text_vocab import TextTokenizer
+    from captioning.io.checkpoints import find_checkpoint, read_checkpoint
+    from captioning.models.seq2seq import score_translations
+    from captioning.data.text_vocab import TextTokenizer
 
     root = work / "runs"
     cmd = [sys.executable, "-m", "captioning", "fit", "--config", str(ROOT / "configs" / "text_tsv.yaml"),
@@ -189,7 +189,7 @@ def tutorial_child(work: Path, budget_s: float, seed: int) -> None:
     """Train the tutorial model for ``budget_s`` seconds (in this process), then score greedy test."""
     import torch
 
-    from captioning.text_model import score_translations
+    from captioning.models.seq2seq import score_translations
     from text_tutorial_model import Lang, TutorialModel, to_array
 
     torch.manual_seed(seed)

@@ -101,7 +101,7 @@ def figures(m: dict) -> dict:
 
 
 def run_ours(dm, sizes: dict, args: argparse.Namespace) -> dict:
-    from captioning.text_model import Seq2SeqModel
+    from captioning.models.seq2seq import Seq2SeqModel
 
     model = Seq2SeqModel(vocab=dm.vocab_data, dropout=0.1, lr=1e-3, cuda_graphs=args.graphs, **sizes)
     timer = StepTimer(args.warmup)
@@ -167,7 +167,7 @@ def run_ddp(tsv: dict, args: argparse.Namespace, workdir: Path, round_no: int) -
 def run_validation(dm, beam: int) -> float:
     """Seconds of ``trainer.validate`` over the validation split (untrained weights: every
     sentence decodes to its length cap, the slowest case)."""
-    from captioning.text_model import Seq2SeqModel
+    from captioning.models.seq2seq import Seq2SeqModel
 
     model = Seq2SeqModel(vocab=dm.vocab_data, beam_size=beam, length_penalty=0.6, **DEFAULT_SIZES)
     trainer = pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
@@ -201,7 +201,7 @@ def main(argv: list[str] | None = None) -> None:
         lines = Path(args._tutorial_child).read_text(encoding="utf-8").splitlines()
         print(json.dumps(run_tutorial([tuple(line.split("\t")[:2]) for line in lines], args)))
         return
-    from datamodules.text import TsvTextDataModule
+    from captioning.data.text import TsvTextDataModule
     from text_corpus import prepare, synthetic_fra
 
     workdir = Path(tempfile.mkdtemp(prefix="text_speed_"))

@@ -2,7 +2,7 @@
 
 import sys
 
-from captioning.cli import main
+from captioning.commands.main import main
 
 if __name__ == "__main__":
     sys.exit(main())

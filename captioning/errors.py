@@ -1,6 +1,6 @@
 """User errors: one clear line instead of a traceback.
 
-Every ``captioning`` command runs inside :func:`captioning.cli.main`, which prints
+Every ``captioning`` command runs inside :func:`captioning.commands.main.main`, which prints
 ``error: <one line>`` to stderr and exits with status 2 when the exception that stopped the
 command is a *user error*, something the user can fix (a wrong path, a malformed data file, a
 bad option value, a full disk). Anything else is a bug and keeps its traceback (exit 1).
@@ -13,7 +13,7 @@ A user error is
   to do, from any command), or
 * a ``ValueError``, ``FileNotFoundError``, ``PermissionError``, ``IsADirectoryError`` or
   ``NotADirectoryError`` (``ImageReadError``, ``TsvFormatError`` are ValueErrors) whose class
-  is defined in, or that was raised by, code of this project (``captioning``, ``datamodules``;
+  is defined in, or that was raised by, code of this project (``captioning``;
   directly or through the standard library, e.g. ``Path.read_text``), also in a DataLoader
   worker process, or
 * Lightning's ``MisconfigurationException`` (an invalid Trainer setting),
@@ -50,7 +50,7 @@ class UserError(Exception):
 
 USER_ERROR_TYPES: tuple[type[BaseException], ...] = (
     ValueError, FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
-OUR_PACKAGES = ("captioning", "datamodules")
+OUR_PACKAGES = ("captioning",)
 # Packages whose exceptions may wrap one of ours (looked through by find_user_error).
 _WRAPPING_PACKAGES = ("jsonargparse", "lightning")
 

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from captioning.outputs import claim_output_pair
+from captioning.io.outputs import claim_output_pair
 
 GAP = 6
 MAX_COLUMNS = 6
@@ -421,7 +421,7 @@ def write_caption_result(
 
     Args:
         output_dir: folder, created if missing.
-        image_path: the source image; read with captioning.images.load_image if ``image``
+        image_path: the source image; read with captioning.data.images.load_image if ``image``
             is not given.
         words, alphas: T words and (T, h, w) attention maps, as for :func:`attention_overlay`.
         sentinel, scale: as for :func:`attention_overlay`.
@@ -432,7 +432,7 @@ def write_caption_result(
         raise ValueError(f"{image_path}: got {len(words)} words but alphas of shape {tuple(a.shape)}; "
                          "expected (T, h, w) with T == number of words")
     if image is None:
-        from captioning.images import load_image
+        from captioning.data.images import load_image
 
         image = load_image(image_path)
     overlay = attention_overlay(image, words, a, title=Path(image_path).name, scale=scale, sentinel=sentinel)

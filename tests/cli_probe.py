@@ -19,9 +19,9 @@ from torch.utils.data import DataLoader, RandomSampler
 # Imported at module level on purpose: Lightning records a BatchSampler subclass's init args
 # (to rebuild it around a DistributedSampler) only for classes defined before fit starts; a
 # class first imported inside train_dataloader() is rebuilt without `lengths` and fails.
-from datamodules.sampling import LengthBucketBatchSampler
-from datamodules.batches import collate_captions as collate
-from datamodules.shapes import ShapesDataModule
+from captioning.data.sampling import LengthBucketBatchSampler
+from captioning.data.batches import collate_captions as collate
+from captioning.data.shapes import ShapesDataModule
 
 ROOT = Path(__file__).resolve().parents[1]
 TESTS = Path(__file__).resolve().parent
@@ -75,7 +75,7 @@ class Probe(pl.Callback):
 
 
 class BucketedShapes(ShapesDataModule):
-    """Shapes whose training batches are bucketed by caption length, wired as datamodules/coco.py
+    """Shapes whose training batches are bucketed by caption length, wired as captioning/data/coco.py
     does (RandomSampler under LengthBucketBatchSampler): Lightning must shard it under DDP."""
 
     def train_dataloader(self) -> DataLoader:

@@ -39,7 +39,7 @@ TINY_SHAPES = ["--data.init_args.train_size", "64", "--data.init_args.val_size",
 @pytest.fixture(scope="session")
 def shapes_run(tmp_path_factory):
     """Run folder of ``captioning fit --config configs/shapes.yaml`` with a tiny model (test after fit)."""
-    from captioning.cli import main
+    from captioning.commands.main import main
 
     root = tmp_path_factory.mktemp("shapes_run")
     main(["fit", "--config", str(ROOT / "configs/shapes.yaml"), *TINY_SHAPES, "--trainer.default_root_dir",

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from captioning.attention import SCORERS, Attention, MultiHeadAttention, build_attention, masked_softmax
+from captioning.nn.attention import SCORERS, Attention, MultiHeadAttention, build_attention, masked_softmax
 
 SCORES = sorted(SCORERS)
 D, S = 16, 10
@@ -220,7 +220,7 @@ def test_multi_head_fused_query_map_is_the_two_stage_projection(score):
 
 
 def test_a_hook_counts_only_next_to_its_maths():
-    from captioning.scores import AdditiveScorer, Scorer
+    from captioning.nn.scores import AdditiveScorer, Scorer
 
     class NewMaths(AdditiveScorer):  # changes scores() only: the additive fast hooks no longer apply
         def scores(self, qp, prepared):

@@ -15,12 +15,12 @@ from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from captioning.callbacks import AttentionOverlays, per_image_cider
-from captioning.encoders import SmallCNN
-from captioning.metrics import caption_scores
-from captioning.image_model import ImageCaptioner
+from captioning.models.callbacks import AttentionOverlays, per_image_cider
+from captioning.nn.encoders import SmallCNN
+from captioning.eval.metrics import caption_scores
+from captioning.models.image_captioner import ImageCaptioner
 from captioning.viz import attention_overlay, seq2seq_heatmap
-from datamodules.shapes import ShapesDataModule
+from captioning.data.shapes import ShapesDataModule
 
 PANEL = 48
 
@@ -135,7 +135,7 @@ def test_models_with_attention_figures_hook_get_their_figures_saved(tmp_path):
 
 def test_only_global_rank_zero_draws_but_every_rank_gathers(tmp_path, monkeypatch):
     gathered = []
-    monkeypatch.setattr("captioning.callbacks.gather_objects", lambda items: gathered.append(items) or items)
+    monkeypatch.setattr("captioning.models.callbacks.gather_objects", lambda items: gathered.append(items) or items)
 
     class NoDrawing(_TextModel):
         def attention_figures(self, batch, max_items, panel_size=128, beam_size=None):

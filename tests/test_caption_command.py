@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from captioning.cli import main
+from captioning.commands.main import main
 from photo_data import bomb_png
 
 
@@ -21,7 +21,7 @@ def ckpt(shapes_run):
 
 @pytest.fixture(scope="module")
 def scenes(tmp_path_factory):
-    from datamodules.shapes import ShapesDataModule
+    from captioning.data.shapes import ShapesDataModule
 
     return ShapesDataModule().export_images("test", [0, 1, 2], tmp_path_factory.mktemp("scenes"))
 
@@ -81,14 +81,14 @@ def test_a_tiny_image_is_captioned_with_a_warning(ckpt, tmp_path, capsys):
 
 
 def test_a_text_checkpoint_is_a_clear_error(tmp_path, capsys):
-    from captioning.text_model import Seq2SeqModel
-    from datamodules.text import synthetic_vocab
+    from captioning.models.seq2seq import Seq2SeqModel
+    from captioning.data.text import synthetic_vocab
 
     model = Seq2SeqModel(synthetic_vocab("dates").to_dict(), embed_dim=8, encoder_dim=8, decoder_dim=8,
                          attention_dim=8)
     path = tmp_path / "text.ckpt"
     torch.save({"state_dict": model.state_dict(), "hyper_parameters": {
-        "_class_path": "captioning.text_model.Seq2SeqModel", **dict(model.hparams)}}, path)
+        "_class_path": "captioning.models.seq2seq.Seq2SeqModel", **dict(model.hparams)}}, path)
     image = tmp_path / "x.png"
     Image.new("RGB", (40, 40)).save(image)
     assert main(["caption", "--ckpt_path", str(path), "--no_overlays", str(image)]) == 2

@@ -15,14 +15,14 @@ from lightning.pytorch import Trainer
 from lightning.pytorch.plugins.io import AsyncCheckpointIO, TorchCheckpointIO
 from torch.utils.data import DataLoader, Dataset
 
-import captioning.checkpoint_io as checkpoint_io
-from captioning.checkpoint_io import (AtomicCheckpointIO, CheckpointReadError, CheckpointWriteError,
+import captioning.io.checkpoint_files as checkpoint_io
+from captioning.io.checkpoint_files import (AtomicCheckpointIO, CheckpointReadError, CheckpointWriteError,
                                       checkpoint_problem, use_atomic_checkpoint_io)
-from captioning.checkpoints import find_checkpoint, read_checkpoint
-from captioning.cli import main
+from captioning.io.checkpoints import find_checkpoint, read_checkpoint
+from captioning.commands.main import main
 from captioning.errors import user_message
-from captioning.images import ImageReadError
-from datamodules.shapes import ShapesDataModule
+from captioning.data.images import ImageReadError
+from captioning.data.shapes import ShapesDataModule
 
 ROOT = Path(__file__).resolve().parents[1]
 ENOSPC_LINE = ("no space left on device while writing checkpoint {path}; nothing was written there, the previous "

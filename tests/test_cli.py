@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from captioning.cli import main
+from captioning.commands.main import main
 
 from conftest import TINY_SHAPES as TINY
 
@@ -42,7 +42,7 @@ def test_predict_writes_coco_results_json_without_overwriting(run_dir, tmp_path)
 
 
 def test_caption_command_writes_overlays_and_reports_bad_files(run_dir, tmp_path, capsys):
-    from datamodules.shapes import ShapesDataModule
+    from captioning.data.shapes import ShapesDataModule
 
     images = ShapesDataModule().export_images("test", [0, 1], tmp_path / "imgs")
     bad = tmp_path / "imgs" / "notes.txt"
@@ -84,3 +84,20 @@ def test_fit_output_carries_no_warning_from_lightnings_own_internals(tmp_path):
                    cli_env(tmp_path), cwd=tmp_path)
     assert "Loading `train_dataloader`" in proc.stdout + proc.stderr  # the fit really ran
     assert "LeafSpec" not in proc.stderr
+
+
+def test_run_configs_of_earlier_releases_still_run(tmp_path):
+    """A saved run config names the classes where earlier releases kept them."""
+    old = (ROOT / "configs/shapes.yaml").read_text()
+    for new, former in (("captioning.data.shapes", "datamodules.shapes"),
+                        ("captioning.models.image_captioner", "captioning.image_model"),
+                        ("captioning.nn.encoders", "captioning.encoders"),
+                        ("captioning.models.callbacks", "captioning.callbacks")):
+        assert new in old
+        old = old.replace(new, former)
+    config = tmp_path / "old-config.yaml"
+    config.write_text(old)
+    assert main(["fit", "--config", str(config), *TINY, "--trainer.max_steps", "2", "--trainer.default_root_dir",
+                 str(tmp_path), "--trainer.logger.init_args.save_dir", str(tmp_path), "--test_after_fit",
+                 "false"]) == 0
+    assert list(tmp_path.glob("lightning_logs/version_0/checkpoints/*.ckpt"))

@@ -9,13 +9,13 @@ from pathlib import Path
 import pytest
 import torch
 
-import captioning.cli as cli
-from captioning.cli import main
+import captioning.commands.main as cli
+from captioning.commands.main import main
 from captioning.errors import UserError, find_user_error, split_debug, user_message
-from captioning.images import ImageReadError
+from captioning.data.images import ImageReadError
 from cli_probe import ROOT, cli_command, cli_env
-from datamodules.shapes import ShapesDataModule
-from datamodules.text import TsvFormatError
+from captioning.data.shapes import ShapesDataModule
+from captioning.data.text import TsvFormatError
 
 COCO = ["fit", "--config", str(ROOT / "configs" / "coco.yaml")]
 TSV = ["fit", "--config", str(ROOT / "configs" / "text_tsv.yaml")]
@@ -145,7 +145,7 @@ def test_worker_errors_are_unwrapped_and_library_value_errors_are_bugs():
     # ImageReadError as torch re-raises it from a DataLoader worker: the original message
     worker = ImageReadError("Caught ImageReadError in DataLoader worker process 0.\nOriginal Traceback (most recent "
                             "call last):\n  File \"/x/fetch.py\", line 3, in fetch\n    data = self.dataset[i]\n"
-                            "captioning.images.ImageReadError: /data/a.jpg: not a readable image\n")
+                            "captioning.data.images.ImageReadError: /data/a.jpg: not a readable image\n")
     assert user_message(worker) == "/data/a.jpg: not a readable image"
     # A ValueError raised inside torch is a bug, not a user error
     with pytest.raises(ValueError) as caught:

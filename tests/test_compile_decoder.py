@@ -7,9 +7,9 @@ import functools
 import lightning.pytorch as pl
 import torch
 
-from captioning.encoders import SmallCNN
-from captioning.image_model import ImageCaptioner, compile_decoder_step
-from datamodules.shapes import ShapesDataModule
+from captioning.nn.encoders import SmallCNN
+from captioning.models.image_captioner import ImageCaptioner, compile_decoder_step
+from captioning.data.shapes import ShapesDataModule
 
 
 def test_compiled_decoder_step_matches_eager(monkeypatch):
@@ -65,7 +65,7 @@ def test_compiled_step_of_every_query_style_and_the_sentinel(monkeypatch):
     from torch._dynamo.utils import counters
 
     from captioning.nn.image_decoder import ShowAttendTellDecoder
-    from captioning.search import beam_search
+    from captioning.nn.search import beam_search
 
     real_compile = torch.compile
     monkeypatch.setattr(torch, "compile", functools.partial(real_compile, backend="eager"))

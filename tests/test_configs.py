@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from captioning.cli import main
+from captioning.commands.main import main
 from cli_probe import cli_command, cli_env
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -40,7 +40,7 @@ def test_shapes_cached_builds_the_cache_trains_from_it_and_captions_photos(tmp_p
     index = json.loads((tmp_path / "cache" / "train" / "index.json").read_text())
     assert index["encoder"] == torch.load(ckpt, weights_only=True)["hyper_parameters"]["encoder"]
 
-    from datamodules.shapes import ShapesDataModule
+    from captioning.data.shapes import ShapesDataModule
 
     photo = ShapesDataModule(image_size=128).export_images("test", [2], tmp_path)[0]
     done = subprocess.run(cli_command("caption", "--ckpt_path", str(ckpt), "--output", str(tmp_path / "o"),

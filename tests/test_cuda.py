@@ -6,10 +6,10 @@ tests/nn/test_kernels.py runs the kernels on it.)"""
 import pytest
 import torch
 
-from captioning.encoders import SmallCNN
-from captioning.image_model import ImageCaptioner
-from captioning.step_graphs import StepGraphs
-from captioning.vocab import Vocabulary
+from captioning.nn.encoders import SmallCNN
+from captioning.models.image_captioner import ImageCaptioner
+from captioning.models.step_graphs import StepGraphs
+from captioning.data.vocab import Vocabulary
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -69,7 +69,7 @@ def test_the_eager_gpu_step_never_synchronises():
 
 
 def test_beam_search_on_cuda_equals_the_cpu():
-    from captioning.search import beam_search
+    from captioning.nn.search import beam_search
 
     model = _model().eval()
     feats = torch.randn(4, 16, 16)

@@ -16,9 +16,9 @@ import pytest
 import torch
 from PIL import Image
 
-from captioning import demo as demo_mod
-from captioning.cli import main as cli_main
-from captioning.demo import (Demo, DemoError, caption_request, translate_request, word_html,
+from captioning.commands import demo as demo_mod
+from captioning.commands.main import main as cli_main
+from captioning.commands.demo import (Demo, DemoError, caption_request, translate_request, word_html,
                              word_request)
 from captioning.viz import overlay_panel_boxes
 from photo_data import bomb_png
@@ -33,14 +33,14 @@ def ckpt(shapes_run):
 
 @pytest.fixture(scope="module")
 def image_demo(ckpt, tmp_path_factory):
-    from captioning.pretrained import load_any
+    from captioning.io.model_folders import load_any
 
     return Demo(load_any(str(ckpt)), str(ckpt), tmp_path_factory.mktemp("demo_work"))
 
 
 @pytest.fixture(scope="module")
 def scene(tmp_path_factory):
-    from datamodules.shapes import ShapesDataModule
+    from captioning.data.shapes import ShapesDataModule
 
     return ShapesDataModule().export_images("test", [1], tmp_path_factory.mktemp("scene"))[0]
 
@@ -63,7 +63,7 @@ def _oracle_panel(image: Image.Image, alpha: np.ndarray, panel: int = 160) -> np
 
 
 def test_module_imports_without_gradio_and_the_command_names_the_extra(monkeypatch, capsys):
-    code = "import sys; sys.modules['gradio'] = None; import captioning.demo; print('ok')"
+    code = "import sys; sys.modules['gradio'] = None; import captioning.commands.demo; print('ok')"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert out.stdout.strip() == "ok", out.stderr
     monkeypatch.setitem(sys.modules, "gradio", None)  # `import gradio` raises ImportError
@@ -103,7 +103,7 @@ def test_caption_is_what_the_cli_writes(image_demo, ckpt, scene, tmp_path, capsy
 
 
 def test_an_empty_caption_still_shows_the_image_and_its_files(image_demo, scene, monkeypatch):
-    from captioning import inference
+    from captioning.models import inference
 
     monkeypatch.setattr(inference, "caption_images",
                         lambda model, images, **kw: [inference.Caption([], torch.zeros(0, 8, 8), -1.0)])
@@ -160,7 +160,7 @@ def test_bad_requests_get_one_clear_message(image_demo, scene, tmp_path, case):
 
 
 def test_sentinel_weight_is_shown_when_the_result_has_one(image_demo, scene, monkeypatch):
-    from captioning import inference
+    from captioning.models import inference
 
     real = inference.caption_images
 
@@ -186,7 +186,7 @@ def test_words_are_escaped_in_the_page(image_demo):
 
 
 def test_concurrent_requests_get_the_sequential_answers(image_demo, tmp_path):
-    from datamodules.shapes import ShapesDataModule
+    from captioning.data.shapes import ShapesDataModule
 
     files = ShapesDataModule().export_images("test", range(8), tmp_path)
     alone = [caption_request(image_demo, str(f), 2) for f in files]
@@ -225,8 +225,8 @@ def test_a_model_that_cannot_be_used_is_a_message(tmp_path, ckpt):
 
 @pytest.fixture(scope="module")
 def text_demo(tmp_path_factory):
-    from captioning.text_model import Seq2SeqModel
-    from datamodules.text import SyntheticTextDataModule
+    from captioning.models.seq2seq import Seq2SeqModel
+    from captioning.data.text import SyntheticTextDataModule
 
     model = Seq2SeqModel(vocab=SyntheticTextDataModule(task="dates").vocab_data, embed_dim=16, encoder_dim=16,
                          decoder_dim=32, attention_dim=16, max_length=12).eval()

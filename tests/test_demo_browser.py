@@ -23,8 +23,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from captioning.cli import main as cli_main
-from captioning.demo import Demo, build_app, launch
+from captioning.commands.main import main as cli_main
+from captioning.commands.demo import Demo, build_app, launch
 from captioning.viz import overlay_panel_boxes
 from cli_probe import cli_command, cli_env
 
@@ -144,7 +144,7 @@ def ckpt(shapes_run):
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
-    from datamodules.shapes import ShapesDataModule
+    from captioning.data.shapes import ShapesDataModule
 
     folder = tmp_path_factory.mktemp("uploads")
     scene = ShapesDataModule().export_images("test", [1], folder)[0]  # 64x64, generated
@@ -291,7 +291,7 @@ def local_app(tmp_path):
 
 
 def test_a_second_user_is_answered_while_the_first_request_runs(browser, local_app, ckpt, files, tmp_path, shots):
-    from captioning.pretrained import load_any
+    from captioning.io.model_folders import load_any
 
     demo = GatedDemo(load_any(str(ckpt)), str(ckpt), tmp_path / "work", beam_size=2)
     url = local_app(demo)
@@ -337,8 +337,8 @@ def test_a_model_that_cannot_be_loaded_is_a_message_on_the_page(browser, tmp_pat
 
 
 def test_a_text_model_translates_and_shows_its_heatmap(browser, local_app, tmp_path, shots):
-    from captioning.text_model import Seq2SeqModel
-    from datamodules.text import SyntheticTextDataModule
+    from captioning.models.seq2seq import Seq2SeqModel
+    from captioning.data.text import SyntheticTextDataModule
 
     model = Seq2SeqModel(vocab=SyntheticTextDataModule(task="dates").vocab_data, embed_dim=16, encoder_dim=16,
                          decoder_dim=32, attention_dim=16, max_length=12).eval()

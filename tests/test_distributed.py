@@ -16,7 +16,7 @@ import pytest
 import torch
 from PIL import Image
 
-from captioning.distributed import gather_objects
+from captioning.models.distributed import gather_objects
 from captioning.viz import attention_overlay
 from cli_probe import ROOT, SMALL, cli_env, probe_config, read_probe, run_cli
 

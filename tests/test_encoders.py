@@ -9,8 +9,8 @@ import torch
 import torchvision
 from torch import nn
 
-from captioning import encoders
-from captioning.encoders import ImageEncoder, SmallCNN, WeightsNotFoundError
+from captioning.nn import encoders
+from captioning.nn.encoders import ImageEncoder, SmallCNN, WeightsNotFoundError
 
 RESNET18_FILE = "resnet18-f37072fd.pth"  # file name in torchvision's ResNet18_Weights.IMAGENET1K_V1 url
 

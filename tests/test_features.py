@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from captioning.encoders import ImageEncoder, SmallCNN
-from captioning.features import FeatureCache, build_feature_cache, encoder_fingerprint, write_feature_cache
+from captioning.nn.encoders import ImageEncoder, SmallCNN
+from captioning.data.feature_cache import FeatureCache, build_feature_cache, encoder_fingerprint, write_feature_cache
 
 
 
@@ -68,7 +68,7 @@ def test_build_encodes_every_image_once_and_keeps_captions(tmp_path):
     torch.testing.assert_close(cache.read(range(5)).float(), expected, atol=2e-3, rtol=2e-3)
     assert cache.captions["references"]["4"] == ["e"]
     assert cache.index["encoder_sha1"] == encoder_fingerprint(enc) and cache.index["image_size"] == 64
-    assert cache.index["encoder"]["class_path"] == "captioning.encoders.SmallCNN"
+    assert cache.index["encoder"]["class_path"] == "captioning.nn.encoders.SmallCNN"
 
 
 def test_build_refuses_trainable_encoder_and_wrong_counts(tmp_path):
@@ -92,7 +92,7 @@ def test_fingerprint_changes_with_the_weights():
 def test_writing_a_cache_never_replaces_a_folder_that_is_not_a_cache(tmp_path):
     import numpy as np
 
-    from captioning.features import write_feature_cache
+    from captioning.data.feature_cache import write_feature_cache
 
     precious = tmp_path / "thesis"
     precious.mkdir()

@@ -93,20 +93,20 @@ def _fuzz(tmp_path: Path, name: str, original: bytes, load: Callable[[Path], Any
 # ----------------------------------------------------------------------------- checkpoints
 @pytest.fixture(scope="module")
 def checkpoint_bytes(tmp_path_factory) -> bytes:
-    from captioning.encoders import SmallCNN
-    from captioning.image_model import ImageCaptioner
-    from captioning.vocab import Vocabulary
+    from captioning.nn.encoders import SmallCNN
+    from captioning.models.image_captioner import ImageCaptioner
+    from captioning.data.vocab import Vocabulary
 
     model = ImageCaptioner(SmallCNN(channels=4, grid_size=2, width=2), Vocabulary(["a", "b"]).to_dict(),
                            embed_dim=4, decoder_dim=4, attention_dim=4)
     path = tmp_path_factory.mktemp("ckpt") / "m.ckpt"
     torch.save({"state_dict": model.state_dict(), "hyper_parameters": {
-        "_class_path": "captioning.image_model.ImageCaptioner", **dict(model.hparams)}}, path)
+        "_class_path": "captioning.models.image_captioner.ImageCaptioner", **dict(model.hparams)}}, path)
     return path.read_bytes()
 
 
 def test_mutated_checkpoints_load_or_fail_with_one_line(tmp_path, checkpoint_bytes):
-    from captioning.checkpoints import load_model
+    from captioning.io.checkpoints import load_model
 
     _fuzz(tmp_path, "model.ckpt", checkpoint_bytes, load_model, n=150, seed=1)
 
@@ -114,7 +114,7 @@ def test_mutated_checkpoints_load_or_fail_with_one_line(tmp_path, checkpoint_byt
 def test_mutated_checkpoint_hyper_parameters_load_or_fail_with_one_line(tmp_path, checkpoint_bytes):
     import io
 
-    from captioning.checkpoints import load_model
+    from captioning.io.checkpoints import load_model
 
     ckpt = torch.load(io.BytesIO(checkpoint_bytes), weights_only=True)
     hparams = json.loads(json.dumps(ckpt["hyper_parameters"]))
@@ -127,8 +127,8 @@ def test_mutated_checkpoint_hyper_parameters_load_or_fail_with_one_line(tmp_path
 
 
 def test_mutated_model_configs_load_or_fail_with_one_line(tmp_path, checkpoint_bytes):
-    from captioning.checkpoints import load_model
-    from captioning.pretrained import CONFIG_FILE, load_pretrained, model_config
+    from captioning.io.checkpoints import load_model
+    from captioning.io.model_folders import CONFIG_FILE, load_pretrained, model_config
 
     src = tmp_path / "src.ckpt"
     src.write_bytes(checkpoint_bytes)
@@ -164,7 +164,7 @@ def photo_root(tmp_path_factory):
 
 
 def test_mutated_karpathy_json_loads_or_fails_with_one_line(tmp_path, photo_root):
-    from datamodules.coco import read_karpathy_json
+    from captioning.data.coco import read_karpathy_json
     from photo_data import karpathy
 
     root, items = photo_root
@@ -174,7 +174,7 @@ def test_mutated_karpathy_json_loads_or_fails_with_one_line(tmp_path, photo_root
 
 
 def test_mutated_coco_captions_files_load_or_fail_with_one_line(tmp_path, photo_root):
-    from datamodules.coco import read_coco_captions
+    from captioning.data.coco import read_coco_captions
     from photo_data import coco_annotations
 
     root, items = photo_root
@@ -187,7 +187,7 @@ def test_mutated_coco_captions_files_load_or_fail_with_one_line(tmp_path, photo_
 
 @pytest.mark.parametrize("jsonl", [False, True], ids=["csv", "jsonl"])
 def test_mutated_caption_files_load_or_fail_with_one_line(tmp_path, photo_root, jsonl):
-    from datamodules.folder import FolderCaptionsDataModule
+    from captioning.data.folder import FolderCaptionsDataModule
     from photo_data import folder_csv
 
     root, items = photo_root
@@ -199,7 +199,7 @@ def test_mutated_caption_files_load_or_fail_with_one_line(tmp_path, photo_root, 
 def test_mutated_feature_cache_index_loads_or_fails_with_one_line(tmp_path):
     import numpy as np
 
-    from captioning.features import FeatureCache, write_feature_cache
+    from captioning.data.feature_cache import FeatureCache, write_feature_cache
 
     cache = write_feature_cache(tmp_path / "good", [1, 2, 3], np.ones((3, 2, 2, 4), dtype=np.float32))
     original = (cache.path / "index.json").read_bytes()
@@ -220,7 +220,7 @@ def test_mutated_feature_cache_index_loads_or_fails_with_one_line(tmp_path):
 
 
 def test_mutated_tsv_files_load_or_fail_with_one_line(tmp_path):
-    from datamodules.text import read_tsv
+    from captioning.data.text import read_tsv
 
     lines = [f"je suis {w} .\ti am {w} .\tCC-BY attribution" for w in ("grand", "petit", "là", "ici", "fatigué")]
     original = ("\n".join(lines) + "\n").encode("utf-8")

@@ -3,10 +3,10 @@
 import pytest
 import torch
 
-from captioning.attention import SCORERS
+from captioning.nn.attention import SCORERS
 from captioning.nn.decoder_core import DecoderMemory, DecoderState
 from captioning.nn.image_decoder import ShowAttendTellDecoder
-from captioning.search import ExpandsMemory, StepDecoder, StepOutput, beam_search
+from captioning.nn.search import ExpandsMemory, StepDecoder, StepOutput, beam_search
 
 V, C, S = 40, 24, 16
 

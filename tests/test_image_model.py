@@ -5,10 +5,10 @@ import json
 import pytest
 import torch
 
-from captioning.checkpoints import load_model, read_checkpoint
-from captioning.encoders import SmallCNN
-from captioning.image_model import ImageCaptioner
-from captioning.vocab import Vocabulary
+from captioning.io.checkpoints import load_model, read_checkpoint
+from captioning.nn.encoders import SmallCNN
+from captioning.models.image_captioner import ImageCaptioner
+from captioning.data.vocab import Vocabulary
 
 VOCAB = Vocabulary(["a", "red", "blue", "circle", "square"])
 
@@ -92,7 +92,7 @@ def test_checkpoint_holds_vocab_as_plain_data_and_loads_weights_only(tmp_path):
     trainer.save_checkpoint(path)
     ckpt = read_checkpoint(path)  # torch.load(weights_only=True) inside
     assert ckpt["hyper_parameters"]["vocab"] == VOCAB.to_dict()
-    assert ckpt["hyper_parameters"]["encoder"]["class_path"] == "captioning.encoders.SmallCNN"
+    assert ckpt["hyper_parameters"]["encoder"]["class_path"] == "captioning.nn.encoders.SmallCNN"
     loaded = load_model(path)
     assert loaded.vocab == VOCAB and loaded.hparams.attention == "general"
     for (name, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items()):
@@ -112,8 +112,8 @@ def test_load_model_errors_name_the_file(tmp_path):
 def test_sentinel_model_reports_beta_per_word_in_captions_json_and_overlay_table(tmp_path, query):
     from PIL import Image
 
-    from captioning.callbacks import sentinel_text
-    from captioning.inference import caption_images
+    from captioning.models.callbacks import sentinel_text
+    from captioning.models.inference import caption_images
     from captioning.viz import write_caption_result
 
     model = ImageCaptioner(SmallCNN(channels=8, grid_size=2, width=4), VOCAB.to_dict(), embed_dim=8, decoder_dim=16,

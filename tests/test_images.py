@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFile
 
-from captioning.images import (
+from captioning.data.images import (
     DEFAULT_MAX_PIXELS,
     MIN_SIDE,
     ImageReadError,

@@ -1,5 +1,5 @@
-"""The pointing game over named boxes (captioning.localisation) and where boxes come from
-(datamodules.boxes: COCO instances files, boxes JSON; the built-in dataset's objects)."""
+"""The pointing game over named boxes (captioning.eval.localisation) and where boxes come from
+(captioning.data.boxes: COCO instances files, boxes JSON; the built-in dataset's objects)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from captioning.localisation import pointing_game
+from captioning.eval.localisation import pointing_game
 
 # A 4x4 grid; boxes as fractions. Two circles (red top-left, blue bottom-right), a green square.
 SCENE = [
@@ -77,7 +77,7 @@ def test_bad_input_names_the_image_and_box():
 
 # ----------------------------------------------------------------------------- box sources
 def test_coco_instances_give_named_boxes_with_synonyms(tmp_path):
-    from datamodules.boxes import read_instances
+    from captioning.data.boxes import read_instances
 
     path = tmp_path / "instances_val2014.json"
     path.write_text(json.dumps({
@@ -94,7 +94,7 @@ def test_coco_instances_give_named_boxes_with_synonyms(tmp_path):
 
 
 def test_boxes_json_and_its_errors_name_the_file(tmp_path):
-    from datamodules.boxes import read_boxes_json
+    from captioning.data.boxes import read_boxes_json
 
     good = tmp_path / "boxes.json"
     good.write_text(json.dumps({"12": [{"word": "Dog", "box": [0.1, 0.1, 0.5, 0.9]}],
@@ -109,7 +109,7 @@ def test_boxes_json_and_its_errors_name_the_file(tmp_path):
 
 
 def test_shapes_batches_carry_named_boxes():
-    from datamodules.shapes import ShapesDataModule
+    from captioning.data.shapes import ShapesDataModule
 
     dm = ShapesDataModule(batch_size=4, train_size=4, val_size=4, test_size=4)
     batch = next(iter(dm.val_dataloader()))
@@ -123,9 +123,9 @@ def test_localisation_is_measured_on_coco_format_data_with_an_instances_file(tmp
     """COCO-format photos + an instances file of their objects: validation logs the pointing game."""
     import lightning.pytorch as pl
 
-    from captioning.encoders import SmallCNN
-    from captioning.image_model import ImageCaptioner
-    from datamodules.coco import CocoCaptionsDataModule
+    from captioning.nn.encoders import SmallCNN
+    from captioning.models.image_captioner import ImageCaptioner
+    from captioning.data.coco import CocoCaptionsDataModule
     from photo_data import karpathy, write_photos
 
     items = write_photos(tmp_path)

@@ -1,4 +1,4 @@
-"""Tests for captioning.metrics: COCO caption scores (Java and Python paths),
+"""Tests for captioning.eval.metrics: COCO caption scores (Java and Python paths),
 text seq2seq scores and attention/alignment agreement."""
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ import warnings
 import pytest
 import torch
 
-from captioning import metrics
-from captioning.metrics import (
+from captioning.eval import metrics
+from captioning.eval.metrics import (
     CaptionMetricsWarning,
     alignment_score,
     caption_scores,

@@ -10,13 +10,13 @@ import itertools
 import pytest
 import torch
 
-from captioning.attention import SCORERS
-from captioning.encoders import SmallCNN
-from captioning.image_model import ImageCaptioner
-from captioning.text_model import Seq2SeqModel
-from captioning.vocab import Vocabulary
-from datamodules.batches import collate_text
-from datamodules.text import SyntheticTextDataModule
+from captioning.nn.attention import SCORERS
+from captioning.nn.encoders import SmallCNN
+from captioning.models.image_captioner import ImageCaptioner
+from captioning.models.seq2seq import Seq2SeqModel
+from captioning.data.vocab import Vocabulary
+from captioning.data.batches import collate_text
+from captioning.data.text import SyntheticTextDataModule
 from host_sync import HostSync, no_host_sync
 
 VOCAB = Vocabulary(["a", "red", "blue", "circle", "square", "left", "of"]).to_dict()

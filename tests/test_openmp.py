@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from captioning.openmp import DECIDED, busy_cores, choose_wait_policy, cpu_times
+from captioning.commands.openmp import DECIDED, busy_cores, choose_wait_policy, cpu_times
 
 
 def _reader(*samples):
@@ -58,7 +58,7 @@ CHILD = """
 import os, sys
 os.environ.pop("OMP_WAIT_POLICY", None)
 os.environ.pop("CAPTIONING_OMP_WAIT", None)
-from captioning import cli
+from captioning.commands import main as cli
 choose, seen = cli.choose_wait_policy, []
 cli.choose_wait_policy = lambda: seen.append("torch" in sys.modules) or choose(measure=lambda: 5.0)
 try:

@@ -11,8 +11,8 @@ import pytest
 import torch
 from PIL import Image
 
-from captioning.cli import main
-from captioning.pretrained import CONFIG_FILE, WEIGHTS_FILE, load_pretrained, push_model
+from captioning.commands.main import main
+from captioning.io.model_folders import CONFIG_FILE, WEIGHTS_FILE, load_pretrained, push_model
 from cli_probe import cli_command, cli_env
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -27,7 +27,7 @@ def exported(shapes_run, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def images(tmp_path_factory):
-    from datamodules.shapes import ShapesDataModule
+    from captioning.data.shapes import ShapesDataModule
 
     return ShapesDataModule().export_images("test", [0, 1, 2], tmp_path_factory.mktemp("imgs"))
 
@@ -36,8 +36,8 @@ def test_export_writes_a_self_contained_model_folder(exported):
     names = {p.name for p in exported.iterdir()}
     assert {"config.json", "model.safetensors", "README.md", "example.png", "example.json"} <= names
     config = json.loads((exported / CONFIG_FILE).read_text())
-    assert config["class_path"] == "captioning.image_model.ImageCaptioner"
-    assert config["init_args"]["encoder"]["class_path"] == "captioning.encoders.SmallCNN"
+    assert config["class_path"] == "captioning.models.image_captioner.ImageCaptioner"
+    assert config["init_args"]["encoder"]["class_path"] == "captioning.nn.encoders.SmallCNN"
     assert config["init_args"]["vocab"]["itos"][:4] == ["<pad>", "<bos>", "<eos>", "<unk>"]
     assert config["preprocessing"] == {"image_size": 64, "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
     training = config["training"]
@@ -87,7 +87,7 @@ def test_a_folder_naming_a_function_or_foreign_class_is_refused(exported, tmp_pa
     bad = tmp_path / "bad"
     shutil.copytree(exported, bad)
     config = json.loads((bad / CONFIG_FILE).read_text())
-    config["class_path"] = "captioning.features.write_feature_cache"
+    config["class_path"] = "captioning.data.feature_cache.write_feature_cache"
     (bad / CONFIG_FILE).write_text(json.dumps(config))
     with pytest.raises(ValueError, match="only these are built"):
         load_pretrained(bad)
@@ -137,7 +137,7 @@ class FakeHubApi:
 
 def test_push_creates_the_repo_and_uploads_the_folder(exported, capsys):
     api = FakeHubApi()
-    from captioning.share_commands import push_main
+    from captioning.commands.share import push_main
 
     assert push_main(["--model", str(exported), "--repo_id", "me/shapes-captioner", "--private"], api=api) == 0
     (name1, create), (name2, upload) = api.calls
@@ -170,7 +170,7 @@ def test_folders_and_checkpoints_written_before_the_decoder_core_still_load(shap
     current-state query); such model folders and checkpoints load into ``input_extra``."""
     from safetensors.torch import load_file, save_file
 
-    from captioning.checkpoints import find_checkpoint, load_model
+    from captioning.io.checkpoints import find_checkpoint, load_model
 
     old = tmp_path / "old-folder"
     old.mkdir()

@@ -6,9 +6,9 @@ import itertools
 import pytest
 import torch
 
-from captioning.attention import SCORERS
+from captioning.nn.attention import SCORERS
 from captioning.nn.image_decoder import ShowAttendTellDecoder
-from captioning.search import beam_search, greedy_search
+from captioning.nn.search import beam_search, greedy_search
 from test_sat_recurrence import assert_bf16_autocast_close_to_fp32, assert_fused_equals_plain, training_losses
 
 V, C, S = 30, 12, 9

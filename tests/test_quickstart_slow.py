@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from captioning.cli import main
+from captioning.commands.main import main
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -29,7 +29,7 @@ def test_quickstart_reaches_the_scores_the_readme_reports(tmp_path):
     assert test["test/localisation"] > test["test/localisation_chance"] + 0.5  # it looks at what it names,
     assert test["test/localisation_nouns"] > test["test/localisation_nouns_chance"] + 0.5  # nouns too
 
-    from datamodules.shapes import ShapesDataModule
+    from captioning.data.shapes import ShapesDataModule
 
     images = ShapesDataModule().export_images("test", [0, 1], tmp_path / "samples")
     assert main(["caption", "--ckpt_path", str(run), "--output", str(tmp_path / "overlays"), *map(str, images)]) == 0

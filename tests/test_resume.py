@@ -18,10 +18,10 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 
-from captioning.runs import resolve_checkpoint
-from captioning.wandb_setup import WandbLogger
+from captioning.io.run_folders import resolve_checkpoint
+from captioning.io.wandb_logging import WandbLogger
 from cli_probe import ROOT, SMALL, cli_command, cli_env, probe_config, read_probe, run_cli
-from datamodules.shapes import ShapesDataModule
+from captioning.data.shapes import ShapesDataModule
 
 
 def _touch(path: Path, mtime: float) -> Path:

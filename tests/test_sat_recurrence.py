@@ -6,9 +6,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from captioning.attention import SCORERS, Attention
+from captioning.nn.attention import SCORERS, Attention
 from captioning.nn.image_decoder import ShowAttendTellDecoder
-from captioning.search import beam_search, greedy_search
+from captioning.nn.search import beam_search, greedy_search
 
 V, C, S = 30, 12, 9
 PAD, BOS, EOS = 0, 1, 2

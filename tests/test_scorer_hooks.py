@@ -18,9 +18,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from captioning.scores import SCORERS, AdditiveScorer, Scorer
+from captioning.nn.scores import SCORERS, AdditiveScorer, Scorer
 from captioning.nn.image_decoder import ShowAttendTellDecoder
-from captioning.search import StepOutput, beam_search
+from captioning.nn.search import StepOutput, beam_search
 
 V, C, S = 25, 12, 9
 PAD, BOS, EOS = 0, 1, 2

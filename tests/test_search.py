@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from captioning.nn.image_decoder import ShowAttendTellDecoder
-from captioning.search import beam_search, greedy_search
+from captioning.nn.search import beam_search, greedy_search
 
 PAD, BOS, EOS = 0, 1, 2
 
@@ -169,7 +169,7 @@ class SentinelMarkovDecoder(MarkovDecoder):
 
     def step(self, tokens, state, memory):
         rows, alpha, state = super().step(tokens, state, memory)
-        from captioning.search import StepOutput
+        from captioning.nn.search import StepOutput
 
         return StepOutput(rows, alpha, state, tokens.double() / 100)
 

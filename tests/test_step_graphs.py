@@ -1,4 +1,4 @@
-"""Training steps as CUDA graphs (captioning.step_graphs, captioning.train_step): through Lightning,
+"""Training steps as CUDA graphs (captioning.models.step_graphs, captioning.models.train_step): through Lightning,
 a graphed fit trains exactly as the plain one (clipping and a learning-rate schedule included),
 reuses a few graphs, checkpoints a portable optimiser state and resumes. On a CPU the graphs are
 the test backend (capture records the step, replay runs it on the static inputs): everything but
@@ -8,13 +8,13 @@ import lightning.pytorch as pl
 import pytest
 import torch
 
-from captioning.encoders import SmallCNN
-from captioning.image_model import ImageCaptioner
-from captioning.step_graphs import StepGraphs, portable_optimizer_state, prepare_capturable
-from captioning.text_model import Seq2SeqModel
-from captioning.train_step import pad_length
-from datamodules.shapes import ShapesDataModule
-from datamodules.text import SyntheticTextDataModule
+from captioning.nn.encoders import SmallCNN
+from captioning.models.image_captioner import ImageCaptioner
+from captioning.models.step_graphs import StepGraphs, portable_optimizer_state, prepare_capturable
+from captioning.models.seq2seq import Seq2SeqModel
+from captioning.models.train_step import pad_length
+from captioning.data.shapes import ShapesDataModule
+from captioning.data.text import SyntheticTextDataModule
 
 CUDA = torch.cuda.is_available()
 BACKEND = "cuda" if CUDA else "eager"

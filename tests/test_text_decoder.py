@@ -5,19 +5,19 @@ import inspect
 import pytest
 import torch
 
-import captioning.attention as attention_module
-import captioning.image_model as models_module
-import captioning.search as search_module
-import captioning.text_model as text_model_module
-from captioning.attention import SCORERS
-from captioning.encoders import SmallCNN
-from captioning.image_model import ImageCaptioner
-from captioning.search import beam_search, greedy_search
+import captioning.nn.attention as attention_module
+import captioning.models.image_captioner as models_module
+import captioning.nn.search as search_module
+import captioning.models.seq2seq as text_model_module
+from captioning.nn.attention import SCORERS
+from captioning.nn.encoders import SmallCNN
+from captioning.models.image_captioner import ImageCaptioner
+from captioning.nn.search import beam_search, greedy_search
 from captioning.nn.text_decoder import AttentionLSTMDecoder
-from captioning.text_encoder import BiLSTMEncoder
-from captioning.text_model import Seq2SeqModel
-from datamodules.batches import collate_text as collate
-from datamodules.text import SyntheticTextDataModule
+from captioning.nn.text_encoder import BiLSTMEncoder
+from captioning.models.seq2seq import Seq2SeqModel
+from captioning.data.batches import collate_text as collate
+from captioning.data.text import SyntheticTextDataModule
 
 
 
@@ -55,11 +55,11 @@ def test_image_and_text_models_share_one_attention_layer_and_one_search():
     for name in ("step", "_advance", "_attend", "_fused", "teacher_forced", "prepare_memory", "init_state"):
         assert getattr(type(captioner.decoder), name) is getattr(type(seq2seq.decoder), name), name
     # Both models decode through the one base-class search, i.e. the very search functions.
-    from captioning.base_model import AttentionModel
+    from captioning.models.base import AttentionModel
 
     assert text_model_module.Seq2SeqModel.search is models_module.ImageCaptioner.search is AttentionModel.search
     for name in ("beam_search", "greedy_search"):
-        assert getattr(__import__("captioning.base_model", fromlist=[name]), name) is getattr(search_module, name)
+        assert getattr(__import__("captioning.models.base", fromlist=[name]), name) is getattr(search_module, name)
     # The captioner's own search drives the text decoder unchanged: model.generate == search on its memory.
     b = batch_of()
     memory = seq2seq.memory(b["source"], b["source_lengths"])

@@ -9,11 +9,11 @@ import pytest
 import torch
 from PIL import Image
 
-from captioning.checkpoints import load_model
-from captioning.metrics import alignment_score
-from captioning.text_model import Seq2SeqModel
-from datamodules.batches import collate_text as collate
-from datamodules.text import SyntheticTextDataModule
+from captioning.io.checkpoints import load_model
+from captioning.eval.metrics import alignment_score
+from captioning.models.seq2seq import Seq2SeqModel
+from captioning.data.batches import collate_text as collate
+from captioning.data.text import SyntheticTextDataModule
 
 
 
@@ -73,7 +73,7 @@ def test_checkpoint_round_trip_rebuilds_the_model_from_plain_data(tmp_path):
     t.save_checkpoint(path)
     ckpt = torch.load(path, weights_only=True)  # plain data only
     json.dumps(ckpt["hyper_parameters"]["vocab"])
-    loaded = load_model(path, default_class="captioning.text_model.Seq2SeqModel")
+    loaded = load_model(path, default_class="captioning.models.seq2seq.Seq2SeqModel")
     assert isinstance(loaded, Seq2SeqModel) and loaded.hparams.query == "luong"
     assert loaded.text_vocab.tokenizer.kind == "word"
     model.eval()

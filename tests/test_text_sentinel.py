@@ -10,15 +10,15 @@ import torch
 from PIL import Image
 
 import captioning.viz as viz
-from captioning.checkpoints import load_model
-from captioning.search import beam_search, greedy_search
+from captioning.io.checkpoints import load_model
+from captioning.nn.search import beam_search, greedy_search
 from captioning.nn.text_decoder import AttentionLSTMDecoder
-from captioning.text_model import Seq2SeqModel
-from captioning.translate_command import main as translate_main
-from captioning.translate_command import translation_record
+from captioning.models.seq2seq import Seq2SeqModel
+from captioning.commands.translate import main as translate_main
+from captioning.commands.translate import translation_record
 from captioning.viz import _SENTINEL, seq2seq_heatmap
-from datamodules.batches import collate_text as collate
-from datamodules.text import SyntheticTextDataModule
+from captioning.data.batches import collate_text as collate
+from captioning.data.text import SyntheticTextDataModule
 from test_sat_recurrence import assert_fused_equals_plain
 
 V, C, S, T = 20, 12, 7, 5
@@ -154,14 +154,14 @@ def test_a_checkpoint_without_the_key_loads_with_the_sentinel_off(tmp_path):
     assert old.decoder.input_embed.weight.shape[0] == 4 * 32
     assert not any("sentinel" in k for k in old.state_dict())
     loaded = load_model(_write_checkpoint(old, tmp_path / "old.ckpt", drop=("sentinel",)),
-                        default_class="captioning.text_model.Seq2SeqModel")
+                        default_class="captioning.models.seq2seq.Seq2SeqModel")
     assert not loaded.decoder.sentinel and not loaded.hparams.get("sentinel", False)
     texts = ["1 jan 2000", "2 feb 1999"]
     for a, b in zip(old.translate(texts), loaded.translate(texts)):
         assert a.text == b.text and torch.equal(a.alpha, b.alpha) and a.sentinel is b.sentinel is None
     # And a sentinel model round-trips with its sentinel.
     new = tiny_model(query="bahdanau").eval()
-    back = load_model(_write_checkpoint(new, tmp_path / "new.ckpt"), default_class="captioning.text_model.Seq2SeqModel")
+    back = load_model(_write_checkpoint(new, tmp_path / "new.ckpt"), default_class="captioning.models.seq2seq.Seq2SeqModel")
     assert back.decoder.sentinel and back.hparams.sentinel
     for a, b in zip(new.translate(texts), back.translate(texts)):
         assert a.text == b.text and a.sentinel == b.sentinel

@@ -13,12 +13,12 @@ import torch
 
 from pathlib import Path
 
-import captioning.cli
-import captioning.runs
-from captioning.cli import main as cli_main
-from captioning.run_eval import restore_for_evaluation
-from captioning.text_model import score_translations
-from captioning.text_vocab import TextTokenizer
+import captioning.commands.main
+import captioning.io.run_folders
+from captioning.commands.main import main as cli_main
+from captioning.io.evaluation_runs import restore_for_evaluation
+from captioning.models.seq2seq import score_translations
+from captioning.data.text_vocab import TextTokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 SUBJECTS = [("je suis", "i am"), ("il est", "he is"), ("elle est", "she is"), ("nous sommes", "we are"),
@@ -106,15 +106,15 @@ def test_fit_scores_the_test_split_and_stores_the_tokenizer_as_plain_data(fitted
 def _with_test_hook(monkeypatch):
     """The CLI calls restore_for_evaluation before `test` (cli.py, before_test); until that
     line is in cli.py, route it through resolve_checkpoint, which before_test calls."""
-    if "restore_for_evaluation" in inspect.getsource(captioning.cli):
+    if "restore_for_evaluation" in inspect.getsource(captioning.commands.main):
         return
-    original = captioning.runs.resolve_checkpoint
+    original = captioning.io.run_folders.resolve_checkpoint
 
     def resolve(trainer, ckpt_path, continue_run=False, model=None):
         path = original(trainer, ckpt_path, continue_run, model)
         return path if continue_run else restore_for_evaluation(trainer, model, path)
 
-    monkeypatch.setattr(captioning.runs, "resolve_checkpoint", resolve)
+    monkeypatch.setattr(captioning.io.run_folders, "resolve_checkpoint", resolve)
 
 
 def test_test_command_gives_the_fit_end_numbers_in_the_same_run_without_warnings(fitted, monkeypatch):

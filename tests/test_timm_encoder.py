@@ -8,8 +8,8 @@ import torch
 
 timm = pytest.importorskip("timm")
 
-from captioning.encoders import WeightsNotFoundError  # noqa: E402
-from captioning.timm_encoder import TimmEncoder  # noqa: E402
+from captioning.nn.encoders import WeightsNotFoundError  # noqa: E402
+from captioning.nn.timm_encoder import TimmEncoder  # noqa: E402
 
 CNN, VIT = "mobilenetv3_small_050", "vit_tiny_patch16_224"
 
@@ -90,9 +90,9 @@ def test_pretrained_weights_come_from_the_hub_cache_layout(no_hub, monkeypatch):
 
 
 def test_checkpoint_round_trip_rebuilds_without_pretrained_weights(tmp_path, no_hub, monkeypatch):
-    from captioning.checkpoints import load_model
-    from captioning.image_model import ImageCaptioner
-    from captioning.vocab import Vocabulary
+    from captioning.io.checkpoints import load_model
+    from captioning.models.image_captioner import ImageCaptioner
+    from captioning.data.vocab import Vocabulary
 
     model = ImageCaptioner(TimmEncoder(CNN, pretrained=False, grid_size=2), Vocabulary(["a"]).to_dict(),
                            embed_dim=8, decoder_dim=8, attention_dim=8).eval()
@@ -100,7 +100,7 @@ def test_checkpoint_round_trip_rebuilds_without_pretrained_weights(tmp_path, no_
     model.hparams["encoder"]["init_args"]["pretrained"] = True
     path = tmp_path / "timm.ckpt"
     torch.save({"state_dict": model.state_dict(), "hyper_parameters": {
-        "_class_path": "captioning.image_model.ImageCaptioner", **dict(model.hparams)}}, path)
+        "_class_path": "captioning.models.image_captioner.ImageCaptioner", **dict(model.hparams)}}, path)
     monkeypatch.setenv("CAPTIONING_OFFLINE", "1")  # the weights are in the checkpoint: nothing to fetch
     loaded = load_model(path)
     x = torch.randint(0, 256, (1, 3, 224, 224), dtype=torch.uint8)

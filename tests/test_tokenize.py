@@ -7,7 +7,7 @@ import re
 
 import pytest
 
-from captioning.vocab import tokenize
+from captioning.data.vocab import tokenize
 
 # The tokenizer before Unicode support: the reference for plain ASCII captions.
 _OLD_RE = re.compile(r"[a-z0-9]+(?:'[a-z]+)?|[^\sa-z0-9]")

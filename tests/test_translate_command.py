@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from captioning.cli import main as cli_main
+from captioning.commands.main import main as cli_main
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -11,19 +11,19 @@ import warnings
 import pytest
 import torch
 
-from captioning.checkpoints import load_model
-from captioning.cli import main
-from captioning.encoders import SmallCNN
-from captioning.image_model import ImageCaptioner
-from captioning.trust import TRUST_ENV, UntrustedClassError
-from captioning.vocab import Vocabulary
+from captioning.io.checkpoints import load_model
+from captioning.commands.main import main
+from captioning.nn.encoders import SmallCNN
+from captioning.models.image_captioner import ImageCaptioner
+from captioning.io.trust import TRUST_ENV, UntrustedClassError
+from captioning.data.vocab import Vocabulary
 from cli_probe import cli_command, cli_env
 
 VOCAB = Vocabulary(["a", "red", "circle"]).to_dict()
 USER_MODULE = textwrap.dedent('''
     import torch
-    from captioning.encoders import Encoder
-    from captioning.images import Preprocessing
+    from captioning.nn.encoders import Encoder
+    from captioning.data.images import Preprocessing
 
 
     class TinyUserEncoder(Encoder):
@@ -70,7 +70,7 @@ def test_checkpoint_naming_a_package_function_cannot_delete_a_folder(tmp_path, c
     (victim / "thesis.txt").write_text("years of work")
     gadget = tmp_path / "gadget.ckpt"
     torch.save({"state_dict": {}, "hyper_parameters": {
-        "_class_path": "captioning.features.write_feature_cache", "path": str(victim), "image_ids": [0],
+        "_class_path": "captioning.data.feature_cache.write_feature_cache", "path": str(victim), "image_ids": [0],
         "features": [[[[0.0]]]]}}, gadget)
     image = tmp_path / "img.png"
     __import__("PIL.Image").Image.new("RGB", (40, 40)).save(image)
@@ -82,7 +82,7 @@ def test_checkpoint_naming_a_package_function_cannot_delete_a_folder(tmp_path, c
 
 def test_checkpoint_encoder_naming_a_non_encoder_is_refused(tmp_path):
     model = ImageCaptioner(SmallCNN(channels=8, grid_size=2), VOCAB, embed_dim=8, decoder_dim=8, attention_dim=8)
-    path = _save(model, tmp_path / "m.ckpt", encoder={"class_path": "captioning.features.FeatureCache",
+    path = _save(model, tmp_path / "m.ckpt", encoder={"class_path": "captioning.data.feature_cache.FeatureCache",
                                                        "init_args": {"path": str(tmp_path)}})
     with pytest.raises(UntrustedClassError, match="FeatureCache"):
         load_model(path)
@@ -142,19 +142,25 @@ def test_caption_with_a_user_encoder_needs_the_trust_flag(tmp_path, user_module)
     assert (tmp_path / "out" / "photo.png").is_file() and (tmp_path / "out" / "photo.json").is_file()
 
 
-def test_checkpoints_and_configs_naming_the_former_module_still_load(tmp_path):
-    """captioning.models was renamed captioning.image_model: files written before still work."""
+def test_checkpoints_and_configs_naming_former_modules_still_load(tmp_path):
+    """Checkpoints and run configs of earlier releases name the classes where they lived then."""
     model = ImageCaptioner(SmallCNN(channels=8, grid_size=2), VOCAB, embed_dim=8, decoder_dim=8, attention_dim=8)
-    loaded = load_model(_save(model, tmp_path / "old.ckpt", _class_path="captioning.models.ImageCaptioner"))
-    assert type(loaded) is ImageCaptioner
-    for name, p in model.state_dict().items():
-        assert torch.equal(loaded.state_dict()[name], p), name
-    # A run's config.yaml names the class path; importing the old module works and says the new name.
-    code = ("import warnings; warnings.simplefilter('error', FutureWarning)\n"
-            "try:\n    import captioning.models\nexcept FutureWarning as w:\n    print(w)\n")
+    for former in ("captioning.models.ImageCaptioner", "captioning.image_model.ImageCaptioner"):
+        loaded = load_model(_save(model, tmp_path / "old.ckpt", _class_path=former))
+        assert type(loaded) is ImageCaptioner
+        for name, p in model.state_dict().items():
+            assert torch.equal(loaded.state_dict()[name], p), name
+    hparams = dict(model.hparams, encoder={"class_path": "captioning.encoders.SmallCNN",
+                                           "init_args": model.hparams["encoder"]["init_args"]})
+    path = tmp_path / "old-encoder.ckpt"
+    torch.save({"hyper_parameters": {**hparams, "_class_path": "captioning.image_model.ImageCaptioner"},
+                "state_dict": model.state_dict()}, path)
+    assert type(load_model(path).encoder) is SmallCNN
+    # The command line imports a former module name as the current module (run configs hold them).
+    code = ("from captioning import registry; registry.accept_former_module_names()\n"
+            "import datamodules.shapes, captioning.image_model, captioning.data.shapes, captioning.models\n"
+            "assert datamodules.shapes is captioning.data.shapes\n"
+            "assert captioning.image_model.ImageCaptioner is captioning.models.ImageCaptioner\n"
+            "print('ok')")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    assert "renamed captioning.image_model" in out
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)
-        from captioning.models import ImageCaptioner as Former
-    assert Former is ImageCaptioner
+    assert out.strip() == "ok"

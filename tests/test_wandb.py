@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from captioning.wandb_setup import WandbLogger, credentials_source, resolve_mode
+from captioning.io.wandb_logging import WandbLogger, credentials_source, resolve_mode
 from cli_probe import SMALL, ROOT
 
 
@@ -84,7 +84,7 @@ def test_project_and_dir_come_from_environment_unless_given(no_login, monkeypatc
 
 
 def _fit(tmp_path: Path, *extra: str) -> None:
-    from captioning.cli import main
+    from captioning.commands.main import main
 
     main(["fit", *SMALL, "--data.init_args.train_size", "8", "--trainer.max_steps", "1",
           "--trainer.limit_val_batches", "0", "--trainer.num_sanity_val_steps", "0",

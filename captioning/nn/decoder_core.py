@@ -49,10 +49,10 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
-from captioning.attention import PreparedMemory, build_attention
+from captioning.nn.attention import PreparedMemory, build_attention
 from captioning.nn.recurrence import (QUERY_STYLES, RecurrenceOutput, RecurrencePlan, RecurrenceWeights,
                                       fused_recurrence, lstm_cell, plain_steps, resolve_padding)
-from captioning.search import StepOutput
+from captioning.nn.search import StepOutput
 
 QUERY_ALIASES = {"bahdanau": "previous", "luong": "current"}
 
@@ -125,7 +125,7 @@ class AttentionDecoderCore(nn.Module):
     Args:
         vocab_size: V. memory_dim: C, width of each memory vector (grid cell / encoder state).
         embed_dim, decoder_dim, attention_dim: E, D, A.
-        attention: a score of :data:`captioning.attention.SCORERS` (or alias) or ``"none"``.
+        attention: a score of :data:`captioning.nn.attention.SCORERS` (or alias) or ``"none"``.
         num_heads: > 1 for multi-head attention. dropout: before the output layer.
         max_positions: the largest S (only the ``location`` score needs it); one more position
             is added for the sentinel.
@@ -151,7 +151,7 @@ class AttentionDecoderCore(nn.Module):
         self.vocab_size, self.encoder_dim, self.decoder_dim = vocab_size, memory_dim, decoder_dim
         self.attention_name = attention
         self.combine_previous = combine_previous
-        from captioning.attention import compares_directly
+        from captioning.nn.attention import compares_directly
 
         # Dot-product scores compare the query with the keys directly, so they need the same size:
         # one side is projected (the layer itself stays strict about it).

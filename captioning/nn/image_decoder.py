@@ -26,7 +26,7 @@ class ShowAttendTellDecoder(AttentionDecoderCore):
         vocab_size: V.
         encoder_dim: C, channels of each grid cell.
         embed_dim, decoder_dim, attention_dim: E, D, A.
-        attention: score function name (see :data:`captioning.attention.SCORERS`) or ``"none"``
+        attention: score function name (see :data:`captioning.nn.attention.SCORERS`) or ``"none"``
             (no attention: the mean feature is a fixed context at every step, the baseline).
         num_heads: > 1 for multi-head attention.
         gate: use the gating scalar beta_t (f_beta).

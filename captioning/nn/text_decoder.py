@@ -1,4 +1,4 @@
-"""The text decoder: an attention LSTM decoder over the states of :mod:`captioning.text_encoder`.
+"""The text decoder: an attention LSTM decoder over the states of :mod:`captioning.nn.text_encoder`.
 
 The same attention layer, step interface and teacher-forced recurrence as the image decoder
 (:mod:`captioning.nn.decoder_core` documents them); what it adds:
@@ -24,9 +24,9 @@ class AttentionLSTMDecoder(AttentionDecoderCore):
 
     Args:
         vocab_size: V (target vocabulary).
-        encoder_dim: C, width of each encoder state (2H for :class:`captioning.text_encoder.BiLSTMEncoder`).
+        encoder_dim: C, width of each encoder state (2H for :class:`captioning.nn.text_encoder.BiLSTMEncoder`).
         embed_dim, decoder_dim, attention_dim: E, D, A.
-        attention: a score of :data:`captioning.attention.SCORERS` (or alias) or ``"none"``.
+        attention: a score of :data:`captioning.nn.attention.SCORERS` (or alias) or ``"none"``.
         query: ``"bahdanau"`` (previous state) or ``"luong"`` (current state + input feeding).
         num_heads: > 1 for multi-head attention.
         dropout: on the vector fed to the output layer.

@@ -6,12 +6,12 @@ import typing
 
 import torch
 
-from captioning.encoders import SmallCNN
-from datamodules.batches import METADATA_KEYS, CaptionBatch, TextBatch, collate_captions, collate_text
-from datamodules.cached import CachedFeaturesDataModule
-from datamodules.folder import FolderCaptionsDataModule
-from datamodules.shapes import ShapesDataModule
-from datamodules.text import SyntheticTextDataModule
+from captioning.nn.encoders import SmallCNN
+from captioning.data.batches import METADATA_KEYS, CaptionBatch, TextBatch, collate_captions, collate_text
+from captioning.data.cached import CachedFeaturesDataModule
+from captioning.data.folder import FolderCaptionsDataModule
+from captioning.data.shapes import ShapesDataModule
+from captioning.data.text import SyntheticTextDataModule
 from tests.photo_data import folder_csv, write_photos
 
 CAPTION_KEYS = set(typing.get_type_hints(CaptionBatch))

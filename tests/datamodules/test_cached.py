@@ -8,13 +8,13 @@ import numpy as np
 import pytest
 import torch
 
-from captioning.encoders import ImageEncoder, SmallCNN
-from captioning.features import write_feature_cache
-from captioning.image_model import ImageCaptioner
-from captioning.vocab import Vocabulary
-from datamodules.cached import CachedFeaturesDataModule
-from datamodules.sampling import LengthBucketBatchSampler, OneCaptionPerImageSampler
-from datamodules.shapes import ShapesDataModule
+from captioning.nn.encoders import ImageEncoder, SmallCNN
+from captioning.data.feature_cache import write_feature_cache
+from captioning.models.image_captioner import ImageCaptioner
+from captioning.data.vocab import Vocabulary
+from captioning.data.cached import CachedFeaturesDataModule
+from captioning.data.sampling import LengthBucketBatchSampler, OneCaptionPerImageSampler
+from captioning.data.shapes import ShapesDataModule
 
 
 def _encoder():
@@ -140,7 +140,7 @@ def test_trainable_encoder_or_wrong_grid_is_refused(cached):
 
 
 def _check(model, dm):
-    from datamodules.cached import _check_model
+    from captioning.data.cached import _check_model
 
     _check_model(model, dm._caches["train"])
 
@@ -165,7 +165,7 @@ def test_lightning_trains_from_the_cache_it_builds(tmp_path):
 def test_coco_images_on_disk_are_cached_and_coco_can_bucket(tmp_path):
     from PIL import Image
 
-    from datamodules.coco import CocoCaptionsDataModule
+    from captioning.data.coco import CocoCaptionsDataModule
 
     images = []
     for i, split in enumerate(["train", "train", "val", "test"]):

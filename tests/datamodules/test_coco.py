@@ -6,9 +6,9 @@ import pytest
 import torch
 from PIL import Image
 
-from captioning.images import ImageReadError, Preprocessing
-from captioning.vocab import Vocabulary
-from datamodules.coco import CocoCaptionsDataModule
+from captioning.data.images import ImageReadError, Preprocessing
+from captioning.data.vocab import Vocabulary
+from captioning.data.coco import CocoCaptionsDataModule
 
 SIZE = 24
 COLORS = [(255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 0), (0, 255, 255), (255, 0, 255)]

@@ -10,9 +10,9 @@ import logging
 import pytest
 from PIL import Image
 
-from captioning.images import ImageReadError, Preprocessing
-from datamodules.coco import CocoCaptionsDataModule
-from datamodules.folder import FolderCaptionsDataModule
+from captioning.data.images import ImageReadError, Preprocessing
+from captioning.data.coco import CocoCaptionsDataModule
+from captioning.data.folder import FolderCaptionsDataModule
 from photo_data import folder_csv, karpathy, write_photos
 
 
@@ -61,7 +61,7 @@ def test_official_coco_file_names_are_contained_too(tmp_path):
     ann = tmp_path / "captions.json"
     ann.write_text(json.dumps({"images": [{"id": 1, "file_name": "../secret.jpg"}],
                                "annotations": [{"id": 1, "image_id": 1, "caption": "a dog"}]}))
-    from datamodules.coco import read_coco_captions
+    from captioning.data.coco import read_coco_captions
 
     with pytest.raises(ValueError, match=r"captions.json images\[0\] \(id 1\): image path '../secret.jpg'"):
         read_coco_captions(ann, tmp_path / "imgs")

@@ -1,4 +1,4 @@
-"""Tests for the built-in synthetic shapes dataset (datamodules/shapes.py)."""
+"""Tests for the built-in synthetic shapes dataset (captioning/data/shapes.py)."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ from PIL import Image
 import pytest
 import torch
 
-from captioning.images import Preprocessing, load_image
-from captioning.vocab import Vocabulary, tokenize
-from datamodules.shapes import (COLORS, RGB, SHAPES, SIZE_RANGE, SIZES, ShapesDataModule, ShapesDataset,
+from captioning.data.images import Preprocessing, load_image
+from captioning.data.vocab import Vocabulary, tokenize
+from captioning.data.shapes import (COLORS, RGB, SHAPES, SIZE_RANGE, SIZES, ShapesDataModule, ShapesDataset,
                                 _layout, main, object_word_alignment, shapes_vocabulary)
 
 
@@ -220,7 +220,7 @@ def test_bigger_images_keep_the_layout():
 
 def test_batches_come_at_the_encoder_input_size():
     """Scenes are drawn at the datamodule's size, batches are resized to what the encoder states."""
-    from captioning.encoders import SmallCNN
+    from captioning.nn.encoders import SmallCNN
 
     dm = small_dm()  # draws 64-px scenes
     dm.use_preprocessing(SmallCNN(image_size=80).preprocessing)

@@ -5,9 +5,9 @@ import calendar
 import pytest
 import torch
 
-from captioning.text_vocab import TextTokenizer, TextVocab
-from datamodules.batches import collate_text as collate
-from datamodules.text import (MONTHS, SyntheticTextDataModule, TsvFormatError, TsvTextDataModule,
+from captioning.data.text_vocab import TextTokenizer, TextVocab
+from captioning.data.batches import collate_text as collate
+from captioning.data.text import (MONTHS, SyntheticTextDataModule, TsvFormatError, TsvTextDataModule,
                               read_tsv)
 
 

@@ -64,7 +64,7 @@ def _plain_backward(*args):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("with_mask,gate", [(False, False), (True, True), (True, False)])
 def test_softmax_context_and_backward_equal_the_plain_maths(with_mask, gate, dtype):
-    from captioning.attention import masked_softmax, softmax_backward
+    from captioning.nn.attention import masked_softmax, softmax_backward
     from captioning.nn.kernels.attention import gate_backward, softmax_backward as fused_backward, softmax_context
 
     g = torch.Generator().manual_seed(1)
@@ -104,7 +104,7 @@ def test_softmax_context_and_backward_equal_the_plain_maths(with_mask, gate, dty
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_additive_score_and_its_backward_equal_the_scorer(dtype):
-    from captioning.scores import AdditiveScorer
+    from captioning.nn.scores import AdditiveScorer
 
     torch.manual_seed(0)
     scorer = AdditiveScorer(7, 11, 70).to(DEVICE, dtype)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from captioning.attention import masked_softmax, softmax_backward
+from captioning.nn.attention import masked_softmax, softmax_backward
 from captioning.nn.recurrence.plan import RecurrencePlan
 
 

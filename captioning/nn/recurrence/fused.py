@@ -35,7 +35,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from captioning.attention import PreparedMemory
+from captioning.nn.attention import PreparedMemory
 from captioning.nn import kernels
 from captioning.nn.recurrence.attention_steps import AttentionSteps, mm
 from captioning.nn.recurrence.cell import cell_backward, cell_forward

@@ -10,7 +10,7 @@ from typing import Callable, NamedTuple
 import torch
 from torch import Tensor
 
-from captioning.scores import Scorer
+from captioning.nn.scores import Scorer
 
 QUERY_STYLES = ("previous", "current")
 PADDING_MODES = ("auto", "shrink", "mask")

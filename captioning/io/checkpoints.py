@@ -1,0 +1,109 @@
+"""Load a trained model from a Lightning checkpoint with ``weights_only=True``.
+
+Everything needed (vocabulary, model sizes, encoder config) is plain data in the
+checkpoint's ``hyper_parameters``. The classes it names are built by
+:func:`captioning.io.trust.build_model` (our model and encoder classes, or user classes the user
+trusts; nothing else is imported or called). The encoder is rebuilt without pretrained
+weights: the checkpoint's state dict holds the trained ones, so captioning works offline even
+when the ImageNet weights file is not on this machine.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import lightning.pytorch as pl
+import torch
+
+from captioning.io.trust import build_model, trusted_modules
+
+def find_checkpoint(path: str | Path) -> Path:
+    """A checkpoint file as given, or for a run folder the checkpoint to use from it.
+
+    In a folder: the newest *readable* ``best*.ckpt`` under it, else the newest readable
+    ``last*.ckpt``. Unreadable ones (truncated, empty, not a PyTorch file; see
+    :func:`captioning.io.checkpoint_files.checkpoint_problem`) are skipped with a warning naming
+    each; if none is readable, a :class:`CheckpointReadError` lists what was found.
+    """
+    import warnings
+
+    from captioning.io.checkpoint_files import CheckpointReadError, checkpoint_problem
+
+    path = Path(path)
+    if not path.is_dir():
+        return path
+    rejected: list[str] = []
+    for pattern in ("best*.ckpt", "last*.ckpt"):
+        found = [p for p in path.rglob(pattern) if p.is_file()]
+        for candidate in sorted(found, key=lambda p: p.stat().st_mtime, reverse=True):
+            problem = checkpoint_problem(candidate)
+            if problem is None:
+                return candidate
+            warnings.warn(f"skipping unreadable checkpoint {candidate}: {problem}", stacklevel=2)
+            rejected.append(f"{candidate.relative_to(path)} ({problem})")
+    if not rejected:
+        raise FileNotFoundError(f"no best*.ckpt or last*.ckpt under {path}")
+    raise CheckpointReadError(f"no readable checkpoint under {path}; found: {'; '.join(rejected)}")
+
+
+def read_checkpoint(path: str | Path) -> dict:
+    """Load a checkpoint written by ``captioning fit`` (``weights_only=True``), or say why not.
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+        CheckpointReadError: not a file; damaged or truncated; holds pickled Python objects
+            other than tensors and plain data; or a PyTorch file that is not one of our
+            checkpoints (no ``state_dict`` / ``hyper_parameters``).
+    """
+    from captioning.io.checkpoint_files import CheckpointReadError, load_checkpoint_file
+
+    path = Path(path)
+    ckpt = load_checkpoint_file(path)
+    if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "hyper_parameters" not in ckpt:
+        what = f"keys {sorted(map(str, ckpt))[:6]}" if isinstance(ckpt, dict) else f"a {type(ckpt).__name__}"
+        raise CheckpointReadError(f"{path} is a PyTorch file but not a checkpoint of this package ({what}, "
+                                  "no state_dict/hyper_parameters); give a .ckpt written by `captioning fit`")
+    return ckpt
+
+
+def state_dict_problem(err: RuntimeError) -> str:
+    """torch's multi-line load_state_dict error -> its first problem and how many there are, on one line."""
+    problems = [line.strip() for line in str(err).splitlines()[1:] if line.strip()]
+    if not problems:
+        return str(err).strip().splitlines()[0] if str(err).strip() else "weights do not fit"
+    more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+    return problems[0].rstrip(".") + more
+
+
+def load_model(path: str | Path, default_class: str = "captioning.models.image_captioner.ImageCaptioner",
+               map_location: str | torch.device = "cpu", trust_modules: Sequence[str] = ()) -> pl.LightningModule:
+    """Rebuild the LightningModule saved in ``path`` (file or run folder) and load its weights (eval mode).
+
+    Args:
+        default_class: the model class when the checkpoint does not name one (models trained
+            outside the CLI).
+        trust_modules: modules (beyond ours) whose classes the checkpoint may name; see
+            :mod:`captioning.io.trust` (``$CAPTIONING_TRUST_MODULES`` adds to them).
+    """
+    path = find_checkpoint(path)
+    ckpt = read_checkpoint(path)
+    hparams = ckpt["hyper_parameters"]
+    if not isinstance(hparams, dict):
+        raise ValueError(f"checkpoint {path}: hyper_parameters must be a dict, got {type(hparams).__name__}")
+    hparams = dict(hparams)
+    class_path = hparams.pop("_class_path", None) or default_class
+    model = build_model(class_path, hparams, trusted_modules(trust_modules), source=f"checkpoint {path}")
+    state = ckpt["state_dict"]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"checkpoint {path}: state_dict must map names to tensors")
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as err:  # shape mismatches
+        raise ValueError(f"checkpoint {path} does not match {type(model).__name__}: {state_dict_problem(err)}") \
+            from err
+    if missing or unexpected:
+        raise ValueError(f"checkpoint {path} does not match {type(model).__name__}: missing {missing[:5]}, "
+                         f"unexpected {unexpected[:5]}")
+    model.checkpoint_info = ckpt.get("captioning") if isinstance(ckpt.get("captioning"), dict) else {}
+    return model.to(map_location).eval()

@@ -1,0 +1,169 @@
+"""Where a run keeps its files, its saved config, and how ``--ckpt_path last`` finds a run.
+
+Run folder (:func:`run_dir`), the same one Lightning's ModelCheckpoint uses (its
+``checkpoints/`` sub-folder) when no ``dirpath`` is configured:
+
+* CSV / TensorBoard logger: ``<save_dir>/<name>/version_<N>`` (a new N per run);
+* W&B logger: ``<save_dir>/<project>/<run id>``;
+* no logger: ``<default_root_dir>``.
+
+:class:`RunConfigSaver` writes the CLI config there as ``config.yaml`` (``config-1.yaml``,
+... when a resumed run or a second run without logger finds one: nothing is overwritten and
+nothing fails) and pushes it to W&B.
+
+:func:`resolve_checkpoint` turns ``last`` into the newest ``last*.ckpt`` of any earlier run of
+the same experiment (Lightning alone only looks in the *new* run's folder, so ``last`` would
+silently start from scratch) and, for W&B, makes the resumed run log to the same W&B run.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.cli import SaveConfigCallback
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger, WandbLogger
+from lightning.pytorch.utilities.rank_zero import rank_zero_info
+
+from captioning.io.outputs import free_path
+
+__all__ = ["run_dir", "checkpoint_dir", "RunConfigSaver", "resolve_checkpoint", "check_vocabulary"]
+
+
+def _versioned(logger: Any) -> bool:
+    return isinstance(logger, (CSVLogger, TensorBoardLogger))
+
+
+def _runs_root(trainer: pl.Trainer) -> Path | None:
+    """The folder holding one sub-folder per run of this experiment (None without a logger)."""
+    if not trainer.loggers:
+        return None
+    logger = trainer.loggers[0]
+    if _versioned(logger):
+        return Path(logger.root_dir)
+    return Path(logger.save_dir or trainer.default_root_dir) / str(logger.name)
+
+
+def run_dir(trainer: pl.Trainer) -> Path:
+    """This run's folder (module docstring). Rank-local, no collective: call it on rank 0."""
+    if not trainer.loggers:
+        return Path(trainer.default_root_dir)
+    logger = trainer.loggers[0]
+    if _versioned(logger):
+        return Path(logger.log_dir)
+    version = logger.version
+    version = version if isinstance(version, str) else f"version_{version}"  # as ModelCheckpoint does
+    return _runs_root(trainer) / version
+
+
+def checkpoint_dir(trainer: pl.Trainer) -> Path:
+    """Where this run's checkpoints go: the first ModelCheckpoint's folder, else ``run_dir/checkpoints``.
+
+    A ModelCheckpoint resolves its folder in ``setup`` (to ``run_dir/checkpoints`` when none is
+    configured); before that, or without one, the same default is computed here.
+    """
+    for callback in trainer.checkpoint_callbacks:
+        if isinstance(callback, ModelCheckpoint) and callback.dirpath:
+            return Path(callback.dirpath)
+    return run_dir(trainer) / "checkpoints"
+
+
+class RunConfigSaver(SaveConfigCallback):
+    """LightningCLI's config saver, writing into the run's own folder, never over a file.
+
+    Lightning's saver writes ``<trainer.log_dir>/config.yaml`` and fails if it exists: with W&B
+    ``log_dir`` is the shared save_dir, so a second run in the same folder failed, and a resumed
+    CSV run would too. Here every run has its folder (:func:`run_dir`) and an existing config
+    gets a ``-1``, ``-2`` sibling. With a W&B logger the config is also pushed to the W&B run
+    (``config`` entry of its config, and the YAML file among its files).
+    """
+
+    saved_path: Path | None = None
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if self.already_saved:
+            return
+        if trainer.is_global_zero:
+            folder = run_dir(trainer)
+            folder.mkdir(parents=True, exist_ok=True)
+            self.saved_path = free_path(folder / self.config_filename)
+            self.parser.save(self.config, str(self.saved_path), skip_unset=False, multifile=self.multifile)
+            self.save_config(trainer, pl_module, stage)
+            self.already_saved = True
+        self.already_saved = trainer.strategy.broadcast(self.already_saved)
+
+    def save_config(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        import yaml
+
+        for logger in trainer.loggers:
+            if isinstance(logger, WandbLogger) and self.saved_path is not None:
+                run = logger.experiment
+                config = yaml.safe_load(self.saved_path.read_text(encoding="utf-8"))
+                run.config.update({"config": config}, allow_val_change=True)
+                run.save(str(self.saved_path), base_path=str(self.saved_path.parent), policy="now")
+
+
+def _last_checkpoint(trainer: pl.Trainer) -> Path | None:
+    root = _runs_root(trainer)
+    if root is None or not root.is_dir():
+        return None
+    found = [p for p in root.glob("*/checkpoints/last*.ckpt") if p.is_file()]
+    return max(found, key=lambda p: p.stat().st_mtime) if found else None
+
+
+def check_vocabulary(model: Any, path: str | os.PathLike) -> None:
+    """Refuse a checkpoint whose vocabulary differs from the one the datamodule gave ``model``.
+
+    The CLI builds the model from the datamodule's vocabulary before loading the weights; a
+    different word list of the same size would load silently and mean other words.
+    """
+    ours = getattr(model, "hparams", {}).get("vocab")
+    try:
+        theirs = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # not ours to judge: Lightning reports unreadable checkpoints itself
+        return
+    theirs = (theirs.get("hyper_parameters") or {}).get("vocab") if isinstance(theirs, dict) else None
+    if ours is not None and theirs is not None and ours != theirs:
+        raise ValueError(f"checkpoint {path} was trained with a different vocabulary than the datamodule "
+                         "builds now: resume or evaluate it with the same data and vocabulary settings")
+
+
+def resolve_checkpoint(trainer: pl.Trainer, ckpt_path: str | os.PathLike | None,
+                       continue_run: bool = False, model: Any = None) -> str | None:
+    """The checkpoint a CLI subcommand should load; ``continue_run``: log to its W&B run.
+
+    ``last`` -> the newest ``<runs root>/*/checkpoints/last*.ckpt`` (see module docstring);
+    unchanged when a ModelCheckpoint has a fixed ``dirpath`` or there is no logger (Lightning
+    then finds it itself), or when no earlier run has one (Lightning warns and starts fresh).
+    A checkpoint inside ``<save_dir>/<project>/<run id>/checkpoints/`` of our W&B logger makes
+    that logger resume run ``<run id>`` (same W&B run, continuing at the checkpoint's step).
+    With ``model``, a checkpoint file is first checked with :func:`check_vocabulary`.
+    """
+    if ckpt_path is None:
+        return None
+    path: Path | None = None
+    if str(ckpt_path) == "last":
+        fixed = any(isinstance(cb, ModelCheckpoint) and cb.dirpath for cb in trainer.callbacks)
+        if not fixed:
+            path = _last_checkpoint(trainer)
+            if path is not None:
+                rank_zero_info(f"--ckpt_path last: resuming from {path}")
+    elif str(ckpt_path) not in ("best", "hpc", "registry") and not str(ckpt_path).startswith("registry:"):
+        path = Path(ckpt_path)
+        if not path.is_file():
+            raise FileNotFoundError(f"--ckpt_path {ckpt_path}: no such checkpoint file")
+    if path is None:
+        return str(ckpt_path)
+    if model is not None:
+        check_vocabulary(model, path)
+    logger = trainer.loggers[0] if trainer.loggers else None
+    resume = getattr(logger, "resume_run", None)
+    if continue_run and resume is not None and path.parent.name == "checkpoints":
+        root = _runs_root(trainer)
+        if root is not None and path.parent.parent.parent.resolve() == root.resolve():
+            resume(path.parent.parent.name)
+    return str(path)

@@ -1,0 +1,163 @@
+"""What a model file may make us build: only model classes we ship, or ones the user trusts.
+
+Checkpoints and exported model folders name the classes to rebuild (``class_path``) and their
+constructor arguments. A file can come from anyone, and importing or calling what it names
+runs code, so :func:`build_model` only ever builds:
+
+* a model class or an encoder we ship (:mod:`captioning.registry`; also under the class paths
+  of earlier releases) — never any other function or class of our
+  packages, however harmless its name looks;
+* a class from a module the user trusted explicitly (``--trust_module NAME`` on the command
+  line, ``trust_modules=[...]`` in Python, or ``CAPTIONING_TRUST_MODULES=name1,name2``), in the
+  spirit of Hugging Face's ``trust_remote_code``: a user encoder (a subclass of
+  :class:`captioning.nn.encoders.Encoder`) or model (a LightningModule).
+
+Constructor arguments are checked against the class's signature (no unknown names, no missing
+required ones) and must be plain data (None, bool, numbers, strings, lists, dicts); the only
+nested class allowed is an encoder, built by the same rules.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import os
+import re
+from typing import Any, Sequence
+
+from torch import nn
+
+from captioning import registry
+from captioning.nn.encoders import Encoder
+
+TRUST_ENV = "CAPTIONING_TRUST_MODULES"
+_CLASS_PATH = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)+$")
+# Arguments older releases stored that no longer exist: dropped when they hold the old default.
+_RETIRED_ARGS = {"captioning.nn.encoders.SmallCNN": {"in_channels": 3}}
+
+
+class UntrustedClassError(ValueError):
+    """A file names a class we do not build without the user's explicit trust."""
+
+
+def trusted_modules(extra: Sequence[str] = ()) -> tuple[str, ...]:
+    """The modules the user trusts: ``extra`` plus ``$CAPTIONING_TRUST_MODULES`` (comma-separated)."""
+    env = [m.strip() for m in os.environ.get(TRUST_ENV, "").split(",") if m.strip()]
+    return tuple(dict.fromkeys([*(m.strip() for m in extra if m.strip()), *env]))
+
+
+def _is_trusted(module: str, trust: Sequence[str]) -> bool:
+    return any(module == t or module.startswith(t + ".") for t in trust)
+
+
+def resolve_class(class_path: Any, kind: str, trust: Sequence[str] = (), source: str = "a model file") -> type:
+    """The class ``class_path`` names, if it may be built as a ``kind`` ("model" or "encoder")."""
+    if not isinstance(class_path, str) or not _CLASS_PATH.match(class_path):
+        raise ValueError(f"{source}: {class_path!r} is not a class path (module.Class)")
+    class_path = registry.current_class_path(class_path)
+    ours = registry.class_paths(kind)
+    base = nn.Module if kind == "model" else Encoder
+    module_name, name = class_path.rsplit(".", 1)
+    if class_path not in ours:
+        top = module_name.split(".")[0]
+        if top == "captioning" and not _is_trusted(module_name, trust):
+            raise UntrustedClassError(f"{source} names {class_path!r} as its {kind}; only these are built: "
+                                      f"{', '.join(ours)}")
+        if not _is_trusted(module_name, trust):
+            raise UntrustedClassError(
+                f"{source} names {class_path!r} as its {kind}, a class outside this package: refusing to import "
+                f"it. If you trust that code, allow it with --trust_module {top} (Python: "
+                f"trust_modules=['{top}']; or {TRUST_ENV}={top}); importing it runs it.")
+    try:
+        obj = getattr(importlib.import_module(module_name), name)
+    except (ImportError, AttributeError) as err:
+        raise ValueError(f"{source}: cannot import {class_path!r} ({err}); is its module installed "
+                         "and on PYTHONPATH?") from err
+    if not (inspect.isclass(obj) and issubclass(obj, base)):
+        raise UntrustedClassError(f"{source}: {class_path!r} is not a{'n' if kind == 'encoder' else ''} "
+                                  f"{kind} class (a subclass of {base.__module__}.{base.__qualname__})")
+    return obj
+
+
+def check_plain(value: Any, where: str) -> None:
+    """Raise unless ``value`` is plain data: None, bool, int, float, str, list/tuple, dict[str, ...]."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return
+    if isinstance(value, (list, tuple)):
+        for i, v in enumerate(value):
+            check_plain(v, f"{where}[{i}]")
+        return
+    if isinstance(value, dict):
+        for k, v in value.items():
+            if not isinstance(k, str):
+                raise ValueError(f"{where}: key {k!r} is not a string")
+            check_plain(v, f"{where}.{k}")
+        return
+    raise ValueError(f"{where}: {type(value).__name__} is not plain data (only None, bool, numbers, strings, "
+                     "lists and dicts are accepted from a model file)")
+
+
+def check_init_args(cls: type, args: dict, source: str) -> dict:
+    """``args`` validated against ``cls``'s signature; private ``_keys`` dropped."""
+    if not isinstance(args, dict):
+        raise ValueError(f"{source}: the arguments of {cls.__name__} must be a dict, got {type(args).__name__}")
+    args = {k: v for k, v in args.items() if not (isinstance(k, str) and k.startswith("_"))}
+    retired = _RETIRED_ARGS.get(f"{cls.__module__}.{cls.__qualname__}", {})
+    args = {k: v for k, v in args.items() if not (k in retired and v == retired[k])}
+    params = inspect.signature(cls).parameters
+    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    named = {n for n, p in params.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+    unknown = sorted(set(args) - named)
+    if unknown and not takes_any:
+        raise ValueError(f"{source}: {cls.__name__} has no argument(s) {unknown}; the file does not match this "
+                         "version of the class")
+    missing = sorted(n for n in named if params[n].default is inspect.Parameter.empty and n not in args)
+    if missing:
+        raise ValueError(f"{source}: required argument(s) {missing} of {cls.__name__} are missing")
+    for key, value in args.items():
+        check_plain(value, f"{source}: {cls.__name__}.{key}")
+    return args
+
+
+def build_encoder(spec: Any, trust: Sequence[str] = (), source: str = "a model file",
+                  restore: bool = True) -> Encoder:
+    """``{"class_path", "init_args"}`` -> the encoder. ``restore``: without downloading pretrained
+    weights (:meth:`captioning.nn.encoders.Encoder.restore_args`: the model file holds the trained
+    ones); False builds it as configured (pretrained weights included)."""
+    if not isinstance(spec, dict) or "class_path" not in spec:
+        raise ValueError(f"{source}: the encoder must be a dict with class_path and init_args, got {spec!r}")
+    cls = resolve_class(spec["class_path"], "encoder", trust, source)
+    args = check_init_args(cls, spec.get("init_args") or {}, source)
+    return _construct(cls, cls.restore_args(args) if restore else args, source)
+
+
+def build_model(class_path: Any, init_args: dict, trust: Sequence[str] = (), source: str = "a model file") -> Any:
+    """The model ``class_path`` names, built from ``init_args`` (an encoder spec among them is
+    built by :func:`build_encoder`); weights are not loaded here."""
+    cls = resolve_class(class_path, "model", trust, source)
+    args = dict(init_args)
+    encoder = args.get("encoder")
+    if isinstance(encoder, dict) and "image_size" in args and isinstance(encoder.get("init_args"), dict):
+        # Checkpoints of older releases kept the input size on the model.
+        size = args.pop("image_size")
+        if size is not None:
+            encoder["init_args"].setdefault("image_size", size)
+    args = check_init_args(cls, args, source)
+    for key, value in list(args.items()):
+        if isinstance(value, dict) and "class_path" in value:
+            if key != "encoder":
+                raise ValueError(f"{source}: only the encoder may be a nested class, not {key!r}")
+            args[key] = build_encoder(value, trust, source)
+    return _construct(cls, args, source)
+
+
+def _construct(cls: type, args: dict, source: str) -> Any:
+    """``cls(**args)``; arguments of the wrong type or value end in one message naming the file."""
+    try:
+        return cls(**args)
+    except UntrustedClassError:
+        raise
+    except Exception as err:  # noqa: BLE001 - data from a file: any failure means "this file is wrong"
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        raise ValueError(f"{source}: cannot build {cls.__name__} from its stored arguments "
+                         f"({err.__class__.__name__}: {reason})") from err

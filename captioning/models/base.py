@@ -1,0 +1,202 @@
+"""What the image captioner and the text seq2seq model share as LightningModules.
+
+:class:`AttentionModel` holds everything that is not specific to images or text:
+
+* decoding for metrics: :meth:`search` runs the shared greedy or batched beam search;
+* evaluation: ``validation_step``/``test_step`` collect per-item records from
+  :meth:`eval_items`; at the end of the epoch every rank's records are gathered, the
+  distributed sampler's padding duplicates dropped (by ``eval_key``), :meth:`eval_scores` scores
+  the whole corpus once, and every rank logs the same ``<stage>/<name>`` values;
+* the training step (:mod:`captioning.models.train_step`): on one GPU a CUDA graph replay per step;
+  TF32 for float32 products on GPUs that have it (``tf32``);
+* optimisation: AdamW over :meth:`param_groups` (fused where PyTorch allows it), with
+  ``scheduler`` "none", "cosine" (linear warmup, then cosine decay per step) or "plateau"
+  (halve the learning rate when ``plateau_monitor`` stops improving). These are built here
+  rather than from LightningCLI's ``optimizer``/``lr_scheduler`` options: the parameter groups
+  (the encoder's own learning rate), the fused kernel that depends on the precision, and a
+  schedule whose length is the trainer's step count are only known once the model and trainer
+  exist;
+* checkpoints carry the run's scores, data and an example (:mod:`captioning.io.model_card`);
+* :meth:`attention_figures` is the one hook the overlay callback calls.
+
+A subclass implements :meth:`eval_items`, :meth:`eval_scores` and :meth:`attention_figures`,
+plus its loss through :meth:`train_inputs` and :meth:`train_losses`.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+
+from captioning.models.distributed import gather_unique
+from captioning.nn.search import SearchResult, beam_search, greedy_search
+from captioning.models.train_step import TrainingStep
+
+SCHEDULERS = ("none", "cosine", "plateau")
+
+
+class AttentionModel(TrainingStep):
+    """Base LightningModule of both models (module docstring).
+
+    Hyper-parameters it reads (subclasses save them): ``lr``, ``weight_decay``, ``scheduler``,
+    ``warmup_steps``, ``beam_size``, ``max_length``, ``length_penalty``, ``label_smoothing``,
+    ``cuda_graphs``, ``tf32``.
+    """
+
+    eval_key = "id"  # the field that identifies an evaluation record (an image or a sentence)
+    count_name = "num_items"  # logged as <stage>/<count_name>: how many records were scored
+    plateau_monitor = "val/loss"  # what scheduler "plateau" watches (mode: max unless it is a loss)
+    example_in_checkpoint = False  # store an example input for model cards (image models)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._eval_outputs: list[dict] = []
+        self.last_eval: dict = {}  # id -> prediction of the last validation/test (rank-local copy)
+
+    def setup(self, stage: str) -> None:
+        from lightning.pytorch.accelerators import CUDAAccelerator
+
+        if self._trainer is not None and isinstance(self.trainer.accelerator, CUDAAccelerator) and \
+                self.hparams.get("tf32", True):
+            # TF32 tensor cores for float32 products (Ampere and newer; 10 mantissa bits, float32 range).
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+
+    # ------------------------------------------------------------------ decoding
+    def search(self, decoder: Any, memory: Any, batch_size: int, bos_id: int, eos_id: int, pad_id: int,
+               banned_ids: Sequence[int], beam_size: int | None = None, max_length: int | None = None,
+               max_lengths: torch.Tensor | None = None) -> SearchResult:
+        """Greedy (beam 1) or batched beam search with the model's defaults for unset options;
+        ``max_lengths`` (B,): each item's own cap (tokens incl. EOS), within ``max_length``."""
+        hp = self.hparams
+        beam = hp.beam_size if beam_size is None else beam_size
+        length = hp.max_length if max_length is None else max_length
+        common = dict(bos_id=bos_id, eos_id=eos_id, pad_id=pad_id, max_length=length, banned_ids=banned_ids,
+                      max_lengths=max_lengths)
+        if beam <= 1:
+            return greedy_search(decoder, memory, batch_size, **common)
+        return beam_search(decoder, memory, batch_size, beam_size=beam, length_penalty=hp.length_penalty, **common)
+
+    # ------------------------------------------------------------------ loss
+    def token_loss(self, decoder: Any, out: torch.Tensor, targets: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
+        """Cross-entropy (with the model's ``label_smoothing``) of the decoder's output layer over
+        the real target tokens: out (B, T, D) teacher-forced output vectors, targets (B, T), real
+        (B, T) bool.
+
+        Padding costs nothing where the decoder skipped it (``shrink``, CPUs: only the real
+        cells go through the output layer, B*T x D x V being the largest product of a step with
+        a COCO-sized vocabulary) and costs no host sync where it masked it (``mask``, GPUs: every
+        cell goes through it and the loss ignores padding). Same value either way."""
+        smoothing = float(self.hparams.get("label_smoothing", 0.0))
+        if decoder.padding_mode(out.device) == "mask":
+            logits = decoder.output(decoder.dropout(out))  # (B, T, V)
+            return F.cross_entropy(logits.flatten(0, 1).float(), targets.masked_fill(~real, -100).flatten(),
+                                   ignore_index=-100, label_smoothing=smoothing)
+        logits = decoder.output(decoder.dropout(out[real]))  # (N, V), N real tokens
+        return F.cross_entropy(logits.float(), targets[real], label_smoothing=smoothing)
+
+    # ------------------------------------------------------------------ evaluation
+    def eval_items(self, batch: dict, stage: str) -> list[dict]:
+        """One record per item of an evaluation batch, each with ``eval_key`` and ``prediction``."""
+        raise NotImplementedError
+
+    def eval_scores(self, items: list[dict]) -> dict[str, float]:
+        """Corpus scores of all records of an epoch (every rank's, duplicates removed)."""
+        raise NotImplementedError
+
+    def attention_figures(self, batch: dict, max_items: int, panel_size: int = 128,
+                          beam_size: int | None = None) -> list[dict]:
+        """Pictures of where the model looked, for the first ``max_items`` items of ``batch``:
+        ``{"key", "figure" (PIL), "prediction", "references" [str], "input" (PIL or str)}``."""
+        raise NotImplementedError
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        self._eval_outputs.extend(self.eval_items(batch, "val"))
+
+    def test_step(self, batch: dict, batch_idx: int) -> None:
+        self._eval_outputs.extend(self.eval_items(batch, "test"))
+
+    def on_validation_epoch_start(self) -> None:
+        self._eval_outputs = []
+
+    on_test_epoch_start = on_validation_epoch_start
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_eval("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_eval("test")
+
+    def _log_eval(self, stage: str) -> None:
+        # Every rank gathers every record (corpus scores are not means of batch scores), drops
+        # the distributed sampler's padding duplicates, and scores and logs the same numbers.
+        items = gather_unique(self._eval_outputs, self.eval_key)
+        self._eval_outputs = []
+        if not items or self.trainer.sanity_checking:
+            return
+        for name, value in self.eval_scores(list(items.values())).items():
+            if isinstance(value, (int, float)) and math.isfinite(value):
+                self.log(f"{stage}/{name}", float(value), rank_zero_only=False, sync_dist=False)
+        self.log(f"{stage}/{self.count_name}", float(len(items)))
+        self.last_eval = {k: v.get("prediction") for k, v in items.items()}
+
+    @property
+    def fitting(self) -> bool:
+        """True while ``trainer.fit`` runs (validation inside fit, not ``captioning validate``)."""
+        trainer = self._trainer
+        return trainer is not None and trainer.state.fn == "fit"
+
+    # ------------------------------------------------------------------ optimisation
+    def param_groups(self) -> list[dict]:
+        """AdamW parameter groups; default: every trainable parameter at ``lr``."""
+        return [{"params": [p for p in self.parameters() if p.requires_grad], "lr": self.hparams.lr}]
+
+    def configure_optimizers(self) -> Any:
+        hp = self.hparams
+        groups = [g for g in self.param_groups() if g["params"]]
+        # Fused: one kernel for all parameters (CPU and CUDA), several times faster than the
+        # per-parameter loop. Not under mixed precision (bf16 or fp16) with Lightning's own step:
+        # its mixed-precision plugin refuses gradient clipping for optimizers that (could) unscale
+        # gradients themselves; a graphed step clips inside the graph instead.
+        precision = str(self.trainer.precision) if self._trainer is not None else "32-true"
+        graphs = self._trainer is not None and self.why_no_step_graphs(check_optimizers=False) is None
+        fused = (graphs or ("mixed" not in precision and not precision.startswith("16"))) and all(
+            p.device.type in ("cpu", "cuda") and p.dtype == torch.float32 for g in groups for p in g["params"])
+        optimizer = torch.optim.AdamW(groups, lr=hp.lr, weight_decay=hp.weight_decay, fused=fused or None)
+        if hp.scheduler == "cosine":
+            total = max(1, int(self.trainer.estimated_stepping_batches))
+            warm = min(hp.warmup_steps, total - 1)
+
+            def factor(step: int) -> float:
+                if step < warm:
+                    return (step + 1) / (warm + 1)
+                return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warm) / max(1, total - warm))))
+
+            sched = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+            return {"optimizer": optimizer, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+        if hp.scheduler == "plateau":
+            mode = "min" if self.plateau_monitor.endswith("loss") else "max"
+            sched = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode=mode, factor=0.5, patience=2)
+            return {"optimizer": optimizer, "lr_scheduler": {"scheduler": sched, "monitor": self.plateau_monitor}}
+        return optimizer
+
+    # ------------------------------------------------------------------ checkpoints
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        """Scores, data and (image models) one example with the weights (captioning.io.model_card)."""
+        from captioning.io.model_card import run_summary
+
+        super().on_save_checkpoint(checkpoint)  # the optimiser state in its portable form
+        if self._trainer is not None:
+            summary = run_summary(self.trainer, with_example=self.example_in_checkpoint,
+                                  cached_example=getattr(self, "_example", None))
+            self._example = summary.get("example")
+            checkpoint["captioning"] = summary
+
+
+def check_scheduler(owner: str, scheduler: str, allowed: Sequence[str] = SCHEDULERS) -> None:
+    if scheduler not in allowed:
+        raise ValueError(f"{owner}: scheduler must be one of {', '.join(repr(s) for s in allowed)}, got {scheduler!r}")

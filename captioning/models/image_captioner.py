@@ -1,0 +1,257 @@
+"""The image captioning LightningModule: what is specific to images.
+
+The maths lives in plain modules (encoder, :class:`ShowAttendTellDecoder`, search); what both
+models share (evaluation, logging, optimisation, checkpoints) is :class:`captioning.models.base.AttentionModel`.
+This class computes the loss with padding masked out and scores validation/test by real
+decoding (beam or greedy), never teacher forcing: COCO caption metrics, and the pointing game
+when batches carry named boxes (captioning/eval/localisation.py).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from captioning.models.base import AttentionModel, check_scheduler
+from captioning.models.train_step import pad_length
+from captioning.nn.image_decoder import ShowAttendTellDecoder
+from captioning.nn.encoders import Encoder, encoder_config
+from captioning.nn.search import SearchResult
+from captioning.data.vocab import Vocabulary
+
+
+class ImageCaptioner(AttentionModel):
+    """Show, Attend and Tell captioner.
+
+    Args:
+        encoder: a :class:`captioning.nn.encoders.Encoder`: images (B, 3, H, W) -> features
+            (B, S, C); it states its preprocessing, which the datamodule and ``caption`` follow.
+        vocab: the vocabulary as plain data ({"itos": [...]}) — linked from the datamodule
+            by the CLI and stored in the checkpoint.
+        attention: score function or ``"none"`` (mean-feature baseline); num_heads > 1 for
+            multi-head. embed_dim, decoder_dim, attention_dim, dropout, gate: decoder sizes.
+        alpha_c: weight of the doubly stochastic attention regulariser.
+        lr, encoder_lr, weight_decay: AdamW; encoder_lr applies to trainable encoder params.
+        scheduler: "none", "cosine" (linear warmup then cosine decay per step) or "plateau"
+            (halve the learning rate when val/cider stops improving).
+        beam_size: 1 = greedy; used for validation, test and predict.
+        max_length, length_penalty: decoding limits.
+        label_smoothing: cross-entropy label smoothing.
+        compile_decoder: torch.compile the decoder step (GPU speed option).
+        allow_unk: let decoding emit ``<unk>`` (default: never; the next likeliest word is
+            used), for validation, test, predict and ``caption``.
+        query: ``"previous"`` (Show-Attend-Tell: attend with h_{t-1} before the LSTM step) or
+            ``"current"`` (Luong: attend with h_t after it, with input feeding).
+        sentinel: adaptive attention with a visual sentinel (Lu et al. 2017): per word, beta_t is
+            the weight on language instead of the image (captioning.nn.image_decoder).
+        cuda_graphs: on one CUDA device, run each training step as a CUDA graph replay
+            (captioning.models.train_step); False runs it eagerly.
+        tf32: TF32 tensor cores for float32 products on GPUs that have them (Ampere and newer).
+    """
+
+    def __init__(self, encoder: Encoder, vocab: dict | None = None, attention: str = "additive",
+                 num_heads: int = 1, embed_dim: int = 512, decoder_dim: int = 512, attention_dim: int = 512,
+                 dropout: float = 0.5, gate: bool = True, alpha_c: float = 1.0, lr: float = 4e-4,
+                 encoder_lr: float = 1e-4, weight_decay: float = 0.0, scheduler: str = "none",
+                 warmup_steps: int = 0, beam_size: int = 3, max_length: int = 30, length_penalty: float = 0.0,
+                 label_smoothing: float = 0.0, compile_decoder: bool = False, allow_unk: bool = False,
+                 query: str = "previous", sentinel: bool = False, cuda_graphs: bool = True,
+                 tf32: bool = True) -> None:
+        super().__init__()
+        if vocab is None:
+            raise ValueError("ImageCaptioner needs a vocabulary: the CLI links it from the datamodule "
+                             "(data.vocab); in Python pass vocab=datamodule.vocab.to_dict()")
+        check_scheduler("ImageCaptioner", scheduler)
+        self.save_hyperparameters(ignore=["encoder"])
+        self.hparams["encoder"] = encoder_config(encoder)
+        self.vocab = Vocabulary.from_dict(vocab)
+        self.encoder = encoder
+        self.grid_size = int(getattr(encoder, "grid_size"))
+        self.decoder = ShowAttendTellDecoder(
+            len(self.vocab), encoder.out_channels, embed_dim, decoder_dim, attention_dim, attention=attention,
+            num_heads=num_heads, gate=gate, dropout=dropout, max_positions=self.grid_size ** 2, query=query,
+            sentinel=sentinel)
+
+    eval_key = "image_id"
+    count_name = "num_images"
+    plateau_monitor = "val/cider"
+    example_in_checkpoint = True
+
+    @property
+    def preprocessing(self):
+        """The encoder's :class:`captioning.data.images.Preprocessing` (input size, mean/std)."""
+        return self.encoder.preprocessing
+
+    def setup(self, stage: str) -> None:
+        super().setup(stage)
+        if self.hparams.compile_decoder:
+            compile_decoder_step(self.decoder)
+
+    # ------------------------------------------------------------------ core
+    def encode(self, batch: dict) -> Tensor:
+        """Batch -> features (B, S, C); uses cached features when the batch carries them.
+        ``batch["images"]``: (B, 3, H, W) uint8 at the encoder's input size (it normalises)."""
+        if "features" in batch:
+            return batch["features"].to(self.dtype if self.dtype.is_floating_point else torch.float32)
+        return self.encoder(batch["images"])
+
+    def loss(self, features: Tensor, captions: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Teacher-forced loss. captions (B, L) = BOS w.. EOS PAD.. -> (total, cross-entropy, regulariser).
+
+        Padding costs nothing: the decoder skips each caption's padding steps and the output layer
+        runs on the real words only (:meth:`token_loss`; on GPUs padding is masked instead, with
+        no host sync)."""
+        inputs, targets = captions[:, :-1], captions[:, 1:]
+        real = targets != self.vocab.pad_id  # (B, T)
+        out, alphas, _ = self.decoder.teacher_forced(features, inputs, steps=real.sum(1))
+        ce = self.token_loss(self.decoder, out, targets, real)
+        if self.decoder.attention is None or self.hparams.alpha_c == 0:
+            reg = ce.new_zeros(())
+        else:
+            # Doubly stochastic attention: every cell should receive ~1 unit of attention
+            # over the caption (padding steps excluded).
+            valid = real.unsqueeze(-1).to(alphas.dtype)  # (B, T, 1)
+            reg = self.hparams.alpha_c * ((1.0 - (alphas * valid).sum(1)) ** 2).mean()
+        return ce + reg, ce, reg
+
+    def banned_ids(self, allow_unk: bool | None = None) -> list[int]:
+        """Tokens decoding never emits: BOS and PAD always, ``<unk>`` unless allowed."""
+        allow = self.hparams.get("allow_unk", False) if allow_unk is None else allow_unk
+        return [self.vocab.bos_id, self.vocab.pad_id] + ([] if allow else [self.vocab.unk_id])
+
+    @torch.no_grad()
+    def generate(self, features: Tensor, beam_size: int | None = None, max_length: int | None = None,
+                 allow_unk: bool | None = None) -> SearchResult:
+        """Decode captions for features (B, S, C); beam_size 1 = greedy; ``<unk>`` per :meth:`banned_ids`."""
+        v = self.vocab
+        return self.search(self.decoder, self.decoder.prepare_memory(features), features.shape[0], v.bos_id, v.eos_id,
+                           v.pad_id, self.banned_ids(allow_unk), beam_size, max_length)
+
+    def _caption_length(self, row: Tensor) -> int:
+        """Number of generated words before EOS (special tokens mid-caption included, so
+        words and attention maps stay aligned)."""
+        ids = row.tolist()
+        return ids.index(self.vocab.eos_id) if self.vocab.eos_id in ids else len(ids)
+
+    def words(self, result: SearchResult) -> list[list[str]]:
+        """Generated words per item, up to EOS (one word per attention map)."""
+        return [[self.vocab.itos[i] for i in row.tolist()[: self._caption_length(row)]] for row in result.tokens]
+
+    def sentinel_weights(self, result: SearchResult) -> list[list[float]] | None:
+        """Per item, the sentinel weight beta of each generated word (EOS excluded), or None
+        for a model without a sentinel."""
+        if result.betas is None:
+            return None
+        return [b[: self._caption_length(row)].float().cpu().tolist() for row, b in zip(result.tokens, result.betas)]
+
+    def attention_grids(self, result: SearchResult) -> list[Tensor]:
+        """Per item (T_i, H, W) attention of each generated word (EOS excluded)."""
+        g = self.grid_size
+        out = []
+        for row, alpha in zip(result.tokens, result.alphas):
+            n = self._caption_length(row)
+            out.append(alpha[:n].reshape(n, g, g).float().cpu())
+        return out
+
+    # ------------------------------------------------------------------ training
+    def train_inputs(self, batch: dict) -> dict[str, Tensor]:
+        """Features (or images) and captions; captions padded to a length bucket under CUDA graphs."""
+        captions = batch["captions"]
+        if self.graphed:
+            captions = pad_length(captions, self.length_bucket, self.vocab.pad_id)
+        key = "features" if "features" in batch else "images"
+        return {key: batch[key], "captions": captions}
+
+    def train_losses(self, inputs: dict[str, Tensor]) -> dict[str, Tensor]:
+        total, ce, reg = self.loss(self.encode(inputs), inputs["captions"])
+        return {"loss": total, "ce": ce, "doubly_stochastic": reg}
+
+    def can_run_step_graphs(self) -> str | None:
+        if self.hparams.get("compile_decoder", False):
+            return "compile_decoder is on"
+        return None
+
+    def eval_items(self, batch: dict, stage: str) -> list[dict]:
+        features = self.encode(batch)
+        total, _, _ = self.loss(features, batch["captions"])
+        self.log(f"{stage}/loss", total, batch_size=features.shape[0], sync_dist=True)
+        result = self.generate(features)
+        words = self.words(result)
+        boxes = batch.get("boxes")  # named boxes when the data knows where things are
+        grids = self.attention_grids(result) if boxes is not None else [None] * len(words)
+        items = []
+        for i, w in enumerate(words):
+            item = {"image_id": batch["image_ids"][i], "prediction": " ".join(w), "references": batch["references"][i]}
+            if boxes is not None:
+                item.update(words=w, alpha=grids[i], boxes=boxes[i])
+            items.append(item)
+        return items
+
+    def eval_scores(self, items: list[dict]) -> dict[str, float]:
+        from captioning.eval.localisation import pointing_game
+        from captioning.eval.metrics import caption_scores
+
+        scores = caption_scores({v["image_id"]: v["prediction"] for v in items},
+                                {v["image_id"]: v["references"] for v in items})
+        boxed = [v for v in items if "boxes" in v]
+        if boxed:  # the pointing game (captioning/eval/localisation.py)
+            loc = pointing_game([v["words"] for v in boxed], [v["alpha"] for v in boxed], [v["boxes"] for v in boxed])
+            scores.update({k: v for k, v in loc.items() if not k.endswith(("_hits", "_total"))})
+        return scores
+
+    @torch.no_grad()
+    def attention_figures(self, batch: dict, max_items: int, panel_size: int = 128,
+                          beam_size: int | None = None) -> list[dict]:
+        """The image, then one attention panel per generated word, for the first images of
+        ``batch``; [] for batches of cached features (no images to draw on)."""
+        from PIL import Image
+
+        from captioning.viz import attention_overlay
+
+        if "images" not in batch:
+            return []
+        n = min(max_items, len(batch["image_ids"]))
+        sub = {k: (v[:n] if isinstance(v, (Tensor, list)) else v) for k, v in batch.items()}
+        result = self.generate(self.encode(sub), beam_size=beam_size)
+        pixels = sub["images"].permute(0, 2, 3, 1).to("cpu", torch.uint8).numpy()  # (n, H, W, 3)
+        betas = self.sentinel_weights(result)
+        items = []
+        for i, (words, grid) in enumerate(zip(self.words(result), self.attention_grids(result))):
+            key = str(sub["image_ids"][i])
+            items.append({"key": key, "prediction": " ".join(words), "references": list(sub["references"][i]),
+                          "input": Image.fromarray(pixels[i]),
+                          "sentinel": betas[i] if betas is not None else None,
+                          "figure": attention_overlay(pixels[i], words, grid, title=f"image {key}",
+                                                      panel_size=panel_size,
+                                                      sentinel=betas[i] if betas is not None else None)})
+        return items
+
+    # ------------------------------------------------------------------ predict
+    def predict_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> list[dict]:
+        result = self.generate(self.encode(batch))
+        return [{"image_id": i, "caption": " ".join(w)} for i, w in zip(batch["image_ids"], self.words(result))]
+
+    # ------------------------------------------------------------------ optimisation
+    def param_groups(self) -> list[dict]:
+        """The decoder at ``lr``; trainable encoder parameters at ``encoder_lr``."""
+        hp = self.hparams
+        return [{"params": [p for p in self.decoder.parameters() if p.requires_grad], "lr": hp.lr},
+                {"params": [p for p in self.encoder.parameters() if p.requires_grad], "lr": hp.encoder_lr}]
+
+
+def compile_decoder_step(decoder: nn.Module) -> None:
+    """torch.compile the decoder's per-step functions, once: ``step`` (beam/greedy search) and,
+    when the decoder has them, ``_attend``/``_cell`` (the steps of the teacher-forced loop).
+
+    Compiling per step rather than the whole forward keeps one graph for every caption
+    length (the loop stays in Python); ``dynamic=True`` avoids recompiling when the beam
+    batch shrinks. Only the instance's attributes change: state_dict and checkpoints do not.
+    """
+    if getattr(decoder, "_step_compiled", False):
+        return
+    for name in ("step", "_attend", "_cell"):
+        fn = getattr(decoder, name, None)
+        if callable(fn):
+            setattr(decoder, name, torch.compile(fn, dynamic=True))
+    decoder._step_compiled = True
