@@ -15,16 +15,12 @@ is a ``P x P`` box with the image fitted inside (aspect kept) and its label in a
 from __future__ import annotations
 
 import functools
-import json
 import math
-from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
-
-from captioning.io.outputs import claim_output_pair
 
 GAP = 6
 MAX_COLUMNS = 6
@@ -32,7 +28,7 @@ _BACKGROUND = (255, 255, 255)
 _SENTINEL = (90, 110, 200)  # the bar of a word's weight on language (the visual sentinel)
 _TEXT = (20, 20, 20)
 
-__all__ = ["attention_overlay", "overlay_panel_boxes", "seq2seq_heatmap", "write_caption_result", "GAP",
+__all__ = ["attention_overlay", "overlay_panel_boxes", "seq2seq_heatmap", "GAP",
            "MAX_COLUMNS"]
 
 
@@ -397,68 +393,3 @@ def seq2seq_heatmap(
     draw.text((bx + bar_w + GAP // 2, y0), vtext, fill=_TEXT, font=font, anchor="lt")
     draw.text((bx + bar_w + GAP // 2, y0 + bh), "0", fill=_TEXT, font=font, anchor="lb")
     return canvas
-
-
-def write_caption_result(
-    output_dir: str | Path,
-    image_path: str | Path,
-    words: list[str],
-    alphas: torch.Tensor | np.ndarray,
-    image: Image.Image | torch.Tensor | np.ndarray | None = None,
-    score: float | None = None,
-    overwrite: bool = False,
-    remember: bool = True,
-    sentinel: Sequence[float] | None = None,
-    scale: str = "word",
-) -> tuple[Path, Path]:
-    """Write ``<stem>.png`` (the attention overlay) and ``<stem>.json`` for one captioned image.
-
-    JSON: {"image", "caption", "words", "grid_size": [h, w], "attention": (T, h, w) nested
-    lists rounded to 5 decimals, "peak": per word its largest weight, "score"} (a non-finite
-    score is written as null), plus "sentinel" (beta per word) when given.
-    Existing files are never replaced unless ``overwrite``; a free name ``<stem>-1``,
-    ``<stem>-2``, ... is used instead. Returns the (png, json) paths actually written.
-
-    Args:
-        output_dir: folder, created if missing.
-        image_path: the source image; read with captioning.data.images.load_image if ``image``
-            is not given.
-        words, alphas: T words and (T, h, w) attention maps, as for :func:`attention_overlay`.
-        sentinel, scale: as for :func:`attention_overlay`.
-    """
-    words = [str(w) for w in words]
-    a = _to_numpy(alphas, "alphas")
-    if a.ndim != 3 or a.shape[0] != len(words):
-        raise ValueError(f"{image_path}: got {len(words)} words but alphas of shape {tuple(a.shape)}; "
-                         "expected (T, h, w) with T == number of words")
-    if image is None:
-        from captioning.data.images import load_image
-
-        image = load_image(image_path)
-    overlay = attention_overlay(image, words, a, title=Path(image_path).name, scale=scale, sentinel=sentinel)
-    if score is not None:
-        score = float(score)
-        score = score if math.isfinite(score) else None
-    record = {
-        "image": str(image_path),
-        "caption": " ".join(words),
-        "words": words,
-        "grid_size": [int(a.shape[1]), int(a.shape[2])],
-        "attention": np.round(a.astype(np.float64), 5).tolist(),
-        "peak": [round(float(p), 5) for p in a.reshape(len(words), -1).max(1)] if words else [],
-        "score": score,
-    }
-    if sentinel is not None:
-        record["sentinel"] = [round(float(b), 5) for b in _to_numpy(sentinel, "sentinel").reshape(-1)]
-    output_dir = Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    source = str(Path(image_path).resolve())
-    png, js = claim_output_pair(output_dir, Path(image_path).stem, source, overwrite, remember)
-    try:
-        overlay.save(png)
-        js.write_text(json.dumps(record) + "\n", encoding="utf-8")
-    except BaseException:
-        if not overwrite and js.exists() and js.stat().st_size == 0:
-            js.unlink()  # do not leave our empty placeholder behind
-        raise
-    return png, js

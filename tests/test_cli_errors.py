@@ -4,6 +4,8 @@ traceback; ``--debug`` / ``CAPTIONING_DEBUG=1`` shows every traceback."""
 from __future__ import annotations
 
 import subprocess
+import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -85,8 +87,10 @@ def test_internal_bug_keeps_its_traceback(tmp_path, monkeypatch, capsys):
     def broken(datamodule):
         return datamodule.no_such_attribute  # a bug: AttributeError
 
+    from captioning.data.shapes import ShapesDataModule
+
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(cli, "vocab_data", broken)
+    monkeypatch.setattr(ShapesDataModule, "vocab_data", property(broken))
     with pytest.raises(Exception) as caught:
         main(["fit", "--config", str(ROOT / "configs" / "shapes.yaml"), "--trainer.default_root_dir", str(tmp_path)])
     assert isinstance(caught.value.__cause__, AttributeError)
@@ -125,8 +129,11 @@ def test_argparse_commands_print_user_errors_as_one_line(tmp_path, capsys, monke
         main(["cache-features", "--config", str(missing)])
     assert exit_info.value.code == 2 and str(missing) in capsys.readouterr().err
     # A command added later gets the same handling: UserError -> one line; a bug -> traceback.
-    monkeypatch.setitem(cli.COMMANDS, "user-error", ("test_cli_errors:_raises_user_error", "test"))
-    monkeypatch.setitem(cli.COMMANDS, "bug", ("test_cli_errors:_raises_bug", "test"))
+    for name, fn in (("user-error", _raises_user_error), ("bug", _raises_bug)):
+        module = types.ModuleType(f"command_{name}")
+        module.main = fn  # a command is a module with main(args)
+        monkeypatch.setitem(sys.modules, module.__name__, module)
+        monkeypatch.setitem(cli.COMMANDS, name, (module.__name__, "test"))
     assert main(["user-error", "--x"]) == 2
     assert _error_lines(capsys.readouterr().err) == ["error: cannot use --x: it is wrong; give --y"]
     with pytest.raises(ValueError, match="internal"):
@@ -138,7 +145,7 @@ def _raises_user_error(argv: list[str]) -> int:
 
 
 def _raises_bug(argv: list[str]) -> int:
-    raise ValueError("internal: not a user error (raised outside captioning/ and datamodules/)")
+    raise ValueError("internal: not a user error (raised outside captioning/)")
 
 
 def test_worker_errors_are_unwrapped_and_library_value_errors_are_bugs():

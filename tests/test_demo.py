@@ -217,8 +217,9 @@ def test_a_model_that_cannot_be_used_is_a_message(tmp_path, ckpt):
     broken.write_bytes(Path(ckpt).read_bytes()[:1000])
     demo, problem = demo_mod.load_demo(demo_mod.build_parser().parse_args(["--ckpt_path", str(broken)]), tmp_path)
     assert demo is None and "could not be loaded" in problem and "\n" not in problem
-    features_only = SimpleNamespace(encoder=SimpleNamespace(preprocessing=None, sees_images=False), generate=None,
-                                    words=None, attention_grids=None, hparams={})
+    unused = lambda *args: None  # noqa: E731
+    features_only = SimpleNamespace(encoder=SimpleNamespace(preprocessing=None, sees_images=False), generate=unused,
+                                    words=unused, attention_grids=unused, sentinel_weights=unused, hparams={})
     with pytest.raises(DemoError, match="precomputed features .* attach-encoder"):
         Demo(features_only, "feat-model", tmp_path)
 

@@ -114,7 +114,7 @@ def test_sentinel_model_reports_beta_per_word_in_captions_json_and_overlay_table
 
     from captioning.models.callbacks import sentinel_text
     from captioning.models.inference import caption_images
-    from captioning.viz import write_caption_result
+    from captioning.io.results import write_caption_result
 
     model = ImageCaptioner(SmallCNN(channels=8, grid_size=2, width=4), VOCAB.to_dict(), embed_dim=8, decoder_dim=16,
                            attention_dim=8, query=query, sentinel=True, beam_size=2, max_length=6).eval()

@@ -137,7 +137,7 @@ class FakeHubApi:
 
 def test_push_creates_the_repo_and_uploads_the_folder(exported, capsys):
     api = FakeHubApi()
-    from captioning.commands.share import push_main
+    from captioning.commands.push import main as push_main
 
     assert push_main(["--model", str(exported), "--repo_id", "me/shapes-captioner", "--private"], api=api) == 0
     (name1, create), (name2, upload) = api.calls

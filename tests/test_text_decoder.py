@@ -64,7 +64,7 @@ def test_image_and_text_models_share_one_attention_layer_and_one_search():
     b = batch_of()
     memory = seq2seq.memory(b["source"], b["source_lengths"])
     direct = beam_search(seq2seq.decoder, memory, 4, BOS, EOS, PAD, beam_size=3, max_length=12,
-                         banned_ids=seq2seq.banned_ids)
+                         banned_ids=seq2seq.banned_ids())
     via_model = seq2seq.generate(b["source"], b["source_lengths"], beam_size=3, max_length=12)
     assert torch.equal(direct.tokens, via_model.tokens)
 

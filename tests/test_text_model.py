@@ -119,7 +119,7 @@ def test_unk_is_never_emitted_unless_allowed():
         assert all("<unk>" not in t.text for t in model.translate(["1 jan 2000", "2 feb 1999"], beam_size=beam))
         assert all("<unk>" in t.text for t in model.translate(["1 jan 2000"], beam_size=beam, allow_unk=True))
     allowed = Seq2SeqModel(vocab=dm.vocab_data, max_length=6, allow_unk=True, **SIZES).eval()
-    assert unk not in allowed.banned_ids and unk in model.banned_ids
+    assert unk not in allowed.banned_ids() and unk in model.banned_ids()
 
 
 def test_validation_during_fit_uses_val_beam_size_and_test_the_beam(monkeypatch):

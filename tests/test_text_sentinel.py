@@ -15,7 +15,7 @@ from captioning.nn.search import beam_search, greedy_search
 from captioning.nn.text_decoder import AttentionLSTMDecoder
 from captioning.models.seq2seq import Seq2SeqModel
 from captioning.commands.translate import main as translate_main
-from captioning.commands.translate import translation_record
+from captioning.io.results import translation_record
 from captioning.viz import _SENTINEL, seq2seq_heatmap
 from captioning.data.batches import collate_text as collate
 from captioning.data.text import SyntheticTextDataModule

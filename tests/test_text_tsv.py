@@ -16,7 +16,7 @@ from pathlib import Path
 import captioning.commands.main
 import captioning.io.run_folders
 from captioning.commands.main import main as cli_main
-from captioning.io.evaluation_runs import restore_for_evaluation
+from captioning.io.run_folders import restore_for_evaluation
 from captioning.models.seq2seq import score_translations
 from captioning.data.text_vocab import TextTokenizer
 

@@ -9,7 +9,8 @@ import pytest
 import torch
 from PIL import Image
 
-from captioning.viz import GAP, attention_overlay, seq2seq_heatmap, write_caption_result
+from captioning.io.results import write_caption_result
+from captioning.viz import GAP, attention_overlay, seq2seq_heatmap
 
 P = 100  # panel size used below: font 10 px, label/header line 15 px (see the module docstring)
 LINE = 15

@@ -25,7 +25,7 @@ IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".
 
 def build_parser() -> argparse.ArgumentParser:
     from captioning.data.images import DEFAULT_MAX_PIXELS
-    from captioning.io.model_folders import add_model_arguments
+    from captioning.commands.options import add_model_arguments
 
     p = argparse.ArgumentParser(prog="captioning caption", description=__doc__.split("\n\n")[1])
     p.add_argument("images", nargs="+", metavar="IMAGE", help="image files, or folders (searched recursively)")
@@ -69,10 +69,11 @@ def tsv_field(text: str) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from captioning.data.images import ImageReadError, load_image, small_image_warning
-    from captioning.models.inference import caption_images, is_image_captioner
+    from captioning.models.inference import caption_images
+    from captioning.models.protocols import is_captioner
     from captioning.io.outputs import check_writable
     from captioning.io.model_folders import load_any
-    from captioning.viz import write_caption_result
+    from captioning.io.results import write_caption_result
 
     def fail(message: str) -> int:
         print(f"error: {message}", file=sys.stderr)
@@ -92,7 +93,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         model = load_any(args.ckpt_path, args.model, args.trust_module, map_location=args.device)
     except (OSError, ValueError, ImportError) as err:
         return fail(str(err))
-    if not is_image_captioner(model):
+    if not is_captioner(model):
         return fail(f"{args.ckpt_path or args.model} holds a {type(model).__name__}, not an image captioner "
                     "(use `captioning translate` for text models)")
     if not model.encoder.sees_images:

@@ -19,8 +19,6 @@ output unless ``--allow_unk`` (or the model was trained with ``allow_unk: true``
 from __future__ import annotations
 
 import argparse
-import json
-import re
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -29,7 +27,8 @@ import torch
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from captioning.io.model_folders import add_model_arguments
+    from captioning.commands.options import add_model_arguments
+
     p = argparse.ArgumentParser(prog="captioning translate", description=__doc__.split("\n\n")[1])
     p.add_argument("texts", nargs="*", metavar="TEXT", help="sentences to translate (or use --input)")
     add_model_arguments(p, "checkpoint written by `captioning fit` with a text config, or a run folder (its newest "
@@ -73,39 +72,6 @@ def one_line(text: str) -> str:
     return " ".join(text.split())
 
 
-def _slug(text: str, limit: int = 40) -> str:
-    return re.sub(r"[^\w]+", "-", text.lower()).strip("-")[:limit] or "sentence"
-
-
-def translation_record(tr, label: str, source: str) -> dict:
-    """The JSON written next to a heatmap: input label, texts, tokens, (T, S) attention, score, and
-    "sentinel" (per target token, the weight beta on the decoder's language state) when the model
-    has a sentinel."""
-    record = {"input": label, "source": source, "translation": tr.text, "source_tokens": tr.source_tokens,
-              "target_tokens": tr.target_tokens, "attention": tr.alpha.round(decimals=5).tolist(), "score": tr.score}
-    sentinel = getattr(tr, "sentinel", None)
-    if sentinel is not None:
-        record["sentinel"] = [round(float(b), 5) for b in sentinel]
-    return record
-
-
-def heatmap_stem(text: str) -> str:
-    """A file-name stem from a sentence (words joined by '-', at most 40 characters)."""
-    return _slug(text)
-
-
-def write_heatmap(directory: Path, stem: str, record: dict, figure, overwrite: bool = False,
-                  remember: bool = True) -> Path:
-    """Save ``<stem>.png`` and ``<stem>.json``; never replaces existing files unless ``overwrite``."""
-    from captioning.io.outputs import claim_output_pair
-
-    directory.mkdir(parents=True, exist_ok=True)
-    png, js = claim_output_pair(directory, stem, str(record.get("source", stem)), overwrite, remember)
-    js.write_text(json.dumps(record) + "\n", encoding="utf-8")
-    figure.save(png)
-    return png
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if bool(args.texts) == bool(args.input):
@@ -113,7 +79,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     from captioning.io.outputs import check_writable
     from captioning.io.model_folders import load_any
-    from captioning.viz import seq2seq_heatmap
+    from captioning.io.results import sentence_stem, write_translation_result
 
     out_dir = Path(args.heatmap_dir) if args.heatmap_dir else None
     try:
@@ -125,7 +91,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (OSError, ValueError, ImportError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    if not hasattr(model, "translate"):
+    from captioning.models.protocols import Translator
+
+    if not isinstance(model, Translator):
         print(f"error: {args.ckpt_path or args.model} holds a {type(model).__name__}, not a text seq2seq model "
               "(use `captioning caption` for image checkpoints)", file=sys.stderr)
         return 2
@@ -159,9 +127,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(one_line(tr.text) if tr is not None else "", flush=True)
         if tr is None or out_dir is None:
             continue
-        figure = seq2seq_heatmap(tr.source_tokens, tr.target_tokens, tr.alpha, sentinel=tr.sentinel)
-        png = write_heatmap(out_dir, f"{i + 1:04d}-{_slug(text)}", translation_record(tr, label, text), figure,
-                            args.overwrite)
+        png, _ = write_translation_result(out_dir, f"{i + 1:04d}-{sentence_stem(text)}", tr, label, text,
+                                          args.overwrite)
         print(f"  wrote {png}", file=sys.stderr)
     if failed:
         print(f"{failed} of {len(inputs)} sentence(s) could not be translated", file=sys.stderr)

@@ -123,6 +123,11 @@ class CachedFeaturesDataModule(MovesTensorsOnly, LightningDataModule):
 
     # ------------------------------------------------------------------ pass-through
     @property
+    def vocab_data(self) -> dict:
+        """The vocabulary as plain data: what the CLI links into ``model.init_args.vocab``."""
+        return self.vocab.to_dict()
+
+    @property
     def vocab(self) -> Vocabulary:
         return self.data.vocab
 

@@ -308,6 +308,11 @@ class ImageCaptionsDataModule(FollowsEncoder, MovesTensorsOnly, LightningDataMod
 
     # ------------------------------------------------------------------ vocabulary
     @property
+    def vocab_data(self) -> dict:
+        """The vocabulary as plain data: what the CLI links into ``model.init_args.vocab``."""
+        return self.vocab.to_dict()
+
+    @property
     def vocab(self) -> Vocabulary:
         """Vocabulary of the train captions; loaded from ``vocab_path`` if that file exists.
 

@@ -340,6 +340,11 @@ class ShapesDataModule(FollowsEncoder, MovesTensorsOnly, L.LightningDataModule):
         self._vocab = shapes_vocabulary()
 
     @property
+    def vocab_data(self) -> dict:
+        """The vocabulary as plain data: what the CLI links into ``model.init_args.vocab``."""
+        return self.vocab.to_dict()
+
+    @property
     def vocab(self) -> Vocabulary:
         return self._vocab
 

@@ -10,6 +10,8 @@ when the ImageNet weights file is not on this machine.
 
 from __future__ import annotations
 
+import json
+import sys
 from pathlib import Path
 from typing import Sequence
 
@@ -107,3 +109,49 @@ def load_model(path: str | Path, default_class: str = "captioning.models.image_c
                          f"unexpected {unexpected[:5]}")
     model.checkpoint_info = ckpt.get("captioning") if isinstance(ckpt.get("captioning"), dict) else {}
     return model.to(map_location).eval()
+
+
+def attach_encoder(ckpt_path: str, encoder_file: str, output: str, trust_modules: Sequence[str] = ()) -> Path:
+    """Write a copy of ``ckpt_path`` whose encoder is the one ``encoder_file`` describes (weights included)."""
+    import yaml
+
+    from captioning.io.checkpoint_files import atomic_save
+
+    from captioning.nn.encoders import encoder_config
+    from captioning.data.images import Preprocessing
+    from captioning.io.trust import build_encoder, trusted_modules
+
+    out = Path(output)
+    if out.exists():
+        raise FileExistsError(f"{out} exists; choose another --output (nothing is overwritten)")
+    source = find_checkpoint(ckpt_path)
+    ckpt = read_checkpoint(source)
+    hparams = ckpt["hyper_parameters"]
+    old = hparams.get("encoder") if isinstance(hparams, dict) else None
+    if not isinstance(old, dict) or old.get("class_path") != "captioning.nn.encoders.PrecomputedFeatures":
+        raise ValueError(f"{source} was not trained on precomputed features (its encoder is "
+                         f"{(old or {}).get('class_path')!r}); it can caption images as it is")
+    try:
+        spec = yaml.safe_load(Path(encoder_file).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as err:
+        raise ValueError(f"{encoder_file}: cannot read it as YAML/JSON ({err})") from err
+    if isinstance(spec, dict) and "encoder" in spec and "class_path" not in spec:
+        spec = spec["encoder"]  # a config fragment `encoder: {class_path, init_args}`
+    encoder = build_encoder(spec, trusted_modules(trust_modules), source=str(encoder_file), restore=False)
+    init = old.get("init_args") or {}
+    want = (init.get("grid_size"), init.get("channels"))
+    if (encoder.grid_size, encoder.out_channels) != want:
+        raise ValueError(f"{encoder_file}: the encoder makes {encoder.grid_size}x{encoder.grid_size}x"
+                         f"{encoder.out_channels} features, the model was trained on {want[0]}x{want[0]}x{want[1]}")
+    recorded = Preprocessing(init.get("image_size", 224), tuple(init.get("mean", (0.485, 0.456, 0.406))),
+                             tuple(init.get("std", (0.229, 0.224, 0.225))))
+    if encoder.preprocessing != recorded:
+        print(f"warning: the model's features were recorded as made with {recorded}; the attached encoder uses "
+              f"{encoder.preprocessing}. Captions are only as good as the features match.", file=sys.stderr)
+    new = dict(ckpt)
+    new["hyper_parameters"] = {**hparams, "encoder": json.loads(json.dumps(encoder_config(encoder)))}
+    state = {k: v for k, v in ckpt["state_dict"].items() if not k.startswith("encoder.")}
+    state.update({f"encoder.{k}": v.detach().cpu() for k, v in encoder.state_dict().items()})
+    new["state_dict"] = state
+    atomic_save(new, out)
+    return out

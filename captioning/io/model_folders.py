@@ -23,14 +23,11 @@ import re
 import shutil
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import Any, Sequence
 
 import torch
 
 from captioning.io.trust import build_model, trusted_modules
-
-if TYPE_CHECKING:
-    import argparse
 
 FORMAT = "attention-captioning/1"
 CONFIG_FILE, WEIGHTS_FILE, CARD_FILE = "config.json", "model.safetensors", "README.md"
@@ -102,12 +99,13 @@ def export_model(ckpt_path: str | os.PathLike, output: str | os.PathLike, trust_
 
 def _write_example(model: Any, folder: Path, beam_size: int | None) -> tuple[str | None, dict | None, str | None]:
     """Caption the checkpoint's example image and draw its overlay (image models that have one)."""
-    from captioning.models.inference import caption_images, is_image_captioner
+    from captioning.models.inference import caption_images
+    from captioning.models.protocols import is_captioner
     from captioning.io.model_card import unpack_example
     from captioning.viz import attention_overlay
 
     example = unpack_example((getattr(model, "checkpoint_info", None) or {}).get("example"))
-    if example is None or not is_image_captioner(model) or not model.encoder.sees_images:
+    if example is None or not is_captioner(model) or not model.encoder.sees_images:
         return None, None, None
     result = caption_images(model, [example["image"]], beam_size=beam_size)[0]
     attention_overlay(example["image"], result.words, result.attention,
@@ -202,21 +200,6 @@ def load_pretrained(name_or_path: str | os.PathLike, trust_modules: Sequence[str
             from err
     model.checkpoint_info = config.get("training") or {}
     return model.to(map_location).eval()
-
-
-def add_model_arguments(parser: "argparse.ArgumentParser", ckpt_help: str) -> None:
-    """The options every command that runs a model takes: where the model comes from
-    (``--ckpt_path`` or ``--model``, one required), ``--trust_module`` and ``--device``;
-    :func:`load_any` reads them."""
-    source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--ckpt_path", help=ckpt_help)
-    source.add_argument("--model", help="model folder written by `captioning export`, or a Hugging Face Hub repo id "
-                                        "(owner/name; needs the [hub] extra)")
-    parser.add_argument("--trust_module", action="append", default=[], metavar="MODULE",
-                        help="allow the model file to name classes from MODULE (your own encoder); importing it runs "
-                             "its code, so only for code you trust. Repeatable")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                        help="where the model runs (default: cuda when available, else cpu)")
 
 
 def load_any(ckpt_path: str | None = None, model: str | None = None, trust_modules: Sequence[str] = (),

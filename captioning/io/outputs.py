@@ -7,12 +7,14 @@ free, else ``<stem>-1``, ``<stem>-2``, ... Nothing is ever overwritten unless th
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 import threading
 from pathlib import Path
+from typing import Any
 
-__all__ = ["free_path", "claim_output_pair", "check_writable"]
+__all__ = ["free_path", "claim_output_pair", "check_writable", "write_result_pair"]
 
 
 def free_path(path: str | os.PathLike) -> Path:
@@ -25,6 +27,10 @@ def free_path(path: str | os.PathLike) -> Path:
         candidate = path.with_name(f"{path.stem}-{k}{path.suffix}")
     return candidate
 
+
+# The process's umask: files renamed into place get the permissions a plain open() would give.
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
 
 # Output files written by this process -> the image they describe. With overwrite=True a
 # file is only replaced when it came from the same image, so two inputs sharing a stem
@@ -59,6 +65,39 @@ def claim_output_pair(output_dir: Path, stem: str, source: str, overwrite: bool,
             return png, js
     raise FileExistsError(f"{output_dir}: no free file name for {stem!r} (tried {stem}-1 .. -9999)")
 
+
+
+def write_result_pair(output_dir: str | os.PathLike, stem: str, source: str, picture: Any, record: dict,
+                      overwrite: bool = False, remember: bool = True) -> tuple[Path, Path]:
+    """Write one result as ``<stem>.png`` (``picture``, a PIL image) and ``<stem>.json`` (``record``)
+    into ``output_dir`` (created if missing), under free names (:func:`claim_output_pair`; with
+    ``overwrite`` an earlier result of the same ``source`` is replaced).
+
+    Both files are first written to temporary files beside their names, then renamed over them:
+    a failed write (a full disk) changes nothing (an earlier pair stays whole, no partial file is
+    left), and a name that is a symbolic link is replaced, never written through. Returns the
+    (png, json) paths."""
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    png, js = claim_output_pair(output_dir, stem, source, overwrite, remember)
+    temps: list[str] = []
+    try:
+        for target, write in ((png, lambda f: picture.save(f, format="PNG")),
+                              (js, lambda f: f.write((json.dumps(record) + "\n").encode("utf-8")))):
+            fd, tmp = tempfile.mkstemp(dir=output_dir, prefix=f".{target.name}.", suffix=".tmp")
+            temps.append(tmp)
+            with os.fdopen(fd, "wb") as f:
+                write(f)
+            os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes it private
+    except BaseException:
+        for tmp in temps:
+            Path(tmp).unlink(missing_ok=True)
+        if not overwrite:
+            js.unlink(missing_ok=True)  # the empty file that held the name for this result
+        raise
+    os.replace(temps[0], png)  # renames: atomic, and never through a symbolic link
+    os.replace(temps[1], js)
+    return png, js
 
 
 def check_writable(folder: str | os.PathLike, option: str = "--output") -> Path:

@@ -28,10 +28,10 @@ from __future__ import annotations
 import math
 from typing import Any, Sequence
 
-import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
 
+from captioning.data.vocab import Vocabulary
 from captioning.models.distributed import gather_unique
 from captioning.nn.search import SearchResult, beam_search, greedy_search
 from captioning.models.train_step import TrainingStep
@@ -67,16 +67,29 @@ class AttentionModel(TrainingStep):
             torch.backends.cudnn.allow_tf32 = True
 
     # ------------------------------------------------------------------ decoding
-    def search(self, decoder: Any, memory: Any, batch_size: int, bos_id: int, eos_id: int, pad_id: int,
-               banned_ids: Sequence[int], beam_size: int | None = None, max_length: int | None = None,
-               max_lengths: torch.Tensor | None = None) -> SearchResult:
-        """Greedy (beam 1) or batched beam search with the model's defaults for unset options;
-        ``max_lengths`` (B,): each item's own cap (tokens incl. EOS), within ``max_length``."""
-        hp = self.hparams
+    @property
+    def target_vocab(self) -> Vocabulary:
+        """The vocabulary decoding writes in (caption words, target subwords)."""
+        raise NotImplementedError
+
+    def banned_ids(self, allow_unk: bool | None = None) -> list[int]:
+        """Tokens decoding never emits: BOS and PAD always, ``<unk>`` unless allowed (None: the
+        model's ``allow_unk``, normally off: the next likeliest token is used instead)."""
+        v = self.target_vocab
+        allow = self.hparams.get("allow_unk", False) if allow_unk is None else allow_unk
+        return [v.bos_id, v.pad_id] + ([] if allow else [v.unk_id])
+
+    def search(self, decoder: Any, memory: Any, batch_size: int, beam_size: int | None = None,
+               max_length: int | None = None, max_lengths: torch.Tensor | None = None,
+               allow_unk: bool | None = None) -> SearchResult:
+        """Greedy (beam 1) or batched beam search over :attr:`target_vocab`, with the model's
+        defaults for unset options; ``max_lengths`` (B,): each item's own cap (tokens incl. EOS),
+        within ``max_length``; tokens per :meth:`banned_ids`."""
+        hp, v = self.hparams, self.target_vocab
         beam = hp.beam_size if beam_size is None else beam_size
         length = hp.max_length if max_length is None else max_length
-        common = dict(bos_id=bos_id, eos_id=eos_id, pad_id=pad_id, max_length=length, banned_ids=banned_ids,
-                      max_lengths=max_lengths)
+        common = dict(bos_id=v.bos_id, eos_id=v.eos_id, pad_id=v.pad_id, max_length=length,
+                      banned_ids=self.banned_ids(allow_unk), max_lengths=max_lengths)
         if beam <= 1:
             return greedy_search(decoder, memory, batch_size, **common)
         return beam_search(decoder, memory, batch_size, beam_size=beam, length_penalty=hp.length_penalty, **common)

@@ -10,7 +10,6 @@ when batches carry named boxes (captioning/eval/localisation.py).
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from captioning.models.base import AttentionModel, check_scheduler
@@ -115,18 +114,16 @@ class ImageCaptioner(AttentionModel):
             reg = self.hparams.alpha_c * ((1.0 - (alphas * valid).sum(1)) ** 2).mean()
         return ce + reg, ce, reg
 
-    def banned_ids(self, allow_unk: bool | None = None) -> list[int]:
-        """Tokens decoding never emits: BOS and PAD always, ``<unk>`` unless allowed."""
-        allow = self.hparams.get("allow_unk", False) if allow_unk is None else allow_unk
-        return [self.vocab.bos_id, self.vocab.pad_id] + ([] if allow else [self.vocab.unk_id])
+    @property
+    def target_vocab(self) -> Vocabulary:
+        return self.vocab
 
     @torch.no_grad()
     def generate(self, features: Tensor, beam_size: int | None = None, max_length: int | None = None,
                  allow_unk: bool | None = None) -> SearchResult:
         """Decode captions for features (B, S, C); beam_size 1 = greedy; ``<unk>`` per :meth:`banned_ids`."""
-        v = self.vocab
-        return self.search(self.decoder, self.decoder.prepare_memory(features), features.shape[0], v.bos_id, v.eos_id,
-                           v.pad_id, self.banned_ids(allow_unk), beam_size, max_length)
+        return self.search(self.decoder, self.decoder.prepare_memory(features), features.shape[0], beam_size,
+                           max_length, allow_unk=allow_unk)
 
     def _caption_length(self, row: Tensor) -> int:
         """Number of generated words before EOS (special tokens mid-caption included, so

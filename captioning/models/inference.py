@@ -31,19 +31,14 @@ class Caption:
         return " ".join(self.words)
 
 
-def is_image_captioner(model: Any) -> bool:
-    """True for models with the image captioner API (an encoder with preprocessing, words, grids)."""
-    return all(hasattr(model, name) for name in ("encoder", "generate", "words", "attention_grids")) and \
-        hasattr(getattr(model, "encoder", None), "preprocessing")
-
-
 @torch.inference_mode()
 def caption_images(model: Any, images: Sequence[Image.Image], beam_size: int | None = None,
                    max_length: int | None = None, allow_unk: bool | None = None) -> list[Caption]:
     """Caption PIL images (any size and mode) in one batch.
 
     Args:
-        model: an :class:`captioning.models.image_captioner.ImageCaptioner` (eval mode; on any device).
+        model: a :class:`captioning.models.protocols.Captioner`, e.g. an
+            :class:`captioning.models.image_captioner.ImageCaptioner` (eval mode; on any device).
         beam_size, max_length, allow_unk: decoding settings; None = the model's own.
     """
     if not images:
@@ -52,7 +47,7 @@ def caption_images(model: Any, images: Sequence[Image.Image], beam_size: int | N
     device = next(model.parameters()).device
     batch = torch.stack([image_tensor(img, size) for img in images]).to(device)  # (B, 3, S, S) uint8
     result = model.generate(model.encoder(batch), beam_size=beam_size, max_length=max_length, allow_unk=allow_unk)
-    betas = model.sentinel_weights(result) if hasattr(model, "sentinel_weights") else None
+    betas = model.sentinel_weights(result)
     return [Caption(words, grid, float(score), betas[i] if betas is not None else None)
             for i, (words, grid, score) in enumerate(zip(model.words(result), model.attention_grids(result),
                                                          result.scores.tolist()))]

@@ -39,7 +39,6 @@ from __future__ import annotations
 from typing import NamedTuple, Sequence
 
 import torch
-import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 from torch.nn.utils.rnn import pad_sequence
@@ -51,7 +50,7 @@ from captioning.nn.decoder_core import DecoderMemory
 from captioning.nn.text_decoder import AttentionLSTMDecoder
 from captioning.nn.text_encoder import BiLSTMEncoder
 from captioning.data.text_vocab import TextTokenizer, TextVocab
-from captioning.data.vocab import EOS
+from captioning.data.vocab import EOS, Vocabulary
 
 
 def score_translations(hypotheses: Sequence[str], references: Sequence[str],
@@ -212,10 +211,8 @@ class Seq2SeqModel(AttentionModel):
         return ce, alphas
 
     @property
-    def banned_ids(self) -> list[int]:
-        """Tokens decoding never emits: <pad>, <bos>, and <unk> unless ``allow_unk``."""
-        tgt = self.text_vocab.target
-        return [tgt.pad_id, tgt.bos_id] + ([] if self.hparams.get("allow_unk", False) else [tgt.unk_id])
+    def target_vocab(self) -> Vocabulary:
+        return self.text_vocab.target
 
     @torch.no_grad()
     def generate(self, source: Tensor, lengths: Tensor, beam_size: int | None = None,
@@ -228,16 +225,11 @@ class Seq2SeqModel(AttentionModel):
         hp = self.hparams
         source, lengths = self.clip_source(source, lengths)
         memory = self.memory(source, lengths)
-        tgt = self.text_vocab.target
         limits = None
         if max_length is None:
             limits = (hp.max_length_ratio * lengths.float()).long().add(10).clamp(max=hp.max_length)
             max_length = int(limits.max())
-        banned = self.banned_ids
-        if allow_unk is not None:
-            banned = [t for t in banned if t != tgt.unk_id] + ([] if allow_unk else [tgt.unk_id])
-        return self.search(self.decoder, memory, source.shape[0], tgt.bos_id, tgt.eos_id, tgt.pad_id, banned, beam_size,
-                           max_length, max_lengths=limits)
+        return self.search(self.decoder, memory, source.shape[0], beam_size, max_length, limits, allow_unk)
 
     def hypothesis_tokens(self, result: SearchResult) -> list[list[str]]:
         return [self.text_vocab.target.decode(row.tolist()) for row in result.tokens]

@@ -21,7 +21,7 @@ def _tol(dtype):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("sentinel", [False, True])
 def test_lstm_cell_and_its_backward_equal_the_plain_maths(sentinel, dtype):
-    from captioning.nn.kernels.lstm import cell_backward, cell_forward
+    from captioning.nn.kernels.lstm import cell_backward
     from captioning.nn.recurrence import cell
 
     g = torch.Generator().manual_seed(0)

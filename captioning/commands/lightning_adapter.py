@@ -1,0 +1,64 @@
+"""Where we rely on Lightning's private API, in one place (tests/commands/test_lightning_adapter.py
+checks each against the installed Lightning, so an upgrade that changes one fails there, not in
+a user's run).
+
+* ``LightningCLI._add_instantiators``: our instantiator (:class:`OwnHyperparameters`) instead of
+  Lightning's, so a datamodule nested in another records its own hyper-parameters;
+* ``LightningCLI._parse_ckpt_path``: Lightning reads ``--ckpt_path``'s hyper-parameters with
+  ``torch.load`` before any hook runs; the file is checked first, with our messages;
+* ``lightning.pytorch.cli._InstantiatorFn`` / ``_get_module_type``, and the CLI's
+  ``_dump_config`` / ``config_dump``, which the instantiator reads.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+from lightning.pytorch.cli import LightningCLI, _get_module_type, _InstantiatorFn
+
+PRIVATE_API = {
+    "lightning.pytorch.cli.LightningCLI._add_instantiators": "(self) -> None",
+    "lightning.pytorch.cli.LightningCLI._parse_ckpt_path": "(self) -> None",
+    "lightning.pytorch.cli.LightningCLI._dump_config": "(self) -> None",
+    "lightning.pytorch.cli._InstantiatorFn.__call__": "(self, class_type, *args, applied_instantiation_links, **kwargs)",
+    "lightning.pytorch.cli._get_module_type": "(value)",
+}
+
+
+class OwnHyperparameters(_InstantiatorFn):
+    """Lightning's instantiator, applied only to the top-level model/datamodule.
+
+    LightningCLI hands every LightningDataModule it instantiates the *top-level* data config as
+    its hyper-parameters; a datamodule nested in another (the cached-features datamodule wraps
+    an image datamodule) would record its wrapper's arguments. Nested ones are built plainly, so
+    their ``save_hyperparameters()`` records their own.
+    """
+
+    def __call__(self, class_type: type, *args: Any, applied_instantiation_links: dict, **kwargs: Any) -> Any:
+        self.cli._dump_config()
+        top = self.cli.config_dump.get(self.key, {})
+        top_class = top.get("class_path") if isinstance(top, dict) else None
+        if top_class is not None and top_class != f"{class_type.__module__}.{class_type.__qualname__}":
+            return class_type(*args, **kwargs)
+        return super().__call__(class_type, *args, applied_instantiation_links=applied_instantiation_links, **kwargs)
+
+
+class LightningCLIAdapter(LightningCLI):
+    """LightningCLI with the private-API overrides above; subclasses use public hooks only and
+    implement :meth:`check_checkpoint`."""
+
+    def check_checkpoint(self, path: Any, weights_only: Optional[bool]) -> None:
+        """Raise a clear error for an unusable ``--ckpt_path`` file before Lightning reads it."""
+
+    def _add_instantiators(self) -> None:
+        self.parser.add_instantiator(OwnHyperparameters(cli=self, key="model"),
+                                     _get_module_type(self._model_class), subclasses=self.subclass_mode_model)
+        self.parser.add_instantiator(OwnHyperparameters(cli=self, key="data"),
+                                     _get_module_type(self._datamodule_class), subclasses=self.subclass_mode_data)
+
+    def _parse_ckpt_path(self) -> None:
+        subcommand = self.config.get("subcommand")
+        if subcommand:
+            config = self.config[subcommand]
+            self.check_checkpoint(config.get("ckpt_path"), config.get("weights_only"))
+        super()._parse_ckpt_path()

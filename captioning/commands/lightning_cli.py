@@ -1,0 +1,201 @@
+"""``captioning fit | validate | test | predict``: the LightningCLI of the training commands.
+
+They take ``--config configs/<experiment>.yaml``; the datamodule's vocabulary is linked into the
+model at instantiation so it is saved in every checkpoint. ``fit``, ``validate``, ``test`` and
+``predict`` write checkpoints atomically (:class:`captioning.io.checkpoint_files.AtomicCheckpointIO`,
+unless another CheckpointIO is configured), and ``fit`` writes ``on_exception.ckpt`` into the
+run's checkpoint folder when an exception stops it mid-training
+(:class:`captioning.io.checkpoint_files.FaultCheckpoint`). ``--ckpt_path last`` resumes the
+newest run (:mod:`captioning.io.run_folders`). Where this relies on Lightning's private API is
+:mod:`captioning.commands.lightning_adapter`.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import json
+import operator
+import os
+import warnings
+from typing import Any, Optional, Sequence
+
+import lightning.pytorch as pl
+from jsonargparse import ArgumentError
+from lightning.pytorch.cli import LightningArgumentParser
+
+from captioning import registry
+from captioning.commands.lightning_adapter import LightningCLIAdapter
+from captioning.errors import UserError, debug_mode, user_message
+
+SUBCOMMANDS = ("fit", "validate", "test", "predict")
+
+
+class OneLineErrorsParser(LightningArgumentParser):
+    """jsonargparse's parser; an error caused by a user error of ours raises it (one line in main).
+
+    Usage errors (unknown option, wrong type) keep jsonargparse's usage + message, exit 2.
+    """
+
+    def error(self, message: str, ex: Optional[Exception] = None) -> Any:
+        if self.exit_on_error:  # else jsonargparse is trying alternatives and catches the error itself
+            if debug_mode():
+                raise ArgumentError(None, message) from ex
+            line = user_message(ex) if ex is not None else None
+            if line is not None:
+                raise UserError(line) from ex
+        return super().error(message, ex)
+
+
+class CaptioningCLI(LightningCLIAdapter):
+    """The training commands' CLI (module docstring); public LightningCLI hooks only."""
+
+    def add_arguments_to_parser(self, parser: Any) -> None:
+        parser.link_arguments("data", "model.init_args.vocab", compute_fn=operator.attrgetter("vocab_data"),
+                              apply_on="instantiate")
+        parser.add_argument("--test_after_fit", type=bool, default=False,
+                            help="fit only: run `test` on the best checkpoint when training ends")
+        parser.add_argument("--predictions_path", type=Optional[str], default=None,
+                            help="predict only: COCO results JSON (default <log_dir>/predictions.json)")
+
+    def _extra(self, key: str) -> Any:
+        return self.config[self.subcommand].get(key) if self.subcommand else None
+
+    def after_fit(self) -> None:
+        if self._extra("test_after_fit") and not self.trainer.interrupted:
+            has_best = bool(getattr(self.trainer.checkpoint_callback, "best_model_path", ""))
+            self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path="best" if has_best else None)
+
+    def check_checkpoint(self, path: Any, weights_only: Optional[bool]) -> None:
+        """Our errors for a damaged or pickled-objects checkpoint file, not torch's."""
+        from captioning.io.checkpoint_files import CheckpointReadError, checkpoint_problem, load_checkpoint_file
+
+        if not path or not os.path.isfile(path):
+            return
+        if weights_only is False:  # --weights_only false: the user trusts its pickled objects
+            problem = checkpoint_problem(path)
+            if problem is not None:
+                raise CheckpointReadError(f"checkpoint {path} is damaged or incomplete: {problem}")
+        else:
+            load_checkpoint_file(path)
+
+    def instantiate_trainer(self, **kwargs: Any) -> pl.Trainer:
+        from lightning.pytorch.callbacks import OnExceptionCheckpoint
+
+        from captioning.io.checkpoint_files import FaultCheckpoint, use_atomic_checkpoint_io
+
+        trainer = super().instantiate_trainer(**kwargs)
+        use_atomic_checkpoint_io(trainer)  # unless a CheckpointIO was configured
+        configured = (OnExceptionCheckpoint, FaultCheckpoint)
+        if self.subcommand == "fit" and not any(isinstance(cb, configured) for cb in trainer.callbacks):
+            trainer.callbacks.append(FaultCheckpoint())
+        return trainer
+
+    def resolve_ckpt_path(self, continue_run: bool = False) -> None:
+        """``--ckpt_path last`` finds the newest last.ckpt of earlier runs (and their W&B run)."""
+        from captioning.io.run_folders import resolve_checkpoint
+
+        config = self.config_init[self.subcommand]
+        path = resolve_checkpoint(self.trainer, config.get("ckpt_path"), continue_run, self.model)
+        self.check_checkpoint(path, config.get("weights_only"))
+        config["ckpt_path"] = path
+
+    def before_fit(self) -> None:
+        self.resolve_ckpt_path(continue_run=True)
+
+    def before_validate(self) -> None:
+        self.resolve_ckpt_path()
+        self.evaluate_in_run()
+
+    before_test = before_validate
+
+    def evaluate_in_run(self) -> None:
+        """Load the checkpoint's weights here (no saved callback states: no Timer/dirpath warnings)
+        and log into the checkpoint's own version_N folder (captioning.io.run_folders)."""
+        from captioning.io.run_folders import restore_for_evaluation
+
+        config = self.config_init[self.subcommand]
+        config["ckpt_path"] = restore_for_evaluation(self.trainer, self.model, config.get("ckpt_path"),
+                                                     self.datamodule)
+
+    def before_predict(self) -> None:
+        from captioning.io.prediction_writer import CocoResultsWriter
+
+        self.resolve_ckpt_path()
+        self.evaluate_in_run()
+        self.trainer.callbacks.append(CocoResultsWriter(self._extra("predictions_path")))
+
+
+def nested_null_args(args: Sequence[str]) -> list[str]:
+    """Make ``null`` work for options nested two or more class levels deep.
+
+    jsonargparse parses ``--data.init_args.data.init_args.karpathy_json null`` to None at the
+    outer level, then hands ``--karpathy_json=None`` (Python's spelling) to the inner class's
+    parser, which reads the string ``'None'``. The same override given as a value of the inner
+    class, ``--data.init_args.data '{"init_args": {"karpathy_json": null}}'``, is merged with the
+    inner class's other settings and keeps the null: that is what this rewrites it to.
+    """
+    out, i = [], 0
+    while i < len(args):
+        key, has_value, value = args[i].partition("=")
+        if not has_value and i + 1 < len(args):
+            value = args[i + 1]
+        parts = key.split(".init_args.") if key.startswith("--") else []
+        if len(parts) >= 3 and value.strip().lower() in ("null", "none", "~"):
+            nested: object = None
+            for name in reversed(parts[2:]):
+                nested = {"init_args": {name: nested}}
+            out += [f"{parts[0]}.init_args.{parts[1]}", json.dumps(nested)]
+            i += 1 if has_value else 2
+            continue
+        out.append(args[i])
+        i += 1
+    return out
+
+
+def with_model_for_nested_help(args: list[str]) -> list[str]:
+    """``--model.encoder.help X`` needs the model class first; default to the image captioner."""
+    wants = any(a.startswith(("--model.encoder.help", "--model.init_args.encoder.help")) for a in args)
+    named = any(a in ("--model", "-c", "--config") or a.startswith(("--model=", "--config=")) for a in args)
+    if wants and not named and args and args[0] in SUBCOMMANDS:
+        return [args[0], "--model", "captioning.models.image_captioner.ImageCaptioner", *args[1:]]
+    return args
+
+
+def lightning_cli(args: Sequence[str] | None, run: bool = True) -> CaptioningCLI:
+    """The LightningCLI of every training command; ``run=False`` only builds the model, data and
+    trainer from the config (``cache-features`` uses that, so both parse configs alike)."""
+    from captioning.io.run_folders import RunConfigSaver
+
+    registry.accept_former_module_names()  # run configs of earlier releases name the former modules
+    # Imported before parsing: configs may name their classes by short names (``--model ImageCaptioner``,
+    # ``class_path: SmallCNN``), and ``--model.encoder.help`` lists exactly these encoders.
+    for module in registry.modules("model", "encoder"):
+        importlib.import_module(module)
+    return CaptioningCLI(
+        pl.LightningModule,
+        pl.LightningDataModule,
+        save_config_callback=RunConfigSaver,  # config.yaml in each run's folder, pushed to W&B
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        args=args,
+        run=run,
+        parser_class=OneLineErrorsParser,
+        parser_kwargs={"parser_mode": "omegaconf"} if _has_omegaconf() else None,
+        auto_configure_optimizers=False,
+    )
+
+
+def _has_omegaconf() -> bool:
+    return importlib.util.find_spec("omegaconf") is not None
+
+
+def main(args: Sequence[str]) -> int:
+    """``captioning <fit|validate|test|predict> [options]`` (args include the subcommand)."""
+    # main() always hands LightningCLI its (rewritten) arguments; Lightning warns when
+    # sys.argv has arguments too, which is every console run.
+    warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
+    # Lightning 2.6's own use of torch's pytree warns on every fit: nothing a user can act on.
+    warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
+    lightning_cli(with_model_for_nested_help(nested_null_args(list(args))))
+    return 0
