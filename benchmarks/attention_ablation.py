@@ -12,7 +12,7 @@ wall-clock: the machine is shared); ``max_time`` is raised so it never cuts a ru
 * test scores the run wrote (``test_after_fit``: metrics.csv): BLEU-4, CIDEr-D, the pointing
   game over object words (``localisation``) and shape nouns alone (``localisation_nouns``)
   with their chance levels (captioning/eval/localisation.py);
-* the best checkpoint (``captioning.io.checkpoints.load_model``) captions the test scenes with
+* the best checkpoint (``captioning.io.model_loading.load_model``) captions the test scenes with
   :func:`captioning.models.inference.caption_images`: the mean sentinel weight beta over *object
   words* (the shapes' SHAPES, COLORS, SIZES) and over *function words* (every other generated
   word), token-weighted, plus beta per word; the pointing game is recomputed from these
@@ -49,7 +49,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch: see docs/re
 
 import torch  # noqa: E402
 
-from captioning.data.shapes import COLORS, SHAPES, SIZES  # noqa: E402
+from captioning.data.shape_scenes import COLORS, SHAPES, SIZES  # noqa: E402
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from machine import cpu_name  # noqa: E402  (benchmarks/machine.py)
@@ -151,7 +151,7 @@ def caption_statistics(model, scenes: list, betas_wanted: bool) -> dict:
 
     from captioning.models.inference import caption_images
     from captioning.eval.localisation import pointing_game
-    from captioning.data.shapes import named_boxes
+    from captioning.data.shape_scenes import named_boxes
 
     caps = []
     for k in range(0, len(scenes), 100):
@@ -205,7 +205,7 @@ def write_overlay(model, scene, path: Path, title: str) -> dict:
 
 
 def run_one(variant: str, seed: int, a: argparse.Namespace, test_set, overlay_index: int) -> dict:
-    from captioning.io.checkpoints import load_model
+    from captioning.io.model_loading import load_model
 
     run_dir = ROOT / a.work / slug(variant) / f"seed{seed}"
     result_file = run_dir / "result.json"
@@ -238,7 +238,7 @@ def run_one(variant: str, seed: int, a: argparse.Namespace, test_set, overlay_in
 # --------------------------------------------------------------------------- speed
 def step_times(variants: list[str], a: argparse.Namespace) -> dict:
     """Median seconds per training step of each variant, round-robin on one fixed batch."""
-    from captioning.io.checkpoints import load_model
+    from captioning.io.model_loading import load_model
     from captioning.data.batches import collate_captions as collate
     from captioning.data.shapes import ShapesDataModule
 

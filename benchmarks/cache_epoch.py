@@ -35,7 +35,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from captioning.nn.encoders import ImageEncoder  # noqa: E402
+from captioning.nn.torchvision_encoder import ImageEncoder  # noqa: E402
 from captioning.models.image_captioner import ImageCaptioner  # noqa: E402
 from captioning.data.cached import CachedFeaturesDataModule  # noqa: E402
 from captioning.data.shapes import ShapesDataModule  # noqa: E402

@@ -60,7 +60,7 @@ def train(args: argparse.Namespace, attention: str):
     import lightning.pytorch as pl
 
     from captioning.models.seq2seq import Seq2SeqModel
-    from captioning.data.text import SyntheticTextDataModule
+    from captioning.data.text_tasks import SyntheticTextDataModule
 
     pl.seed_everything(args.seed, verbose=False)
     dm = SyntheticTextDataModule(task=args.task, min_items=args.min_items, max_items=args.max_items,
@@ -85,7 +85,7 @@ def evaluate(args: argparse.Namespace, model, lengths: list[int]) -> list[dict]:
     """Per length n: exact match, BLEU, chrF and (attention only) alignment on fresh test examples."""
     from captioning.eval.metrics import alignment_score, text_scores
     from captioning.data.batches import collate_text as collate
-    from captioning.data.text import SyntheticTextDataModule
+    from captioning.data.text_tasks import SyntheticTextDataModule
 
     rows = []
     for n in lengths:

@@ -60,7 +60,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 from captioning.nn.attention import SCORERS  # noqa: E402
 from captioning.nn.image_decoder import ShowAttendTellDecoder  # noqa: E402
-from captioning.nn.encoders import ImageEncoder, SmallCNN  # noqa: E402
+from captioning.nn.encoders import SmallCNN  # noqa: E402
+from captioning.nn.torchvision_encoder import ImageEncoder  # noqa: E402
 from captioning.models.image_captioner import ImageCaptioner  # noqa: E402
 from captioning.data.vocab import Vocabulary  # noqa: E402
 from machine import cpu_name  # noqa: E402  (benchmarks/machine.py)

@@ -136,7 +136,7 @@ def run_child(cmd: list[str], env: dict, log: Path) -> dict:
 
 
 def ours(args: argparse.Namespace, work: Path, env: dict) -> dict:
-    from captioning.io.checkpoints import find_checkpoint, read_checkpoint
+    from captioning.io.model_loading import find_checkpoint, read_checkpoint
     from captioning.models.seq2seq import score_translations
     from captioning.data.text_vocab import TextTokenizer
 

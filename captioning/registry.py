@@ -9,7 +9,7 @@ Earlier releases kept these classes in other modules (``captioning.image_model``
 ``datamodules.shapes``, ...). Checkpoints, exported model folders and run configs that name the
 old places keep working: :func:`current_class_path` maps a class path to where the class lives
 now, and :func:`accept_former_module_names` lets the command line import a config's old module
-names (each resolves to its new module, nothing else).
+names (a stand-in module that hands out the shipped classes, wherever they live now).
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ SHIPPED: dict[str, dict[str, str]] = {
         "Seq2SeqModel": "captioning.models.seq2seq",
     },
     "encoder": {
-        "ImageEncoder": "captioning.nn.encoders",
+        "ImageEncoder": "captioning.nn.torchvision_encoder",
         "SmallCNN": "captioning.nn.encoders",
         "PrecomputedFeatures": "captioning.nn.encoders",
         "TimmEncoder": "captioning.nn.timm_encoder",
@@ -38,7 +38,7 @@ SHIPPED: dict[str, dict[str, str]] = {
         "FolderCaptionsDataModule": "captioning.data.folder",
         "CachedFeaturesDataModule": "captioning.data.cached",
         "TsvTextDataModule": "captioning.data.text",
-        "SyntheticTextDataModule": "captioning.data.text",
+        "SyntheticTextDataModule": "captioning.data.text_tasks",
     },
 }
 
@@ -69,20 +69,27 @@ def modules(*kinds: str) -> tuple[str, ...]:
     return tuple(dict.fromkeys(m for kind in wanted for m in SHIPPED[kind].values()))
 
 
+def shipped_class_path(name: str) -> str | None:
+    """The full class path of the shipped class ``name`` (any kind), or None."""
+    for classes in SHIPPED.values():
+        if name in classes:
+            return f"{classes[name]}.{name}"
+    return None
+
+
 def current_class_path(class_path: str) -> str:
     """Where a class named by an earlier release lives now (``captioning.models.ImageCaptioner``
     and ``captioning.image_model.ImageCaptioner`` -> ``captioning.models.image_captioner.ImageCaptioner``);
     other paths unchanged."""
     module, _, name = class_path.rpartition(".")
-    if module == "captioning.models" and name in SHIPPED["model"]:  # the oldest name of the models
-        return f"{SHIPPED['model'][name]}.{name}"
-    if module in FORMER_MODULES:
-        return f"{FORMER_MODULES[module]}.{name}"
+    if module in FORMER_MODULES or module == "captioning.models":
+        return shipped_class_path(name) or f"{FORMER_MODULES.get(module, module)}.{name}"
     return class_path
 
 
 class _FormerNames(importlib.abc.MetaPathFinder, importlib.abc.Loader):
-    """Imports a former module name as its current module (the same module object)."""
+    """Imports a former module name as a stand-in module: its shipped classes by name (wherever
+    they live now), anything else from the module that took its place."""
 
     def find_spec(self, fullname, path=None, target=None):
         if fullname in FORMER_MODULES or fullname == "datamodules":
@@ -90,11 +97,22 @@ class _FormerNames(importlib.abc.MetaPathFinder, importlib.abc.Loader):
         return None
 
     def create_module(self, spec):
-        if spec.name == "datamodules":  # the former top-level package: an empty namespace
-            module = ModuleType("datamodules")
+        module = ModuleType(spec.name, f"Former name of {FORMER_MODULES.get(spec.name, 'captioning.data')} "
+                                       "(run configs of earlier releases)")
+        if spec.name == "datamodules":  # the former top-level package
             module.__path__ = []
             return module
-        return importlib.import_module(FORMER_MODULES[spec.name])
+        successor = FORMER_MODULES[spec.name]
+
+        def lookup(name: str) -> object:
+            path = shipped_class_path(name)
+            if path is not None:
+                home, _, cls = path.rpartition(".")
+                return getattr(importlib.import_module(home), cls)
+            return getattr(importlib.import_module(successor), name)
+
+        module.__getattr__ = lookup  # type: ignore[attr-defined]
+        return module
 
     def exec_module(self, module):
         pass

@@ -82,7 +82,7 @@ def test_a_tiny_image_is_captioned_with_a_warning(ckpt, tmp_path, capsys):
 
 def test_a_text_checkpoint_is_a_clear_error(tmp_path, capsys):
     from captioning.models.seq2seq import Seq2SeqModel
-    from captioning.data.text import synthetic_vocab
+    from captioning.data.text_tasks import synthetic_vocab
 
     model = Seq2SeqModel(synthetic_vocab("dates").to_dict(), embed_dim=8, encoder_dim=8, decoder_dim=8,
                          attention_dim=8)

@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader, Dataset
 import captioning.io.checkpoint_files as checkpoint_io
 from captioning.io.checkpoint_files import (AtomicCheckpointIO, CheckpointReadError, CheckpointWriteError,
                                       checkpoint_problem, use_atomic_checkpoint_io)
-from captioning.io.checkpoints import find_checkpoint, read_checkpoint
+from captioning.io.model_loading import find_checkpoint, read_checkpoint
 from captioning.commands.main import main
 from captioning.errors import user_message
 from captioning.data.images import ImageReadError

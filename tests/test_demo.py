@@ -227,7 +227,7 @@ def test_a_model_that_cannot_be_used_is_a_message(tmp_path, ckpt):
 @pytest.fixture(scope="module")
 def text_demo(tmp_path_factory):
     from captioning.models.seq2seq import Seq2SeqModel
-    from captioning.data.text import SyntheticTextDataModule
+    from captioning.data.text_tasks import SyntheticTextDataModule
 
     model = Seq2SeqModel(vocab=SyntheticTextDataModule(task="dates").vocab_data, embed_dim=16, encoder_dim=16,
                          decoder_dim=32, attention_dim=16, max_length=12).eval()

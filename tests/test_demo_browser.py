@@ -338,7 +338,7 @@ def test_a_model_that_cannot_be_loaded_is_a_message_on_the_page(browser, tmp_pat
 
 def test_a_text_model_translates_and_shows_its_heatmap(browser, local_app, tmp_path, shots):
     from captioning.models.seq2seq import Seq2SeqModel
-    from captioning.data.text import SyntheticTextDataModule
+    from captioning.data.text_tasks import SyntheticTextDataModule
 
     model = Seq2SeqModel(vocab=SyntheticTextDataModule(task="dates").vocab_data, embed_dim=16, encoder_dim=16,
                          decoder_dim=32, attention_dim=16, max_length=12).eval()

@@ -10,7 +10,8 @@ import torchvision
 from torch import nn
 
 from captioning.nn import encoders
-from captioning.nn.encoders import ImageEncoder, SmallCNN, WeightsNotFoundError
+from captioning.nn.encoders import SmallCNN, WeightsNotFoundError
+from captioning.nn.torchvision_encoder import ImageEncoder
 
 RESNET18_FILE = "resnet18-f37072fd.pth"  # file name in torchvision's ResNet18_Weights.IMAGENET1K_V1 url
 

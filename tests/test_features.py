@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from captioning.nn.encoders import ImageEncoder, SmallCNN
+from captioning.nn.encoders import SmallCNN
+from captioning.nn.torchvision_encoder import ImageEncoder
 from captioning.data.feature_cache import FeatureCache, build_feature_cache, encoder_fingerprint, write_feature_cache
 
 

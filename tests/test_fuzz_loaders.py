@@ -106,7 +106,7 @@ def checkpoint_bytes(tmp_path_factory) -> bytes:
 
 
 def test_mutated_checkpoints_load_or_fail_with_one_line(tmp_path, checkpoint_bytes):
-    from captioning.io.checkpoints import load_model
+    from captioning.io.model_loading import load_model
 
     _fuzz(tmp_path, "model.ckpt", checkpoint_bytes, load_model, n=150, seed=1)
 
@@ -114,7 +114,7 @@ def test_mutated_checkpoints_load_or_fail_with_one_line(tmp_path, checkpoint_byt
 def test_mutated_checkpoint_hyper_parameters_load_or_fail_with_one_line(tmp_path, checkpoint_bytes):
     import io
 
-    from captioning.io.checkpoints import load_model
+    from captioning.io.model_loading import load_model
 
     ckpt = torch.load(io.BytesIO(checkpoint_bytes), weights_only=True)
     hparams = json.loads(json.dumps(ckpt["hyper_parameters"]))
@@ -127,7 +127,7 @@ def test_mutated_checkpoint_hyper_parameters_load_or_fail_with_one_line(tmp_path
 
 
 def test_mutated_model_configs_load_or_fail_with_one_line(tmp_path, checkpoint_bytes):
-    from captioning.io.checkpoints import load_model
+    from captioning.io.model_loading import load_model
     from captioning.io.model_folders import CONFIG_FILE, load_pretrained, model_config
 
     src = tmp_path / "src.ckpt"

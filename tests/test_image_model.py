@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from captioning.io.checkpoints import load_model, read_checkpoint
+from captioning.io.model_loading import load_model, read_checkpoint
 from captioning.nn.encoders import SmallCNN
 from captioning.models.image_captioner import ImageCaptioner
 from captioning.data.vocab import Vocabulary

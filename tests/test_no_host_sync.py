@@ -16,7 +16,7 @@ from captioning.models.image_captioner import ImageCaptioner
 from captioning.models.seq2seq import Seq2SeqModel
 from captioning.data.vocab import Vocabulary
 from captioning.data.batches import collate_text
-from captioning.data.text import SyntheticTextDataModule
+from captioning.data.text_tasks import SyntheticTextDataModule
 from host_sync import HostSync, no_host_sync
 
 VOCAB = Vocabulary(["a", "red", "blue", "circle", "square", "left", "of"]).to_dict()

@@ -170,7 +170,7 @@ def test_folders_and_checkpoints_written_before_the_decoder_core_still_load(shap
     current-state query); such model folders and checkpoints load into ``input_extra``."""
     from safetensors.torch import load_file, save_file
 
-    from captioning.io.checkpoints import find_checkpoint, load_model
+    from captioning.io.model_loading import find_checkpoint, load_model
 
     old = tmp_path / "old-folder"
     old.mkdir()

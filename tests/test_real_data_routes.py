@@ -135,7 +135,7 @@ def test_external_features_route_then_attached_extractor_captions_photos(photos,
     """Features made elsewhere (written in the documented cache format, Karpathy cocoid as row ids)
     train a model from configs/features_external.yaml alone; it refuses photos until the real
     extractor is attached, and then captions them with exactly the features it trained on."""
-    from captioning.nn.encoders import ImageEncoder
+    from captioning.nn.torchvision_encoder import ImageEncoder
     from captioning.data.feature_cache import write_feature_cache
     from captioning.data.images import image_tensor, load_image
 
@@ -167,7 +167,7 @@ def test_external_features_route_then_attached_extractor_captions_photos(photos,
     assert refused.returncode == 2 and "attach-encoder" in refused.stderr and "Traceback" not in refused.stderr
 
     spec = tmp_path / "my_extractor.yaml"
-    spec.write_text(f"class_path: captioning.nn.encoders.ImageEncoder\ninit_args:\n  backbone: resnet18\n"
+    spec.write_text(f"class_path: captioning.nn.torchvision_encoder.ImageEncoder\ninit_args:\n  backbone: resnet18\n"
                     f"  weights: null\n  weights_path: {weights}\n  grid_size: 2\n  image_size: 64\n")
     attached = tmp_path / "captioner.ckpt"
     assert main(["attach-encoder", "--ckpt_path", str(ckpt), "--encoder", str(spec), "--output", str(attached)]) == 0
@@ -175,7 +175,7 @@ def test_external_features_route_then_attached_extractor_captions_photos(photos,
                  str(attached)]) == 2  # never overwrites
     _caption_in_fresh_process(tmp_path, attached, photo)
 
-    from captioning.io.checkpoints import load_model
+    from captioning.io.model_loading import load_model
 
     model = load_model(attached)
     first = next(p for p in items if p.split == "train")
@@ -196,7 +196,7 @@ def test_attaching_an_extractor_of_the_wrong_size_is_refused(tmp_path, capsys):
     torch.save({"state_dict": model.state_dict(), "hyper_parameters": {
         "_class_path": "captioning.models.image_captioner.ImageCaptioner", **dict(model.hparams)}}, ckpt)
     spec = tmp_path / "enc.yaml"
-    spec.write_text("class_path: captioning.nn.encoders.ImageEncoder\ninit_args: {backbone: resnet18, weights: null, "
+    spec.write_text("class_path: captioning.nn.torchvision_encoder.ImageEncoder\ninit_args: {backbone: resnet18, weights: null, "
                     "grid_size: 2}\n")
     assert main(["attach-encoder", "--ckpt_path", str(ckpt), "--encoder", str(spec), "--output",
                  str(tmp_path / "out.ckpt")]) == 2

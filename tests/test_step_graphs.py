@@ -14,7 +14,7 @@ from captioning.models.step_graphs import StepGraphs, portable_optimizer_state, 
 from captioning.models.seq2seq import Seq2SeqModel
 from captioning.models.train_step import pad_length
 from captioning.data.shapes import ShapesDataModule
-from captioning.data.text import SyntheticTextDataModule
+from captioning.data.text_tasks import SyntheticTextDataModule
 
 CUDA = torch.cuda.is_available()
 BACKEND = "cuda" if CUDA else "eager"

@@ -17,7 +17,7 @@ from captioning.nn.text_decoder import AttentionLSTMDecoder
 from captioning.nn.text_encoder import BiLSTMEncoder
 from captioning.models.seq2seq import Seq2SeqModel
 from captioning.data.batches import collate_text as collate
-from captioning.data.text import SyntheticTextDataModule
+from captioning.data.text_tasks import SyntheticTextDataModule
 
 
 

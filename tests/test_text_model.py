@@ -9,11 +9,11 @@ import pytest
 import torch
 from PIL import Image
 
-from captioning.io.checkpoints import load_model
+from captioning.io.model_loading import load_model
 from captioning.eval.metrics import alignment_score
 from captioning.models.seq2seq import Seq2SeqModel
 from captioning.data.batches import collate_text as collate
-from captioning.data.text import SyntheticTextDataModule
+from captioning.data.text_tasks import SyntheticTextDataModule
 
 
 

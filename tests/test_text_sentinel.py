@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 import captioning.viz as viz
-from captioning.io.checkpoints import load_model
+from captioning.io.model_loading import load_model
 from captioning.nn.search import beam_search, greedy_search
 from captioning.nn.text_decoder import AttentionLSTMDecoder
 from captioning.models.seq2seq import Seq2SeqModel
@@ -18,7 +18,7 @@ from captioning.commands.translate import main as translate_main
 from captioning.io.results import translation_record
 from captioning.viz import _SENTINEL, seq2seq_heatmap
 from captioning.data.batches import collate_text as collate
-from captioning.data.text import SyntheticTextDataModule
+from captioning.data.text_tasks import SyntheticTextDataModule
 from test_sat_recurrence import assert_fused_equals_plain
 
 V, C, S, T = 20, 12, 7, 5

@@ -90,7 +90,7 @@ def test_pretrained_weights_come_from_the_hub_cache_layout(no_hub, monkeypatch):
 
 
 def test_checkpoint_round_trip_rebuilds_without_pretrained_weights(tmp_path, no_hub, monkeypatch):
-    from captioning.io.checkpoints import load_model
+    from captioning.io.model_loading import load_model
     from captioning.models.image_captioner import ImageCaptioner
     from captioning.data.vocab import Vocabulary
 

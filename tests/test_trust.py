@@ -10,7 +10,7 @@ import textwrap
 import pytest
 import torch
 
-from captioning.io.checkpoints import load_model
+from captioning.io.model_loading import load_model
 from captioning.commands.main import main
 from captioning.nn.encoders import SmallCNN
 from captioning.models.image_captioner import ImageCaptioner
@@ -157,8 +157,10 @@ def test_checkpoints_and_configs_naming_former_modules_still_load(tmp_path):
     assert type(load_model(path).encoder) is SmallCNN
     # The command line imports a former module name as the current module (run configs hold them).
     code = ("from captioning import registry; registry.accept_former_module_names()\n"
-            "import datamodules.shapes, captioning.image_model, captioning.data.shapes, captioning.models\n"
-            "assert datamodules.shapes is captioning.data.shapes\n"
+            "import datamodules.shapes, datamodules.text, captioning.image_model, captioning.data.shapes\n"
+            "import captioning.data.text_tasks, captioning.models\n"
+            "assert datamodules.shapes.ShapesDataModule is captioning.data.shapes.ShapesDataModule\n"
+            "assert datamodules.text.SyntheticTextDataModule is captioning.data.text_tasks.SyntheticTextDataModule\n"
             "assert captioning.image_model.ImageCaptioner is captioning.models.ImageCaptioner\n"
             "print('ok')")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout

@@ -1,7 +1,7 @@
 """``captioning attach-encoder --ckpt_path CKPT --encoder ENCODER.yaml --output NEW.ckpt``: a model
 trained on precomputed features (``PrecomputedFeatures`` encoder) gets the real extractor, so it
 can caption photos. ENCODER.yaml holds ``class_path`` and ``init_args`` of the extractor (ours:
-``captioning.nn.encoders.ImageEncoder``, ``captioning.nn.timm_encoder.TimmEncoder``; your own
+``captioning.nn.torchvision_encoder.ImageEncoder``, ``captioning.nn.timm_encoder.TimmEncoder``; your own
 needs ``--trust_module``). Its grid and channels must match the features the model saw."""
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     add_trust_argument(p)
     args = p.parse_args(argv)
     try:
-        from captioning.io.checkpoints import attach_encoder
+        from captioning.io.model_loading import attach_encoder
 
         path = attach_encoder(args.ckpt_path, args.encoder, args.output, args.trust_module)
     except (OSError, ValueError, ImportError) as err:

@@ -86,7 +86,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if out_dir is not None:
             check_writable(out_dir)  # before loading a model or decoding anything
         if args.ckpt_path is not None:
-            from captioning.io.checkpoints import find_checkpoint
+            from captioning.io.model_loading import find_checkpoint
 
             args.ckpt_path = str(find_checkpoint(args.ckpt_path))
             print(f"using checkpoint {args.ckpt_path}", file=sys.stderr)

@@ -228,7 +228,7 @@ class CachedFeaturesDataModule(MovesTensorsOnly, LightningDataModule):
             known = self.data.boxes(split) if hasattr(self.data, "boxes") else None
             boxes = [known.get(i, []) for i in ids] if known is not None else None
         elif cache.captions and cache.captions.get("references"):  # captured while building (shapes)
-            from captioning.data.shapes import named_boxes
+            from captioning.data.shape_scenes import named_boxes
 
             captured, objs = cache.captions["references"], cache.captions.get("objects") or {}
             ids = [i for i in cache.image_ids if str(i) in captured]

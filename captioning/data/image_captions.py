@@ -32,7 +32,7 @@ from lightning.pytorch import LightningDataModule
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from torch.utils.data import DataLoader, Dataset, RandomSampler
 
-from captioning.data.images import DEFAULT_MAX_PIXELS, ImageReadError, Preprocessing, image_tensor, load_image
+from captioning.data.images import FollowsEncoder, DEFAULT_MAX_PIXELS, ImageReadError, image_tensor, load_image
 from captioning.data.vocab import Vocabulary
 from captioning.data.batches import MovesTensorsOnly, collate_captions
 from captioning.data.sampling import LengthBucketBatchSampler
@@ -131,44 +131,6 @@ class CaptionDataset(Dataset):
 
 
 # ----------------------------------------------------------------------------- datamodule
-class FollowsEncoder:
-    """Datamodule mixin: images are resized to the model encoder's input size.
-
-    :attr:`preprocessing` is the one given to :meth:`use_preprocessing` (e.g. when building a
-    feature cache, or in Python outside a Trainer), else the encoder's of the model the
-    trainer holds, else :meth:`default_preprocessing`.
-    """
-
-    _preprocessing: Preprocessing | None = None
-
-    def default_preprocessing(self) -> Preprocessing:
-        return Preprocessing()
-
-    @property
-    def preprocessing(self) -> Preprocessing:
-        if self._preprocessing is not None:
-            return self._preprocessing
-        model = getattr(getattr(self, "trainer", None), "lightning_module", None)
-        found = getattr(getattr(model, "encoder", None), "preprocessing", None)
-        return found if isinstance(found, Preprocessing) else self.default_preprocessing()
-
-    def use_preprocessing(self, preprocessing: Preprocessing) -> None:
-        """Resize to this encoder's input size (``dm.use_preprocessing(encoder.preprocessing)``)."""
-        if not isinstance(preprocessing, Preprocessing):
-            raise TypeError(f"expected a captioning.data.images.Preprocessing, got {type(preprocessing).__name__}")
-        if self._preprocessing != preprocessing:
-            self.on_preprocessing_change()
-        self._preprocessing = preprocessing
-
-    def on_preprocessing_change(self) -> None:
-        """Drop anything built for another input size (subclasses)."""
-
-    @property
-    def image_size(self) -> int:
-        """Side in pixels of the images in batches (the encoder's input size)."""
-        return self.preprocessing.image_size
-
-
 class ImageCaptionsDataModule(FollowsEncoder, MovesTensorsOnly, LightningDataModule):
     """Shared machinery of file-based caption datamodules (module docstring).
 

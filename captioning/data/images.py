@@ -349,3 +349,41 @@ def image_tensor(image: Image.Image, size: int) -> Tensor:
 def as_unit_float(images: Tensor) -> Tensor:
     """uint8 (…, 3, H, W) in [0, 255] -> float32 in [0, 1]; float input is taken as already in [0, 1]."""
     return images.float().div_(255.0) if images.dtype == torch.uint8 else images
+
+
+class FollowsEncoder:
+    """Datamodule mixin: images are resized to the model encoder's input size.
+
+    :attr:`preprocessing` is the one given to :meth:`use_preprocessing` (e.g. when building a
+    feature cache, or in Python outside a Trainer), else the encoder's of the model the
+    trainer holds, else :meth:`default_preprocessing`.
+    """
+
+    _preprocessing: Preprocessing | None = None
+
+    def default_preprocessing(self) -> Preprocessing:
+        return Preprocessing()
+
+    @property
+    def preprocessing(self) -> Preprocessing:
+        if self._preprocessing is not None:
+            return self._preprocessing
+        model = getattr(getattr(self, "trainer", None), "lightning_module", None)
+        found = getattr(getattr(model, "encoder", None), "preprocessing", None)
+        return found if isinstance(found, Preprocessing) else self.default_preprocessing()
+
+    def use_preprocessing(self, preprocessing: Preprocessing) -> None:
+        """Resize to this encoder's input size (``dm.use_preprocessing(encoder.preprocessing)``)."""
+        if not isinstance(preprocessing, Preprocessing):
+            raise TypeError(f"expected a captioning.data.images.Preprocessing, got {type(preprocessing).__name__}")
+        if self._preprocessing != preprocessing:
+            self.on_preprocessing_change()
+        self._preprocessing = preprocessing
+
+    def on_preprocessing_change(self) -> None:
+        """Drop anything built for another input size (subclasses)."""
+
+    @property
+    def image_size(self) -> int:
+        """Side in pixels of the images in batches (the encoder's input size)."""
+        return self.preprocessing.image_size

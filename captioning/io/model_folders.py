@@ -68,7 +68,7 @@ def export_model(ckpt_path: str | os.PathLike, output: str | os.PathLike, trust_
     """
     from safetensors.torch import save_file
 
-    from captioning.io.checkpoints import find_checkpoint, load_model
+    from captioning.io.model_loading import find_checkpoint, load_model
 
     output = Path(output)
     if output.exists() and (not output.is_dir() or any(output.iterdir())) and not overwrite:
@@ -194,7 +194,7 @@ def load_pretrained(name_or_path: str | os.PathLike, trust_modules: Sequence[str
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as err:
-        from captioning.io.checkpoints import state_dict_problem
+        from captioning.io.model_loading import state_dict_problem
 
         raise ValueError(f"{weights} does not match the model {CONFIG_FILE} describes: {state_dict_problem(err)}") \
             from err
@@ -210,7 +210,7 @@ def load_any(ckpt_path: str | None = None, model: str | None = None, trust_modul
                          "folder or Hub repo id), not both")
     if model is not None:
         return load_pretrained(model, trust_modules, map_location)
-    from captioning.io.checkpoints import load_model
+    from captioning.io.model_loading import load_model
 
     return load_model(ckpt_path, default_class=default_class, map_location=map_location, trust_modules=trust_modules)
 

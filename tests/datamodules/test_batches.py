@@ -11,7 +11,7 @@ from captioning.data.batches import METADATA_KEYS, CaptionBatch, TextBatch, coll
 from captioning.data.cached import CachedFeaturesDataModule
 from captioning.data.folder import FolderCaptionsDataModule
 from captioning.data.shapes import ShapesDataModule
-from captioning.data.text import SyntheticTextDataModule
+from captioning.data.text_tasks import SyntheticTextDataModule
 from tests.photo_data import folder_csv, write_photos
 
 CAPTION_KEYS = set(typing.get_type_hints(CaptionBatch))

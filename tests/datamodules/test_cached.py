@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from captioning.nn.encoders import ImageEncoder, SmallCNN
+from captioning.nn.encoders import SmallCNN
+from captioning.nn.torchvision_encoder import ImageEncoder
 from captioning.data.feature_cache import write_feature_cache
 from captioning.models.image_captioner import ImageCaptioner
 from captioning.data.vocab import Vocabulary

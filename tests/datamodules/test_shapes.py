@@ -9,8 +9,9 @@ import torch
 
 from captioning.data.images import Preprocessing, load_image
 from captioning.data.vocab import Vocabulary, tokenize
-from captioning.data.shapes import (COLORS, RGB, SHAPES, SIZE_RANGE, SIZES, ShapesDataModule, ShapesDataset,
-                                _layout, main, object_word_alignment, shapes_vocabulary)
+from captioning.data.shape_scenes import (COLORS, RGB, SHAPES, SIZE_RANGE, SIZES, _layout, object_word_alignment,
+                                          shapes_vocabulary)
+from captioning.data.shapes import ShapesDataModule, ShapesDataset, main
 
 
 def small_dm(**kwargs) -> ShapesDataModule:

@@ -7,8 +7,8 @@ import torch
 
 from captioning.data.text_vocab import TextTokenizer, TextVocab
 from captioning.data.batches import collate_text as collate
-from captioning.data.text import (MONTHS, SyntheticTextDataModule, TsvFormatError, TsvTextDataModule,
-                              read_tsv)
+from captioning.data.text import TsvFormatError, TsvTextDataModule, read_tsv
+from captioning.data.text_tasks import MONTHS, SyntheticTextDataModule
 
 
 def write(tmp_path, name, data: bytes):

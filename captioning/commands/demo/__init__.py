@@ -67,7 +67,7 @@ def load_demo(args: argparse.Namespace, work_dir: Path) -> tuple[Demo | None, st
     try:
         ckpt = args.ckpt_path
         if ckpt is not None:
-            from captioning.io.checkpoints import find_checkpoint
+            from captioning.io.model_loading import find_checkpoint
 
             ckpt = str(find_checkpoint(ckpt))
         model = load_any(ckpt, args.model, args.trust_module, map_location=args.device)

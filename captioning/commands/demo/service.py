@@ -223,7 +223,7 @@ def example_images(folder: Path, model: Any, count: int = 3) -> list[Path]:
     """A few scenes of the built-in shapes dataset (and the checkpoint's own example image, when
     it carries one) as PNG files in ``folder``: the page's examples."""
     from captioning.io.model_card import unpack_example
-    from captioning.data.shapes import generate_scene
+    from captioning.data.shape_scenes import generate_scene
 
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
