@@ -91,8 +91,11 @@ def slug(name: str) -> str:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--variants", default=",".join(FIRST_EIGHT),
-                   help="comma list of variants (VARIANTS keys, optionally '@alpha_c=0,...'); default: the 8")
+    p.add_argument(
+        "--variants",
+        default=",".join(FIRST_EIGHT),
+        help="comma list of variants (VARIANTS keys, optionally '@alpha_c=0,...'); default: the 8",
+    )
     p.add_argument("--seeds", default="0", help="comma list of --seed_everything values")
     p.add_argument("--work", default="runs/attention_ablation", help="run folders (resumable)")
     p.add_argument("--out", default="benchmarks/results/attention_ablation", help="writes OUT.json and OUT.md")
@@ -100,8 +103,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=2, help="OMP/torch threads of every run")
     p.add_argument("--fit-args", default="", help="extra CLI arguments for every fit (same for all variants)")
     p.add_argument("--beta-images", type=int, default=500, help="test scenes captioned for the beta statistics")
-    p.add_argument("--overlay-index", type=int, default=None,
-                   help="test scene of the overlays (default: the first with 3 objects)")
+    p.add_argument(
+        "--overlay-index", type=int, default=None, help="test scene of the overlays (default: the first with 3 objects)"
+    )
     p.add_argument("--step-repeats", type=int, default=15, help="timed training steps per variant (0 = skip)")
     p.add_argument("--report-only", action="store_true", help="no training: table from existing results")
     return p.parse_args(argv)
@@ -110,23 +114,45 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 # --------------------------------------------------------------------------- one run
 def fit(variant: str, seed: int, run_dir: Path, a: argparse.Namespace) -> dict:
     """Train one variant through the CLI in a subprocess; returns wall time and exit status."""
-    args = [sys.executable, "-m", "captioning", "fit", "--config", "configs/shapes.yaml",
-            "--seed_everything", str(seed),
-            "--trainer.default_root_dir", str(run_dir),
-            "--trainer.logger.init_args.save_dir", str(run_dir),
-            "--trainer.max_time", "00:12:00:00"]  # the epoch budget decides, never the safety net
+    args = [
+        sys.executable,
+        "-m",
+        "captioning",
+        "fit",
+        "--config",
+        "configs/shapes.yaml",
+        "--seed_everything",
+        str(seed),
+        "--trainer.default_root_dir",
+        str(run_dir),
+        "--trainer.logger.init_args.save_dir",
+        str(run_dir),
+        "--trainer.max_time",
+        "00:12:00:00",
+    ]  # the epoch budget decides, never the safety net
     for key, value in variant_overrides(variant).items():
         args += [f"--model.init_args.{key}", json.dumps(value) if not isinstance(value, str) else value]
     args += a.fit_args.split()
-    env = {**os.environ, "OMP_NUM_THREADS": str(a.threads), "MKL_NUM_THREADS": str(a.threads),
-           "OMP_WAIT_POLICY": "PASSIVE", "WANDB_MODE": "disabled", "PYTHONUNBUFFERED": "1"}
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": str(a.threads),
+        "MKL_NUM_THREADS": str(a.threads),
+        "OMP_WAIT_POLICY": "PASSIVE",
+        "WANDB_MODE": "disabled",
+        "PYTHONUNBUFFERED": "1",
+    }
     run_dir.mkdir(parents=True, exist_ok=True)
     load_before = os.getloadavg()[0]
     start = time.perf_counter()
     with open(run_dir / "fit.log", "w") as log:
         rc = subprocess.run(args, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT).returncode
-    return {"command": " ".join(args[1:]), "returncode": rc, "fit_wall_s": round(time.perf_counter() - start, 1),
-            "load_avg_1min_before": round(load_before, 2), "load_avg_1min_after": round(os.getloadavg()[0], 2)}
+    return {
+        "command": " ".join(args[1:]),
+        "returncode": rc,
+        "fit_wall_s": round(time.perf_counter() - start, 1),
+        "load_avg_1min_before": round(load_before, 2),
+        "load_avg_1min_after": round(os.getloadavg()[0], 2),
+    }
 
 
 def test_metrics(run_dir: Path) -> dict:
@@ -149,33 +175,40 @@ def caption_statistics(model, scenes: list, betas_wanted: bool) -> dict:
     """Caption the scenes; beta per word class and the pointing game recomputed."""
     from PIL import Image
 
-    from captioning.models.inference import caption_images
-    from captioning.eval.localisation import pointing_game
     from captioning.data.shape_scenes import named_boxes
+    from captioning.eval.localisation import pointing_game
+    from captioning.models.inference import caption_images
 
     caps = []
     for k in range(0, len(scenes), 100):
-        caps += caption_images(model, [Image.fromarray(s.pixels) for s in scenes[k:k + 100]])
+        caps += caption_images(model, [Image.fromarray(s.pixels) for s in scenes[k : k + 100]])
     loc = pointing_game([c.words for c in caps], [c.attention for c in caps], [named_boxes(s.objects) for s in scenes])
-    out = {"recomputed_localisation": round(loc["localisation"], 4),
-           "recomputed_localisation_nouns": round(loc["localisation_nouns"], 4),
-           "exact_caption_rate": round(sum(c.text == s.captions[0] or c.text in s.captions
-                                           for c, s in zip(caps, scenes)) / len(scenes), 4)}
+    out = {
+        "recomputed_localisation": round(loc["localisation"], 4),
+        "recomputed_localisation_nouns": round(loc["localisation_nouns"], 4),
+        "exact_caption_rate": round(
+            sum(c.text == s.captions[0] or c.text in s.captions for c, s in zip(caps, scenes)) / len(scenes), 4
+        ),
+    }
     if not betas_wanted or caps[0].sentinel is None:
         return out
     per_word: dict[str, list[float]] = {}
     for c in caps:
         for w, b in zip(c.words, c.sentinel):
             per_word.setdefault(w, []).append(b)
-    groups = {"object": [b for w, bs in per_word.items() if w in OBJECT_WORDS for b in bs],
-              "function": [b for w, bs in per_word.items() if w not in OBJECT_WORDS for b in bs],
-              "noun": [b for w, bs in per_word.items() if w in SHAPES for b in bs],
-              "attribute": [b for w, bs in per_word.items() if w in COLORS or w in SIZES for b in bs]}
+    groups = {
+        "object": [b for w, bs in per_word.items() if w in OBJECT_WORDS for b in bs],
+        "function": [b for w, bs in per_word.items() if w not in OBJECT_WORDS for b in bs],
+        "noun": [b for w, bs in per_word.items() if w in SHAPES for b in bs],
+        "attribute": [b for w, bs in per_word.items() if w in COLORS or w in SIZES for b in bs],
+    }
     for g, bs in groups.items():
         out[f"beta_{g}_mean"] = round(statistics.fmean(bs), 4) if bs else None
         out[f"beta_{g}_tokens"] = len(bs)
-    out["beta_per_word"] = {w: [round(statistics.fmean(bs), 4), len(bs)] for w, bs in
-                            sorted(per_word.items(), key=lambda kv: -statistics.fmean(kv[1]))}
+    out["beta_per_word"] = {
+        w: [round(statistics.fmean(bs), 4), len(bs)]
+        for w, bs in sorted(per_word.items(), key=lambda kv: -statistics.fmean(kv[1]))
+    }
     return out
 
 
@@ -193,15 +226,18 @@ def write_overlay(model, scene, path: Path, title: str) -> dict:
     from captioning.viz import attention_overlay
 
     cap = caption_images(model, [Image.fromarray(scene.pixels)])[0]
-    fig = attention_overlay(scene.pixels, cap.words, cap.attention, title=title, panel_size=96,
-                            sentinel=cap.sentinel)
+    fig = attention_overlay(scene.pixels, cap.words, cap.attention, title=title, panel_size=96, sentinel=cap.sentinel)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.quantize(colors=128, method=Image.Quantize.MEDIANCUT, dither=Image.Dither.NONE).save(path, optimize=True)
     peaks = cap.attention.reshape(len(cap.words), -1).argmax(1).tolist()
     side = cap.attention.shape[-1]
-    return {"png": str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path), "bytes": path.stat().st_size, "caption": cap.text,
-            "sentinel": None if cap.sentinel is None else [round(b, 3) for b in cap.sentinel],
-            "peak_cells_row_col": [[p // side, p % side] for p in peaks]}
+    return {
+        "png": str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path),
+        "bytes": path.stat().st_size,
+        "caption": cap.text,
+        "sentinel": None if cap.sentinel is None else [round(b, 3) for b in cap.sentinel],
+        "peak_cells_row_col": [[p // side, p % side] for p in peaks],
+    }
 
 
 def run_one(variant: str, seed: int, a: argparse.Namespace, test_set, overlay_index: int) -> dict:
@@ -214,21 +250,33 @@ def run_one(variant: str, seed: int, a: argparse.Namespace, test_set, overlay_in
     print(f"[ablation] {variant} seed {seed}: training in {run_dir}", file=sys.stderr, flush=True)
     info = fit(variant, seed, run_dir, a)
     if info["returncode"] != 0:
-        raise RuntimeError(f"fit of {variant} seed {seed} failed (exit {info['returncode']}); see {run_dir / 'fit.log'}")
+        raise RuntimeError(
+            f"fit of {variant} seed {seed} failed (exit {info['returncode']}); see {run_dir / 'fit.log'}"
+        )
     best = sorted(run_dir.glob("lightning_logs/version_*/checkpoints/best-*.ckpt"))
     if not best:
         raise RuntimeError(f"no best checkpoint under {run_dir}")
     model = load_model(best[-1])
     ckpt = torch.load(best[-1], map_location="cpu", weights_only=True)
-    info.update(variant=variant, overrides=variant_overrides(variant), seed=seed, best_checkpoint=str(best[-1]),
-                best_epoch=int(ckpt.get("epoch", -1)), global_step=int(ckpt.get("global_step", -1)),
-                test=test_metrics(run_dir))
+    info.update(
+        variant=variant,
+        overrides=variant_overrides(variant),
+        seed=seed,
+        best_checkpoint=str(best[-1]),
+        best_epoch=int(ckpt.get("epoch", -1)),
+        global_step=int(ckpt.get("global_step", -1)),
+        test=test_metrics(run_dir),
+    )
     scenes = [test_set.scene(i) for i in range(min(a.beta_images, len(test_set)))]
     info["captions"] = caption_statistics(model, scenes, betas_wanted=True)
     info["captions"]["images"] = len(scenes)
     if seed == 0 or not (ROOT / a.images / f"{slug(variant)}.png").exists():  # seed 0's when there is one
-        info["overlay"] = write_overlay(model, test_set.scene(overlay_index), ROOT / a.images / f"{slug(variant)}.png",
-                                        f"{variant} (seed {seed}), test scene {overlay_index}")
+        info["overlay"] = write_overlay(
+            model,
+            test_set.scene(overlay_index),
+            ROOT / a.images / f"{slug(variant)}.png",
+            f"{variant} (seed {seed}), test scene {overlay_index}",
+        )
         info["overlay"]["test_index"] = overlay_index
     result_file.write_text(json.dumps(info, indent=1) + "\n")
     print(f"[ablation] {variant} seed {seed}: {json.dumps(info['test'])}", file=sys.stderr, flush=True)
@@ -238,9 +286,9 @@ def run_one(variant: str, seed: int, a: argparse.Namespace, test_set, overlay_in
 # --------------------------------------------------------------------------- speed
 def step_times(variants: list[str], a: argparse.Namespace) -> dict:
     """Median seconds per training step of each variant, round-robin on one fixed batch."""
-    from captioning.io.model_loading import load_model
     from captioning.data.batches import collate_captions as collate
     from captioning.data.shapes import ShapesDataModule
+    from captioning.io.model_loading import load_model
 
     torch.set_num_threads(a.threads)
     dm = ShapesDataModule(batch_size=64)
@@ -264,7 +312,7 @@ def step_times(variants: list[str], a: argparse.Namespace) -> dict:
         opt.step()
 
     samples: dict[str, list[float]] = {v: [] for v in setups}
-    for v, (m, o) in setups.items():  # warm-up
+    for m, o in setups.values():  # warm-up
         for _ in range(2):
             step(m, o)
     for _ in range(a.step_repeats):
@@ -272,8 +320,10 @@ def step_times(variants: list[str], a: argparse.Namespace) -> dict:
             t = time.perf_counter()
             step(m, o)
             samples[v].append(time.perf_counter() - t)
-    return {v: {"median_ms": round(statistics.median(s) * 1e3, 1), "min_ms": round(min(s) * 1e3, 1),
-                "samples": len(s)} for v, s in samples.items()}
+    return {
+        v: {"median_ms": round(statistics.median(s) * 1e3, 1), "min_ms": round(min(s) * 1e3, 1), "samples": len(s)}
+        for v, s in samples.items()
+    }
 
 
 # --------------------------------------------------------------------------- report
@@ -285,9 +335,14 @@ def mean_spread(values: list[float]) -> dict:
     return out
 
 
-METRICS = [("bleu4", "BLEU-4"), ("cider", "CIDEr-D"), ("localisation", "loc. object words"),
-           ("localisation_chance", "chance"), ("localisation_nouns", "loc. nouns"),
-           ("localisation_nouns_chance", "chance")]
+METRICS = [
+    ("bleu4", "BLEU-4"),
+    ("cider", "CIDEr-D"),
+    ("localisation", "loc. object words"),
+    ("localisation_chance", "chance"),
+    ("localisation_nouns", "loc. nouns"),
+    ("localisation_nouns_chance", "chance"),
+]
 
 
 def summarise(results: list[dict]) -> dict:
@@ -317,9 +372,11 @@ def fmt(cell: dict | None, digits: int = 3) -> str:
 
 
 def markdown(report: dict) -> str:
-    lines = ["| variant | seeds | BLEU-4 | CIDEr-D | loc. object words (chance) | loc. nouns (chance) "
-             "| beta function words | beta object words | train step ms |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| variant | seeds | BLEU-4 | CIDEr-D | loc. object words (chance) | loc. nouns (chance) "
+        "| beta function words | beta object words | train step ms |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for v, row in report["table"].items():
         speed = report.get("step_ms", {}).get(v, {}).get("median_ms")
         lines.append(
@@ -327,22 +384,28 @@ def markdown(report: dict) -> str:
             f"| {fmt(row['localisation'], 2)} ({row['localisation_chance']['mean']:.2f}) "
             f"| {fmt(row['localisation_nouns'], 2)} ({row['localisation_nouns_chance']['mean']:.2f}) "
             f"| {fmt(row.get('beta_function_mean'), 2)} | {fmt(row.get('beta_object_mean'), 2)} "
-            f"| {speed if speed is not None else '–'} |")
+            f"| {speed if speed is not None else '–'} |"
+        )
     lines.append("")
-    lines.append("Mean ± sample standard deviation over seeds where there are several; test split, 500 scenes; "
-                 f"alpha_c {ALPHA_C} unless the variant names another. Localisation: the pointing game (the "
-                 "attention peak inside the box of the object a word names) over object words (size, colour, "
-                 "shape) and over shape nouns alone, with the chance level. beta: mean sentinel weight per "
-                 "generated token. Train step: encoder + decoder forward, loss, backward and AdamW on one batch "
-                 "of 64 scenes, median, variants interleaved.")
+    lines.append(
+        "Mean ± sample standard deviation over seeds where there are several; test split, 500 scenes; "
+        f"alpha_c {ALPHA_C} unless the variant names another. Localisation: the pointing game (the "
+        "attention peak inside the box of the object a word names) over object words (size, colour, "
+        "shape) and over shape nouns alone, with the chance level. beta: mean sentinel weight per "
+        "generated token. Train step: encoder + decoder forward, loss, backward and AdamW on one batch "
+        "of 64 scenes, median, variants interleaved."
+    )
     return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> dict:
     a = parse_args(argv)
     torch.set_num_threads(a.threads)
-    variants = [v.strip() for v in a.variants.split(",") if v.strip()] if "@" not in a.variants else \
-        _split_variants(a.variants)
+    variants = (
+        [v.strip() for v in a.variants.split(",") if v.strip()]
+        if "@" not in a.variants
+        else _split_variants(a.variants)
+    )
     seeds = [int(s) for s in a.seeds.split(",")]
     from captioning.data.shapes import ShapesDataModule
 
@@ -353,21 +416,34 @@ def main(argv: list[str] | None = None) -> dict:
             for v in variants:
                 run_one(v, seed, a, test_set, overlay_index)
     # Paths relative to the checkout: the report is about the runs, not about this machine's folders.
-    results = [json.loads(p.read_text().replace(f"{ROOT}/", "")) for p in sorted((ROOT / a.work).glob("*/seed*/result.json"))]
-    report = {"machine": {"cpu": cpu_name(), "cpu_count": os.cpu_count(), "threads": a.threads,
-                          "torch": torch.__version__, "python": platform.python_version(),
-                          "omp_wait_policy": "PASSIVE"},
-              "budget": "configs/shapes.yaml (8 epochs x 125 steps of 64 scenes), max_time raised, alpha_c "
-                        f"{ALPHA_C} unless the variant says otherwise; same seeds for every variant",
-              "object_words": sorted(OBJECT_WORDS), "overlay_test_index": overlay_index,
-              "table": summarise(results), "runs": results}
+    results = [
+        json.loads(p.read_text().replace(f"{ROOT}/", "")) for p in sorted((ROOT / a.work).glob("*/seed*/result.json"))
+    ]
+    report = {
+        "machine": {
+            "cpu": cpu_name(),
+            "cpu_count": os.cpu_count(),
+            "threads": a.threads,
+            "torch": torch.__version__,
+            "python": platform.python_version(),
+            "omp_wait_policy": "PASSIVE",
+        },
+        "budget": "configs/shapes.yaml (8 epochs x 125 steps of 64 scenes), max_time raised, alpha_c "
+        f"{ALPHA_C} unless the variant says otherwise; same seeds for every variant",
+        "object_words": sorted(OBJECT_WORDS),
+        "overlay_test_index": overlay_index,
+        "table": summarise(results),
+        "runs": results,
+    }
     old = ROOT / f"{a.out}.json"
     if a.step_repeats > 0 and not a.report_only:
         report["load_avg_1min_before_steps"] = round(os.getloadavg()[0], 2)
         report["step_ms"] = step_times(list(report["table"]), a)
         report["load_avg_1min_after_steps"] = round(os.getloadavg()[0], 2)
-        report["step_ms_note"] = ("encoder + decoder forward, loss, backward, clip, AdamW on one fixed batch of 64 "
-                                  "training scenes; variants interleaved; median")
+        report["step_ms_note"] = (
+            "encoder + decoder forward, loss, backward, clip, AdamW on one fixed batch of 64 "
+            "training scenes; variants interleaved; median"
+        )
     elif old.exists():  # keep the last measured step times
         prev = json.loads(old.read_text())
         for k in ("step_ms", "step_ms_note", "load_avg_1min_before_steps", "load_avg_1min_after_steps"):

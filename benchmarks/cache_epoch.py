@@ -35,10 +35,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from captioning.nn.torchvision_encoder import ImageEncoder  # noqa: E402
-from captioning.models.image_captioner import ImageCaptioner  # noqa: E402
 from captioning.data.cached import CachedFeaturesDataModule  # noqa: E402
 from captioning.data.shapes import ShapesDataModule  # noqa: E402
+from captioning.models.image_captioner import ImageCaptioner  # noqa: E402
+from captioning.nn.torchvision_encoder import ImageEncoder  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -57,8 +57,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def make_model(a: argparse.Namespace, shapes: ShapesDataModule) -> ImageCaptioner:
     torch.manual_seed(0)
     encoder = ImageEncoder(a.backbone, weights=None, grid_size=a.image_size // 32, trainable_from=None)
-    return ImageCaptioner(encoder, shapes.vocab.to_dict(), embed_dim=128, decoder_dim=256, attention_dim=128,
-                          dropout=0.3)
+    return ImageCaptioner(
+        encoder, shapes.vocab.to_dict(), embed_dim=128, decoder_dim=256, attention_dim=128, dropout=0.3
+    )
 
 
 def epoch_seconds(model: ImageCaptioner, loader, epoch: int) -> tuple[float, int]:
@@ -84,15 +85,24 @@ def main(argv: list[str] | None = None) -> dict:
     if a.threads:
         torch.set_num_threads(a.threads)
     on = f"cpu:{torch.get_num_threads()} threads"
-    shapes = ShapesDataModule(batch_size=a.batch_size, image_size=a.image_size, train_size=a.train_size,
-                              val_size=1, test_size=1)
+    shapes = ShapesDataModule(
+        batch_size=a.batch_size, image_size=a.image_size, train_size=a.train_size, val_size=1, test_size=1
+    )
     model = make_model(a, shapes)
     cache_dir = a.cache_dir or tempfile.mkdtemp(prefix="cache_epoch_")
-    report = {"on": on, "load_avg_1min_before": round(os.getloadavg()[0], 2),
-              "setup": {"dataset": "built-in shapes", "train_images": a.train_size, "image_size": a.image_size,
-                        "encoder": f"ImageEncoder({a.backbone}, weights=None, frozen)",
-                        "grid": f"{a.image_size // 32}x{a.image_size // 32}x{model.encoder.out_channels}",
-                        "batch_size": a.batch_size, "captions_per_epoch": "one random caption per image"}}
+    report = {
+        "on": on,
+        "load_avg_1min_before": round(os.getloadavg()[0], 2),
+        "setup": {
+            "dataset": "built-in shapes",
+            "train_images": a.train_size,
+            "image_size": a.image_size,
+            "encoder": f"ImageEncoder({a.backbone}, weights=None, frozen)",
+            "grid": f"{a.image_size // 32}x{a.image_size // 32}x{model.encoder.out_channels}",
+            "batch_size": a.batch_size,
+            "captions_per_epoch": "one random caption per image",
+        },
+    }
 
     cached = CachedFeaturesDataModule(shapes, cache_dir, captions_per_epoch="one", bucket_by_length=False)
     start = time.perf_counter()
@@ -108,20 +118,27 @@ def main(argv: list[str] | None = None) -> dict:
     bucketed = CachedFeaturesDataModule(shapes, cache_dir, captions_per_epoch="one", bucket_by_length=True)
     bucketed.setup()
 
-    arms = {"on_the_fly": shapes.train_dataloader(), "cached": cached.train_dataloader(),
-            "cached_bucketed": bucketed.train_dataloader()}
+    arms = {
+        "on_the_fly": shapes.train_dataloader(),
+        "cached": cached.train_dataloader(),
+        "cached_bucketed": bucketed.train_dataloader(),
+    }
     for name, loader in arms.items():
         model = make_model(a, shapes)
         epoch_seconds(model, loader, epoch=100)  # warm-up epoch (allocator, page cache)
         runs = [epoch_seconds(model, loader, epoch=e) for e in range(a.epochs)]
-        report[f"{name}_epoch_seconds"] = {"value": round(statistics.median(r[0] for r in runs), 2),
-                                           "samples": [round(r[0], 2) for r in runs], "on": on,
-                                           "decode_steps_per_epoch": runs[-1][1]}
+        report[f"{name}_epoch_seconds"] = {
+            "value": round(statistics.median(r[0] for r in runs), 2),
+            "samples": [round(r[0], 2) for r in runs],
+            "on": on,
+            "decode_steps_per_epoch": runs[-1][1],
+        }
     fly = report["on_the_fly_epoch_seconds"]["value"]
     report["speedup_cached"] = round(fly / report["cached_epoch_seconds"]["value"], 2)
     report["speedup_cached_bucketed"] = round(fly / report["cached_bucketed_epoch_seconds"]["value"], 2)
-    report["break_even_epochs"] = round(report["build_seconds_train_split"]
-                                        / max(1e-9, fly - report["cached_epoch_seconds"]["value"]), 2)
+    report["break_even_epochs"] = round(
+        report["build_seconds_train_split"] / max(1e-9, fly - report["cached_epoch_seconds"]["value"]), 2
+    )
     report["load_avg_1min_after"] = round(os.getloadavg()[0], 2)
     text = json.dumps(report, indent=1)
     if a.out:

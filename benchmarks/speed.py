@@ -58,16 +58,21 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from captioning.nn.attention import SCORERS  # noqa: E402
-from captioning.nn.image_decoder import ShowAttendTellDecoder  # noqa: E402
-from captioning.nn.encoders import SmallCNN  # noqa: E402
-from captioning.nn.torchvision_encoder import ImageEncoder  # noqa: E402
-from captioning.models.image_captioner import ImageCaptioner  # noqa: E402
-from captioning.data.vocab import Vocabulary  # noqa: E402
 from machine import cpu_name  # noqa: E402  (benchmarks/machine.py)
 
-REFERENCE = {"train_step_ms": 4500.0, "beam_seconds_per_caption": 1.1, "beam_captions_per_s": 0.9,
-             "note": "best-known public implementation on this 2-core machine kind (shared/DESIGN.md)"}
+from captioning.data.vocab import Vocabulary  # noqa: E402
+from captioning.models.image_captioner import ImageCaptioner  # noqa: E402
+from captioning.nn.attention import SCORERS  # noqa: E402
+from captioning.nn.encoders import SmallCNN  # noqa: E402
+from captioning.nn.image_decoder import ShowAttendTellDecoder  # noqa: E402
+from captioning.nn.torchvision_encoder import ImageEncoder  # noqa: E402
+
+REFERENCE = {
+    "train_step_ms": 4500.0,
+    "beam_seconds_per_caption": 1.1,
+    "beam_captions_per_s": 0.9,
+    "note": "best-known public implementation on this 2-core machine kind (shared/DESIGN.md)",
+}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -81,16 +86,31 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dim", type=int, default=512, help="attention = embedding = decoder width")
     p.add_argument("--vocab", type=int, default=10000)
     p.add_argument("--steps", type=int, default=21, help="decode steps of a training caption")
-    p.add_argument("--min-steps", type=int, default=None,
-                   help="captions of random lengths in [min-steps, steps], padded (default: all --steps long)")
+    p.add_argument(
+        "--min-steps",
+        type=int,
+        default=None,
+        help="captions of random lengths in [min-steps, steps], padded (default: all --steps long)",
+    )
     p.add_argument("--repeats", type=int, default=7, help="timed training steps (median reported)")
     p.add_argument("--plain", action="store_true", help="use the plain autograd decoder loop (fused=False)")
-    p.add_argument("--padding", choices=["auto", "shrink", "mask"], default="auto",
-                   help="how teacher forcing skips padding (auto: shrink on CPUs, mask on GPUs)")
-    p.add_argument("--no-graphs", dest="graphs", action="store_false",
-                   help="CUDA: launch the training step op by op instead of replaying it as a CUDA graph")
-    p.add_argument("--attention", default="additive",
-                   help=f"score function ({', '.join(sorted(SCORERS))}) or 'all' (each, single- and multi-head)")
+    p.add_argument(
+        "--padding",
+        choices=["auto", "shrink", "mask"],
+        default="auto",
+        help="how teacher forcing skips padding (auto: shrink on CPUs, mask on GPUs)",
+    )
+    p.add_argument(
+        "--no-graphs",
+        dest="graphs",
+        action="store_false",
+        help="CUDA: launch the training step op by op instead of replaying it as a CUDA graph",
+    )
+    p.add_argument(
+        "--attention",
+        default="additive",
+        help=f"score function ({', '.join(sorted(SCORERS))}) or 'all' (each, single- and multi-head)",
+    )
     p.add_argument("--heads", type=int, default=1, help="attention heads (1 = single-head)")
     p.add_argument("--multi-heads", type=int, default=8, help="head count of the multi-head runs of --attention all")
     p.add_argument("--query", choices=["previous", "current"], default="previous", help="decoder query style")
@@ -114,8 +134,10 @@ class Runner:
     def __init__(self, args: argparse.Namespace) -> None:
         self.args, self.device = args, torch.device(args.device)
         self.cuda = self.device.type == "cuda"
-        self.on = f"{self.device.type}:{torch.cuda.get_device_name(self.device) if self.cuda else cpu_name()}" \
-                  f", {torch.get_num_threads()} threads, {args.precision}"
+        self.on = (
+            f"{self.device.type}:{torch.cuda.get_device_name(self.device) if self.cuda else cpu_name()}"
+            f", {torch.get_num_threads()} threads, {args.precision}"
+        )
 
     def autocast(self):
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.args.precision == "bf16")
@@ -177,8 +199,12 @@ def gemm_gflops(run: Runner, n: int = 2048, dtype: torch.dtype = torch.float32) 
     a = torch.randn(n, n, device=run.device, dtype=dtype)
     b = torch.randn(n, n, device=run.device, dtype=dtype)
     times = run.time(lambda: a @ b, repeats=10, warmup=3)
-    return figure(2 * n ** 3 / statistics.median(times) / 1e9, run, shape=f"{n}x{n}x{n} {str(dtype)[6:]}",
-                  best=round(2 * n ** 3 / min(times) / 1e9, 1))
+    return figure(
+        2 * n**3 / statistics.median(times) / 1e9,
+        run,
+        shape=f"{n}x{n}x{n} {str(dtype)[6:]}",
+        best=round(2 * n**3 / min(times) / 1e9, 1),
+    )
 
 
 def analytic_step_gflop(a: argparse.Namespace) -> float:
@@ -191,7 +217,7 @@ def analytic_step_gflop(a: argparse.Namespace) -> float:
     needed: the features (key projection, context sum over the values) and the embedding
     lookup input.
     """
-    b, t, s, c, d, v = a.batch, a.steps, a.grid ** 2, a.channels, a.dim, a.vocab
+    b, t, s, c, d, v = a.batch, a.steps, a.grid**2, a.channels, a.dim, a.vocab
     e = att = d
     tokens = b * t
     per_token = e * 4 * d + c * 4 * d + d * 4 * d + d * c + d * att + d * v
@@ -204,12 +230,31 @@ def build_model(a: argparse.Namespace, encoder: torch.nn.Module | None = None) -
     if encoder is None:  # decoder-only workload: the encoder is never called (features are given)
         encoder = SmallCNN(channels=a.channels, grid_size=a.grid, width=4)
     vocab = Vocabulary([f"w{i}" for i in range(a.vocab - 4)]).to_dict()
-    model = ImageCaptioner(encoder, vocab, embed_dim=a.dim, decoder_dim=a.dim, attention_dim=a.dim,
-                           dropout=0.5, alpha_c=1.0, attention=a.attention, num_heads=a.heads)
+    model = ImageCaptioner(
+        encoder,
+        vocab,
+        embed_dim=a.dim,
+        decoder_dim=a.dim,
+        attention_dim=a.dim,
+        dropout=0.5,
+        alpha_c=1.0,
+        attention=a.attention,
+        num_heads=a.heads,
+    )
     if a.query != "previous" or a.sentinel:  # decoder options the captioner does not take (yet)
-        model.decoder = ShowAttendTellDecoder(a.vocab, a.channels, a.dim, a.dim, a.dim, attention=a.attention,
-                                              num_heads=a.heads, dropout=0.5, max_positions=a.grid ** 2,
-                                              query=a.query, sentinel=a.sentinel)
+        model.decoder = ShowAttendTellDecoder(
+            a.vocab,
+            a.channels,
+            a.dim,
+            a.dim,
+            a.dim,
+            attention=a.attention,
+            num_heads=a.heads,
+            dropout=0.5,
+            max_positions=a.grid**2,
+            query=a.query,
+            sentinel=a.sentinel,
+        )
     model.decoder.fused = not a.plain
     model.decoder.padding = a.padding
     return model
@@ -224,7 +269,7 @@ def train_phase(a: argparse.Namespace, run: Runner, light: bool = False) -> dict
     params = [p for p in model.decoder.parameters() if p.requires_grad]
     # fused Adam: one pass over each parameter instead of ~10 elementwise kernels per tensor.
     opt = torch.optim.Adam(params, lr=4e-4, fused=True)
-    feats = torch.randn(a.batch, a.grid ** 2, a.channels, device=run.device)
+    feats = torch.randn(a.batch, a.grid**2, a.channels, device=run.device)
     caps = torch.randint(4, a.vocab, (a.batch, a.steps + 1), device=run.device)
     caps[:, 0], caps[:, -1] = 1, 2  # BOS ... EOS: 21 decode steps, no padding
     if a.min_steps is not None:  # BOS w.. EOS PAD..: a row of n decode steps ends at position n
@@ -261,8 +306,10 @@ def train_phase(a: argparse.Namespace, run: Runner, light: bool = False) -> dict
     peak = run.peak_mb()
     profile = step_profile(step, run)
     if light:
-        return {"train_step_ms": figure(statistics.median(times) * 1e3, run,
-                                        samples_ms=[round(x * 1e3, 1) for x in times]), "step_profile": profile}
+        return {
+            "train_step_ms": figure(statistics.median(times) * 1e3, run, samples_ms=[round(x * 1e3, 1) for x in times]),
+            "step_profile": profile,
+        }
     with torch.no_grad(), run.autocast():
         fwd = run.time(lambda: model.loss(feats, caps), 3, warmup=0)
     with FlopCounterMode(display=False) as counter:
@@ -270,16 +317,26 @@ def train_phase(a: argparse.Namespace, run: Runner, light: bool = False) -> dict
     agreement = bf16_agreement(model, feats, caps, run) if a.precision == "bf16" else None
     counted = counter.get_total_flops() / 1e9
     ms = statistics.median(times) * 1e3
-    out = {"train_step_ms": figure(ms, run, samples_ms=[round(x * 1e3, 1) for x in times],
-                                   median_of=len(times), optimizer="Adam(fused=True)",
-                                   path="plain autograd loop" if a.plain else "fused recurrence",
-                                   padding=model.decoder.padding_mode(run.device),
-                                   cuda_graph=graphed),
-           "step_profile": profile,
-           "train_step_gflop": {"value": round(counted, 2), "counted_with": "torch.utils.flop_counter.FlopCounterMode",
-                                "analytic": round(analytic_step_gflop(a), 2)},
-           "achieved_gflops": figure(counted / (ms / 1e3), run),
-           "peak_memory_train": peak}
+    out = {
+        "train_step_ms": figure(
+            ms,
+            run,
+            samples_ms=[round(x * 1e3, 1) for x in times],
+            median_of=len(times),
+            optimizer="Adam(fused=True)",
+            path="plain autograd loop" if a.plain else "fused recurrence",
+            padding=model.decoder.padding_mode(run.device),
+            cuda_graph=graphed,
+        ),
+        "step_profile": profile,
+        "train_step_gflop": {
+            "value": round(counted, 2),
+            "counted_with": "torch.utils.flop_counter.FlopCounterMode",
+            "analytic": round(analytic_step_gflop(a), 2),
+        },
+        "achieved_gflops": figure(counted / (ms / 1e3), run),
+        "peak_memory_train": peak,
+    }
     out["train_forward_ms"] = figure(statistics.median(fwd) * 1e3, run, note="forward + loss only, no_grad")
     if agreement:
         out["bf16_vs_fp32"] = agreement
@@ -317,13 +374,23 @@ def step_profile(step, run: Runner, steps: int = 3) -> dict:
         if e.device_type.name == "CUDA":
             kernels += 1
             busy += e.device_time_total if hasattr(e, "device_time_total") else e.cuda_time_total
-        elif e.name in ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC", "cudaGraphLaunch",
-                        "cuLaunchKernelEx"):
+        elif e.name in (
+            "cudaLaunchKernel",
+            "cuLaunchKernel",
+            "cudaLaunchKernelExC",
+            "cudaGraphLaunch",
+            "cuLaunchKernelEx",
+        ):
             launches += 1
     busy_ms = busy / 1e3 / steps
-    return {"kernels_per_step": round(kernels / steps), "launches_per_step": round(launches / steps),
-            "gpu_busy_ms_per_step": round(busy_ms, 3), "wall_ms_per_step": round(wall * 1e3, 3),
-            "gpu_busy_share": round(busy_ms / (wall * 1e3), 3), "measured_with": "torch.profiler, 3 steps"}
+    return {
+        "kernels_per_step": round(kernels / steps),
+        "launches_per_step": round(launches / steps),
+        "gpu_busy_ms_per_step": round(busy_ms, 3),
+        "wall_ms_per_step": round(wall * 1e3, 3),
+        "gpu_busy_share": round(busy_ms / (wall * 1e3), 3),
+        "measured_with": "torch.profiler, 3 steps",
+    }
 
 
 def bf16_agreement(model: ImageCaptioner, feats: torch.Tensor, caps: torch.Tensor, run: Runner) -> dict:
@@ -339,15 +406,18 @@ def bf16_agreement(model: ImageCaptioner, feats: torch.Tensor, caps: torch.Tenso
         grads.append(torch.cat([p.grad.flatten().double() for p in model.decoder.parameters() if p.grad is not None]))
     model.train()
     cos = torch.nn.functional.cosine_similarity(grads[0], grads[1], dim=0)
-    return {"loss_fp32": round(losses[0], 5), "loss_bf16": round(losses[1], 5),
-            "gradient_cosine": round(float(cos), 5),
-            "gradient_rel_error": round(float((grads[1] - grads[0]).norm() / grads[0].norm()), 5)}
+    return {
+        "loss_fp32": round(losses[0], 5),
+        "loss_bf16": round(losses[1], 5),
+        "gradient_cosine": round(float(cos), 5),
+        "gradient_rel_error": round(float((grads[1] - grads[0]).norm() / grads[0].norm()), 5),
+    }
 
 
 def decode_phase(a: argparse.Namespace, run: Runner, beam: int) -> dict:
     torch.manual_seed(0)
     model = build_model(a).to(run.device).eval()
-    feats = torch.randn(a.beam_images, a.grid ** 2, a.channels, device=run.device)
+    feats = torch.randn(a.beam_images, a.grid**2, a.channels, device=run.device)
     results = []
 
     def decode() -> None:
@@ -358,16 +428,25 @@ def decode_phase(a: argparse.Namespace, run: Runner, beam: int) -> dict:
     times = run.time(decode, repeats=2 if beam > 1 else 3, warmup=1)
     steps = int(results[-1].tokens.shape[1])
     name = "beam" if beam > 1 else "greedy"
-    return {f"{name}_captions_per_s": figure(a.beam_images / statistics.median(times), run, images=a.beam_images,
-                                             beam_size=beam, steps_run=steps, max_length=a.max_length,
-                                             seconds=[round(x, 2) for x in times]),
-            f"peak_memory_{name}": run.peak_mb()}
+    return {
+        f"{name}_captions_per_s": figure(
+            a.beam_images / statistics.median(times),
+            run,
+            images=a.beam_images,
+            beam_size=beam,
+            steps_run=steps,
+            max_length=a.max_length,
+            seconds=[round(x, 2) for x in times],
+        ),
+        f"peak_memory_{name}": run.peak_mb(),
+    }
 
 
 def e2e_phase(a: argparse.Namespace, run: Runner, trainable_from: str | None) -> dict:
     torch.manual_seed(0)
-    encoder = ImageEncoder(a.backbone, weights=None, grid_size=a.grid, trainable_from=trainable_from,
-                           channels_last=a.channels_last)
+    encoder = ImageEncoder(
+        a.backbone, weights=None, grid_size=a.grid, trainable_from=trainable_from, channels_last=a.channels_last
+    )
     model = build_model(a, encoder).to(run.device).train()
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-4, fused=True)
     images = torch.randn(a.e2e_batch, 3, a.image_size, a.image_size, device=run.device)
@@ -384,11 +463,18 @@ def e2e_phase(a: argparse.Namespace, run: Runner, trainable_from: str | None) ->
     run.reset_peak()
     times = run.time(step, a.e2e_repeats, warmup=1)
     key = "frozen" if trainable_from is None else "finetune"
-    return {f"e2e_images_per_s_{key}": figure(a.e2e_batch / statistics.median(times), run, batch=a.e2e_batch,
-                                              backbone=a.backbone, image_size=a.image_size,
-                                              trainable_from=trainable_from,
-                                              seconds_per_step=[round(x, 2) for x in times]),
-            f"peak_memory_e2e_{key}": run.peak_mb()}
+    return {
+        f"e2e_images_per_s_{key}": figure(
+            a.e2e_batch / statistics.median(times),
+            run,
+            batch=a.e2e_batch,
+            backbone=a.backbone,
+            image_size=a.image_size,
+            trainable_from=trainable_from,
+            seconds_per_step=[round(x, 2) for x in times],
+        ),
+        f"peak_memory_e2e_{key}": run.peak_mb(),
+    }
 
 
 def attention_table(a: argparse.Namespace, run: Runner, skip: set[str]) -> dict:
@@ -414,18 +500,37 @@ def main(argv: list[str] | None = None) -> dict:
         torch.set_num_threads(a.threads)
     skip = {s.strip() for s in a.skip.split(",") if s.strip()}
     run = Runner(a)
-    report = {"device": run.on, "threads": torch.get_num_threads(), "precision": a.precision,
-              "torch": torch.__version__, "cpu_count": os.cpu_count(),
-              "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "unset (library default)"),
-              "load_avg_1min_before": round(os.getloadavg()[0], 2),
-              "workload": {"batch": a.batch, "grid": f"{a.grid}x{a.grid}", "channels": a.channels,
-                           "attention_embed_decoder_dim": a.dim, "vocab": a.vocab, "decode_steps": a.steps,
-                           "min_decode_steps": a.min_steps, "optimizer": "Adam", "alpha_c": 1.0, "dropout": 0.5},
-              "gemm_gflops": gemm_gflops(run)}
+    report = {
+        "device": run.on,
+        "threads": torch.get_num_threads(),
+        "precision": a.precision,
+        "torch": torch.__version__,
+        "cpu_count": os.cpu_count(),
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "unset (library default)"),
+        "load_avg_1min_before": round(os.getloadavg()[0], 2),
+        "workload": {
+            "batch": a.batch,
+            "grid": f"{a.grid}x{a.grid}",
+            "channels": a.channels,
+            "attention_embed_decoder_dim": a.dim,
+            "vocab": a.vocab,
+            "decode_steps": a.steps,
+            "min_decode_steps": a.min_steps,
+            "optimizer": "Adam",
+            "alpha_c": 1.0,
+            "dropout": 0.5,
+        },
+        "gemm_gflops": gemm_gflops(run),
+    }
     if a.precision == "bf16":
         report["gemm_gflops_bf16"] = gemm_gflops(run, dtype=torch.bfloat16)
-    report["decoder"] = {"attention": a.attention, "heads": a.heads, "query": a.query, "sentinel": a.sentinel,
-                         "path": "plain autograd loop" if a.plain else "fused recurrence"}
+    report["decoder"] = {
+        "attention": a.attention,
+        "heads": a.heads,
+        "query": a.query,
+        "sentinel": a.sentinel,
+        "path": "plain autograd loop" if a.plain else "fused recurrence",
+    }
     if a.attention == "all":
         report["decoder"]["heads"] = [1, a.multi_heads]
         report["per_attention"] = attention_table(a, run, skip)
@@ -448,8 +553,9 @@ def main(argv: list[str] | None = None) -> dict:
     if "train_step_ms" in report:
         report["train_speedup_vs_reference"] = round(REFERENCE["train_step_ms"] / report["train_step_ms"]["value"], 2)
     if "beam_captions_per_s" in report:
-        report["beam_speedup_vs_reference"] = round(report["beam_captions_per_s"]["value"]
-                                                    / REFERENCE["beam_captions_per_s"], 1)
+        report["beam_speedup_vs_reference"] = round(
+            report["beam_captions_per_s"]["value"] / REFERENCE["beam_captions_per_s"], 1
+        )
     text = json.dumps(report, indent=1)
     if a.out:
         Path(a.out).parent.mkdir(parents=True, exist_ok=True)

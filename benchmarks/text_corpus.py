@@ -46,10 +46,18 @@ from text_tutorial_model import keep_pair, normalize  # noqa: E402
 
 # ---------------------------------------------------------------------------- stand-in corpus
 _SUBJECTS = [  # English prefixes of the tutorial's filter -> French, with agreement (gender, plural)
-    ("i am", "je suis", "", ""), ("i'm", "je suis", "", ""), ("he is", "il est", "", ""),
-    ("he's", "il est", "", ""), ("she is", "elle est", "e", ""), ("she's", "elle est", "e", ""),
-    ("you are", "tu es", "", ""), ("you're", "vous êtes", "", "s"), ("we are", "nous sommes", "", "s"),
-    ("we're", "nous sommes", "", "s"), ("they are", "ils sont", "", "s"), ("they're", "elles sont", "e", "s"),
+    ("i am", "je suis", "", ""),
+    ("i'm", "je suis", "", ""),
+    ("he is", "il est", "", ""),
+    ("he's", "il est", "", ""),
+    ("she is", "elle est", "e", ""),
+    ("she's", "elle est", "e", ""),
+    ("you are", "tu es", "", ""),
+    ("you're", "vous êtes", "", "s"),
+    ("we are", "nous sommes", "", "s"),
+    ("we're", "nous sommes", "", "s"),
+    ("they are", "ils sont", "", "s"),
+    ("they're", "elles sont", "e", "s"),
 ]
 _SYL_EN = ["ba", "ter", "lo", "mi", "sen", "ra", "dor", "ki", "pel", "an", "ste", "ful", "ing", "ous", "ly"]
 _SYL_FR = ["bé", "teu", "lo", "mi", "sen", "ra", "dor", "qui", "pel", "an", "été", "eux", "ant", "oir", "ié"]
@@ -65,8 +73,12 @@ def synthetic_fra(n_lines: int = 17000, n_words: int = 3000, seed: int = 0) -> l
     for i in range(n_words):
         k = rng.randint(1, 3)
         parts = [rng.randrange(len(_SYL_EN)) for _ in range(k)]
-        lexicon.append(("".join(_SYL_EN[p] for p in parts) + str(i % 7 if i > 2000 else ""),
-                        "".join(_SYL_FR[p] for p in parts) + str(i % 7 if i > 2000 else "")))
+        lexicon.append(
+            (
+                "".join(_SYL_EN[p] for p in parts) + str(i % 7 if i > 2000 else ""),
+                "".join(_SYL_FR[p] for p in parts) + str(i % 7 if i > 2000 else ""),
+            )
+        )
     weights = [1.0 / (r + 1) for r in range(n_words)]
     lines = []
     for _ in range(n_lines):
@@ -111,7 +123,7 @@ def prepare(lines: list[str], work_dir: Path, n_val: int, n_test: int, seed: int
     random.Random(seed).shuffle(pairs)
     if len(pairs) <= n_val + n_test:
         raise ValueError(f"only {len(pairs)} pairs pass the filter: too few for {n_val} + {n_test} held out")
-    splits = {"val": pairs[:n_val], "test": pairs[n_val:n_val + n_test], "train": pairs[n_val + n_test:]}
+    splits = {"val": pairs[:n_val], "test": pairs[n_val : n_val + n_test], "train": pairs[n_val + n_test :]}
     work_dir.mkdir(parents=True, exist_ok=True)
     for name, rows in splits.items():
         (work_dir / f"{name}.tsv").write_text("".join(f"{s}\t{t}\n" for s, t in rows), encoding="utf-8")
@@ -136,19 +148,37 @@ def run_child(cmd: list[str], env: dict, log: Path) -> dict:
 
 
 def ours(args: argparse.Namespace, work: Path, env: dict) -> dict:
+    from captioning.data.text_vocab import TextTokenizer
     from captioning.io.model_loading import find_checkpoint, read_checkpoint
     from captioning.models.seq2seq import score_translations
-    from captioning.data.text_vocab import TextTokenizer
 
     root = work / "runs"
-    cmd = [sys.executable, "-m", "captioning", "fit", "--config", str(ROOT / "configs" / "text_tsv.yaml"),
-           "--data.init_args.train_path", str(work / "train.tsv"), "--data.init_args.val_path", str(work / "val.tsv"),
-           "--data.init_args.test_path", str(work / "test.tsv"), "--trainer.max_time",
-           f"00:00:{int(args.budget_min):02d}:{int(args.budget_min % 1 * 60):02d}",
-           "--trainer.default_root_dir", str(root), "--trainer.logger.init_args.save_dir", str(root),
-           "--trainer.enable_progress_bar", "false", *args.ours_args]
+    cmd = [
+        sys.executable,
+        "-m",
+        "captioning",
+        "fit",
+        "--config",
+        str(ROOT / "configs" / "text_tsv.yaml"),
+        "--data.init_args.train_path",
+        str(work / "train.tsv"),
+        "--data.init_args.val_path",
+        str(work / "val.tsv"),
+        "--data.init_args.test_path",
+        str(work / "test.tsv"),
+        "--trainer.max_time",
+        f"00:00:{int(args.budget_min):02d}:{int(args.budget_min % 1 * 60):02d}",
+        "--trainer.default_root_dir",
+        str(root),
+        "--trainer.logger.init_args.save_dir",
+        str(root),
+        "--trainer.enable_progress_bar",
+        "false",
+        *args.ours_args,
+    ]
     fit = run_child(cmd, env, work / "ours_fit.log")
-    metrics = list(csv.DictReader(open(next(root.rglob("metrics.csv")), encoding="utf-8")))
+    with open(next(root.rglob("metrics.csv")), encoding="utf-8") as f:
+        metrics = list(csv.DictReader(f))
     test = {k.split("/", 1)[1]: float(v) for row in metrics for k, v in row.items() if k.startswith("test/") and v}
     last = read_checkpoint(next(root.rglob("last.ckpt")))
     steps, hp = int(last["global_step"]), last["hyper_parameters"]
@@ -158,27 +188,57 @@ def ours(args: argparse.Namespace, work: Path, env: dict) -> dict:
     (work / "test.src").write_text("\n".join(sources) + "\n", encoding="utf-8")
     hyps_path = work / "ours_test.hyp"
     with open(hyps_path, "w", encoding="utf-8") as out:
-        subprocess.check_call([sys.executable, "-m", "captioning", "translate", "--ckpt_path", str(best), "--input",
-                               str(work / "test.src")], env=env, stdout=out, stderr=subprocess.DEVNULL, cwd=ROOT)
+        subprocess.check_call(
+            [
+                sys.executable,
+                "-m",
+                "captioning",
+                "translate",
+                "--ckpt_path",
+                str(best),
+                "--input",
+                str(work / "test.src"),
+            ],
+            env=env,
+            stdout=out,
+            stderr=subprocess.DEVNULL,
+            cwd=ROOT,
+        )
     hyps = hyps_path.read_text(encoding="utf-8").splitlines()
     offline = score_translations(hyps, refs, TextTokenizer.from_dict(hp["vocab"]["tokenizer"]))
     common = score_translations([normalize(h) for h in hyps], [normalize(r) for r in refs])
-    n_train = sum(1 for _ in open(work / "train.tsv", encoding="utf-8"))
+    with open(work / "train.tsv", encoding="utf-8") as f:
+        n_train = sum(1 for _ in f)
     batch = 64  # text_tsv.yaml's batch_size unless overridden in --ours_args
     for i, a in enumerate(args.ours_args[:-1]):
         if a.endswith("batch_size"):
             batch = int(args.ours_args[i + 1])
     params = sum(v.numel() for v in last["state_dict"].values())
-    return {"test_after_fit": test, "translate_scored_offline": _round(offline), "tutorial_normalised": _round(common),
-            "fit": fit, "steps": steps, "epochs": round(steps * batch / n_train, 2),
-            "train_pairs_per_s_wall": round(steps * batch / fit["wall_s"], 1), "params": params,
-            "examples": list(zip(sources[:5], hyps[:5], refs[:5]))}
+    return {
+        "test_after_fit": test,
+        "translate_scored_offline": _round(offline),
+        "tutorial_normalised": _round(common),
+        "fit": fit,
+        "steps": steps,
+        "epochs": round(steps * batch / n_train, 2),
+        "train_pairs_per_s_wall": round(steps * batch / fit["wall_s"], 1),
+        "params": params,
+        "examples": list(zip(sources[:5], hyps[:5], refs[:5])),
+    }
 
 
 def tutorial(args: argparse.Namespace, work: Path, env: dict) -> dict:
     out = work / "tutorial.json"
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--_tutorial_child", str(work), "--budget_min",
-           str(args.budget_min), "--seed", str(args.seed)]
+    cmd = [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "--_tutorial_child",
+        str(work),
+        "--budget_min",
+        str(args.budget_min),
+        "--seed",
+        str(args.seed),
+    ]
     fit = run_child(cmd, env, work / "tutorial.log")
     result = json.loads(out.read_text())
     result["fit"] = fit
@@ -188,9 +248,9 @@ def tutorial(args: argparse.Namespace, work: Path, env: dict) -> dict:
 def tutorial_child(work: Path, budget_s: float, seed: int) -> None:
     """Train the tutorial model for ``budget_s`` seconds (in this process), then score greedy test."""
     import torch
+    from text_tutorial_model import Lang, TutorialModel, to_array
 
     from captioning.models.seq2seq import score_translations
-    from text_tutorial_model import Lang, TutorialModel, to_array
 
     torch.manual_seed(seed)
     read = lambda name: [line.split("\t") for line in (work / name).read_text(encoding="utf-8").splitlines()]  # noqa
@@ -208,10 +268,18 @@ def tutorial_child(work: Path, budget_s: float, seed: int) -> None:
     wall = time.perf_counter() - t0
     hyps = model.translate([normalize(s) for s, _ in test])
     scores = score_translations(hyps, [normalize(t) for _, t in test])
-    (work / "tutorial.json").write_text(json.dumps({
-        "tutorial_normalised": _round(scores), "steps": steps, "epochs": round(steps * 32 / len(x), 2),
-        "train_pairs_per_s_wall": round(steps * 32 / wall, 1), "params": model.parameters(),
-        "examples": list(zip([s for s, _ in test[:5]], hyps[:5], [t for _, t in test[:5]]))}))
+    (work / "tutorial.json").write_text(
+        json.dumps(
+            {
+                "tutorial_normalised": _round(scores),
+                "steps": steps,
+                "epochs": round(steps * 32 / len(x), 2),
+                "train_pairs_per_s_wall": round(steps * 32 / wall, 1),
+                "params": model.parameters(),
+                "examples": list(zip([s for s, _ in test[:5]], hyps[:5], [t for _, t in test[:5]])),
+            }
+        )
+    )
 
 
 def _round(scores: dict) -> dict:
@@ -230,25 +298,37 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--skip_tutorial", action="store_true")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", help="also write the JSON here")
-    p.add_argument("--ours_args", nargs=argparse.REMAINDER, default=[],
-                   help="further `captioning fit` options (last on the command line)")
+    p.add_argument(
+        "--ours_args",
+        nargs=argparse.REMAINDER,
+        default=[],
+        help="further `captioning fit` options (last on the command line)",
+    )
     p.add_argument("--_tutorial_child", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args._tutorial_child:
         return tutorial_child(Path(args._tutorial_child), args.budget_min * 60, args.seed)
     if bool(args.fra) == args.synthetic:
         p.error("give --fra FILE (the real corpus) or --synthetic (a generated stand-in)")
-    lines = synthetic_fra(seed=args.seed) if args.synthetic else \
-        Path(args.fra).read_text(encoding="utf-8").splitlines()
+    lines = synthetic_fra(seed=args.seed) if args.synthetic else Path(args.fra).read_text(encoding="utf-8").splitlines()
     work = Path(args.work_dir)
     sizes = prepare(lines, work, args.n_val, args.n_test, args.seed)
-    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), OMP_WAIT_POLICY="PASSIVE",
-               WANDB_MODE=os.environ.get("WANDB_MODE", "disabled"), PYTHONPATH=str(ROOT))
-    result = {"corpus": "synthetic stand-in (NOT French: develops the script only)" if args.synthetic else
-              str(args.fra), "pairs": sizes, "budget_min": args.budget_min,
-              "threads": {"OMP_NUM_THREADS": args.threads, "OMP_WAIT_POLICY": "PASSIVE"},
-              "cpu_count": os.cpu_count(), "load_avg_1min_before": round(os.getloadavg()[0], 2),
-              "ours": ours(args, work, env)}
+    env = dict(
+        os.environ,
+        OMP_NUM_THREADS=str(args.threads),
+        OMP_WAIT_POLICY="PASSIVE",
+        WANDB_MODE=os.environ.get("WANDB_MODE", "disabled"),
+        PYTHONPATH=str(ROOT),
+    )
+    result = {
+        "corpus": "synthetic stand-in (NOT French: develops the script only)" if args.synthetic else str(args.fra),
+        "pairs": sizes,
+        "budget_min": args.budget_min,
+        "threads": {"OMP_NUM_THREADS": args.threads, "OMP_WAIT_POLICY": "PASSIVE"},
+        "cpu_count": os.cpu_count(),
+        "load_avg_1min_before": round(os.getloadavg()[0], 2),
+        "ours": ours(args, work, env),
+    }
     if not args.skip_tutorial:
         result["tutorial"] = tutorial(args, work, env)
     result["load_avg_1min_after"] = round(os.getloadavg()[0], 2)

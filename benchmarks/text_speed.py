@@ -91,13 +91,16 @@ class StepTimer(pl.Callback):
             Path(f"{self.out}.rank{trainer.global_rank}.json").write_text(json.dumps(self.result()))
 
     def result(self) -> dict:
-        return {"steps": self.steps, "pairs": self.pairs, "tokens": self.tokens, "wall_s": self.wall,
-                "cpu_s": self.cpu}
+        return {"steps": self.steps, "pairs": self.pairs, "tokens": self.tokens, "wall_s": self.wall, "cpu_s": self.cpu}
 
 
 def figures(m: dict) -> dict:
-    return {"pairs_per_s": m["pairs"] / m["wall_s"], "tokens_per_s": m["tokens"] / m["wall_s"],
-            "cpu_percent": 100 * m["cpu_s"] / m["wall_s"], "step_ms": 1000 * m["wall_s"] / max(1, m["steps"])}
+    return {
+        "pairs_per_s": m["pairs"] / m["wall_s"],
+        "tokens_per_s": m["tokens"] / m["wall_s"],
+        "cpu_percent": 100 * m["cpu_s"] / m["wall_s"],
+        "step_ms": 1000 * m["wall_s"] / max(1, m["steps"]),
+    }
 
 
 def run_ours(dm, sizes: dict, args: argparse.Namespace) -> dict:
@@ -106,10 +109,20 @@ def run_ours(dm, sizes: dict, args: argparse.Namespace) -> dict:
     model = Seq2SeqModel(vocab=dm.vocab_data, dropout=0.1, lr=1e-3, cuda_graphs=args.graphs, **sizes)
     timer = StepTimer(args.warmup)
     gpu = args.device == "cuda"
-    trainer = pl.Trainer(accelerator="gpu" if gpu else "cpu", devices=1, max_steps=args.warmup + args.steps,
-                         limit_val_batches=0, num_sanity_val_steps=0, logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False, callbacks=[timer],
-                         gradient_clip_val=1.0, precision="bf16-mixed" if args.precision == "bf16" else "32-true")
+    trainer = pl.Trainer(
+        accelerator="gpu" if gpu else "cpu",
+        devices=1,
+        max_steps=args.warmup + args.steps,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[timer],
+        gradient_clip_val=1.0,
+        precision="bf16-mixed" if args.precision == "bf16" else "32-true",
+    )
     trainer.fit(model, datamodule=dm)
     return dict(figures(timer.result()), params=sum(p.numel() for p in model.parameters()))
 
@@ -139,28 +152,70 @@ def run_tutorial(pairs: list[tuple[str, str]], args: argparse.Namespace) -> dict
 def run_ddp(tsv: dict, args: argparse.Namespace, workdir: Path, round_no: int) -> dict:
     """``captioning fit`` with two CPU processes (one thread each); CPU summed over both."""
     out = workdir / f"ddp{round_no}"
-    callbacks = json.dumps([{"class_path": "text_speed.StepTimer", "init_args": {"warmup": args.warmup,
-                                                                                   "out": str(out)}}])
-    cmd = [sys.executable, "-m", "captioning", "fit", "--config", str(ROOT / "configs" / "text_tsv.yaml"),
-           "--data.init_args.train_path", tsv["train"], "--data.init_args.val_path", tsv["val"],
-           "--data.init_args.batch_size", "16", "--trainer.accelerator", "cpu", "--trainer.devices", "2",
-           "--trainer.strategy", "ddp", "--trainer.max_steps", str(args.warmup + args.steps),
-           "--trainer.limit_val_batches", "0", "--trainer.num_sanity_val_steps", "0", "--trainer.logger", "false",
-           "--trainer.enable_checkpointing", "false", "--trainer.enable_progress_bar", "false",
-           "--trainer.callbacks", callbacks, "--test_after_fit", "false", "--model.init_args.dropout", "0.1",
-           "--model.init_args.lr", "0.001", "--model.init_args.scheduler", "none",
-           "--model.init_args.label_smoothing", "0.0",
-           *[a for k, v in TUTORIAL_SIZES.items() for a in (f"--model.init_args.{k}", str(v))],
-           "--model.init_args.encoder_dim", str(args.encoder_dim)]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=f"{ROOT}{os.pathsep}{ROOT / 'benchmarks'}",
-               WANDB_MODE="disabled")
+    callbacks = json.dumps(
+        [{"class_path": "text_speed.StepTimer", "init_args": {"warmup": args.warmup, "out": str(out)}}]
+    )
+    cmd = [
+        sys.executable,
+        "-m",
+        "captioning",
+        "fit",
+        "--config",
+        str(ROOT / "configs" / "text_tsv.yaml"),
+        "--data.init_args.train_path",
+        tsv["train"],
+        "--data.init_args.val_path",
+        tsv["val"],
+        "--data.init_args.batch_size",
+        "16",
+        "--trainer.accelerator",
+        "cpu",
+        "--trainer.devices",
+        "2",
+        "--trainer.strategy",
+        "ddp",
+        "--trainer.max_steps",
+        str(args.warmup + args.steps),
+        "--trainer.limit_val_batches",
+        "0",
+        "--trainer.num_sanity_val_steps",
+        "0",
+        "--trainer.logger",
+        "false",
+        "--trainer.enable_checkpointing",
+        "false",
+        "--trainer.enable_progress_bar",
+        "false",
+        "--trainer.callbacks",
+        callbacks,
+        "--test_after_fit",
+        "false",
+        "--model.init_args.dropout",
+        "0.1",
+        "--model.init_args.lr",
+        "0.001",
+        "--model.init_args.scheduler",
+        "none",
+        "--model.init_args.label_smoothing",
+        "0.0",
+        *[a for k, v in TUTORIAL_SIZES.items() for a in (f"--model.init_args.{k}", str(v))],
+        "--model.init_args.encoder_dim",
+        str(args.encoder_dim),
+    ]
+    env = dict(
+        os.environ, OMP_NUM_THREADS="1", PYTHONPATH=f"{ROOT}{os.pathsep}{ROOT / 'benchmarks'}", WANDB_MODE="disabled"
+    )
     proc = subprocess.run(cmd, env=env, cwd=workdir, capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"DDP run failed:\n{proc.stderr[-3000:]}")
     ranks = [json.loads(Path(f"{out}.rank{r}.json").read_text()) for r in range(2)]
-    m = {"steps": ranks[0]["steps"], "pairs": sum(r["pairs"] for r in ranks),
-         "tokens": sum(r["tokens"] for r in ranks), "wall_s": max(r["wall_s"] for r in ranks),
-         "cpu_s": sum(r["cpu_s"] for r in ranks)}
+    m = {
+        "steps": ranks[0]["steps"],
+        "pairs": sum(r["pairs"] for r in ranks),
+        "tokens": sum(r["tokens"] for r in ranks),
+        "wall_s": max(r["wall_s"] for r in ranks),
+        "cpu_s": sum(r["cpu_s"] for r in ranks),
+    }
     return figures(m)
 
 
@@ -170,8 +225,9 @@ def run_validation(dm, beam: int) -> float:
     from captioning.models.seq2seq import Seq2SeqModel
 
     model = Seq2SeqModel(vocab=dm.vocab_data, beam_size=beam, length_penalty=0.6, **DEFAULT_SIZES)
-    trainer = pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
-                         enable_model_summary=False)
+    trainer = pl.Trainer(
+        accelerator="cpu", devices=1, logger=False, enable_progress_bar=False, enable_model_summary=False
+    )
     t0 = time.perf_counter()
     trainer.validate(model, datamodule=dm, verbose=False)
     return time.perf_counter() - t0
@@ -188,8 +244,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--ddp", action="store_true", help="also ours with strategy=ddp on 2 CPU processes")
     p.add_argument("--default_sizes", action="store_true", help="also ours at configs/text_tsv.yaml's sizes")
     p.add_argument("--validation", action="store_true", help="also time a validation pass (greedy / beam 4)")
-    p.add_argument("--tutorial_active", action="store_true",
-                   help="also the tutorial with 2 threads and OMP_WAIT_POLICY=ACTIVE (child process)")
+    p.add_argument(
+        "--tutorial_active",
+        action="store_true",
+        help="also the tutorial with 2 threads and OMP_WAIT_POLICY=ACTIVE (child process)",
+    )
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="cuda: our model only, on one GPU")
     p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32", help="bf16: bf16-mixed (GPU)")
     p.add_argument("--no-graphs", dest="graphs", action="store_false", help="GPU: no CUDA graphs")
@@ -201,8 +260,9 @@ def main(argv: list[str] | None = None) -> None:
         lines = Path(args._tutorial_child).read_text(encoding="utf-8").splitlines()
         print(json.dumps(run_tutorial([tuple(line.split("\t")[:2]) for line in lines], args)))
         return
-    from captioning.data.text import TsvTextDataModule
     from text_corpus import prepare, synthetic_fra
+
+    from captioning.data.text import TsvTextDataModule
 
     workdir = Path(tempfile.mkdtemp(prefix="text_speed_"))
     if args.tsv:
@@ -220,16 +280,26 @@ def main(argv: list[str] | None = None) -> None:
     gpu = args.device == "cuda"
     for r in range(args.rounds):  # interleaved: every system once per round
         if gpu:  # our model only, both sizes
-            runs.setdefault("ours_tutorial_sizes_gpu", []).append(run_ours(dm_small, dict(TUTORIAL_SIZES,
-                                                                                          encoder_dim=args.encoder_dim),
-                                                                           args))
+            runs.setdefault("ours_tutorial_sizes_gpu", []).append(
+                run_ours(dm_small, dict(TUTORIAL_SIZES, encoder_dim=args.encoder_dim), args)
+            )
             runs.setdefault("ours_default_sizes_gpu", []).append(run_ours(dm_default, DEFAULT_SIZES, args))
             continue
         runs.setdefault("tutorial", []).append(run_tutorial(pairs, args))
         if args.tutorial_active:
             env = dict(os.environ, OMP_WAIT_POLICY="ACTIVE", OMP_NUM_THREADS="2")
-            cmd = [sys.executable, __file__, "--_tutorial_child", tsv["train"], "--threads", "2", "--steps",
-                   str(args.steps), "--warmup", str(args.warmup)]
+            cmd = [
+                sys.executable,
+                __file__,
+                "--_tutorial_child",
+                tsv["train"],
+                "--threads",
+                "2",
+                "--steps",
+                str(args.steps),
+                "--warmup",
+                str(args.warmup),
+            ]
             child = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
             runs.setdefault("tutorial_2threads_active", []).append(json.loads(child.stdout.splitlines()[-1]))
         runs.setdefault("ours_tutorial_sizes", []).append(run_ours(dm_small, small, args))
@@ -240,30 +310,47 @@ def main(argv: list[str] | None = None) -> None:
         if args.validation:
             runs.setdefault("validation", []).append({f"beam{k}_s": run_validation(dm_default, k) for k in (1, 4)})
     result = {
-        "machine": {"cpu_count": os.cpu_count(), "cpu": cpu_name(), "torch": torch.__version__,
-                    "device": torch.cuda.get_device_name() if gpu else "cpu", "precision": args.precision,
-                    "cuda_graphs": args.graphs if gpu else None,
-                    "torch_threads": args.threads, "torch_interop_threads": torch.get_num_interop_threads(),
-                    "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "unset"),
-                    "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY"),
-                    "load_avg_1min_before": round(load_before, 2), "load_avg_1min_after": round(os.getloadavg()[0], 2)},
+        "machine": {
+            "cpu_count": os.cpu_count(),
+            "cpu": cpu_name(),
+            "torch": torch.__version__,
+            "device": torch.cuda.get_device_name() if gpu else "cpu",
+            "precision": args.precision,
+            "cuda_graphs": args.graphs if gpu else None,
+            "torch_threads": args.threads,
+            "torch_interop_threads": torch.get_num_interop_threads(),
+            "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "unset"),
+            "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY"),
+            "load_avg_1min_before": round(load_before, 2),
+            "load_avg_1min_after": round(os.getloadavg()[0], 2),
+        },
         "corpus": args.tsv or "generated stand-in (benchmarks/text_corpus.py --synthetic), train split",
-        "train_pairs": len(pairs), "subword_vocab": {"source": len(dm_small.text_vocab.source),
-                                                     "target": len(dm_small.text_vocab.target)},
-        "rounds": args.rounds, "timed_steps": args.steps, "warmup_steps": args.warmup,
-        "ours_tutorial_sizes_config": small, "default_sizes_config": DEFAULT_SIZES,
-        "systems": {name: {key: round(statistics.median(x[key] for x in rs), 1) for key in rs[0]}
-                    | ({"per_round_pairs_per_s": [round(x["pairs_per_s"], 1) for x in rs]} if "pairs_per_s" in rs[0]
-                       else {})
-                    for name, rs in runs.items()},
+        "train_pairs": len(pairs),
+        "subword_vocab": {"source": len(dm_small.text_vocab.source), "target": len(dm_small.text_vocab.target)},
+        "rounds": args.rounds,
+        "timed_steps": args.steps,
+        "warmup_steps": args.warmup,
+        "ours_tutorial_sizes_config": small,
+        "default_sizes_config": DEFAULT_SIZES,
+        "systems": {
+            name: {key: round(statistics.median(x[key] for x in rs), 1) for key in rs[0]}
+            | ({"per_round_pairs_per_s": [round(x["pairs_per_s"], 1) for x in rs]} if "pairs_per_s" in rs[0] else {})
+            for name, rs in runs.items()
+        },
     }
     if args.validation and args.default_sizes:
         rate = result["systems"]["ours_default_sizes"]["pairs_per_s"]
         result["validation_vs_epoch"] = {
-            "val_pairs": len(dm_default.dataset("val")), "train_epoch_s_at_default_sizes": round(len(pairs) / rate, 1),
-            **{k: round(v / (len(pairs) / rate + v), 3) for k, v in
-               (("greedy_share_of_epoch", result["systems"]["validation"]["beam1_s"]),
-                ("beam4_share_of_epoch", result["systems"]["validation"]["beam4_s"]))}}
+            "val_pairs": len(dm_default.dataset("val")),
+            "train_epoch_s_at_default_sizes": round(len(pairs) / rate, 1),
+            **{
+                k: round(v / (len(pairs) / rate + v), 3)
+                for k, v in (
+                    ("greedy_share_of_epoch", result["systems"]["validation"]["beam1_s"]),
+                    ("beam4_share_of_epoch", result["systems"]["validation"]["beam4_s"]),
+                )
+            },
+        }
     text = json.dumps(result, indent=1)
     print(text)
     if args.out:

@@ -21,15 +21,27 @@ from __future__ import annotations
 
 import re
 import unicodedata
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
 
 SOS, EOS, UNK = 0, 1, 2
 MAX_LENGTH = 10
-ENG_PREFIXES = ("i am ", "i m ", "he is", "he s ", "she is", "she s ", "you are", "you re ", "we are", "we re ",
-                "they are", "they re ")
+ENG_PREFIXES = (
+    "i am ",
+    "i m ",
+    "he is",
+    "he s ",
+    "she is",
+    "she s ",
+    "you are",
+    "you re ",
+    "we are",
+    "we re ",
+    "they are",
+    "they re ",
+)
 
 
 def normalize(text: str) -> str:
@@ -59,7 +71,7 @@ class Lang:
                     self.itos.append(w)
 
     def encode(self, sentence: str) -> list[int]:
-        return [self.stoi.get(w, UNK) for w in sentence.split(" ")][:MAX_LENGTH - 1] + [EOS]
+        return [self.stoi.get(w, UNK) for w in sentence.split(" ")][: MAX_LENGTH - 1] + [EOS]
 
 
 def to_array(lang: Lang, sentences: Sequence[str]) -> Tensor:
@@ -67,7 +79,7 @@ def to_array(lang: Lang, sentences: Sequence[str]) -> Tensor:
     out = torch.zeros(len(sentences), MAX_LENGTH, dtype=torch.long)
     for i, s in enumerate(sentences):
         ids = lang.encode(s)
-        out[i, :len(ids)] = torch.tensor(ids)
+        out[i, : len(ids)] = torch.tensor(ids)
     return out
 
 
@@ -115,7 +127,7 @@ class Decoder(nn.Module):
         for i in range(MAX_LENGTH):
             out, hidden = self.step(token, hidden, states)
             outs.append(out)
-            token = target[:, i:i + 1] if target is not None else out.argmax(-1).detach()
+            token = target[:, i : i + 1] if target is not None else out.argmax(-1).detach()
         return torch.log_softmax(torch.cat(outs, 1), dim=-1)
 
 
@@ -149,7 +161,7 @@ class TutorialModel:
         self.encoder.eval(), self.decoder.eval()
         out = []
         for start in range(0, len(sentences), batch_size):
-            source = to_array(self.input_lang, sentences[start:start + batch_size])
+            source = to_array(self.input_lang, sentences[start : start + batch_size])
             states, hidden = self.encoder(source)
             ids = self.decoder(states, hidden).argmax(-1)
             for row in ids.tolist():

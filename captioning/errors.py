@@ -34,11 +34,21 @@ import contextvars
 import os
 import re
 import sys
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Iterator, Sequence
 
-__all__ = ["UserError", "USER_ERROR_TYPES", "add_note", "exception_chain", "find_user_error", "user_message",
-           "print_user_error", "split_debug", "debug_mode", "DEBUG"]
+__all__ = [
+    "UserError",
+    "USER_ERROR_TYPES",
+    "add_note",
+    "exception_chain",
+    "find_user_error",
+    "user_message",
+    "print_user_error",
+    "split_debug",
+    "debug_mode",
+    "DEBUG",
+]
 
 
 class UserError(Exception):
@@ -49,7 +59,12 @@ class UserError(Exception):
 
 
 USER_ERROR_TYPES: tuple[type[BaseException], ...] = (
-    ValueError, FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
+    ValueError,
+    FileNotFoundError,
+    PermissionError,
+    IsADirectoryError,
+    NotADirectoryError,
+)
 OUR_PACKAGES = ("captioning",)
 # Packages whose exceptions may wrap one of ours (looked through by find_user_error).
 _WRAPPING_PACKAGES = ("jsonargparse", "lightning")
@@ -138,7 +153,7 @@ def _worker_original(message: str) -> tuple[str, str] | None:
     last_file = max((i for i, line in enumerate(lines) if _FILE_LINE.match(line)), default=None)
     if last_file is None:
         return None
-    rest = lines[last_file + 1:]
+    rest = lines[last_file + 1 :]
     start = next((i for i, line in enumerate(rest) if line and not line[0].isspace()), None)
     if start is None:
         return None

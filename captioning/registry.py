@@ -97,8 +97,10 @@ class _FormerNames(importlib.abc.MetaPathFinder, importlib.abc.Loader):
         return None
 
     def create_module(self, spec):
-        module = ModuleType(spec.name, f"Former name of {FORMER_MODULES.get(spec.name, 'captioning.data')} "
-                                       "(run configs of earlier releases)")
+        module = ModuleType(
+            spec.name,
+            f"Former name of {FORMER_MODULES.get(spec.name, 'captioning.data')} (run configs of earlier releases)",
+        )
         if spec.name == "datamodules":  # the former top-level package
             module.__path__ = []
             return module

@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -28,8 +29,7 @@ _BACKGROUND = (255, 255, 255)
 _SENTINEL = (90, 110, 200)  # the bar of a word's weight on language (the visual sentinel)
 _TEXT = (20, 20, 20)
 
-__all__ = ["attention_overlay", "overlay_panel_boxes", "seq2seq_heatmap", "GAP",
-           "MAX_COLUMNS"]
+__all__ = ["attention_overlay", "overlay_panel_boxes", "seq2seq_heatmap", "GAP", "MAX_COLUMNS"]
 
 
 # --------------------------------------------------------------------------- helpers
@@ -99,7 +99,8 @@ def _image_array(image: Any) -> np.ndarray:
     if isinstance(image, Image.Image):
         return np.asarray(image.convert("RGB"))
     is_uint8 = (isinstance(image, np.ndarray) and image.dtype == np.uint8) or (
-        isinstance(image, torch.Tensor) and image.dtype == torch.uint8)
+        isinstance(image, torch.Tensor) and image.dtype == torch.uint8
+    )
     arr = _to_numpy(image, "image")
     if arr.ndim == 3 and arr.shape[0] == 3 and arr.shape[-1] != 3:
         arr = arr.transpose(1, 2, 0)
@@ -111,7 +112,8 @@ def _image_array(image: Any) -> np.ndarray:
     if lo < -1e-3 or hi > 1 + 1e-3:
         raise ValueError(
             f"image tensor values must be in [0, 1] (or uint8), got [{lo:.3f}, {hi:.3f}]; pass the image "
-            "as loaded (batches hold uint8 images), not an encoder's normalised input")
+            "as loaded (batches hold uint8 images), not an encoder's normalised input"
+        )
     return np.round(np.clip(arr, 0, 1) * 255).astype(np.uint8)
 
 
@@ -220,8 +222,10 @@ def attention_overlay(
     if betas is not None and len(betas) != len(words):
         raise ValueError(f"got {len(words)} words but {len(betas)} sentinel weights; they must match")
     if a.ndim != 3:
-        raise ValueError(f"alphas must be (T, h, w), one map per word; got shape {tuple(a.shape)} "
-                         "(reshape a (T, S) decoder output to the feature grid first)")
+        raise ValueError(
+            f"alphas must be (T, h, w), one map per word; got shape {tuple(a.shape)} "
+            "(reshape a (T, S) decoder output to the feature grid first)"
+        )
     if a.shape[0] != len(words):
         raise ValueError(f"got {len(words)} words but {a.shape[0]} attention maps; they must match")
     if panel_size < 16:
@@ -234,8 +238,8 @@ def attention_overlay(
     font, bold = _font(fsize), _font(fsize, bold=True)
     width = columns * panel_size + (columns + 1) * GAP
     caption = " ".join(words) if words else "(empty caption)"
-    header_lines = [(l, bold) for l in _wrap(bold, title, width - 2 * GAP)] if title else []
-    header_lines += [(l, font) for l in _wrap(font, caption, width - 2 * GAP)]
+    header_lines = [(text, bold) for text in _wrap(bold, title, width - 2 * GAP)] if title else []
+    header_lines += [(text, font) for text in _wrap(font, caption, width - 2 * GAP)]
     header = GAP + len(header_lines) * line
     height = header + rows * (panel_size + below) + (rows + 1) * GAP
 
@@ -257,11 +261,12 @@ def attention_overlay(
         if betas is not None and k > 0:  # sentinel bar: grey track, filled share = beta (language)
             top = y0 + panel_size + 2
             draw.rectangle((x0, top, x0 + panel_size - 1, top + bar - 4), fill=(225, 225, 225))
-            draw.rectangle((x0, top, x0 + round((panel_size - 1) * min(max(betas[k - 1], 0.0), 1.0)), top + bar - 4),
-                           fill=_SENTINEL)
+            draw.rectangle(
+                (x0, top, x0 + round((panel_size - 1) * min(max(betas[k - 1], 0.0), 1.0)), top + bar - 4),
+                fill=_SENTINEL,
+            )
         label = _fit_text(font, labels[k], panel_size)
-        draw.text((x0 + panel_size // 2, y0 + panel_size + bar + line // 2), label, fill=_TEXT,
-                  font=font, anchor="mm")
+        draw.text((x0 + panel_size // 2, y0 + panel_size + bar + line // 2), label, fill=_TEXT, font=font, anchor="mm")
     return canvas
 
 
@@ -296,8 +301,9 @@ def _panel_boxes(n: int, columns: int, header: int, panel_size: int, bar: int = 
     return boxes
 
 
-def overlay_panel_boxes(size: tuple[int, int], n_words: int, panel_size: int = 160,
-                        columns: int | None = None, sentinel: bool = False) -> list[tuple[int, int, int, int]]:
+def overlay_panel_boxes(
+    size: tuple[int, int], n_words: int, panel_size: int = 160, columns: int | None = None, sentinel: bool = False
+) -> list[tuple[int, int, int, int]]:
     """(left, top, right, bottom) of the ``1 + n_words`` panels of an :func:`attention_overlay`
     picture of ``size`` (width, height): panel 0 is the plain image, panel ``t + 1`` word t's
     heatmap; ``sentinel``: the picture has sentinel bars. The header (title and caption lines)
@@ -309,8 +315,9 @@ def overlay_panel_boxes(size: tuple[int, int], n_words: int, panel_size: int = 1
     bar = _below_panel(panel_size, sentinel) - _line_height(panel_size)
     header = height - rows * (panel_size + _line_height(panel_size) + bar) - (rows + 1) * GAP
     if width != columns * panel_size + (columns + 1) * GAP or header < GAP:
-        raise ValueError(f"a {width}x{height} picture is not an overlay of {n_words} word(s) at panel size "
-                         f"{panel_size}")
+        raise ValueError(
+            f"a {width}x{height} picture is not an overlay of {n_words} word(s) at panel size {panel_size}"
+        )
     return _panel_boxes(n, columns, header, panel_size, bar)
 
 
@@ -336,8 +343,10 @@ def seq2seq_heatmap(
     src, tgt = [str(t) for t in source_tokens], [str(t) for t in target_tokens]
     a = _to_numpy(alpha, "alpha")
     if a.ndim != 2 or a.shape != (len(tgt), len(src)):
-        raise ValueError(f"alpha must be (T, S) = ({len(tgt)}, {len(src)}) for {len(tgt)} target and "
-                         f"{len(src)} source tokens; got shape {tuple(a.shape)}")
+        raise ValueError(
+            f"alpha must be (T, S) = ({len(tgt)}, {len(src)}) for {len(tgt)} target and "
+            f"{len(src)} source tokens; got shape {tuple(a.shape)}"
+        )
     betas = None if sentinel is None else _to_numpy(sentinel, "sentinel").reshape(-1)
     if betas is not None and betas.shape[0] != len(tgt):
         raise ValueError(f"got {len(tgt)} target tokens but {betas.shape[0]} sentinel weights; they must match")
@@ -365,8 +374,13 @@ def seq2seq_heatmap(
         cells = Image.fromarray(grid).resize((s * cell, t * cell), Image.NEAREST)
         canvas.paste(cells, (x0, y0))
     for i, word in enumerate(tgt):
-        draw.text((x0 - GAP, y0 + i * cell + cell // 2), _fit_text(font, word, label_w - 2 * GAP),
-                  fill=_TEXT, font=font, anchor="rm")
+        draw.text(
+            (x0 - GAP, y0 + i * cell + cell // 2),
+            _fit_text(font, word, label_w - 2 * GAP),
+            fill=_TEXT,
+            font=font,
+            anchor="rm",
+        )
 
     def column_label_at(x: int, word: str) -> None:
         # Vertical labels: draw horizontally on a strip, rotate, paste above the column at x.

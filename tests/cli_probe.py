@@ -16,11 +16,12 @@ from pathlib import Path
 import lightning.pytorch as pl
 from torch.utils.data import DataLoader, RandomSampler
 
+from captioning.data.batches import collate_captions as collate
+
 # Imported at module level on purpose: Lightning records a BatchSampler subclass's init args
 # (to rebuild it around a DistributedSampler) only for classes defined before fit starts; a
 # class first imported inside train_dataloader() is rebuilt without `lengths` and fails.
 from captioning.data.sampling import LengthBucketBatchSampler
-from captioning.data.batches import collate_captions as collate
 from captioning.data.shapes import ShapesDataModule
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -28,16 +29,40 @@ TESTS = Path(__file__).resolve().parent
 
 # Tiny model and data: a CLI run is dominated by start-up, not training.
 SMALL = [
-    "--config", str(ROOT / "configs" / "shapes.yaml"),
-    "--test_after_fit", "false",
-    "--trainer.max_epochs", "1", "--trainer.check_val_every_n_epoch", "1",
-    "--trainer.log_every_n_steps", "1", "--trainer.enable_progress_bar", "false",
-    "--data.init_args.train_size", "32", "--data.init_args.val_size", "7",
-    "--data.init_args.batch_size", "8",
-    "--model.init_args.embed_dim", "16", "--model.init_args.decoder_dim", "32",
-    "--model.init_args.attention_dim", "16", "--model.init_args.encoder.init_args.channels", "16",
-    "--model.init_args.encoder.init_args.width", "4", "--model.init_args.beam_size", "2",
-    "--model.init_args.max_length", "10", "--model.init_args.scheduler", "none",
+    "--config",
+    str(ROOT / "configs" / "shapes.yaml"),
+    "--test_after_fit",
+    "false",
+    "--trainer.max_epochs",
+    "1",
+    "--trainer.check_val_every_n_epoch",
+    "1",
+    "--trainer.log_every_n_steps",
+    "1",
+    "--trainer.enable_progress_bar",
+    "false",
+    "--data.init_args.train_size",
+    "32",
+    "--data.init_args.val_size",
+    "7",
+    "--data.init_args.batch_size",
+    "8",
+    "--model.init_args.embed_dim",
+    "16",
+    "--model.init_args.decoder_dim",
+    "32",
+    "--model.init_args.attention_dim",
+    "16",
+    "--model.init_args.encoder.init_args.channels",
+    "16",
+    "--model.init_args.encoder.init_args.width",
+    "4",
+    "--model.init_args.beam_size",
+    "2",
+    "--model.init_args.max_length",
+    "10",
+    "--model.init_args.scheduler",
+    "none",
 ]
 
 
@@ -49,9 +74,16 @@ class Probe(pl.Callback):
 
     def _write(self, trainer: pl.Trainer, event: str, **extra) -> None:
         self.out.mkdir(parents=True, exist_ok=True)
-        record = {"event": event, "rank": trainer.global_rank, "world_size": trainer.world_size,
-                  "step": trainer.global_step, "epoch": trainer.current_epoch, "precision": str(trainer.precision),
-                  "metrics": {k: float(v) for k, v in trainer.callback_metrics.items()}, **extra}
+        record = {
+            "event": event,
+            "rank": trainer.global_rank,
+            "world_size": trainer.world_size,
+            "step": trainer.global_step,
+            "epoch": trainer.current_epoch,
+            "precision": str(trainer.precision),
+            "metrics": {k: float(v) for k, v in trainer.callback_metrics.items()},
+            **extra,
+        }
         with open(self.out / f"rank{trainer.global_rank}.jsonl", "a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
 
@@ -59,11 +91,16 @@ class Probe(pl.Callback):
         self._write(trainer, "train_start")
         loader = trainer.train_dataloader
         batches = getattr(loader, "batch_sampler", None)
-        self._write(trainer, "train_sampler", batch_sampler=type(batches).__name__,
-                    sampler=type(getattr(batches, "sampler", None)).__name__)
+        self._write(
+            trainer,
+            "train_sampler",
+            batch_sampler=type(batches).__name__,
+            sampler=type(getattr(batches, "sampler", None)).__name__,
+        )
 
-    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch,
-                           batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch, batch_idx: int
+    ) -> None:
         self._write(trainer, "train_batch", ids=list(batch["image_ids"]))
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -81,23 +118,28 @@ class BucketedShapes(ShapesDataModule):
     def train_dataloader(self) -> DataLoader:
         data = self.dataset("train", per_caption=True)
         lengths = [len(data.scene(i).captions[0].split()) for i in range(len(data))]
-        batches = LengthBucketBatchSampler(RandomSampler(data), self.batch_size, False, lengths=lengths,
-                                           pool=2, seed=self.seed)
+        batches = LengthBucketBatchSampler(
+            RandomSampler(data), self.batch_size, False, lengths=lengths, pool=2, seed=self.seed
+        )
         return DataLoader(data, batch_sampler=batches, collate_fn=collate)
 
 
 def probe_config(path: Path, out: Path, extra_callbacks: str = "") -> Path:
     """A config fragment appending :class:`Probe` (and ``extra_callbacks`` YAML items)."""
-    path.write_text("trainer:\n  callbacks+:\n"
-                    f"    - class_path: cli_probe.Probe\n      init_args:\n        out: {out}\n"
-                    + extra_callbacks, encoding="utf-8")
+    path.write_text(
+        "trainer:\n  callbacks+:\n"
+        f"    - class_path: cli_probe.Probe\n      init_args:\n        out: {out}\n" + extra_callbacks,
+        encoding="utf-8",
+    )
     return path
 
 
 def read_probe(out: Path) -> dict[int, list[dict]]:
     """rank -> its records, in order."""
-    return {int(p.stem[4:]): [json.loads(line) for line in p.read_text().splitlines()]
-            for p in sorted(out.glob("rank*.jsonl"))}
+    return {
+        int(p.stem[4:]): [json.loads(line) for line in p.read_text().splitlines()]
+        for p in sorted(out.glob("rank*.jsonl"))
+    }
 
 
 def cli_env(tmp: Path, **extra: str) -> dict[str, str]:
@@ -105,10 +147,18 @@ def cli_env(tmp: Path, **extra: str) -> dict[str, str]:
     # No inherited W&B settings: WANDB_SERVICE (set by any in-process wandb.init) would attach
     # the child to another process's wandb service, and a key would make it try to go online.
     env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
-    env.update(WANDB_MODE="offline", WANDB_SILENT="true", WANDB_DIR=str(tmp), WANDB_DATA_DIR=str(tmp / "wandb-data"),
-               WANDB_CACHE_DIR=str(tmp / "wandb-cache"), WANDB_CONFIG_DIR=str(tmp / "wandb-config"),
-               CAPTIONING_NO_JAVA="1", CAPTIONING_OFFLINE="1", OMP_NUM_THREADS="1",
-               PYTHONPATH=os.pathsep.join([str(TESTS), str(ROOT), env.get("PYTHONPATH", "")]))
+    env.update(
+        WANDB_MODE="offline",
+        WANDB_SILENT="true",
+        WANDB_DIR=str(tmp),
+        WANDB_DATA_DIR=str(tmp / "wandb-data"),
+        WANDB_CACHE_DIR=str(tmp / "wandb-cache"),
+        WANDB_CONFIG_DIR=str(tmp / "wandb-config"),
+        CAPTIONING_NO_JAVA="1",
+        CAPTIONING_OFFLINE="1",
+        OMP_NUM_THREADS="1",
+        PYTHONPATH=os.pathsep.join([str(TESTS), str(ROOT), env.get("PYTHONPATH", "")]),
+    )
     env.update(extra)
     return env
 
@@ -121,6 +171,7 @@ def run_cli(args: list[str], env: dict[str, str], cwd: Path, timeout: float = 30
     """Run the CLI to completion; fail with its output if it exits non-zero."""
     proc = subprocess.run(cli_command(*args), env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0:
-        raise AssertionError(f"captioning {' '.join(args[:1])} failed ({proc.returncode}):\n"
-                             f"{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+        raise AssertionError(
+            f"captioning {' '.join(args[:1])} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+        )
     return proc

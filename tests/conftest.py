@@ -28,12 +28,34 @@ def _seed():
 ROOT = Path(__file__).resolve().parents[1]
 # A tiny shapes run through the CLI: a few seconds of training, enough for every command that
 # needs a checkpoint of ours (caption, export, predict, ...).
-TINY_SHAPES = ["--data.init_args.train_size", "64", "--data.init_args.val_size", "8", "--data.init_args.test_size",
-               "8", "--data.init_args.batch_size", "16", "--trainer.max_epochs", "1",
-               "--trainer.check_val_every_n_epoch", "1", "--trainer.enable_progress_bar", "false",
-               "--trainer.log_every_n_steps", "1", "--model.init_args.embed_dim", "16",
-               "--model.init_args.decoder_dim", "32", "--model.init_args.attention_dim", "16",
-               "--model.init_args.encoder.init_args.channels", "16", "--model.init_args.max_length", "8"]
+TINY_SHAPES = [
+    "--data.init_args.train_size",
+    "64",
+    "--data.init_args.val_size",
+    "8",
+    "--data.init_args.test_size",
+    "8",
+    "--data.init_args.batch_size",
+    "16",
+    "--trainer.max_epochs",
+    "1",
+    "--trainer.check_val_every_n_epoch",
+    "1",
+    "--trainer.enable_progress_bar",
+    "false",
+    "--trainer.log_every_n_steps",
+    "1",
+    "--model.init_args.embed_dim",
+    "16",
+    "--model.init_args.decoder_dim",
+    "32",
+    "--model.init_args.attention_dim",
+    "16",
+    "--model.init_args.encoder.init_args.channels",
+    "16",
+    "--model.init_args.max_length",
+    "8",
+]
 
 
 @pytest.fixture(scope="session")
@@ -42,6 +64,16 @@ def shapes_run(tmp_path_factory):
     from captioning.commands.main import main
 
     root = tmp_path_factory.mktemp("shapes_run")
-    main(["fit", "--config", str(ROOT / "configs/shapes.yaml"), *TINY_SHAPES, "--trainer.default_root_dir",
-          str(root), "--trainer.logger.init_args.save_dir", str(root)])
+    main(
+        [
+            "fit",
+            "--config",
+            str(ROOT / "configs/shapes.yaml"),
+            *TINY_SHAPES,
+            "--trainer.default_root_dir",
+            str(root),
+            "--trainer.logger.init_args.save_dir",
+            str(root),
+        ]
+    )
     return root

@@ -7,7 +7,7 @@ checked on machines without a GPU."""
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -19,8 +19,17 @@ class HostSync(AssertionError):
     pass
 
 
-_READS = {aten._local_scalar_dense, aten.nonzero, aten.masked_select, aten.is_nonzero, aten.equal, aten._unique2,
-          aten.unique_dim, aten.unique_consecutive, aten.allclose}
+_READS = {
+    aten._local_scalar_dense,
+    aten.nonzero,
+    aten.masked_select,
+    aten.is_nonzero,
+    aten.equal,
+    aten._unique2,
+    aten.unique_dim,
+    aten.unique_consecutive,
+    aten.allclose,
+}
 _BOOL_INDEXED = {aten.index, aten.index_put, aten.index_put_, aten._index_put_impl_}
 
 
@@ -30,8 +39,12 @@ class _Guard(TorchDispatchMode):
         packet = func.overloadpacket
         if packet in _READS:
             raise HostSync(f"host sync: {func}")
-        if packet is aten.repeat_interleave and "output_size" not in kwargs and isinstance(args[0], torch.Tensor) \
-                and len(args) == 1:
+        if (
+            packet is aten.repeat_interleave
+            and "output_size" not in kwargs
+            and isinstance(args[0], torch.Tensor)
+            and len(args) == 1
+        ):
             raise HostSync(f"host sync: {func} without output_size")
         if packet in _BOOL_INDEXED:
             indices = args[1] if len(args) > 1 else kwargs.get("indices", ())
@@ -43,6 +56,7 @@ class _Guard(TorchDispatchMode):
 def _refuse(name: str):
     def refuse(self, *args, **kwargs):
         raise HostSync(f"host sync: Tensor.{name}()")
+
     return refuse
 
 

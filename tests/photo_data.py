@@ -51,8 +51,11 @@ def write_photos(root: Path, seed: int = 0) -> list[Photo]:
         file = f"{folder}/img_{i:03d}{ext}"
         (root / folder).mkdir(parents=True, exist_ok=True)
         image.save(root / file)
-        captions = [f"A {colour} {thing} on the {ground}.", f"a {thing} that is {colour}",
-                    f"{colour} {thing} lying on {ground}"]
+        captions = [
+            f"A {colour} {thing} on the {ground}.",
+            f"a {thing} that is {colour}",
+            f"{colour} {thing} lying on {ground}",
+        ]
         photos.append(Photo(i, file, split, captions, 5000 + i))
     return photos
 
@@ -62,9 +65,12 @@ def karpathy(root: Path, photos: list[Photo], name: str = "dataset_coco.json", c
     images = []
     for p in photos:
         folder, filename = p.file.split("/")
-        entry = {"filename": filename if coco_style else p.file, "imgid": p.index,
-                 "split": "restval" if (p.split == "train" and p.index == 0) else p.split,
-                 "sentences": [{"raw": c, "tokens": c.lower().rstrip(".").split()} for c in p.captions]}
+        entry = {
+            "filename": filename if coco_style else p.file,
+            "imgid": p.index,
+            "split": "restval" if (p.split == "train" and p.index == 0) else p.split,
+            "sentences": [{"raw": c, "tokens": c.lower().rstrip(".").split()} for c in p.captions],
+        }
         if coco_style:
             entry.update(filepath=folder, cocoid=p.cocoid)
         images.append(entry)
@@ -79,8 +85,11 @@ def coco_annotations(root: Path, photos: list[Photo]) -> dict[str, str]:
     for split, folder in (("train", "train2014"), ("val", "val2014")):
         chosen = [p for p in photos if (p.split == "val") == (split == "val")]
         images = [{"id": p.cocoid, "file_name": p.file.split("/")[1], "width": 1, "height": 1} for p in chosen]
-        anns = [{"id": p.cocoid * 10 + j, "image_id": p.cocoid, "caption": c}
-                for p in chosen for j, c in enumerate(p.captions)]
+        anns = [
+            {"id": p.cocoid * 10 + j, "image_id": p.cocoid, "caption": c}
+            for p in chosen
+            for j, c in enumerate(p.captions)
+        ]
         path = root / "annotations" / f"captions_{folder}.json"
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps({"info": {}, "licenses": [], "images": images, "annotations": anns}))
@@ -91,8 +100,9 @@ def coco_annotations(root: Path, photos: list[Photo]) -> dict[str, str]:
 
 def folder_csv(root: Path, photos: list[Photo], with_split: bool = True, jsonl: bool = False) -> Path:
     """A captions file for the folder route: one row per caption, file relative to ``root``."""
-    rows = [{"file": p.file, "caption": c, **({"split": p.split} if with_split else {})}
-            for p in photos for c in p.captions]
+    rows = [
+        {"file": p.file, "caption": c, **({"split": p.split} if with_split else {})} for p in photos for c in p.captions
+    ]
     if jsonl:
         path = root / "captions.jsonl"
         path.write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -114,6 +124,7 @@ def bomb_png(path: Path, side: int = 20000) -> Path:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
     ihdr = struct.pack(">IIBBBBB", side, side, 1, 0, 0, 0, 0)
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 100))
-                     + chunk(b"IEND", b""))
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 100)) + chunk(b"IEND", b"")
+    )
     return path

@@ -82,7 +82,9 @@ def test_scaled_dot_matches_torch_sdpa():
     context, alpha = layer(q, layer.prepare(k, v, mask))
     expected = F.scaled_dot_product_attention(q, k, v, attn_mask=mask.unsqueeze(1))
     torch.testing.assert_close(context, expected, atol=1e-5, rtol=1e-5)
-    expected_alpha = torch.softmax((q @ k.transpose(1, 2) / math.sqrt(d)).masked_fill(~mask.unsqueeze(1), -math.inf), -1)
+    expected_alpha = torch.softmax(
+        (q @ k.transpose(1, 2) / math.sqrt(d)).masked_fill(~mask.unsqueeze(1), -math.inf), -1
+    )
     torch.testing.assert_close(alpha, expected_alpha)
 
 
@@ -205,8 +207,8 @@ def test_paired_score_is_the_score_of_an_extra_memory_position(score):
     qp = layer.scorer.project_query(torch.randn(2, 3, D, dtype=torch.double))  # (B, K, Q)
     paired = layer.scorer.hook("scores_paired")(qp, layer.scorer.prepare_keys(extra), S)
     for k in range(3):
-        joint = layer.scorer.prepare_keys(torch.cat([keys, extra[:, k:k + 1]], 1))  # (B, S + 1, A)
-        torch.testing.assert_close(paired[:, k], layer.scorer.scores(qp[:, k:k + 1], joint)[:, 0, S])
+        joint = layer.scorer.prepare_keys(torch.cat([keys, extra[:, k : k + 1]], 1))  # (B, S + 1, A)
+        torch.testing.assert_close(paired[:, k], layer.scorer.scores(qp[:, k : k + 1], joint)[:, 0, S])
 
 
 @pytest.mark.parametrize("score", SCORES)

@@ -15,12 +15,12 @@ from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from captioning.models.callbacks import AttentionOverlays, per_image_cider
-from captioning.nn.encoders import SmallCNN
-from captioning.eval.metrics import caption_scores
-from captioning.models.image_captioner import ImageCaptioner
-from captioning.viz import attention_overlay, seq2seq_heatmap
 from captioning.data.shapes import ShapesDataModule
+from captioning.eval.metrics import caption_scores
+from captioning.models.callbacks import AttentionOverlays, per_image_cider
+from captioning.models.image_captioner import ImageCaptioner
+from captioning.nn.encoders import SmallCNN
+from captioning.viz import attention_overlay, seq2seq_heatmap
 
 PANEL = 48
 
@@ -32,8 +32,9 @@ def _references(n: int = 12) -> dict[int, list[str]]:
 
 def test_per_image_cider_averages_to_corpus_cider_and_uses_corpus_statistics():
     refs = _references()
-    preds = {i: (rs[0] if i % 3 == 0 else " ".join(rs[1].split()[:4]) if i % 3 == 1 else "a a a")
-             for i, rs in refs.items()}
+    preds = {
+        i: (rs[0] if i % 3 == 0 else " ".join(rs[1].split()[:4]) if i % 3 == 1 else "a a a") for i, rs in refs.items()
+    }
     scores = per_image_cider(preds, refs)
     corpus = caption_scores(preds, refs, use_java=False)["cider"]
     assert np.mean(list(scores.values())) == pytest.approx(corpus, rel=1e-12)
@@ -48,15 +49,32 @@ def test_per_image_cider_needs_references_for_every_prediction():
 
 
 def _tiny_captioner(dm: ShapesDataModule) -> ImageCaptioner:
-    return ImageCaptioner(SmallCNN(16, 4, width=4), vocab=dm.vocab.to_dict(), embed_dim=16, decoder_dim=32,
-                          attention_dim=16, beam_size=2, max_length=8, dropout=0.0)
+    return ImageCaptioner(
+        SmallCNN(16, 4, width=4),
+        vocab=dm.vocab.to_dict(),
+        embed_dim=16,
+        decoder_dim=32,
+        attention_dim=16,
+        beam_size=2,
+        max_length=8,
+        dropout=0.0,
+    )
 
 
 def _fit(tmp_path, callback, logger) -> pl.Trainer:
     dm = ShapesDataModule(batch_size=4, train_size=8, val_size=5)
-    trainer = pl.Trainer(max_epochs=1, default_root_dir=tmp_path, logger=logger, callbacks=[callback],
-                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                         num_sanity_val_steps=0, accelerator="cpu", devices=1)
+    trainer = pl.Trainer(
+        max_epochs=1,
+        default_root_dir=tmp_path,
+        logger=logger,
+        callbacks=[callback],
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        accelerator="cpu",
+        devices=1,
+    )
     trainer.fit(_tiny_captioner(dm), datamodule=dm)
     return trainer
 
@@ -77,8 +95,13 @@ def test_image_overlays_are_png_files_in_the_run_folder_without_wandb(tmp_path, 
     assert sorted(p.name for p in folder.glob("*.png")) == ["0.png", "1.png", "2.png"]
     for row in rows:
         words = row["prediction"].split()
-        expected = attention_overlay(np.zeros((64, 64, 3), np.uint8), words, np.zeros((len(words), 4, 4)),
-                                     title=f"image {row['key']}", panel_size=PANEL)
+        expected = attention_overlay(
+            np.zeros((64, 64, 3), np.uint8),
+            words,
+            np.zeros((len(words), 4, 4)),
+            title=f"image {row['key']}",
+            panel_size=PANEL,
+        )
         picture = Image.open(folder / row["figure"])
         assert picture.size == expected.size  # image panel + one panel per word
         assert np.asarray(picture).std() > 10
@@ -107,28 +130,48 @@ class _TextModel(pl.LightningModule):
         items = []
         for key, src, ref in list(zip(batch["ids"], batch["source_text"], batch["references"]))[:max_items]:
             words = src.split()[::-1]
-            items.append({"key": key, "input": src, "prediction": " ".join(words), "references": [ref],
-                          "figure": seq2seq_heatmap(src.split(), words, torch.eye(len(words)).flip(1))})
+            items.append(
+                {
+                    "key": key,
+                    "input": src,
+                    "prediction": " ".join(words),
+                    "references": [ref],
+                    "figure": seq2seq_heatmap(src.split(), words, torch.eye(len(words)).flip(1)),
+                }
+            )
         return items
 
 
 def _text_loader() -> DataLoader:
     items = [{"id": f"s{i}", "source_text": f"w{i} x y", "reference": f"y x w{i}"} for i in range(4)]
-    collate = lambda b: {"ids": [x["id"] for x in b], "source_text": [x["source_text"] for x in b],  # noqa: E731
-                         "references": [x["reference"] for x in b]}
+    collate = lambda b: {
+        "ids": [x["id"] for x in b],
+        "source_text": [x["source_text"] for x in b],  # noqa: E731
+        "references": [x["reference"] for x in b],
+    }
     return DataLoader(items, batch_size=2, collate_fn=collate)
 
 
 def test_models_with_attention_figures_hook_get_their_figures_saved(tmp_path):
     model, callback = _TextModel(), AttentionOverlays(num_images=2)
-    trainer = pl.Trainer(max_epochs=1, default_root_dir=tmp_path, logger=False, callbacks=[callback],
-                         enable_checkpointing=False, enable_progress_bar=False, num_sanity_val_steps=0,
-                         accelerator="cpu", limit_train_batches=1)
+    trainer = pl.Trainer(
+        max_epochs=1,
+        default_root_dir=tmp_path,
+        logger=False,
+        callbacks=[callback],
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        num_sanity_val_steps=0,
+        accelerator="cpu",
+        limit_train_batches=1,
+    )
     trainer.fit(model, train_dataloaders=_text_loader(), val_dataloaders=_text_loader())
     assert model.hook_calls == [2]
     rows = json.loads((callback.last_dir / "captions.json").read_text())
-    assert [(r["key"], r["input"], r["prediction"]) for r in rows] == [("s0", "w0 x y", "y x w0"),
-                                                                       ("s1", "w1 x y", "y x w1")]
+    assert [(r["key"], r["input"], r["prediction"]) for r in rows] == [
+        ("s0", "w0 x y", "y x w0"),
+        ("s1", "w1 x y", "y x w1"),
+    ]
     assert all(r["cider"] > 0 for r in rows)  # exact matches of their reference
     assert sorted(p.name for p in callback.last_dir.glob("*.png")) == ["s0.png", "s1.png"]
 

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from photo_data import bomb_png
 from PIL import Image
 
 from captioning.commands.main import main
-from photo_data import bomb_png
 
 
 @pytest.fixture(scope="module")
@@ -33,8 +33,25 @@ def test_folders_are_searched_recursively_and_jsonl_gives_one_object_per_image(c
         target = folder / ("2024/summer" if i else ".") / scene.name
         target.write_bytes(scene.read_bytes())
     (folder / "notes.txt").write_text("not an image, and not picked from a folder")
-    assert main(["caption", "--ckpt_path", str(ckpt), "--output", str(tmp_path / "out"), "--format", "jsonl",
-                 "--batch_size", "2", "--progress", "on", str(folder)]) == 0
+    assert (
+        main(
+            [
+                "caption",
+                "--ckpt_path",
+                str(ckpt),
+                "--output",
+                str(tmp_path / "out"),
+                "--format",
+                "jsonl",
+                "--batch_size",
+                "2",
+                "--progress",
+                "on",
+                str(folder),
+            ]
+        )
+        == 0
+    )
     captured = capsys.readouterr()
     records = [json.loads(line) for line in captured.out.splitlines()]
     assert sorted(Path(r["image"]).name for r in records) == sorted(s.name for s in scenes)
@@ -54,8 +71,18 @@ def test_one_record_per_line_whatever_the_file_name(ckpt, scenes, tmp_path, caps
 
 def test_a_decompression_bomb_is_refused_by_name_and_the_others_are_captioned(ckpt, scenes, tmp_path, capsys):
     bomb = bomb_png(tmp_path / "bomb.png")
-    code = main(["caption", "--ckpt_path", str(ckpt), "--output", str(tmp_path / "out"), str(scenes[0]),
-                 str(bomb), str(scenes[1])])
+    code = main(
+        [
+            "caption",
+            "--ckpt_path",
+            str(ckpt),
+            "--output",
+            str(tmp_path / "out"),
+            str(scenes[0]),
+            str(bomb),
+            str(scenes[1]),
+        ]
+    )
     captured = capsys.readouterr()
     assert code == 1  # one image failed
     assert "bomb.png" in captured.err and "Traceback" not in captured.err
@@ -81,14 +108,18 @@ def test_a_tiny_image_is_captioned_with_a_warning(ckpt, tmp_path, capsys):
 
 
 def test_a_text_checkpoint_is_a_clear_error(tmp_path, capsys):
-    from captioning.models.seq2seq import Seq2SeqModel
     from captioning.data.text_tasks import synthetic_vocab
+    from captioning.models.seq2seq import Seq2SeqModel
 
-    model = Seq2SeqModel(synthetic_vocab("dates").to_dict(), embed_dim=8, encoder_dim=8, decoder_dim=8,
-                         attention_dim=8)
+    model = Seq2SeqModel(synthetic_vocab("dates").to_dict(), embed_dim=8, encoder_dim=8, decoder_dim=8, attention_dim=8)
     path = tmp_path / "text.ckpt"
-    torch.save({"state_dict": model.state_dict(), "hyper_parameters": {
-        "_class_path": "captioning.models.seq2seq.Seq2SeqModel", **dict(model.hparams)}}, path)
+    torch.save(
+        {
+            "state_dict": model.state_dict(),
+            "hyper_parameters": {"_class_path": "captioning.models.seq2seq.Seq2SeqModel", **dict(model.hparams)},
+        },
+        path,
+    )
     image = tmp_path / "x.png"
     Image.new("RGB", (40, 40)).save(image)
     assert main(["caption", "--ckpt_path", str(path), "--no_overlays", str(image)]) == 2

@@ -16,22 +16,32 @@ from lightning.pytorch.plugins.io import AsyncCheckpointIO, TorchCheckpointIO
 from torch.utils.data import DataLoader, Dataset
 
 import captioning.io.checkpoint_files as checkpoint_io
-from captioning.io.checkpoint_files import (AtomicCheckpointIO, CheckpointReadError, CheckpointWriteError,
-                                      checkpoint_problem, use_atomic_checkpoint_io)
-from captioning.io.model_loading import find_checkpoint, read_checkpoint
 from captioning.commands.main import main
-from captioning.errors import user_message
 from captioning.data.images import ImageReadError
 from captioning.data.shapes import ShapesDataModule
+from captioning.errors import user_message
+from captioning.io.checkpoint_files import (
+    AtomicCheckpointIO,
+    CheckpointReadError,
+    CheckpointWriteError,
+    checkpoint_problem,
+    use_atomic_checkpoint_io,
+)
+from captioning.io.model_loading import find_checkpoint, read_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
-ENOSPC_LINE = ("no space left on device while writing checkpoint {path}; nothing was written there, the previous "
-               "checkpoint is intact; free space and resume with --ckpt_path last")
+ENOSPC_LINE = (
+    "no space left on device while writing checkpoint {path}; nothing was written there, the previous "
+    "checkpoint is intact; free space and resume with --ckpt_path last"
+)
 
 
 def _checkpoint(size: int = 1000, step: int = 0) -> dict:
-    return {"state_dict": {"w": torch.arange(size, dtype=torch.float32)}, "hyper_parameters": {"vocab": ["a"]},
-            "global_step": step}
+    return {
+        "state_dict": {"w": torch.arange(size, dtype=torch.float32)},
+        "hyper_parameters": {"vocab": ["a"]},
+        "global_step": step,
+    }
 
 
 def _save(path: Path, mtime: float | None = None, **kwargs) -> Path:
@@ -60,6 +70,7 @@ def _full_disk_after(monkeypatch, limit: int) -> list[int]:
 
 # --- writing ---------------------------------------------------------------------------------
 
+
 def test_enospc_mid_write_keeps_previous_checkpoint_and_leaves_no_temp_file(tmp_path, monkeypatch):
     target = tmp_path / "checkpoints" / "best-epoch03.ckpt"
     AtomicCheckpointIO().save_checkpoint(_checkpoint(size=1000, step=3), target)
@@ -80,8 +91,11 @@ def test_enospc_mid_write_keeps_previous_checkpoint_and_leaves_no_temp_file(tmp_
 def test_enospc_without_previous_checkpoint_leaves_nothing(tmp_path, monkeypatch):
     target = tmp_path / "last.ckpt"
     _full_disk_after(monkeypatch, limit=5000)
-    with pytest.raises(CheckpointWriteError, match=r"^no space left on device while writing checkpoint .*last.ckpt; "
-                                                   r"nothing was written there; free space"):
+    with pytest.raises(
+        CheckpointWriteError,
+        match=r"^no space left on device while writing checkpoint .*last.ckpt; "
+        r"nothing was written there; free space",
+    ):
         AtomicCheckpointIO().save_checkpoint(_checkpoint(size=100_000), target)
     assert list(tmp_path.iterdir()) == []
 
@@ -126,15 +140,46 @@ def test_cli_trainer_gets_atomic_checkpoint_io_but_keeps_a_configured_one():
     assert isinstance(wrapped.strategy.checkpoint_io.checkpoint_io, AtomicCheckpointIO)
 
 
-TINY = ["--config", str(ROOT / "configs" / "shapes.yaml"), "--test_after_fit", "false",
-        "--data.init_args.train_size", "32", "--data.init_args.val_size", "4", "--data.init_args.batch_size", "8",
-        "--trainer.max_epochs", "1", "--trainer.check_val_every_n_epoch", "1", "--trainer.num_sanity_val_steps", "0",
-        "--trainer.enable_progress_bar", "false", "--trainer.log_every_n_steps", "1",
-        "--model.init_args.embed_dim", "16", "--model.init_args.decoder_dim", "32",
-        "--model.init_args.attention_dim", "16", "--model.init_args.encoder.init_args.channels", "16",
-        "--model.init_args.encoder.init_args.width", "4", "--model.init_args.beam_size", "1",
-        "--model.init_args.max_length", "8", "--model.init_args.scheduler", "none",
-        "--trainer.callbacks.init_args.num_images", "1"]
+TINY = [
+    "--config",
+    str(ROOT / "configs" / "shapes.yaml"),
+    "--test_after_fit",
+    "false",
+    "--data.init_args.train_size",
+    "32",
+    "--data.init_args.val_size",
+    "4",
+    "--data.init_args.batch_size",
+    "8",
+    "--trainer.max_epochs",
+    "1",
+    "--trainer.check_val_every_n_epoch",
+    "1",
+    "--trainer.num_sanity_val_steps",
+    "0",
+    "--trainer.enable_progress_bar",
+    "false",
+    "--trainer.log_every_n_steps",
+    "1",
+    "--model.init_args.embed_dim",
+    "16",
+    "--model.init_args.decoder_dim",
+    "32",
+    "--model.init_args.attention_dim",
+    "16",
+    "--model.init_args.encoder.init_args.channels",
+    "16",
+    "--model.init_args.encoder.init_args.width",
+    "4",
+    "--model.init_args.beam_size",
+    "1",
+    "--model.init_args.max_length",
+    "8",
+    "--model.init_args.scheduler",
+    "none",
+    "--trainer.callbacks.init_args.num_images",
+    "1",
+]
 
 
 def _tiny(root: Path) -> list[str]:
@@ -160,6 +205,7 @@ def test_cli_fit_writes_its_checkpoints_through_atomic_checkpoint_io(tmp_path, m
 
 
 # --- reading ---------------------------------------------------------------------------------
+
 
 def _truncated(path: Path, source: Path, mtime: float) -> Path:
     data = source.read_bytes()
@@ -223,8 +269,9 @@ def test_read_checkpoint_errors_name_the_problem_and_never_suggest_weights_only_
         read_checkpoint(pickled)
     message = str(caught.value)
     assert message.startswith(f"refusing to load {pickled}: it contains pickled Python objects")
-    assert message.endswith("(not written by this package, or tampered with); only checkpoints written by "
-                            "`captioning fit` load")
+    assert message.endswith(
+        "(not written by this package, or tampered with); only checkpoints written by `captioning fit` load"
+    )
     assert "weights_only" not in message and "\n" not in message
 
     foreign = tmp_path / "weights.pt"
@@ -246,6 +293,7 @@ def test_cli_ckpt_path_to_damaged_file_is_one_line(tmp_path, capsys):
 
 # --- on-exception checkpoint -----------------------------------------------------------------
 
+
 class FailingItem(Dataset):
     """``dataset`` whose ``bad_item``-th item fetched in a process (0-based) is an unreadable image."""
 
@@ -258,8 +306,9 @@ class FailingItem(Dataset):
     def __getitem__(self, index: int) -> dict:
         self.calls += 1
         if self.calls - 1 == self.bad_item:
-            raise ImageReadError(f"{self.image_dir}/train_{index:05d}.jpg: not a readable image "
-                                 "(OSError: image file is truncated)")
+            raise ImageReadError(
+                f"{self.image_dir}/train_{index:05d}.jpg: not a readable image (OSError: image file is truncated)"
+            )
         return self.dataset[index]
 
 
@@ -278,9 +327,20 @@ class BadImageShapes(ShapesDataModule):
 def test_failed_fit_writes_checkpoint_and_error_says_file_and_how_to_resume(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("CAPTIONING_NO_JAVA", "1")
     images = tmp_path / "images"
-    data = ["--data", "test_checkpoint_io.BadImageShapes", "--data.init_args.train_size", "32",
-            "--data.init_args.val_size", "4", "--data.init_args.batch_size", "8",
-            "--data.init_args.num_workers", "1", "--data.init_args.image_dir", str(images)]
+    data = [
+        "--data",
+        "test_checkpoint_io.BadImageShapes",
+        "--data.init_args.train_size",
+        "32",
+        "--data.init_args.val_size",
+        "4",
+        "--data.init_args.batch_size",
+        "8",
+        "--data.init_args.num_workers",
+        "1",
+        "--data.init_args.image_dir",
+        str(images),
+    ]
     # Item 20 is in the third batch (items 16-23): two optimizer steps are done when it fails.
     assert main(["fit", *_tiny(tmp_path), *data, "--data.init_args.bad_item", "20"]) == 2
     err = capsys.readouterr().err
@@ -301,8 +361,18 @@ def test_failed_fit_writes_checkpoint_and_error_says_file_and_how_to_resume(tmp_
 
 def test_error_before_training_writes_no_checkpoint(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("CAPTIONING_NO_JAVA", "1")
-    data = ["--data", "test_checkpoint_io.BadImageShapes", "--data.init_args.train_size", "16",
-            "--data.init_args.val_size", "4", "--data.init_args.batch_size", "8", "--data.init_args.bad_item", "0"]
+    data = [
+        "--data",
+        "test_checkpoint_io.BadImageShapes",
+        "--data.init_args.train_size",
+        "16",
+        "--data.init_args.val_size",
+        "4",
+        "--data.init_args.batch_size",
+        "8",
+        "--data.init_args.bad_item",
+        "0",
+    ]
     assert main(["fit", *_tiny(tmp_path), *data]) == 2
     line = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("error:")][0]
     assert "not a readable image" in line and "--ckpt_path" not in line
@@ -311,14 +381,16 @@ def test_error_before_training_writes_no_checkpoint(tmp_path, monkeypatch, capsy
 
 # --- packaging -------------------------------------------------------------------------------
 
+
 def test_dependencies_exclude_malicious_lightning_releases_and_stop_before_next_major():
     tomllib = pytest.importorskip("tomllib")
     from packaging.requirements import Requirement
 
     project = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]
     extras = [r for group in project["optional-dependencies"].values() for r in group]
-    requirements = [r for r in map(Requirement, project["dependencies"] + extras)
-                    if r.name != project["name"]]  # the dev extra pulls in our own extras
+    requirements = [
+        r for r in map(Requirement, project["dependencies"] + extras) if r.name != project["name"]
+    ]  # the dev extra pulls in our own extras
     [lightning] = [r for r in requirements if r.name == "lightning"]
     assert not lightning.specifier.contains("2.6.2") and not lightning.specifier.contains("2.6.3")
     assert lightning.specifier.contains("2.6.6") and not lightning.specifier.contains("3.0.0")

@@ -10,14 +10,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from cli_probe import ROOT, cli_command, cli_env
 
 import captioning.commands.main as cli
 from captioning.commands.main import main
-from captioning.errors import UserError, find_user_error, split_debug, user_message
 from captioning.data.images import ImageReadError
-from cli_probe import ROOT, cli_command, cli_env
 from captioning.data.shapes import ShapesDataModule
 from captioning.data.text import TsvFormatError
+from captioning.errors import UserError, find_user_error, split_debug, user_message
 
 COCO = ["fit", "--config", str(ROOT / "configs" / "coco.yaml")]
 TSV = ["fit", "--config", str(ROOT / "configs" / "text_tsv.yaml")]
@@ -34,14 +34,17 @@ def _bad_tsv(tmp_path: Path) -> Path:
 
 
 def _run(args: list[str], tmp_path: Path, **env: str) -> subprocess.CompletedProcess:
-    return subprocess.run(cli_command(*args), env=cli_env(tmp_path, **env), cwd=tmp_path, capture_output=True,
-                          text=True, timeout=300)
+    return subprocess.run(
+        cli_command(*args), env=cli_env(tmp_path, **env), cwd=tmp_path, capture_output=True, text=True, timeout=300
+    )
 
 
 def test_missing_karpathy_json_is_one_line_exit_2_without_traceback(tmp_path):
     missing = tmp_path / "data" / "dataset_coco.json"
-    done = _run([*COCO, "--data.init_args.karpathy_json", str(missing), "--trainer.default_root_dir",
-                 str(tmp_path / "runs")], tmp_path)
+    done = _run(
+        [*COCO, "--data.init_args.karpathy_json", str(missing), "--trainer.default_root_dir", str(tmp_path / "runs")],
+        tmp_path,
+    )
     assert done.returncode == 2, done.stderr[-3000:]
     assert "Traceback" not in done.stderr and "compute_fn" not in done.stderr and "usage:" not in done.stderr
     [line] = _error_lines(done.stderr)
@@ -98,8 +101,18 @@ def test_internal_bug_keeps_its_traceback(tmp_path, monkeypatch, capsys):
 
 
 def test_internal_bug_in_subprocess_exits_1_with_traceback(tmp_path):
-    done = _run(["fit", "--config", str(ROOT / "configs" / "shapes.yaml"), "--data", "test_cli_errors.BuggyShapes",
-                 "--trainer.default_root_dir", str(tmp_path / "runs")], tmp_path)
+    done = _run(
+        [
+            "fit",
+            "--config",
+            str(ROOT / "configs" / "shapes.yaml"),
+            "--data",
+            "test_cli_errors.BuggyShapes",
+            "--trainer.default_root_dir",
+            str(tmp_path / "runs"),
+        ],
+        tmp_path,
+    )
     assert done.returncode == 1
     assert "Traceback (most recent call last)" in done.stderr and "ZeroDivisionError" in done.stderr
 
@@ -150,9 +163,11 @@ def _raises_bug(argv: list[str]) -> int:
 
 def test_worker_errors_are_unwrapped_and_library_value_errors_are_bugs():
     # ImageReadError as torch re-raises it from a DataLoader worker: the original message
-    worker = ImageReadError("Caught ImageReadError in DataLoader worker process 0.\nOriginal Traceback (most recent "
-                            "call last):\n  File \"/x/fetch.py\", line 3, in fetch\n    data = self.dataset[i]\n"
-                            "captioning.data.images.ImageReadError: /data/a.jpg: not a readable image\n")
+    worker = ImageReadError(
+        "Caught ImageReadError in DataLoader worker process 0.\nOriginal Traceback (most recent "
+        'call last):\n  File "/x/fetch.py", line 3, in fetch\n    data = self.dataset[i]\n'
+        "captioning.data.images.ImageReadError: /data/a.jpg: not a readable image\n"
+    )
     assert user_message(worker) == "/data/a.jpg: not a readable image"
     # A ValueError raised inside torch is a bug, not a user error
     with pytest.raises(ValueError) as caught:
@@ -163,8 +178,20 @@ def test_worker_errors_are_unwrapped_and_library_value_errors_are_bugs():
 
 def test_invalid_trainer_setting_is_one_line(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    assert main(["fit", "--config", str(ROOT / "configs" / "shapes.yaml"), "--trainer.accelerator", "cpu",
-                 "--trainer.devices", "0"]) == 2  # Lightning's MisconfigurationException
+    assert (
+        main(
+            [
+                "fit",
+                "--config",
+                str(ROOT / "configs" / "shapes.yaml"),
+                "--trainer.accelerator",
+                "cpu",
+                "--trainer.devices",
+                "0",
+            ]
+        )
+        == 2
+    )  # Lightning's MisconfigurationException
     err = capsys.readouterr().err
     assert _error_lines(err) == ["error: `Trainer(devices='0')` value is not a valid input using cpu accelerator."]
     assert "Traceback" not in err

@@ -7,9 +7,9 @@ import functools
 import lightning.pytorch as pl
 import torch
 
-from captioning.nn.encoders import SmallCNN
-from captioning.models.image_captioner import ImageCaptioner, compile_decoder_step
 from captioning.data.shapes import ShapesDataModule
+from captioning.models.image_captioner import ImageCaptioner, compile_decoder_step
+from captioning.nn.encoders import SmallCNN
 
 
 def test_compiled_decoder_step_matches_eager(monkeypatch):
@@ -19,8 +19,16 @@ def test_compiled_decoder_step_matches_eager(monkeypatch):
     monkeypatch.setattr(torch, "compile", functools.partial(real_compile, backend="eager"))
     torch._dynamo.reset()
     dm = ShapesDataModule(batch_size=4, train_size=8, val_size=4)
-    model = ImageCaptioner(SmallCNN(16, 4, width=4), vocab=dm.vocab.to_dict(), embed_dim=16, decoder_dim=32,
-                           attention_dim=16, beam_size=2, max_length=8, dropout=0.0).eval()
+    model = ImageCaptioner(
+        SmallCNN(16, 4, width=4),
+        vocab=dm.vocab.to_dict(),
+        embed_dim=16,
+        decoder_dim=32,
+        attention_dim=16,
+        beam_size=2,
+        max_length=8,
+        dropout=0.0,
+    ).eval()
     batch = next(iter(dm.val_dataloader()))
     features = model.encode(batch)
     keys = list(model.state_dict())
@@ -46,13 +54,20 @@ def test_compile_decoder_option_compiles_at_setup_only(monkeypatch):
     calls = []
     monkeypatch.setattr(torch, "compile", lambda fn, **kw: calls.append(fn.__name__) or fn)
     dm = ShapesDataModule(batch_size=4, train_size=8, val_size=4)
-    plain = ImageCaptioner(SmallCNN(16, 4, width=4), vocab=dm.vocab.to_dict(), embed_dim=16, decoder_dim=32,
-                           attention_dim=16)
+    plain = ImageCaptioner(
+        SmallCNN(16, 4, width=4), vocab=dm.vocab.to_dict(), embed_dim=16, decoder_dim=32, attention_dim=16
+    )
     plain.trainer = pl.Trainer(logger=False, enable_checkpointing=False)
     plain.setup("fit")
     assert calls == []
-    model = ImageCaptioner(SmallCNN(16, 4, width=4), vocab=dm.vocab.to_dict(), embed_dim=16, decoder_dim=32,
-                           attention_dim=16, compile_decoder=True)
+    model = ImageCaptioner(
+        SmallCNN(16, 4, width=4),
+        vocab=dm.vocab.to_dict(),
+        embed_dim=16,
+        decoder_dim=32,
+        attention_dim=16,
+        compile_decoder=True,
+    )
     assert calls == []  # not at construction: loading a checkpoint for captioning stays eager
     model.trainer = pl.Trainer(logger=False, enable_checkpointing=False)
     model.setup("fit")
@@ -74,8 +89,9 @@ def test_compiled_step_of_every_query_style_and_the_sentinel(monkeypatch):
         torch._dynamo.reset()
         counters.clear()
         torch.manual_seed(0)
-        dec = ShowAttendTellDecoder(20, 16, 8, 16, 16, num_heads=heads, dropout=0.0, max_positions=9, query=query,
-                                    sentinel=sentinel).eval()
+        dec = ShowAttendTellDecoder(
+            20, 16, 8, 16, 16, num_heads=heads, dropout=0.0, max_positions=9, query=query, sentinel=sentinel
+        ).eval()
         eager = beam_search(dec, dec.prepare_memory(feats), 3, 1, 2, 0, beam_size=2, max_length=6)
         compile_decoder_step(dec)
         compiled = beam_search(dec, dec.prepare_memory(feats), 3, 1, 2, 0, beam_size=2, max_length=6)

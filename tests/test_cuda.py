@@ -6,10 +6,10 @@ tests/nn/test_kernels.py runs the kernels on it.)"""
 import pytest
 import torch
 
-from captioning.nn.encoders import SmallCNN
+from captioning.data.vocab import Vocabulary
 from captioning.models.image_captioner import ImageCaptioner
 from captioning.models.step_graphs import StepGraphs
-from captioning.data.vocab import Vocabulary
+from captioning.nn.encoders import SmallCNN
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -18,8 +18,9 @@ VOCAB = Vocabulary(["a", "red", "blue", "circle", "square", "left", "of"]).to_di
 
 def _model():
     torch.manual_seed(0)
-    return ImageCaptioner(SmallCNN(channels=16, grid_size=4, width=4), VOCAB, embed_dim=8, decoder_dim=16,
-                          attention_dim=8, alpha_c=1.0).cuda()
+    return ImageCaptioner(
+        SmallCNN(channels=16, grid_size=4, width=4), VOCAB, embed_dim=8, decoder_dim=16, attention_dim=8, alpha_c=1.0
+    ).cuda()
 
 
 def _batch():

@@ -14,14 +14,13 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from photo_data import bomb_png
 from PIL import Image
 
 from captioning.commands import demo as demo_mod
+from captioning.commands.demo import Demo, DemoError, caption_request, translate_request, word_html, word_request
 from captioning.commands.main import main as cli_main
-from captioning.commands.demo import (Demo, DemoError, caption_request, translate_request, word_html,
-                             word_request)
 from captioning.viz import overlay_panel_boxes
-from photo_data import bomb_png
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -58,7 +57,7 @@ def _oracle_panel(image: Image.Image, alpha: np.ndarray, panel: int = 160) -> np
     heat = viz._heat(base, viz._smooth_maps(alpha[None], *base.shape[:2])[0], viz._colormap("jet"))
     out = np.full((panel, panel, 3), 255, np.uint8)
     y, x = (panel - base.shape[0]) // 2, (panel - base.shape[1]) // 2
-    out[y:y + base.shape[0], x:x + base.shape[1]] = heat
+    out[y : y + base.shape[0], x : x + base.shape[1]] = heat
     return out
 
 
@@ -79,8 +78,12 @@ def test_defaults_listen_on_this_machine_only_and_share_nothing():
 
 def test_caption_is_what_the_cli_writes(image_demo, ckpt, scene, tmp_path, capsys):
     # beam 2: this tiny model's beam-3 caption of the scene is empty (tested below)
-    assert cli_main(["caption", "--ckpt_path", str(ckpt), "--output", str(tmp_path / "cli"), "--beam_size", "2",
-                     str(scene)]) == 0
+    assert (
+        cli_main(
+            ["caption", "--ckpt_path", str(ckpt), "--output", str(tmp_path / "cli"), "--beam_size", "2", str(scene)]
+        )
+        == 0
+    )
     cli_png = tmp_path / "cli" / f"{scene.stem}.png"
     cli_json = json.loads((tmp_path / "cli" / f"{scene.stem}.json").read_text())
 
@@ -105,8 +108,9 @@ def test_caption_is_what_the_cli_writes(image_demo, ckpt, scene, tmp_path, capsy
 def test_an_empty_caption_still_shows_the_image_and_its_files(image_demo, scene, monkeypatch):
     from captioning.models import inference
 
-    monkeypatch.setattr(inference, "caption_images",
-                        lambda model, images, **kw: [inference.Caption([], torch.zeros(0, 8, 8), -1.0)])
+    monkeypatch.setattr(
+        inference, "caption_images", lambda model, images, **kw: [inference.Caption([], torch.zeros(0, 8, 8), -1.0)]
+    )
     page = caption_request(image_demo, str(scene), 3)
     assert page["words"] == [] and page["word_image"] is None and "(empty caption)" in page["word_html"]
     assert len(overlay_panel_boxes(Image.open(page["strip"]).size, 0)) == 1  # the plain image alone
@@ -134,10 +138,14 @@ def test_panel_boxes_follow_the_overlay_layout(n_words):
 def test_bad_requests_get_one_clear_message(image_demo, scene, tmp_path, case):
     path, beam = tmp_path / "upload" / "holiday.png", 3
     path.parent.mkdir()
-    expected = {"text": "holiday.png: not an image",
-                "bomb": "holiday.png: image is 400,000,000 pixels, more than the limit",
-                "too_many": "more than the limit of 1,000 pixels", "missing": "holiday.png",
-                "empty": "holiday.png", "beam": "beam size must be between 1 and 10"}[case]
+    expected = {
+        "text": "holiday.png: not an image",
+        "bomb": "holiday.png: image is 400,000,000 pixels, more than the limit",
+        "too_many": "more than the limit of 1,000 pixels",
+        "missing": "holiday.png",
+        "empty": "holiday.png",
+        "beam": "beam size must be between 1 and 10",
+    }[case]
     if case == "text":
         path.write_text("a shopping list, not a picture")
     elif case == "bomb":
@@ -218,19 +226,31 @@ def test_a_model_that_cannot_be_used_is_a_message(tmp_path, ckpt):
     demo, problem = demo_mod.load_demo(demo_mod.build_parser().parse_args(["--ckpt_path", str(broken)]), tmp_path)
     assert demo is None and "could not be loaded" in problem and "\n" not in problem
     unused = lambda *args: None  # noqa: E731
-    features_only = SimpleNamespace(encoder=SimpleNamespace(preprocessing=None, sees_images=False), generate=unused,
-                                    words=unused, attention_grids=unused, sentinel_weights=unused, hparams={})
+    features_only = SimpleNamespace(
+        encoder=SimpleNamespace(preprocessing=None, sees_images=False),
+        generate=unused,
+        words=unused,
+        attention_grids=unused,
+        sentinel_weights=unused,
+        hparams={},
+    )
     with pytest.raises(DemoError, match="precomputed features .* attach-encoder"):
         Demo(features_only, "feat-model", tmp_path)
 
 
 @pytest.fixture(scope="module")
 def text_demo(tmp_path_factory):
-    from captioning.models.seq2seq import Seq2SeqModel
     from captioning.data.text_tasks import SyntheticTextDataModule
+    from captioning.models.seq2seq import Seq2SeqModel
 
-    model = Seq2SeqModel(vocab=SyntheticTextDataModule(task="dates").vocab_data, embed_dim=16, encoder_dim=16,
-                         decoder_dim=32, attention_dim=16, max_length=12).eval()
+    model = Seq2SeqModel(
+        vocab=SyntheticTextDataModule(task="dates").vocab_data,
+        embed_dim=16,
+        encoder_dim=16,
+        decoder_dim=32,
+        attention_dim=16,
+        max_length=12,
+    ).eval()
     return Demo(model, "tiny-text", tmp_path_factory.mktemp("text_work"))
 
 
@@ -242,7 +262,9 @@ def test_text_model_translates_with_the_cli_files(text_demo, image_demo, scene):
     assert record["translation"] == page["translation"] and record["source"] == "12 March 2021"
     heatmap = Image.open(page["heatmap"])
     assert heatmap.format == "PNG" and np.asarray(record["attention"]).shape == (
-        len(record["target_tokens"]), len(record["source_tokens"]))
+        len(record["target_tokens"]),
+        len(record["source_tokens"]),
+    )
     assert "type a sentence" in translate_request(text_demo, "   ", 2)["status"]
     assert "is a text model" in caption_request(text_demo, str(scene), 2)["status"]
     assert "is an image captioner" in translate_request(image_demo, "hello", 2)["status"]
@@ -253,8 +275,9 @@ def test_pages_build_offline_for_each_kind_of_model(image_demo, text_demo, tmp_p
     import os
 
     for demo, problem in ((image_demo, None), (text_demo, None), (None, "model x could not be loaded: gone")):
-        app = demo_mod.build_app(demo, problem, demo_mod.example_images(tmp_path, image_demo.model)
-                                 if demo is image_demo else ())
+        app = demo_mod.build_app(
+            demo, problem, demo_mod.example_images(tmp_path, image_demo.model) if demo is image_demo else ()
+        )
         assert app.analytics_enabled is False
         config = json.dumps(app.get_config_file(), default=str)
         assert (problem or "") in config
@@ -273,4 +296,5 @@ def test_a_port_in_use_is_one_line(ckpt, capsys):
         assert cli_main(["demo", "--ckpt_path", str(ckpt), "--port", str(port), "--no_examples"]) == 2
     line = capsys.readouterr().err.strip().splitlines()[-1]
     assert line.startswith(f"error: cannot serve on 127.0.0.1:{port} (") and line.endswith(
-        "): choose another --port or --host")
+        "): choose another --port or --host"
+    )

@@ -21,20 +21,27 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from cli_probe import cli_command, cli_env
 from PIL import Image
 
-from captioning.commands.main import main as cli_main
 from captioning.commands.demo import Demo, build_app, launch
+from captioning.commands.main import main as cli_main
 from captioning.viz import overlay_panel_boxes
-from cli_probe import cli_command, cli_env
 
 pytestmark = pytest.mark.browser
 
 CHROMIUM = Path(os.environ.get("CAPTIONING_CHROMIUM", "/usr/bin/chromium"))
 # This machine's closed network: no background fetches, no QUIC, a fresh profile per run.
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                 "--disable-dev-shm-usage"]
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--disable-dev-shm-usage",
+]
 TIMEOUT_MS = 60_000
 
 
@@ -109,7 +116,7 @@ class Page:
         if wait:
             self.ready()
 
-    def ready(self) -> "Page":
+    def ready(self) -> Page:
         self.page.wait_for_selector("#status", state="attached")
         return self
 
@@ -151,16 +158,17 @@ def files(tmp_path_factory):
     (folder / "notes.txt").write_text("a shopping list, not a picture\n")
     (folder / "fake.png").write_text("not a PNG either, whatever its name says\n")
     Image.new("RGB", (300, 300), (200, 40, 40)).save(folder / "large.png")  # 90,000 pixels > --max_pixels
-    return {"scene": scene, "notes": folder / "notes.txt", "fake": folder / "fake.png",
-            "large": folder / "large.png"}
+    return {"scene": scene, "notes": folder / "notes.txt", "fake": folder / "fake.png", "large": folder / "large.png"}
 
 
 @pytest.fixture(scope="module")
 def cli_result(ckpt, files, tmp_path_factory):
     """What ``captioning caption`` writes for the scene (beam 2, as the demo below starts with)."""
     out = tmp_path_factory.mktemp("cli_caption")
-    assert cli_main(["caption", "--ckpt_path", str(ckpt), "--beam_size", "2", "--output", str(out),
-                     str(files["scene"])]) == 0
+    assert (
+        cli_main(["caption", "--ckpt_path", str(ckpt), "--beam_size", "2", "--output", str(out), str(files["scene"])])
+        == 0
+    )
     stem = files["scene"].stem
     return out / f"{stem}.png", json.loads((out / f"{stem}.json").read_text())
 
@@ -170,10 +178,14 @@ def server(ckpt, tmp_path_factory):
     """``captioning demo`` in its own process on a free port (what a user runs)."""
     tmp = tmp_path_factory.mktemp("demo_server")
     port = _free_port()
-    log = open(tmp / "demo.log", "w")
-    proc = subprocess.Popen(cli_command("demo", "--ckpt_path", str(ckpt), "--port", str(port), "--beam_size", "2",
-                                        "--max_pixels", "40000"),
-                            env=cli_env(tmp, OMP_NUM_THREADS="1"), cwd=tmp, stdout=log, stderr=subprocess.STDOUT)
+    log = open(tmp / "demo.log", "w")  # noqa: SIM115 - the server writes into it until the fixture ends
+    proc = subprocess.Popen(
+        cli_command("demo", "--ckpt_path", str(ckpt), "--port", str(port), "--beam_size", "2", "--max_pixels", "40000"),
+        env=cli_env(tmp, OMP_NUM_THREADS="1"),
+        cwd=tmp,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
     try:
         url = f"http://127.0.0.1:{port}/"
         try:
@@ -204,11 +216,14 @@ def test_caption_and_a_clicked_word_are_what_the_cli_writes(browser, server, fil
     k = 2
     boxes = overlay_panel_boxes(Image.open(cli_png).size, len(cli_json["words"]))
     user.page.locator("#caption-words label").nth(k).click()
-    user.page.wait_for_function("t => document.querySelector('#word-info').innerText.includes(t)",
-                                arg=f"word {k + 1} of {len(cli_json['words'])}")
+    user.page.wait_for_function(
+        "t => document.querySelector('#word-info').innerText.includes(t)",
+        arg=f"word {k + 1} of {len(cli_json['words'])}",
+    )
     shots(user.page, f"03-word-{k + 1}")
-    assert np.array_equal(user.image("#word-view"), cli_pixels[boxes[k + 1][1]:boxes[k + 1][3],
-                                                               boxes[k + 1][0]:boxes[k + 1][2]])
+    assert np.array_equal(
+        user.image("#word-view"), cli_pixels[boxes[k + 1][1] : boxes[k + 1][3], boxes[k + 1][0] : boxes[k + 1][2]]
+    )
     link = user.page.locator("#result-json a").first.get_attribute("href")
     ours = json.loads(user.page.request.get(link).body())
     assert {k: v for k, v in ours.items() if k != "image"} == {k: v for k, v in cli_json.items() if k != "image"}
@@ -225,8 +240,7 @@ def test_bad_files_get_a_message_and_the_server_keeps_serving(browser, server, f
     assert "fake.png: not an image in a supported format" in user.wait_status("fake.png")
     shots(user.page, "05-fake-png")
     user.upload(files["large"])
-    assert "large.png: image is 300x300 = 90,000 pixels, more than the limit of 40,000" in user.wait_status(
-        "large.png")
+    assert "large.png: image is 300x300 = 90,000 pixels, more than the limit of 40,000" in user.wait_status("large.png")
     assert user.words() == []
     shots(user.page, "06-too-many-pixels")
     user.upload(files["scene"])
@@ -319,9 +333,14 @@ def test_a_second_user_is_answered_while_the_first_request_runs(browser, local_a
 def test_a_model_that_cannot_be_loaded_is_a_message_on_the_page(browser, tmp_path, shots):
     port = _free_port()
     missing = tmp_path / "no-such-run"
-    proc = subprocess.Popen(cli_command("demo", "--ckpt_path", str(missing), "--port", str(port)),
-                            env=cli_env(tmp_path, OMP_NUM_THREADS="1"), cwd=tmp_path, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        cli_command("demo", "--ckpt_path", str(missing), "--port", str(port)),
+        env=cli_env(tmp_path, OMP_NUM_THREADS="1"),
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
         url = f"http://127.0.0.1:{port}/"
         _wait_for_http(url, proc)
@@ -337,11 +356,17 @@ def test_a_model_that_cannot_be_loaded_is_a_message_on_the_page(browser, tmp_pat
 
 
 def test_a_text_model_translates_and_shows_its_heatmap(browser, local_app, tmp_path, shots):
-    from captioning.models.seq2seq import Seq2SeqModel
     from captioning.data.text_tasks import SyntheticTextDataModule
+    from captioning.models.seq2seq import Seq2SeqModel
 
-    model = Seq2SeqModel(vocab=SyntheticTextDataModule(task="dates").vocab_data, embed_dim=16, encoder_dim=16,
-                         decoder_dim=32, attention_dim=16, max_length=12).eval()
+    model = Seq2SeqModel(
+        vocab=SyntheticTextDataModule(task="dates").vocab_data,
+        embed_dim=16,
+        encoder_dim=16,
+        decoder_dim=32,
+        attention_dim=16,
+        max_length=12,
+    ).eval()
     user = Page(browser, local_app(Demo(model, "tiny-text", tmp_path / "work")))
     user.page.locator("#source-text textarea").fill("12 March 2021")
     user.page.locator("#translate-button").click()

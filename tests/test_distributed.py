@@ -14,14 +14,20 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from cli_probe import ROOT, SMALL, cli_env, probe_config, read_probe, run_cli
 from PIL import Image
 
 from captioning.models.distributed import gather_objects
 from captioning.viz import attention_overlay
-from cli_probe import ROOT, SMALL, cli_env, probe_config, read_probe, run_cli
 
-DDP_CPU = ["--config", str(ROOT / "configs" / "trainer" / "ddp.yaml"),
-           "--trainer.accelerator", "cpu", "--trainer.devices", "2"]
+DDP_CPU = [
+    "--config",
+    str(ROOT / "configs" / "trainer" / "ddp.yaml"),
+    "--trainer.accelerator",
+    "cpu",
+    "--trainer.devices",
+    "2",
+]
 PANEL = 128  # configs/shapes.yaml: AttentionOverlays panel_size
 NUM_OVERLAYS = 4  # configs/shapes.yaml: AttentionOverlays num_images
 TRAIN_SIZE = 32  # tests/cli_probe.py SMALL
@@ -34,9 +40,23 @@ def ddp_run(tmp_path_factory) -> dict:
     probe = tmp / "probe"
     config = probe_config(tmp / "probe.yaml", probe)
     # Two epochs (validated once, at the end) to see the training shards reshuffled.
-    args = ["fit", *SMALL, *DDP_CPU, "--config", str(ROOT / "configs" / "trainer" / "wandb.yaml"),
-            "--config", str(config), "--trainer.default_root_dir", str(tmp / "root"),
-            "--data", "cli_probe.BucketedShapes", "--trainer.max_epochs", "2", "--trainer.check_val_every_n_epoch", "2"]
+    args = [
+        "fit",
+        *SMALL,
+        *DDP_CPU,
+        "--config",
+        str(ROOT / "configs" / "trainer" / "wandb.yaml"),
+        "--config",
+        str(config),
+        "--trainer.default_root_dir",
+        str(tmp / "root"),
+        "--data",
+        "cli_probe.BucketedShapes",
+        "--trainer.max_epochs",
+        "2",
+        "--trainer.check_val_every_n_epoch",
+        "2",
+    ]
     run_cli(args, cli_env(tmp, WANDB_PROJECT="ddp-test"), cwd=tmp)
     return {"tmp": tmp, "probe": read_probe(probe)}
 
@@ -57,8 +77,9 @@ def test_ddp_fit_logs_overlays_and_table_to_offline_wandb_run(ddp_run):
         assert len(references.split("\n")) == 5 and math.isfinite(cider) and cider >= 0
         words = prediction.split()
         # The overlay's size is fixed by its number of panels (image + one per word) and labels.
-        expected = attention_overlay(np.zeros((64, 64, 3), np.uint8), words, np.zeros((len(words), 8, 8)),
-                                     title=f"image {key}", panel_size=PANEL).size
+        expected = attention_overlay(
+            np.zeros((64, 64, 3), np.uint8), words, np.zeros((len(words), 8, 8)), title=f"image {key}", panel_size=PANEL
+        ).size
         overlay = Image.open(images[key])
         assert overlay.size == expected, f"image {key}: {overlay.size} != {expected} for {len(words)} words"
         pixels = np.asarray(overlay.convert("RGB"), dtype=np.float32)
@@ -94,8 +115,11 @@ def test_length_buckets_are_sharded_across_ranks_and_reshuffled_every_epoch(ddp_
     for rank in (0, 1):
         [sampler] = [r for r in probe[rank] if r["event"] == "train_sampler"]
         assert (sampler["batch_sampler"], sampler["sampler"]) == ("LengthBucketBatchSampler", "DistributedSampler")
-    seen = {(rank, epoch): [i for r in probe[rank] if r["event"] == "train_batch" and r["epoch"] == epoch
-                            for i in r["ids"]] for rank in (0, 1) for epoch in (0, 1)}
+    seen = {
+        (rank, epoch): [i for r in probe[rank] if r["event"] == "train_batch" and r["epoch"] == epoch for i in r["ids"]]
+        for rank in (0, 1)
+        for epoch in (0, 1)
+    }
     for epoch in (0, 1):
         shard0, shard1 = seen[0, epoch], seen[1, epoch]
         assert len(shard0) == len(shard1) == TRAIN_SIZE // 2
@@ -114,9 +138,21 @@ def _varied_checkpoint(src: Path, dst: Path) -> Path:
 
 def _validate(tmp: Path, ckpt: Path, devices: int, name: str) -> dict:
     out = tmp / name
-    args = ["validate", *SMALL, *DDP_CPU, "--trainer.devices", str(devices), "--ckpt_path", str(ckpt),
-            "--trainer.default_root_dir", str(out), "--trainer.logger.init_args.save_dir", str(out),
-            "--config", str(probe_config(tmp / f"{name}.yaml", out / "probe"))]
+    args = [
+        "validate",
+        *SMALL,
+        *DDP_CPU,
+        "--trainer.devices",
+        str(devices),
+        "--ckpt_path",
+        str(ckpt),
+        "--trainer.default_root_dir",
+        str(out),
+        "--trainer.logger.init_args.save_dir",
+        str(out),
+        "--config",
+        str(probe_config(tmp / f"{name}.yaml", out / "probe")),
+    ]
     run_cli(args, cli_env(tmp), cwd=tmp)
     probe = read_probe(out / "probe")
     assert sorted(probe) == list(range(devices))

@@ -31,7 +31,9 @@ def no_network(monkeypatch, tmp_path):
 
 
 def _bn_stats(module: nn.Module) -> list[torch.Tensor]:
-    return [t.clone() for m in module.modules() if isinstance(m, nn.BatchNorm2d) for t in (m.running_mean, m.running_var)]
+    return [
+        t.clone() for m in module.modules() if isinstance(m, nn.BatchNorm2d) for t in (m.running_mean, m.running_var)
+    ]
 
 
 @pytest.mark.parametrize(

@@ -6,10 +6,9 @@ import numpy as np
 import pytest
 import torch
 
+from captioning.data.feature_cache import FeatureCache, build_feature_cache, encoder_fingerprint, write_feature_cache
 from captioning.nn.encoders import SmallCNN
 from captioning.nn.torchvision_encoder import ImageEncoder
-from captioning.data.feature_cache import FeatureCache, build_feature_cache, encoder_fingerprint, write_feature_cache
-
 
 
 def test_user_features_round_trip_row_major_float16(tmp_path):
@@ -60,8 +59,10 @@ def test_build_encodes_every_image_once_and_keeps_captions(tmp_path):
     images = torch.randn(5, 3, 64, 64)
     calls = []
     enc.register_forward_hook(lambda m, i, o: calls.append(i[0].shape[0]))
-    batches = [{"images": images[:3], "image_ids": [0, 1, 2], "references": [["a"], ["b"], ["c"]]},
-               {"images": images[3:], "image_ids": [3, 4], "references": [["d"], ["e"]]}]
+    batches = [
+        {"images": images[:3], "image_ids": [0, 1, 2], "references": [["a"], ["b"], ["c"]]},
+        {"images": images[3:], "image_ids": [3, 4], "references": [["d"], ["e"]]},
+    ]
     cache = build_feature_cache(enc, batches, 5, tmp_path / "train", image_size=64)
     assert sum(calls) == 5  # each image encoded exactly once
     with torch.no_grad():
@@ -103,4 +104,7 @@ def test_writing_a_cache_never_replaces_a_folder_that_is_not_a_cache(tmp_path):
     assert (precious / "chapter1.tex").read_text() == "years of work"
     assert [p.name for p in tmp_path.iterdir()] == ["thesis"]  # no temporary folder left behind
     write_feature_cache(tmp_path / "cache", [0], np.zeros((1, 1, 1, 2)))
-    assert write_feature_cache(tmp_path / "cache", [0, 1], np.ones((2, 1, 1, 2))).image_ids == [0, 1]  # a cache: replaced
+    assert write_feature_cache(tmp_path / "cache", [0, 1], np.ones((2, 1, 1, 2))).image_ids == [
+        0,
+        1,
+    ]  # a cache: replaced

@@ -13,8 +13,9 @@ import copy
 import json
 import os
 import random
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pytest
 import torch
@@ -44,7 +45,7 @@ def _flip_bytes(data: bytes, rng: random.Random) -> bytes:
     return bytes(out)
 
 
-_ODD_VALUES = [None, 0, -1, 1.5, "", "x", "../../etc/passwd", [], {}, [1, "a"], {"a": 1}, True, 10 ** 12]
+_ODD_VALUES = [None, 0, -1, 1.5, "", "x", "../../etc/passwd", [], {}, [1, "a"], {"a": 1}, True, 10**12]
 
 
 def _mutate_json(value: Any, rng: random.Random) -> Any:
@@ -77,8 +78,9 @@ def _check(load: Callable[[Path], Any], path: Path, mutant_note: str) -> None:
         pytest.fail(f"{mutant_note}: {type(err).__name__} escaped: {err}")
 
 
-def _fuzz(tmp_path: Path, name: str, original: bytes, load: Callable[[Path], Any], n: int, seed: int,
-          structured: Any = None) -> None:
+def _fuzz(
+    tmp_path: Path, name: str, original: bytes, load: Callable[[Path], Any], n: int, seed: int, structured: Any = None
+) -> None:
     rng = random.Random(seed + 1000 * SEED)
     for k in range(n):
         path = tmp_path / f"{k:03d}" / name
@@ -93,15 +95,28 @@ def _fuzz(tmp_path: Path, name: str, original: bytes, load: Callable[[Path], Any
 # ----------------------------------------------------------------------------- checkpoints
 @pytest.fixture(scope="module")
 def checkpoint_bytes(tmp_path_factory) -> bytes:
-    from captioning.nn.encoders import SmallCNN
-    from captioning.models.image_captioner import ImageCaptioner
     from captioning.data.vocab import Vocabulary
+    from captioning.models.image_captioner import ImageCaptioner
+    from captioning.nn.encoders import SmallCNN
 
-    model = ImageCaptioner(SmallCNN(channels=4, grid_size=2, width=2), Vocabulary(["a", "b"]).to_dict(),
-                           embed_dim=4, decoder_dim=4, attention_dim=4)
+    model = ImageCaptioner(
+        SmallCNN(channels=4, grid_size=2, width=2),
+        Vocabulary(["a", "b"]).to_dict(),
+        embed_dim=4,
+        decoder_dim=4,
+        attention_dim=4,
+    )
     path = tmp_path_factory.mktemp("ckpt") / "m.ckpt"
-    torch.save({"state_dict": model.state_dict(), "hyper_parameters": {
-        "_class_path": "captioning.models.image_captioner.ImageCaptioner", **dict(model.hparams)}}, path)
+    torch.save(
+        {
+            "state_dict": model.state_dict(),
+            "hyper_parameters": {
+                "_class_path": "captioning.models.image_captioner.ImageCaptioner",
+                **dict(model.hparams),
+            },
+        },
+        path,
+    )
     return path.read_bytes()
 
 
@@ -127,14 +142,14 @@ def test_mutated_checkpoint_hyper_parameters_load_or_fail_with_one_line(tmp_path
 
 
 def test_mutated_model_configs_load_or_fail_with_one_line(tmp_path, checkpoint_bytes):
-    from captioning.io.model_loading import load_model
     from captioning.io.model_folders import CONFIG_FILE, load_pretrained, model_config
+    from captioning.io.model_loading import load_model
 
     src = tmp_path / "src.ckpt"
     src.write_bytes(checkpoint_bytes)
     config = model_config(load_model(src))
     rng = random.Random(3 + 1000 * SEED)
-    good = (tmp_path / "good")
+    good = tmp_path / "good"
     good.mkdir()
     from safetensors.torch import save_file
 
@@ -164,36 +179,58 @@ def photo_root(tmp_path_factory):
 
 
 def test_mutated_karpathy_json_loads_or_fails_with_one_line(tmp_path, photo_root):
-    from captioning.data.coco import read_karpathy_json
     from photo_data import karpathy
+
+    from captioning.data.coco import read_karpathy_json
 
     root, items = photo_root
     original = karpathy(tmp_path, items)
-    _fuzz(tmp_path, "dataset_coco.json", original.read_bytes(), lambda p: read_karpathy_json(p, root),
-          n=150, seed=4, structured=json.loads(original.read_text()))
+    _fuzz(
+        tmp_path,
+        "dataset_coco.json",
+        original.read_bytes(),
+        lambda p: read_karpathy_json(p, root),
+        n=150,
+        seed=4,
+        structured=json.loads(original.read_text()),
+    )
 
 
 def test_mutated_coco_captions_files_load_or_fail_with_one_line(tmp_path, photo_root):
-    from captioning.data.coco import read_coco_captions
     from photo_data import coco_annotations
+
+    from captioning.data.coco import read_coco_captions
 
     root, items = photo_root
     paths = coco_annotations(tmp_path, items)
     original = Path(paths["train_annotations"])
-    _fuzz(tmp_path, "captions_train2014.json", original.read_bytes(),
-          lambda p: read_coco_captions(p, root / "train2014"), n=150, seed=5,
-          structured=json.loads(original.read_text()))
+    _fuzz(
+        tmp_path,
+        "captions_train2014.json",
+        original.read_bytes(),
+        lambda p: read_coco_captions(p, root / "train2014"),
+        n=150,
+        seed=5,
+        structured=json.loads(original.read_text()),
+    )
 
 
 @pytest.mark.parametrize("jsonl", [False, True], ids=["csv", "jsonl"])
 def test_mutated_caption_files_load_or_fail_with_one_line(tmp_path, photo_root, jsonl):
-    from captioning.data.folder import FolderCaptionsDataModule
     from photo_data import folder_csv
+
+    from captioning.data.folder import FolderCaptionsDataModule
 
     root, items = photo_root
     original = folder_csv(tmp_path, items, jsonl=jsonl)
-    _fuzz(tmp_path, original.name, original.read_bytes(),
-          lambda p: FolderCaptionsDataModule(str(root), str(p), split_column="split").read_records(), n=100, seed=6)
+    _fuzz(
+        tmp_path,
+        original.name,
+        original.read_bytes(),
+        lambda p: FolderCaptionsDataModule(str(root), str(p), split_column="split").read_records(),
+        n=100,
+        seed=6,
+    )
 
 
 def test_mutated_feature_cache_index_loads_or_fails_with_one_line(tmp_path):

@@ -75,19 +75,53 @@ def test_attention_follows_the_decoder_state(score, heads):
 
 # Recorded from the implementation before the scorer hooks (commit 63e9f6c), float64: the
 # default decoder (additive, query "previous", no sentinel) must keep giving exactly these.
-GOLDEN_LOGITS = [0.03291766612, -0.004365257413, -0.012264461722, 0.033450885375, -0.018620068065, -0.00373002976,
-                 0.033497731828, -0.020699593309, -0.003451137878, 0.033235714674, -0.031530595376, -0.006045716036,
-                 0.033258339358, -0.034909707763, -0.00797779076]
-GOLDEN_ALPHAS = [0.127869251562, 0.097456167163, 0.104482917723, 0.101483481635, 0.148800749081, 0.093676166269,
-                 0.122210764609, 0.096618362791, 0.107402139166]
+GOLDEN_LOGITS = [
+    0.03291766612,
+    -0.004365257413,
+    -0.012264461722,
+    0.033450885375,
+    -0.018620068065,
+    -0.00373002976,
+    0.033497731828,
+    -0.020699593309,
+    -0.003451137878,
+    0.033235714674,
+    -0.031530595376,
+    -0.006045716036,
+    0.033258339358,
+    -0.034909707763,
+    -0.00797779076,
+]
+GOLDEN_ALPHAS = [
+    0.127869251562,
+    0.097456167163,
+    0.104482917723,
+    0.101483481635,
+    0.148800749081,
+    0.093676166269,
+    0.122210764609,
+    0.096618362791,
+    0.107402139166,
+]
 GOLDEN_GRAD_SUMS = {
-    "attention.scorer.key_proj.weight": -0.017347048403, "attention.scorer.key_proj.bias": 0.030690935199,
-    "attention.scorer.query_proj.weight": -0.006110320129, "attention.scorer.v.weight": -0.138969399289,
-    "embedding.weight": 0.575126224752, "init_h.weight": -0.06920176545, "init_h.bias": -0.129783956751,
-    "init_c.weight": -0.218244676422, "init_c.bias": -0.319712032438, "gate.weight": -0.012483640451,
-    "gate.bias": 0.061891397222, "input_embed.weight": -0.001056131904, "input_embed.bias": -0.18348659842,
-    "input_extra.weight": -0.190194247827, "recurrent.weight": 0.139955945495, "output.weight": -0.641389637997,
-    "output.bias": 3.471273304189}
+    "attention.scorer.key_proj.weight": -0.017347048403,
+    "attention.scorer.key_proj.bias": 0.030690935199,
+    "attention.scorer.query_proj.weight": -0.006110320129,
+    "attention.scorer.v.weight": -0.138969399289,
+    "embedding.weight": 0.575126224752,
+    "init_h.weight": -0.06920176545,
+    "init_h.bias": -0.129783956751,
+    "init_c.weight": -0.218244676422,
+    "init_c.bias": -0.319712032438,
+    "gate.weight": -0.012483640451,
+    "gate.bias": 0.061891397222,
+    "input_embed.weight": -0.001056131904,
+    "input_embed.bias": -0.18348659842,
+    "input_extra.weight": -0.190194247827,
+    "recurrent.weight": 0.139955945495,
+    "output.weight": -0.641389637997,
+    "output.bias": 3.471273304189,
+}
 GOLDEN_BEAM = [[26, 26, 26, 26, 26, 9, 26, 9], [28, 28, 28, 28, 28, 28, 28, 28], [26, 26, 26, 26, 26, 28, 28, 28]]
 
 

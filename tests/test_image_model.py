@@ -5,10 +5,10 @@ import json
 import pytest
 import torch
 
-from captioning.io.model_loading import load_model, read_checkpoint
-from captioning.nn.encoders import SmallCNN
-from captioning.models.image_captioner import ImageCaptioner
 from captioning.data.vocab import Vocabulary
+from captioning.io.model_loading import load_model, read_checkpoint
+from captioning.models.image_captioner import ImageCaptioner
+from captioning.nn.encoders import SmallCNN
 
 VOCAB = Vocabulary(["a", "red", "blue", "circle", "square"])
 
@@ -43,8 +43,12 @@ def test_loss_on_real_words_only_equals_the_full_padded_computation(query):
     grads = torch.autograd.grad(total, list(model.decoder.parameters()))
     model.decoder.fused = False  # the reference: every step computed, padding masked in the loss
     out = model.decoder(feats, caps[:, :-1])
-    want_ce = torch.nn.functional.cross_entropy(out.logits.reshape(-1, out.logits.shape[-1]).float(), caps[:, 1:].reshape(-1),
-                                                ignore_index=0, label_smoothing=0.1)
+    want_ce = torch.nn.functional.cross_entropy(
+        out.logits.reshape(-1, out.logits.shape[-1]).float(),
+        caps[:, 1:].reshape(-1),
+        ignore_index=0,
+        label_smoothing=0.1,
+    )
     real = (caps[:, 1:] != 0).unsqueeze(-1).double()
     want_reg = ((1.0 - (out.alphas * real).sum(1)) ** 2).mean()
     torch.testing.assert_close(ce, want_ce)
@@ -112,12 +116,21 @@ def test_load_model_errors_name_the_file(tmp_path):
 def test_sentinel_model_reports_beta_per_word_in_captions_json_and_overlay_table(tmp_path, query):
     from PIL import Image
 
+    from captioning.io.results import write_caption_result
     from captioning.models.callbacks import sentinel_text
     from captioning.models.inference import caption_images
-    from captioning.io.results import write_caption_result
 
-    model = ImageCaptioner(SmallCNN(channels=8, grid_size=2, width=4), VOCAB.to_dict(), embed_dim=8, decoder_dim=16,
-                           attention_dim=8, query=query, sentinel=True, beam_size=2, max_length=6).eval()
+    model = ImageCaptioner(
+        SmallCNN(channels=8, grid_size=2, width=4),
+        VOCAB.to_dict(),
+        embed_dim=8,
+        decoder_dim=16,
+        attention_dim=8,
+        query=query,
+        sentinel=True,
+        beam_size=2,
+        max_length=6,
+    ).eval()
     with torch.no_grad():
         model.decoder.output.bias[4] = 5.0  # say "a" a few times, then whatever
     image = Image.new("RGB", (40, 30), (200, 30, 30))
@@ -125,11 +138,13 @@ def test_sentinel_model_reports_beta_per_word_in_captions_json_and_overlay_table
     assert caption.sentinel is not None and len(caption.sentinel) == len(caption.words) > 0
     assert all(0.0 <= b <= 1.0 for b in caption.sentinel)
     image.save(tmp_path / "i.png")
-    _, js = write_caption_result(tmp_path / "out", tmp_path / "i.png", caption.words, caption.attention,
-                                 image=image, sentinel=caption.sentinel)
+    _, js = write_caption_result(
+        tmp_path / "out", tmp_path / "i.png", caption.words, caption.attention, image=image, sentinel=caption.sentinel
+    )
     assert json.loads(js.read_text())["sentinel"] == pytest.approx(caption.sentinel, abs=1e-5)
     text = sentinel_text({"prediction": caption.text, "sentinel": caption.sentinel})
     assert text.count("|") == len(caption.words) - 1
-    plain = ImageCaptioner(SmallCNN(channels=8, grid_size=2, width=4), VOCAB.to_dict(), embed_dim=8, decoder_dim=16,
-                           attention_dim=8).eval()
+    plain = ImageCaptioner(
+        SmallCNN(channels=8, grid_size=2, width=4), VOCAB.to_dict(), embed_dim=8, decoder_dim=16, attention_dim=8
+    ).eval()
     assert caption_images(plain, [image])[0].sentinel is None

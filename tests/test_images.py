@@ -31,6 +31,7 @@ RED, BLUE, WHITE = (255, 0, 0), (0, 0, 255), (255, 255, 255)
 
 # ---------------------------------------------------------------- helpers: files written here
 
+
 def _chunk(kind: bytes, data: bytes) -> bytes:
     return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
@@ -38,8 +39,7 @@ def _chunk(kind: bytes, data: bytes) -> bytes:
 def _png(width: int, height: int, bit_depth: int, colour_type: int, rows: bytes) -> bytes:
     """A PNG from raw scanlines (each row starts with filter byte 0), written chunk by chunk."""
     ihdr = struct.pack(">IIBBBBB", width, height, bit_depth, colour_type, 0, 0, 0)
-    return (b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", ihdr) + _chunk(b"IDAT", zlib.compress(rows))
-            + _chunk(b"IEND", b""))
+    return b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", ihdr) + _chunk(b"IDAT", zlib.compress(rows)) + _chunk(b"IEND", b"")
 
 
 def _bomb_png(path: Path, width: int, height: int) -> Path:
@@ -63,12 +63,16 @@ def _close(actual: tuple[int, ...], expected: tuple[int, ...], tol: int = 3) -> 
 
 # ---------------------------------------------------------------- orientation
 
-@pytest.mark.parametrize(("orientation", "size", "red_at", "white_at"), [
-    (1, (40, 20), (5, 10), (35, 10)),   # stored as is: red left
-    (3, (40, 20), (35, 10), (5, 10)),   # rotated 180: red right
-    (6, (20, 40), (10, 5), (10, 35)),   # phone held upright, "rotate 90 CW": left edge -> top
-    (8, (20, 40), (10, 35), (10, 5)),   # "rotate 90 CCW": left edge -> bottom
-])
+
+@pytest.mark.parametrize(
+    ("orientation", "size", "red_at", "white_at"),
+    [
+        (1, (40, 20), (5, 10), (35, 10)),  # stored as is: red left
+        (3, (40, 20), (35, 10), (5, 10)),  # rotated 180: red right
+        (6, (20, 40), (10, 5), (10, 35)),  # phone held upright, "rotate 90 CW": left edge -> top
+        (8, (20, 40), (10, 35), (10, 5)),  # "rotate 90 CCW": left edge -> bottom
+    ],
+)
 def test_exif_orientation_makes_photo_upright(tmp_path, orientation, size, red_at, white_at):
     stored = Image.new("RGB", (40, 20), WHITE)
     stored.paste(RED, (0, 0, 20, 20))  # red on the left half of the stored pixels
@@ -95,17 +99,18 @@ def test_damaged_exif_block_keeps_the_picture(tmp_path):
 
 # ---------------------------------------------------------------- pixel modes
 
+
 def _sixteen_bit_file(tmp_path: Path, mode: str, values: list[float]) -> Path:
-    if mode == "I;16":      # 16-bit greyscale PNG, the common case
+    if mode == "I;16":  # 16-bit greyscale PNG, the common case
         path = tmp_path / "grey16.png"
         Image.fromarray(np.array([values], dtype=np.uint16)).save(path)
-    elif mode == "I;16B":   # big-endian 16-bit TIFF
+    elif mode == "I;16B":  # big-endian 16-bit TIFF
         path = tmp_path / "grey16be.tif"
         Image.frombytes("I;16B", (len(values), 1), np.array(values, dtype=">u2").tobytes()).save(path)
-    elif mode == "I":       # 16-bit PGM: Pillow reads it as 32-bit "I"
+    elif mode == "I":  # 16-bit PGM: Pillow reads it as 32-bit "I"
         path = tmp_path / "grey16.pgm"
         path.write_bytes(f"P5 {len(values)} 1 65535\n".encode() + np.array(values, dtype=">u2").tobytes())
-    else:                   # "F": 32-bit float TIFF
+    else:  # "F": 32-bit float TIFF
         path = tmp_path / "float.tif"
         Image.fromarray(np.array([values], dtype=np.float32)).save(path)
     with Image.open(path) as img:
@@ -145,15 +150,18 @@ def _palette_with_transparent_index(path: Path) -> None:
     img.save(path, transparency=0)
 
 
-@pytest.mark.parametrize(("name", "write", "expected"), [
-    ("rgba.png", lambda p: Image.new("RGBA", (4, 4), (0, 0, 0, 0)).save(p), WHITE),
-    ("rgba_half.png", lambda p: Image.new("RGBA", (4, 4), (255, 0, 0, 128)).save(p), (255, 127, 127)),
-    ("la.png", lambda p: Image.new("LA", (4, 4), (0, 0)).save(p), WHITE),
-    ("la_half.png", lambda p: Image.new("LA", (4, 4), (0, 128)).save(p), (127, 127, 127)),
-    ("palette.png", _palette_with_transparent_index, WHITE),
-    ("palette.gif", _palette_with_transparent_index, WHITE),
-    ("grey_trns.png", lambda p: Image.new("L", (4, 4), 7).save(p, transparency=7), WHITE),
-])
+@pytest.mark.parametrize(
+    ("name", "write", "expected"),
+    [
+        ("rgba.png", lambda p: Image.new("RGBA", (4, 4), (0, 0, 0, 0)).save(p), WHITE),
+        ("rgba_half.png", lambda p: Image.new("RGBA", (4, 4), (255, 0, 0, 128)).save(p), (255, 127, 127)),
+        ("la.png", lambda p: Image.new("LA", (4, 4), (0, 0)).save(p), WHITE),
+        ("la_half.png", lambda p: Image.new("LA", (4, 4), (0, 128)).save(p), (127, 127, 127)),
+        ("palette.png", _palette_with_transparent_index, WHITE),
+        ("palette.gif", _palette_with_transparent_index, WHITE),
+        ("grey_trns.png", lambda p: Image.new("L", (4, 4), 7).save(p, transparency=7), WHITE),
+    ],
+)
 def test_transparent_pixels_are_composited_onto_white(tmp_path, name, write, expected):
     # Plain convert("RGB") drops alpha: transparent pixels showed their hidden (often black) colour.
     write(tmp_path / name)
@@ -165,15 +173,18 @@ def test_palette_opaque_entries_keep_their_colour(tmp_path):
     assert _pixel(load_image(tmp_path / "palette.png"), 3, 3) == RED
 
 
-@pytest.mark.parametrize(("mode", "value", "suffix", "expected"), [
-    ("1", 1, "png", WHITE),
-    ("1", 0, "png", (0, 0, 0)),
-    ("L", 100, "png", (100, 100, 100)),
-    ("CMYK", (255, 0, 0, 0), "jpg", (0, 255, 255)),      # cyan ink
-    ("CMYK", (0, 0, 0, 255), "jpg", (0, 0, 0)),          # black ink
-    ("CMYK", (0, 0, 0, 0), "tif", WHITE),                # no ink
-    ("YCbCr", (76, 85, 255), "jpg", RED),
-])
+@pytest.mark.parametrize(
+    ("mode", "value", "suffix", "expected"),
+    [
+        ("1", 1, "png", WHITE),
+        ("1", 0, "png", (0, 0, 0)),
+        ("L", 100, "png", (100, 100, 100)),
+        ("CMYK", (255, 0, 0, 0), "jpg", (0, 255, 255)),  # cyan ink
+        ("CMYK", (0, 0, 0, 255), "jpg", (0, 0, 0)),  # black ink
+        ("CMYK", (0, 0, 0, 0), "tif", WHITE),  # no ink
+        ("YCbCr", (76, 85, 255), "jpg", RED),
+    ],
+)
 def test_other_modes_convert_to_the_right_rgb(tmp_path, mode, value, suffix, expected):
     path = tmp_path / f"img.{suffix}"
     Image.new(mode, (16, 16), value).save(path, **({"quality": 95} if suffix == "jpg" else {}))
@@ -185,14 +196,21 @@ def test_other_modes_convert_to_the_right_rgb(tmp_path, mode, value, suffix, exp
 def test_animated_image_gives_its_first_frame(tmp_path, suffix):
     path = tmp_path / f"anim.{suffix}"
     frames = [Image.new("RGB", (16, 16), colour) for colour in (RED, BLUE, (0, 255, 0))]
-    frames[0].save(path, save_all=True, append_images=frames[1:], duration=100, loop=0,
-                   **({"lossless": True} if suffix == "webp" else {}))
+    frames[0].save(
+        path,
+        save_all=True,
+        append_images=frames[1:],
+        duration=100,
+        loop=0,
+        **({"lossless": True} if suffix == "webp" else {}),
+    )
     with Image.open(path) as img:
         assert img.n_frames == 3
     assert _close(_pixel(load_image(path), 8, 8), RED, 4)
 
 
 # ---------------------------------------------------------------- pixel limit
+
 
 def test_decompression_bomb_is_refused_from_its_header_without_decoding(tmp_path, monkeypatch):
     path = _bomb_png(tmp_path / "bomb.png", 20000, 20000)
@@ -220,8 +238,11 @@ def test_pixel_limit_names_size_limit_and_option(tmp_path):
     path = _bomb_png(tmp_path / "wide.png", 11000, 10000)  # over our 100 MP, under Pillow's error
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # Pillow's DecompressionBombWarning must not leak either
-        with pytest.raises(ImageTooLargeError, match=r"wide\.png: image is 11000x10000 = 110,000,000 pixels, "
-                                                     r"more than the limit of 100,000,000 .*max_pixels"):
+        with pytest.raises(
+            ImageTooLargeError,
+            match=r"wide\.png: image is 11000x10000 = 110,000,000 pixels, "
+            r"more than the limit of 100,000,000 .*max_pixels",
+        ):
             check_image_file(path)
         with pytest.raises(ImageTooLargeError, match=r"limit of 1,000 pixels .*--max_pixels 110000000\)$"):
             check_image_file(tmp_path / "wide.png", max_pixels=1000)
@@ -260,6 +281,7 @@ def test_max_pixels_must_be_a_positive_integer(tmp_path, bad):
 
 # ---------------------------------------------------------------- unreadable files
 
+
 def _truncated_jpeg(path: Path) -> None:
     _noise(256, 256).save(path, quality=90)
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
@@ -280,8 +302,10 @@ UNREADABLE = {
     "header_only.png": (lambda p: p.write_bytes(_png(8, 8, 8, 0, b"")[:30]), "damaged PNG file"),
     "truncated.jpg": (_truncated_jpeg, "truncated"),
     "truncated.png": (_truncated_png, "truncated"),
-    "postscript.jpg": (lambda p: p.write_text("%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 9 9\n"),
-                       "supported format"),  # EPS would run Ghostscript: not a format we open
+    "postscript.jpg": (
+        lambda p: p.write_text("%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 9 9\n"),
+        "supported format",
+    ),  # EPS would run Ghostscript: not a format we open
 }
 
 
@@ -358,6 +382,7 @@ def test_overlapping_reads_in_threads_leave_warning_filters_as_they_were(tmp_pat
 
 # ---------------------------------------------------------------- small images
 
+
 def test_small_image_warning_names_file_and_size():
     message = small_image_warning(Image.new("RGB", (1, 1)), "dot.png")
     assert message is not None and "dot.png" in message and "1x1" in message
@@ -369,6 +394,7 @@ def test_small_image_warning_names_file_and_size():
 
 # ---------------------------------------------------------------- fuzzing
 
+
 def _fuzz_bases(tmp_path: Path) -> dict[str, bytes]:
     files = {}
     _noise(24, 16, seed=1).save(tmp_path / "base.png")
@@ -376,7 +402,8 @@ def _fuzz_bases(tmp_path: Path) -> dict[str, bytes]:
     frames = [_noise(12, 10, seed=s).convert("P") for s in (3, 4)]
     frames[0].save(tmp_path / "base.gif", save_all=True, append_images=frames[1:], transparency=0)
     Image.fromarray(np.random.default_rng(5).integers(0, 65536, (10, 14), dtype=np.uint16)).save(
-        tmp_path / "base16.png")
+        tmp_path / "base16.png"
+    )
     for name in ("base.png", "base.jpg", "base.gif", "base16.png"):
         files[name] = (tmp_path / name).read_bytes()
     return files
@@ -391,10 +418,10 @@ def _mutate(data: bytes, rng: random.Random) -> bytes:
             i = rng.randrange(len(out))
             out[i] ^= 1 << rng.randrange(8)
     elif kind == 1:
-        del out[rng.randrange(1, len(out)):]
+        del out[rng.randrange(1, len(out)) :]
     elif kind == 2:
         start = rng.randrange(len(out))
-        span = bytes(out[start:start + rng.randint(1, 64)])
+        span = bytes(out[start : start + rng.randint(1, 64)])
         at = rng.randrange(len(out))
         out[at:at] = span
     elif kind == 3:  # header bytes: sizes, depths, modes, counts
@@ -402,12 +429,15 @@ def _mutate(data: bytes, rng: random.Random) -> bytes:
             out[rng.randrange(min(64, len(out)))] = rng.choice((0, 1, 0x7F, 0x80, 0xFF, rng.randrange(256)))
     elif out.startswith(b"\x89PNG"):  # IHDR field changed, CRC fixed so Pillow parses further
         field = rng.choice([(16, 4), (20, 4), (24, 1), (25, 1), (28, 1)])  # w, h, depth, colour, interlace
-        out[field[0]:field[0] + field[1]] = rng.randbytes(field[1]) if rng.random() < 0.5 else (
-            (1).to_bytes(field[1], "big") if field[1] == 1 else rng.randrange(1, 3000).to_bytes(4, "big"))
+        out[field[0] : field[0] + field[1]] = (
+            rng.randbytes(field[1])
+            if rng.random() < 0.5
+            else ((1).to_bytes(field[1], "big") if field[1] == 1 else rng.randrange(1, 3000).to_bytes(4, "big"))
+        )
         out[29:33] = struct.pack(">I", zlib.crc32(bytes(out[12:29])))
     else:  # JPEG SOF / GIF screen and frame sizes
         at = out.find(b"\xff\xc0") + 5 if out.startswith(b"\xff\xd8") else rng.choice((6, 8, 0x320 % len(out)))
-        out[at:at + 2] = rng.randrange(65536).to_bytes(2, "big")
+        out[at : at + 2] = rng.randrange(65536).to_bytes(2, "big")
     return bytes(out)
 
 

@@ -18,14 +18,14 @@ def _resolve(path: str):
         try:
             obj = getattr(obj, attr)
         except AttributeError:
-            obj = importlib.import_module(".".join([module_name, *attrs[:i + 1]]))
+            obj = importlib.import_module(".".join([module_name, *attrs[: i + 1]]))
     return obj
 
 
 @pytest.mark.parametrize("path,signature", sorted(PRIVATE_API.items()))
 def test_the_private_api_we_use_is_still_there(path, signature):
     obj = _resolve(path)
-    params = [p for p in inspect.signature(obj).parameters.values()]
+    params = list(inspect.signature(obj).parameters.values())
     want = [p.strip().split(":")[0].split("=")[0].strip() for p in signature.split("->")[0].strip("() ").split(",")]
     assert [("*" * (p.kind == p.VAR_POSITIONAL) + "**" * (p.kind == p.VAR_KEYWORD)) + p.name for p in params] == want
 
@@ -39,6 +39,7 @@ def test_the_command_line_overrides_private_methods_only_in_the_adapter():
     overridden = {name for name in vars(CaptioningCLI) if name.startswith("_") and not name.startswith("__")}
     from lightning.pytorch.cli import LightningCLI
 
-    assert not overridden & set(dir(LightningCLI)), "CaptioningCLI must override Lightning's private API only " \
-                                                    "in captioning/commands/lightning_adapter.py"
+    assert not overridden & set(dir(LightningCLI)), (
+        "CaptioningCLI must override Lightning's private API only in captioning/commands/lightning_adapter.py"
+    )
     assert lightning_adapter.OwnHyperparameters.__call__ is not None

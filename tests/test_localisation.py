@@ -80,12 +80,23 @@ def test_coco_instances_give_named_boxes_with_synonyms(tmp_path):
     from captioning.data.boxes import read_instances
 
     path = tmp_path / "instances_val2014.json"
-    path.write_text(json.dumps({
-        "images": [{"id": 7, "width": 200, "height": 100, "file_name": "a.jpg"}],
-        "categories": [{"id": 1, "name": "person"}, {"id": 18, "name": "dog"}, {"id": 67, "name": "dining table"}],
-        "annotations": [{"id": 1, "image_id": 7, "category_id": 1, "bbox": [0, 0, 100, 50]},
-                        {"id": 2, "image_id": 7, "category_id": 18, "bbox": [150, 50, 50, 50]},
-                        {"id": 3, "image_id": 7, "category_id": 67, "bbox": [0, 50, 200, 50]}]}))
+    path.write_text(
+        json.dumps(
+            {
+                "images": [{"id": 7, "width": 200, "height": 100, "file_name": "a.jpg"}],
+                "categories": [
+                    {"id": 1, "name": "person"},
+                    {"id": 18, "name": "dog"},
+                    {"id": 67, "name": "dining table"},
+                ],
+                "annotations": [
+                    {"id": 1, "image_id": 7, "category_id": 1, "bbox": [0, 0, 100, 50]},
+                    {"id": 2, "image_id": 7, "category_id": 18, "bbox": [150, 50, 50, 50]},
+                    {"id": 3, "image_id": 7, "category_id": 67, "bbox": [0, 50, 200, 50]},
+                ],
+            }
+        )
+    )
     boxes = read_instances(path)[7]
     assert boxes[0]["box"] == [0.0, 0.0, 0.5, 0.5] and {"man", "woman", "people", "person"} <= set(boxes[0]["nouns"])
     assert {"dog", "dogs", "puppy"} <= set(boxes[1]["nouns"]) and "table" in boxes[2]["nouns"]
@@ -97,8 +108,14 @@ def test_boxes_json_and_its_errors_name_the_file(tmp_path):
     from captioning.data.boxes import read_boxes_json
 
     good = tmp_path / "boxes.json"
-    good.write_text(json.dumps({"12": [{"word": "Dog", "box": [0.1, 0.1, 0.5, 0.9]}],
-                                "dogs/001.jpg": [{"words": ["cat", "kitten"], "box": [0, 0, 1, 1]}]}))
+    good.write_text(
+        json.dumps(
+            {
+                "12": [{"word": "Dog", "box": [0.1, 0.1, 0.5, 0.9]}],
+                "dogs/001.jpg": [{"words": ["cat", "kitten"], "box": [0, 0, 1, 1]}],
+            }
+        )
+    )
     boxes = read_boxes_json(good)
     assert boxes[12] == boxes["12"] == [{"box": [0.1, 0.1, 0.5, 0.9], "nouns": ["dog"]}]
     assert boxes["dogs/001.jpg"][0]["nouns"] == ["cat", "kitten"]
@@ -122,31 +139,66 @@ def test_shapes_batches_carry_named_boxes():
 def test_localisation_is_measured_on_coco_format_data_with_an_instances_file(tmp_path):
     """COCO-format photos + an instances file of their objects: validation logs the pointing game."""
     import lightning.pytorch as pl
-
-    from captioning.nn.encoders import SmallCNN
-    from captioning.models.image_captioner import ImageCaptioner
-    from captioning.data.coco import CocoCaptionsDataModule
     from photo_data import karpathy, write_photos
+
+    from captioning.data.coco import CocoCaptionsDataModule
+    from captioning.models.image_captioner import ImageCaptioner
+    from captioning.nn.encoders import SmallCNN
 
     items = write_photos(tmp_path)
     instances = tmp_path / "instances.json"
     sizes = [(96, 64), (64, 96), (80, 80), (120, 90)]
     things = {"ball": 1, "box": 2}
-    instances.write_text(json.dumps({
-        "images": [{"id": p.cocoid, "width": sizes[p.index % 4][0], "height": sizes[p.index % 4][1]} for p in items],
-        "categories": [{"id": 1, "name": "ball"}, {"id": 2, "name": "box"}],
-        "annotations": [{"id": p.index, "image_id": p.cocoid, "category_id": things[p.captions[1].split()[1]],
-                         "bbox": [0.3 * sizes[p.index % 4][0], 0.3 * sizes[p.index % 4][1],
-                                  0.4 * sizes[p.index % 4][0], 0.4 * sizes[p.index % 4][1]]} for p in items]}))
-    dm = CocoCaptionsDataModule(karpathy_json=str(karpathy(tmp_path, items)), image_root=str(tmp_path), min_count=1,
-                                batch_size=4, instances_file=str(instances))
-    model = ImageCaptioner(SmallCNN(channels=8, grid_size=4, width=4, image_size=32), dm.vocab.to_dict(),
-                           embed_dim=8, decoder_dim=16, attention_dim=8, beam_size=1, max_length=6)
+    instances.write_text(
+        json.dumps(
+            {
+                "images": [
+                    {"id": p.cocoid, "width": sizes[p.index % 4][0], "height": sizes[p.index % 4][1]} for p in items
+                ],
+                "categories": [{"id": 1, "name": "ball"}, {"id": 2, "name": "box"}],
+                "annotations": [
+                    {
+                        "id": p.index,
+                        "image_id": p.cocoid,
+                        "category_id": things[p.captions[1].split()[1]],
+                        "bbox": [
+                            0.3 * sizes[p.index % 4][0],
+                            0.3 * sizes[p.index % 4][1],
+                            0.4 * sizes[p.index % 4][0],
+                            0.4 * sizes[p.index % 4][1],
+                        ],
+                    }
+                    for p in items
+                ],
+            }
+        )
+    )
+    dm = CocoCaptionsDataModule(
+        karpathy_json=str(karpathy(tmp_path, items)),
+        image_root=str(tmp_path),
+        min_count=1,
+        batch_size=4,
+        instances_file=str(instances),
+    )
+    model = ImageCaptioner(
+        SmallCNN(channels=8, grid_size=4, width=4, image_size=32),
+        dm.vocab.to_dict(),
+        embed_dim=8,
+        decoder_dim=16,
+        attention_dim=8,
+        beam_size=1,
+        max_length=6,
+    )
     # A decoder biased to say "box", so generated words name a boxed thing.
     with torch.no_grad():
         model.decoder.output.bias[dm.vocab.stoi["box"]] = 20.0  # the val photos show boxes
-    trainer = pl.Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                         enable_model_summary=False, accelerator="cpu")
+    trainer = pl.Trainer(
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        accelerator="cpu",
+    )
     trainer.validate(model, datamodule=dm)
     metrics = trainer.callback_metrics
     assert "val/localisation" in metrics and "val/localisation_nouns_chance" in metrics

@@ -22,17 +22,30 @@ from captioning.eval.metrics import (
 HAS_JAVA = shutil.which("java") is not None
 
 REFS = {
-    1: ["a red circle above a blue square", "a red circle over a blue square",
-        "there is a red circle on top of a blue square"],
-    2: ["a green triangle next to a small yellow circle", "a green triangle beside a yellow circle",
-        "a yellow circle to the right of a green triangle"],
-    3: ["two blue squares and a red triangle", "a red triangle with two blue squares",
-        "blue squares near a red triangle"],
+    1: [
+        "a red circle above a blue square",
+        "a red circle over a blue square",
+        "there is a red circle on top of a blue square",
+    ],
+    2: [
+        "a green triangle next to a small yellow circle",
+        "a green triangle beside a yellow circle",
+        "a yellow circle to the right of a green triangle",
+    ],
+    3: [
+        "two blue squares and a red triangle",
+        "a red triangle with two blue squares",
+        "blue squares near a red triangle",
+    ],
     4: ["a large purple circle", "one big purple circle", "a purple circle in the middle"],
 }
 PERFECT = {i: refs[0] for i, refs in REFS.items()}
-WRONG = {1: "a green triangle next to a yellow circle", 2: "two blue squares",
-         3: "a large purple circle", 4: "a red circle above a blue square"}
+WRONG = {
+    1: "a green triangle next to a yellow circle",
+    2: "two blue squares",
+    3: "a large purple circle",
+    4: "a red circle above a blue square",
+}
 
 
 @pytest.fixture
@@ -47,8 +60,9 @@ def _caption_warnings(record) -> list:
     return [w for w in record if issubclass(w.category, CaptionMetricsWarning)]
 
 
-@pytest.mark.parametrize("use_java", [False, pytest.param(
-    None, marks=pytest.mark.skipif(not HAS_JAVA, reason="needs java"))])
+@pytest.mark.parametrize(
+    "use_java", [False, pytest.param(None, marks=pytest.mark.skipif(not HAS_JAVA, reason="needs java"))]
+)
 def test_perfect_beats_wrong_captions(fresh_state, use_java):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", CaptionMetricsWarning)
@@ -115,8 +129,8 @@ def test_hanging_meteor_is_killed_not_waited_for(fresh_state, monkeypatch):
     class Silent(metrics._MeteorProcess):
         def __init__(self):
             self.meteor_p = subprocess.Popen(
-                [sys.executable, "-c", "import time; time.sleep(60)"],
-                stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+                [sys.executable, "-c", "import time; time.sleep(60)"], stdin=subprocess.PIPE, stdout=subprocess.PIPE
+            )
             self.lock = metrics.threading.Lock()
             self.owner_pid = metrics.os.getpid()
 
@@ -139,7 +153,7 @@ def test_empty_predictions_do_not_crash(fresh_state):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", CaptionMetricsWarning)
         scores = caption_scores(preds, REFS, use_java=False)
-        all_empty = caption_scores({i: "" for i in REFS}, REFS, use_java=False)
+        all_empty = caption_scores(dict.fromkeys(REFS, ""), REFS, use_java=False)
         empty_refs = caption_scores({1: "", 2: "a"}, {1: [""], 2: ["..."]}, use_java=False)
     assert 0.0 < scores["bleu4"] < 1.0
     assert all_empty["bleu4"] == pytest.approx(0.0, abs=1e-6)
@@ -166,8 +180,9 @@ def test_extra_reference_ids_are_ignored(fresh_state):
 
 # ---------------------------------------------------------------- text and alignment
 def test_text_scores():
-    out = text_scores(["the cat sat on the mat", "a dog", "hello  world"],
-                      ["the cat sat on the mat", "a cat", "hello world"])
+    out = text_scores(
+        ["the cat sat on the mat", "a dog", "hello  world"], ["the cat sat on the mat", "a cat", "hello world"]
+    )
     assert out["exact_match"] == pytest.approx(2 / 3)
     assert 0.0 < out["bleu"] < 100.0 and 0.0 < out["chrf"] < 100.0
     assert "nrefs:1" in out["bleu_signature"]
@@ -178,9 +193,13 @@ def test_text_scores():
 
 
 def test_alignment_score():
-    a = torch.tensor([[0.7, 0.1, 0.1, 0.1],
-                      [0.1, 0.1, 0.7, 0.1],   # true 1, argmax 2: wrong
-                      [0.1, 0.1, 0.1, 0.7]])  # true -1: ignored
+    a = torch.tensor(
+        [
+            [0.7, 0.1, 0.1, 0.1],
+            [0.1, 0.1, 0.7, 0.1],  # true 1, argmax 2: wrong
+            [0.1, 0.1, 0.1, 0.7],
+        ]
+    )  # true -1: ignored
     b = torch.tensor([[0.2, 0.8], [0.9, 0.1]])
     assert alignment_score([a], [[0, 1, -1]]) == pytest.approx(0.5)
     assert alignment_score([a, b], [[0, 1, -1], [1, 0]]) == pytest.approx(3 / 4)

@@ -9,15 +9,15 @@ import itertools
 
 import pytest
 import torch
+from host_sync import HostSync, no_host_sync
 
-from captioning.nn.attention import SCORERS
-from captioning.nn.encoders import SmallCNN
-from captioning.models.image_captioner import ImageCaptioner
-from captioning.models.seq2seq import Seq2SeqModel
-from captioning.data.vocab import Vocabulary
 from captioning.data.batches import collate_text
 from captioning.data.text_tasks import SyntheticTextDataModule
-from host_sync import HostSync, no_host_sync
+from captioning.data.vocab import Vocabulary
+from captioning.models.image_captioner import ImageCaptioner
+from captioning.models.seq2seq import Seq2SeqModel
+from captioning.nn.attention import SCORERS
+from captioning.nn.encoders import SmallCNN
 
 VOCAB = Vocabulary(["a", "red", "blue", "circle", "square", "left", "of"]).to_dict()
 CAPTIONS = torch.tensor([[1, 4, 5, 6, 2, 0, 0], [1, 4, 7, 8, 5, 6, 2], [1, 5, 2, 0, 0, 0, 0]])
@@ -42,9 +42,15 @@ def _step(model, batch, optimizer):
     return out
 
 
-@pytest.mark.parametrize("score,heads,query,sentinel", [
-    (score, heads, query, sentinel) for score, heads, (query, sentinel) in itertools.product(
-        sorted(SCORERS), [1, 2], [("previous", False), ("previous", True), ("current", False), ("current", True)])])
+@pytest.mark.parametrize(
+    "score,heads,query,sentinel",
+    [
+        (score, heads, query, sentinel)
+        for score, heads, (query, sentinel) in itertools.product(
+            sorted(SCORERS), [1, 2], [("previous", False), ("previous", True), ("current", False), ("current", True)]
+        )
+    ],
+)
 def test_the_gpu_training_step_of_the_captioner_reads_nothing_back(score, heads, query, sentinel):
     model = _captioner("mask", attention=score, num_heads=heads, query=query, sentinel=sentinel)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)  # fused: its step count stays a tensor
@@ -62,16 +68,16 @@ def test_from_images_too_and_the_cpu_path_is_caught_by_the_guard():
     with no_host_sync():
         _step(model, batch, optimizer)
     model.decoder.padding = "shrink"  # reads the lengths and indexes the real words: not for CUDA graphs
-    with pytest.raises(HostSync):
-        with no_host_sync():
-            _step(model, batch, optimizer)
+    with pytest.raises(HostSync), no_host_sync():
+        _step(model, batch, optimizer)
 
 
 def _text_model(padding, **kw):
     torch.manual_seed(0)
     dm = SyntheticTextDataModule(task="dates", max_items=3, train_size=8)
-    model = Seq2SeqModel(vocab=dm.vocab_data, embed_dim=8, encoder_dim=8, decoder_dim=16, attention_dim=8,
-                         label_smoothing=0.1, **kw)
+    model = Seq2SeqModel(
+        vocab=dm.vocab_data, embed_dim=8, encoder_dim=8, decoder_dim=16, attention_dim=8, label_smoothing=0.1, **kw
+    )
     model.decoder.padding = padding
     batch = collate_text(dm.examples("train", range(6)))
     return model, {k: batch[k] for k in ("source", "source_lengths", "target")}

@@ -19,10 +19,10 @@ def test_quickstart_notebook_trains_captions_and_shows_overlays(tmp_path, monkey
     nb = nbformat.read(NOTEBOOK, as_version=4)
     source = "\n".join(c.source for c in nb.cells if c.cell_type == "code")
     assert "def " not in source and "class " not in source, "logic belongs in the package, not the notebook"
-    nbclient.NotebookClient(nb, timeout=300, kernel_name="python3",
-                            resources={"metadata": {"path": str(tmp_path)}}).execute()
-    images = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs
-              if "image/png" in o.get("data", {})]
+    nbclient.NotebookClient(
+        nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}
+    ).execute()
+    images = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs if "image/png" in o.get("data", {})]
     assert len(images) == 3  # two validation overlays from the callback + the captioned file
     assert (tmp_path / "quickstart.ckpt").is_file()
     assert list(tmp_path.glob("val_attention/epoch000-*/0.png")), "the callback's PNG files"

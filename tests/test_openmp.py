@@ -25,6 +25,7 @@ def test_busy_cores_from_two_cpu_time_samples():
 def test_busy_cores_is_none_without_proc_stat():
     def missing():
         raise FileNotFoundError("/proc/stat")
+
     assert busy_cores(read=missing, sleep=lambda s: None) is None
 
 
@@ -34,11 +35,14 @@ def test_cpu_times_reads_this_machine():
     assert total > 0 and 0 <= idle <= total
 
 
-@pytest.mark.parametrize(("busy", "expected", "env_after"), [
-    (0.1, "spin", {DECIDED: "spin"}),            # idle: the library default (spin, then sleep)
-    (1.0, "PASSIVE", {"OMP_WAIT_POLICY": "PASSIVE"}),  # a core held by another program
-    (None, "PASSIVE", {"OMP_WAIT_POLICY": "PASSIVE"}),  # cannot tell: the safe choice
-])
+@pytest.mark.parametrize(
+    ("busy", "expected", "env_after"),
+    [
+        (0.1, "spin", {DECIDED: "spin"}),  # idle: the library default (spin, then sleep)
+        (1.0, "PASSIVE", {"OMP_WAIT_POLICY": "PASSIVE"}),  # a core held by another program
+        (None, "PASSIVE", {"OMP_WAIT_POLICY": "PASSIVE"}),  # cannot tell: the safe choice
+    ],
+)
 def test_choice_follows_the_load(busy, expected, env_after):
     env = {}
     assert choose_wait_policy(env, measure=lambda: busy) == expected

@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from cli_probe import cli_command, cli_env
 from PIL import Image
 
 from captioning.commands.main import main
 from captioning.io.model_folders import CONFIG_FILE, WEIGHTS_FILE, load_pretrained, push_model
-from cli_probe import cli_command, cli_env
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -113,12 +113,24 @@ def _hub_cache(root: Path, repo_id: str, folder: Path) -> Path:
 def test_caption_with_a_hub_repo_id_from_the_cache_offline(exported, images, tmp_path):
     cache = _hub_cache(tmp_path / "hub", "me/shapes-captioner", exported)
     env = cli_env(tmp_path, HF_HUB_CACHE=str(cache), HF_HUB_OFFLINE="1")
-    done = subprocess.run(cli_command("caption", "--model", "me/shapes-captioner", "--no_overlays", str(images[0])),
-                          env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        cli_command("caption", "--model", "me/shapes-captioner", "--no_overlays", str(images[0])),
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.startswith(str(images[0]) + "\t") and len(done.stdout.split("\t")[1].split()) >= 1
-    missing = subprocess.run(cli_command("caption", "--model", "me/not-cached", "--no_overlays", str(images[0])),
-                             env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    missing = subprocess.run(
+        cli_command("caption", "--model", "me/not-cached", "--no_overlays", str(images[0])),
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert missing.returncode == 2 and "Traceback" not in missing.stderr
     assert "me/not-cached is not in the Hugging Face cache" in missing.stderr and str(cache) in missing.stderr
 
@@ -141,8 +153,12 @@ def test_push_creates_the_repo_and_uploads_the_folder(exported, capsys):
 
     assert push_main(["--model", str(exported), "--repo_id", "me/shapes-captioner", "--private"], api=api) == 0
     (name1, create), (name2, upload) = api.calls
-    assert name1 == "create_repo" and create == {"repo_id": "me/shapes-captioner", "repo_type": "model",
-                                                 "private": True, "exist_ok": True}
+    assert name1 == "create_repo" and create == {
+        "repo_id": "me/shapes-captioner",
+        "repo_type": "model",
+        "private": True,
+        "exist_ok": True,
+    }
     assert name2 == "upload_folder" and upload["folder_path"] == str(exported)
     assert upload["repo_id"] == "me/shapes-captioner"
     assert "uploaded" in capsys.readouterr().err
@@ -159,8 +175,9 @@ def test_push_refuses_what_is_not_a_model_folder(tmp_path):
 def _copy_config_only(tmp_path: Path) -> Path:
     folder = tmp_path / "m"
     folder.mkdir()
-    (folder / CONFIG_FILE).write_text(json.dumps({"format": "attention-captioning/1", "class_path": "x.Y",
-                                                  "init_args": {}}))
+    (folder / CONFIG_FILE).write_text(
+        json.dumps({"format": "attention-captioning/1", "class_path": "x.Y", "init_args": {}})
+    )
     (folder / WEIGHTS_FILE).write_bytes(b"")
     return folder
 
@@ -184,5 +201,6 @@ def test_folders_and_checkpoints_written_before_the_decoder_core_still_load(shap
     ckpt = torch.load(find_checkpoint(shapes_run), weights_only=True)
     ckpt["state_dict"]["decoder.input_feed.weight"] = ckpt["state_dict"].pop("decoder.input_extra.weight")
     torch.save(ckpt, tmp_path / "old.ckpt")
-    torch.testing.assert_close(load_model(tmp_path / "old.ckpt").decoder.input_extra.weight,
-                               new.decoder.input_extra.weight)
+    torch.testing.assert_close(
+        load_model(tmp_path / "old.ckpt").decoder.input_extra.weight, new.decoder.input_extra.weight
+    )

@@ -5,11 +5,11 @@ import itertools
 
 import pytest
 import torch
+from test_sat_recurrence import assert_bf16_autocast_close_to_fp32, assert_fused_equals_plain, training_losses
 
 from captioning.nn.attention import SCORERS
 from captioning.nn.image_decoder import ShowAttendTellDecoder
 from captioning.nn.search import beam_search, greedy_search
-from test_sat_recurrence import assert_bf16_autocast_close_to_fp32, assert_fused_equals_plain, training_losses
 
 V, C, S = 30, 12, 9
 PAD, BOS, EOS = 0, 1, 2
@@ -18,8 +18,20 @@ VARIANTS = [("previous", False), ("previous", True), ("current", False), ("curre
 
 def _decoder(query, sentinel, score="additive", heads=1, **kw):
     torch.manual_seed(0)
-    return ShowAttendTellDecoder(V, C, 8, 16, 10, attention=score, num_heads=heads, dropout=0.0, max_positions=S,
-                                 query=query, sentinel=sentinel, **kw).double()
+    return ShowAttendTellDecoder(
+        V,
+        C,
+        8,
+        16,
+        10,
+        attention=score,
+        num_heads=heads,
+        dropout=0.0,
+        max_positions=S,
+        query=query,
+        sentinel=sentinel,
+        **kw,
+    ).double()
 
 
 def _mask(b=4):
@@ -119,12 +131,13 @@ def test_sentinel_weights_image_alphas_and_context(query, score, heads):
 def test_sentinel_gradcheck():
     torch.manual_seed(0)
     for query, score in itertools.product(["previous", "current"], ["additive", "location"]):
-        dec = ShowAttendTellDecoder(7, 4, 3, 4, 4, attention=score, dropout=0.0, max_positions=3, query=query,
-                                    sentinel=True).double()
+        dec = ShowAttendTellDecoder(
+            7, 4, 3, 4, 4, attention=score, dropout=0.0, max_positions=3, query=query, sentinel=True
+        ).double()
         feats = torch.randn(2, 3, 4, dtype=torch.double, requires_grad=True)
         inputs = torch.randint(0, 7, (2, 3))
 
-        def f(x):
+        def f(x, dec=dec, inputs=inputs):
             out = dec(x, inputs)
             return out.logits.sum() + out.alphas.pow(2).sum() + out.betas.pow(2).sum()
 
@@ -198,8 +211,11 @@ def test_skipping_padding_steps_gives_the_full_loops_outputs_and_gradients(query
         f = feats.clone().requires_grad_(True)
         out = dec(f, inputs, mask, steps=given)
         weights = torch.Generator().manual_seed(1)
-        loss = sum((x * torch.randn(x.shape, generator=weights, dtype=x.dtype)
-                    * real.view(b, t, *[1] * (x.dim() - 2))).sum() for x in out if x is not None)
+        loss = sum(
+            (x * torch.randn(x.shape, generator=weights, dtype=x.dtype) * real.view(b, t, *[1] * (x.dim() - 2))).sum()
+            for x in out
+            if x is not None
+        )
         loss.backward()
         results.append((out, {n: p.grad.clone() for n, p in dec.named_parameters() if p.grad is not None}, f.grad))
     dec.fused = True
@@ -208,9 +224,9 @@ def test_skipping_padding_steps_gives_the_full_loops_outputs_and_gradients(query
         if want is None:
             assert got is None
             continue
-        torch.testing.assert_close(got[real], want[real], msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(got[real], want[real], msg=lambda m, name=name: f"{name}: {m}")
     assert (f_out.alphas[~real] == 0).all() and (f_out.betas is None or (f_out.betas[~real] == 0).all())
     assert f_grads.keys() == p_grads.keys()
     for name in p_grads:
-        torch.testing.assert_close(f_grads[name], p_grads[name], msg=lambda m: f"gradient of {name}: {m}")
+        torch.testing.assert_close(f_grads[name], p_grads[name], msg=lambda m, name=name: f"gradient of {name}: {m}")
     torch.testing.assert_close(f_feat, p_feat)

@@ -20,8 +20,19 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.mark.slow
 def test_quickstart_reaches_the_scores_the_readme_reports(tmp_path):
     run = tmp_path / "runs"
-    main(["fit", "--config", str(ROOT / "configs" / "shapes.yaml"), "--trainer.default_root_dir", str(run),
-          "--trainer.logger.init_args.save_dir", str(run), "--trainer.enable_progress_bar", "false"])
+    main(
+        [
+            "fit",
+            "--config",
+            str(ROOT / "configs" / "shapes.yaml"),
+            "--trainer.default_root_dir",
+            str(run),
+            "--trainer.logger.init_args.save_dir",
+            str(run),
+            "--trainer.enable_progress_bar",
+            "false",
+        ]
+    )
     rows = next(run.rglob("metrics.csv")).read_text().splitlines()
     header, last = rows[0].split(","), rows[-1].split(",")
     test = {k: float(v) for k, v in zip(header, last) if k.startswith("test/") and v}

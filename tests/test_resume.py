@@ -15,13 +15,13 @@ from types import SimpleNamespace
 import lightning.pytorch as pl
 import pytest
 import torch
+from cli_probe import ROOT, SMALL, cli_command, cli_env, probe_config, read_probe, run_cli
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 
+from captioning.data.shapes import ShapesDataModule
 from captioning.io.run_folders import resolve_checkpoint
 from captioning.io.wandb_logging import WandbLogger
-from cli_probe import ROOT, SMALL, cli_command, cli_env, probe_config, read_probe, run_cli
-from captioning.data.shapes import ShapesDataModule
 
 
 def _touch(path: Path, mtime: float) -> Path:
@@ -32,8 +32,13 @@ def _touch(path: Path, mtime: float) -> Path:
 
 
 def _trainer(tmp_path: Path, logger, callbacks=()) -> pl.Trainer:
-    return pl.Trainer(default_root_dir=tmp_path, logger=logger, callbacks=list(callbacks),
-                      enable_progress_bar=False, enable_model_summary=False)
+    return pl.Trainer(
+        default_root_dir=tmp_path,
+        logger=logger,
+        callbacks=list(callbacks),
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
 
 
 def test_last_finds_newest_last_checkpoint_of_earlier_versions(tmp_path):
@@ -87,17 +92,34 @@ STEPS_PER_EPOCH = 16  # train_size 128 / batch_size 8
 
 def test_sigkilled_bf16_run_resumes_from_last_and_finishes(tmp_path):
     probe = tmp_path / "probe"
-    every_2_steps = ("    - class_path: lightning.pytorch.callbacks.ModelCheckpoint\n      init_args:\n"
-                     "        every_n_train_steps: 2\n        save_top_k: 0\n        save_last: true\n")
-    args = ["fit", *SMALL, "--config", str(ROOT / "configs" / "trainer" / "bf16.yaml"),
-            "--config", str(ROOT / "configs" / "trainer" / "wandb.yaml"),
-            "--config", str(ROOT / "configs" / "trainer" / "step_checkpoints.yaml"),
-            "--config", str(probe_config(tmp_path / "probe.yaml", probe, every_2_steps)),
-            "--data.init_args.train_size", "128", "--data.init_args.val_size", "4",
-            "--trainer.accelerator", "cpu", "--trainer.default_root_dir", str(tmp_path / "root")]
+    every_2_steps = (
+        "    - class_path: lightning.pytorch.callbacks.ModelCheckpoint\n      init_args:\n"
+        "        every_n_train_steps: 2\n        save_top_k: 0\n        save_last: true\n"
+    )
+    args = [
+        "fit",
+        *SMALL,
+        "--config",
+        str(ROOT / "configs" / "trainer" / "bf16.yaml"),
+        "--config",
+        str(ROOT / "configs" / "trainer" / "wandb.yaml"),
+        "--config",
+        str(ROOT / "configs" / "trainer" / "step_checkpoints.yaml"),
+        "--config",
+        str(probe_config(tmp_path / "probe.yaml", probe, every_2_steps)),
+        "--data.init_args.train_size",
+        "128",
+        "--data.init_args.val_size",
+        "4",
+        "--trainer.accelerator",
+        "cpu",
+        "--trainer.default_root_dir",
+        str(tmp_path / "root"),
+    ]
     env = cli_env(tmp_path, WANDB_PROJECT="resume")
-    proc = subprocess.Popen(cli_command(*args), env=env, cwd=tmp_path, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        cli_command(*args), env=env, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
     deadline = time.monotonic() + 240
     try:
         while not list((tmp_path / "resume").glob("*/checkpoints/last*.ckpt")):
@@ -128,6 +150,7 @@ def test_sigkilled_bf16_run_resumes_from_last_and_finishes(tmp_path):
     assert final["global_step"] == STEPS_PER_EPOCH
     assert final["hyper_parameters"]["vocab"] == ShapesDataModule().vocab.to_dict()
     wandb_runs = sorted((tmp_path / "wandb").glob("offline-run-*"))
-    assert len(wandb_runs) == 2 and all(r.name.endswith(run_dir.name) for r in wandb_runs), \
+    assert len(wandb_runs) == 2 and all(r.name.endswith(run_dir.name) for r in wandb_runs), (
         "the resumed run must log to the same W&B run id"
+    )
     assert sorted(p.name for p in run_dir.glob("config*.yaml")) == ["config-1.yaml", "config.yaml"]

@@ -45,11 +45,11 @@ def assert_fused_equals_plain(dec, feats, inputs, mask=None):
         if want is None:
             assert got is None, name
         else:
-            torch.testing.assert_close(got, want, msg=lambda m: f"{name}: {m}")
+            torch.testing.assert_close(got, want, msg=lambda m, name=name: f"{name}: {m}")
     trained = {n for n, p in dec.named_parameters() if p.grad is not None}
     assert f_grads.keys() == p_grads.keys() == trained
     for name in p_grads:
-        torch.testing.assert_close(f_grads[name], p_grads[name], msg=lambda m: f"gradient of {name}: {m}")
+        torch.testing.assert_close(f_grads[name], p_grads[name], msg=lambda m, name=name: f"gradient of {name}: {m}")
     torch.testing.assert_close(f_feat, p_feat)  # a fine-tuned encoder gets the same gradient
 
 
@@ -128,8 +128,9 @@ class _NoExpand:
         self.prepare_memory, self.init_state, self.step = dec.prepare_memory, dec.init_state, dec.step
 
 
-@pytest.mark.parametrize("attention,heads", [("additive", 1), ("general", 1), ("none", 1), ("additive", 2),
-                                             ("content", 2)])
+@pytest.mark.parametrize(
+    "attention,heads", [("additive", 1), ("general", 1), ("none", 1), ("additive", 2), ("content", 2)]
+)
 def test_beam_search_without_copying_the_grid_equals_copying(attention, heads):
     dec = _decoder(attention=attention, num_heads=heads).eval()
     feats = torch.randn(5, S, C, dtype=torch.double)
@@ -175,4 +176,3 @@ def test_beam_search_under_bf16_autocast_matches_fp32_closely():
     assert low.alphas.dtype == torch.float32
     torch.testing.assert_close(low.alphas.sum(-1), torch.ones_like(low.alphas.sum(-1)))
     torch.testing.assert_close(low.scores, ref.scores, atol=0.1, rtol=0.02)
-

@@ -18,8 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from captioning.nn.scores import SCORERS, AdditiveScorer, Scorer
 from captioning.nn.image_decoder import ShowAttendTellDecoder
+from captioning.nn.scores import SCORERS, AdditiveScorer, Scorer
 from captioning.nn.search import StepOutput, beam_search
 
 V, C, S = 25, 12, 9
@@ -133,7 +133,7 @@ def _follows_its_maths(monkeypatch, cls):
     want = _train_step(lambda: loss(*ReferenceSAT(ref).forward(feats, captions[:, :-1])), ref)
     assert got == pytest.approx(want, rel=1e-12)
     for (name, p), q in zip(dec.named_parameters(), ref.parameters()):
-        torch.testing.assert_close(p, q, msg=lambda m: f"{name} after one step: {m}")
+        torch.testing.assert_close(p, q, msg=lambda m, name=name: f"{name} after one step: {m}")
     # Beam search (K queries per image against the shared grid) vs the reference step.
     dec.eval()
     with torch.no_grad():
@@ -170,7 +170,7 @@ class DistanceScorer(Scorer):
     def __init__(self, query_dim, key_dim, attention_dim=None, **_):
         super().__init__()
         self.query_proj = nn.Linear(query_dim, key_dim, bias=False)
-        self.scale = key_dim ** -0.5
+        self.scale = key_dim**-0.5
 
     def query_map(self):  # the linear first stage: the fused recurrence stacks it with the LSTM's
         return self.query_proj.weight, None

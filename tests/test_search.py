@@ -90,7 +90,7 @@ def test_caption_does_not_depend_on_the_other_images_in_the_batch(score):
     feats = torch.randn(5, 9, 12, dtype=torch.double)
     full = beam_search(dec, dec.prepare_memory(feats), 5, BOS, EOS, PAD, beam_size=3, max_length=15)
     for i in range(5):
-        alone = beam_search(dec, dec.prepare_memory(feats[i:i + 1]), 1, BOS, EOS, PAD, beam_size=3, max_length=15)
+        alone = beam_search(dec, dec.prepare_memory(feats[i : i + 1]), 1, BOS, EOS, PAD, beam_size=3, max_length=15)
         n = int(alone.lengths[0])
         assert torch.equal(alone.tokens[0, :n], full.tokens[i, :n])
         torch.testing.assert_close(alone.scores[0], full.scores[i])
@@ -111,7 +111,7 @@ def test_beam_of_one_equals_greedy_and_results_are_consistent():
     torch.testing.assert_close(b.alphas.sum(-1), torch.ones(4, b.tokens.shape[1], dtype=torch.float))
     # after EOS only padding
     for row, n in zip(b.tokens, b.lengths):
-        assert torch.all(row[int(n):] == PAD)
+        assert torch.all(row[int(n) :] == PAD)
 
 
 def test_wider_beam_never_scores_worse_without_length_penalty():
@@ -154,9 +154,11 @@ def test_banned_tokens_are_never_emitted_even_when_most_likely(search):
     table[..., unk] = 10.0  # <unk> is by far the likeliest word after every word
     table[..., PAD] = -1e9
     dec = MarkovDecoder(table)
-    run = (lambda **kw: greedy_search(dec, dec.prepare_memory(), 4, BOS, EOS, PAD, max_length=6, **kw)) \
-        if search == "greedy" else \
-        (lambda **kw: beam_search(dec, dec.prepare_memory(), 4, BOS, EOS, PAD, beam_size=3, max_length=6, **kw))
+    run = (
+        (lambda **kw: greedy_search(dec, dec.prepare_memory(), 4, BOS, EOS, PAD, max_length=6, **kw))
+        if search == "greedy"
+        else (lambda **kw: beam_search(dec, dec.prepare_memory(), 4, BOS, EOS, PAD, beam_size=3, max_length=6, **kw))
+    )
     assert (run().tokens == unk).any()  # without the ban it is chosen
     banned = run(banned_ids=[unk])
     assert not (banned.tokens == unk).any()

@@ -8,29 +8,47 @@ import lightning.pytorch as pl
 import pytest
 import torch
 
-from captioning.nn.encoders import SmallCNN
-from captioning.models.image_captioner import ImageCaptioner
-from captioning.models.step_graphs import StepGraphs, portable_optimizer_state, prepare_capturable
-from captioning.models.seq2seq import Seq2SeqModel
-from captioning.models.train_step import pad_length
 from captioning.data.shapes import ShapesDataModule
 from captioning.data.text_tasks import SyntheticTextDataModule
+from captioning.models.image_captioner import ImageCaptioner
+from captioning.models.seq2seq import Seq2SeqModel
+from captioning.models.step_graphs import StepGraphs, portable_optimizer_state, prepare_capturable
+from captioning.models.train_step import pad_length
+from captioning.nn.encoders import SmallCNN
 
 CUDA = torch.cuda.is_available()
 BACKEND = "cuda" if CUDA else "eager"
 
 
 def _trainer(**kw):
-    args = dict(max_steps=8, accelerator="gpu" if CUDA else "cpu", devices=1, logger=False,
-                enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                gradient_clip_val=0.5, limit_val_batches=0, num_sanity_val_steps=0)
+    args = dict(
+        max_steps=8,
+        accelerator="gpu" if CUDA else "cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        gradient_clip_val=0.5,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+    )
     args.update(kw)
     return pl.Trainer(**args)
 
 
 def _captioner(dm, graphs, **kw):
-    args = dict(embed_dim=8, decoder_dim=16, attention_dim=8, dropout=0.0, scheduler="cosine", warmup_steps=2,
-                lr=1e-2, encoder_lr=1e-2, cuda_graphs=graphs)
+    args = dict(
+        embed_dim=8,
+        decoder_dim=16,
+        attention_dim=8,
+        dropout=0.0,
+        scheduler="cosine",
+        warmup_steps=2,
+        lr=1e-2,
+        encoder_lr=1e-2,
+        cuda_graphs=graphs,
+    )
     args.update(kw)
     model = ImageCaptioner(SmallCNN(channels=16, grid_size=4, image_size=64), vocab=dm.vocab.to_dict(), **args)
     model.graph_backend = BACKEND
@@ -57,22 +75,27 @@ def test_a_graphed_fit_trains_as_the_plain_one(query, sentinel):
     assert counts["graphs"] >= 1 and counts["replays"] >= 1 and counts["replays"] + counts["eager"] == 8
     assert not hasattr(plain, "step_graph_counts")
     for (name, a), b in zip(plain.named_parameters(), graphed.parameters()):
-        torch.testing.assert_close(b, a, atol=5e-5, rtol=1e-4, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(b, a, atol=5e-5, rtol=1e-4, msg=lambda m, name=name: f"{name}: {m}")
 
 
 def test_graphed_steps_follow_the_learning_rate_schedule_and_log_the_losses():
     model, trainer = _fit(True, trainer_args=dict(max_steps=6, log_every_n_steps=1))
     scheduler = trainer.lr_scheduler_configs[0].scheduler
-    assert all(abs(float(g["lr"]) - lr) < 1e-9 for g, lr in zip(trainer.optimizers[0].param_groups,
-                                                                scheduler.get_last_lr()))
+    assert all(
+        abs(float(g["lr"]) - lr) < 1e-9 for g, lr in zip(trainer.optimizers[0].param_groups, scheduler.get_last_lr())
+    )
     assert {"train/loss", "train/ce", "train/doubly_stochastic"} <= set(trainer.logged_metrics)
     assert torch.isfinite(trainer.logged_metrics["train/loss"])
 
 
 def test_checkpoints_of_a_graphed_run_hold_a_portable_optimiser_state_and_resume(tmp_path):
     ckpt_dir = tmp_path / "ckpt"
-    args = dict(enable_checkpointing=True, default_root_dir=str(tmp_path), max_steps=5,
-                callbacks=[pl.callbacks.ModelCheckpoint(dirpath=ckpt_dir, save_last=True, every_n_train_steps=5)])
+    args = dict(
+        enable_checkpointing=True,
+        default_root_dir=str(tmp_path),
+        max_steps=5,
+        callbacks=[pl.callbacks.ModelCheckpoint(dirpath=ckpt_dir, save_last=True, every_n_train_steps=5)],
+    )
     _fit(True, trainer_args=args)
     ckpt = torch.load(ckpt_dir / "last.ckpt", weights_only=True)
     for group in ckpt["optimizer_states"][0]["param_groups"]:
@@ -95,8 +118,16 @@ def test_text_models_train_with_graphed_steps_too():
     results = []
     for graphs in (False, True):
         pl.seed_everything(0)
-        model = Seq2SeqModel(vocab=dm.vocab_data, embed_dim=8, encoder_dim=8, decoder_dim=16, attention_dim=8,
-                             dropout=0.0, cuda_graphs=graphs, lr=1e-2)
+        model = Seq2SeqModel(
+            vocab=dm.vocab_data,
+            embed_dim=8,
+            encoder_dim=8,
+            decoder_dim=16,
+            attention_dim=8,
+            dropout=0.0,
+            cuda_graphs=graphs,
+            lr=1e-2,
+        )
         model.graph_backend = BACKEND
         model.decoder.padding = "mask"
         _trainer(max_steps=6).fit(model, dm)
@@ -111,8 +142,7 @@ def test_steps_are_bucketed_and_graphs_capped():
     torch.manual_seed(0)
     lin = torch.nn.Linear(4, 1)
     opt = torch.optim.AdamW(lin.parameters(), lr=0.1, fused=True)
-    graphs = StepGraphs(lambda x: _loss(lin, x), opt, list(lin.parameters()), warmup=1, max_graphs=2,
-                        backend="eager")
+    graphs = StepGraphs(lambda x: _loss(lin, x), opt, list(lin.parameters()), warmup=1, max_graphs=2, backend="eager")
     for rows in (3, 3, 3, 5, 5, 7, 7, 3):
         graphs({"x": torch.randn(rows, 4)})
     assert graphs.captures == 2  # shapes (3, 4) and (5, 4); (7, 4) is past max_graphs: it runs eagerly

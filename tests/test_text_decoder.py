@@ -5,21 +5,19 @@ import inspect
 import pytest
 import torch
 
-import captioning.nn.attention as attention_module
 import captioning.models.image_captioner as models_module
-import captioning.nn.search as search_module
 import captioning.models.seq2seq as text_model_module
+import captioning.nn.attention as attention_module
+import captioning.nn.search as search_module
+from captioning.data.batches import collate_text as collate
+from captioning.data.text_tasks import SyntheticTextDataModule
+from captioning.models.image_captioner import ImageCaptioner
+from captioning.models.seq2seq import Seq2SeqModel
 from captioning.nn.attention import SCORERS
 from captioning.nn.encoders import SmallCNN
-from captioning.models.image_captioner import ImageCaptioner
 from captioning.nn.search import beam_search, greedy_search
 from captioning.nn.text_decoder import AttentionLSTMDecoder
 from captioning.nn.text_encoder import BiLSTMEncoder
-from captioning.models.seq2seq import Seq2SeqModel
-from captioning.data.batches import collate_text as collate
-from captioning.data.text_tasks import SyntheticTextDataModule
-
-
 
 BOS, EOS, PAD = 1, 2, 0
 
@@ -40,8 +38,14 @@ def batch_of(n=4, max_items=3, seed=0):
 
 
 def test_image_and_text_models_share_one_attention_layer_and_one_search():
-    captioner = ImageCaptioner(SmallCNN(channels=32, grid_size=4), vocab={"itos": ["a", "b"]}, attention="additive",
-                               embed_dim=16, decoder_dim=32, attention_dim=16)
+    captioner = ImageCaptioner(
+        SmallCNN(channels=32, grid_size=4),
+        vocab={"itos": ["a", "b"]},
+        attention="additive",
+        embed_dim=16,
+        decoder_dim=32,
+        attention_dim=16,
+    )
     seq2seq = tiny_model(attention="additive")
     assert type(captioner.decoder.attention) is type(seq2seq.decoder.attention) is attention_module.Attention
     assert type(captioner.decoder.attention.scorer) is type(seq2seq.decoder.attention.scorer)
@@ -63,8 +67,9 @@ def test_image_and_text_models_share_one_attention_layer_and_one_search():
     # The captioner's own search drives the text decoder unchanged: model.generate == search on its memory.
     b = batch_of()
     memory = seq2seq.memory(b["source"], b["source_lengths"])
-    direct = beam_search(seq2seq.decoder, memory, 4, BOS, EOS, PAD, beam_size=3, max_length=12,
-                         banned_ids=seq2seq.banned_ids())
+    direct = beam_search(
+        seq2seq.decoder, memory, 4, BOS, EOS, PAD, beam_size=3, max_length=12, banned_ids=seq2seq.banned_ids()
+    )
     via_model = seq2seq.generate(b["source"], b["source_lengths"], beam_size=3, max_length=12)
     assert torch.equal(direct.tokens, via_model.tokens)
 
@@ -98,8 +103,8 @@ def test_padded_source_positions_get_exactly_zero_attention_and_change_nothing(q
     extra = dict(b, source=torch.cat([b["source"], torch.zeros(4, 5, dtype=torch.long)], 1))
     loss_pad, alphas_pad = model.loss(extra)
     torch.testing.assert_close(loss_pad, model.loss(b)[0])
-    torch.testing.assert_close(alphas_pad[..., :b["source"].shape[1]], alphas)
-    assert torch.all(alphas_pad[..., b["source"].shape[1]:] == 0)
+    torch.testing.assert_close(alphas_pad[..., : b["source"].shape[1]], alphas)
+    assert torch.all(alphas_pad[..., b["source"].shape[1] :] == 0)
     # Decoding too: padding never changes the output.
     out, out_pad = (model.generate(x["source"], x["source_lengths"], beam_size=2, max_length=10) for x in (b, extra))
     assert torch.equal(out.tokens, out_pad.tokens)
@@ -174,8 +179,10 @@ def test_bad_query_and_bad_lengths_are_clear_errors():
 
 
 @pytest.mark.parametrize("query", ["bahdanau", "luong"])
-@pytest.mark.parametrize(("attention", "heads"), [("additive", 1), ("dot", 1), ("general", 1), ("content", 1),
-                                                   ("location", 1), ("scaled_dot", 2), ("additive", 2)])
+@pytest.mark.parametrize(
+    ("attention", "heads"),
+    [("additive", 1), ("dot", 1), ("general", 1), ("content", 1), ("location", 1), ("scaled_dot", 2), ("additive", 2)],
+)
 def test_fused_teacher_forcing_matches_the_plain_loop_in_outputs_and_every_gradient(query, attention, heads):
     torch.manual_seed(3)
     fused = tiny_model(query=query, attention=attention, num_heads=heads).double()
@@ -205,8 +212,9 @@ def test_loss_ignores_padding_and_matches_cross_entropy_over_all_positions():
     loss, _ = model.loss(b)
     enc = model.encoder(b["source"], b["source_lengths"])
     logits = model.decoder(enc.states, b["target"][:, :-1], enc.mask, enc.summary).logits
-    expected = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), b["target"][:, 1:].reshape(-1),
-                                                 ignore_index=PAD, label_smoothing=0.1)
+    expected = torch.nn.functional.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]), b["target"][:, 1:].reshape(-1), ignore_index=PAD, label_smoothing=0.1
+    )
     torch.testing.assert_close(loss, expected)
 
 

@@ -9,20 +9,25 @@ import pytest
 import torch
 from PIL import Image
 
-from captioning.io.model_loading import load_model
-from captioning.eval.metrics import alignment_score
-from captioning.models.seq2seq import Seq2SeqModel
 from captioning.data.batches import collate_text as collate
 from captioning.data.text_tasks import SyntheticTextDataModule
-
-
+from captioning.eval.metrics import alignment_score
+from captioning.io.model_loading import load_model
+from captioning.models.seq2seq import Seq2SeqModel
 
 SIZES = dict(embed_dim=32, encoder_dim=32, decoder_dim=64, attention_dim=32, dropout=0.0)
 
 
 def trainer(**kw):
-    args = dict(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                enable_model_summary=False, num_sanity_val_steps=0)
+    args = dict(
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+    )
     args.update(kw)
     return pl.Trainer(**args)
 
@@ -32,7 +37,7 @@ def test_learns_dates_with_attention_on_the_true_source_positions():
     dm = SyntheticTextDataModule(task="dates", min_items=1, max_items=2, train_size=64 * 150, batch_size=64)
     model = Seq2SeqModel(vocab=dm.vocab_data, lr=1e-2, **SIZES)
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    for step, batch in enumerate(dm.train_dataloader()):
+    for batch in dm.train_dataloader():
         loss, _ = model.loss(batch)
         opt.zero_grad()
         loss.backward()
@@ -43,7 +48,7 @@ def test_learns_dates_with_attention_on_the_true_source_positions():
     hyps = [model.detokenize(t) for t in model.hypothesis_tokens(result)]
     exact = sum(h == r for h, r in zip(hyps, batch["references"])) / 100
     _, alphas = model.loss(batch)
-    align = alignment_score([alphas[i, :len(a)] for i, a in enumerate(batch["alignments"])], batch["alignments"])
+    align = alignment_score([alphas[i, : len(a)] for i, a in enumerate(batch["alignments"])], batch["alignments"])
     assert exact >= 0.9, list(zip(hyps, batch["references"]))[:5]
     assert align >= 0.9
 

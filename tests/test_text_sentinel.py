@@ -8,18 +8,18 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from test_sat_recurrence import assert_fused_equals_plain
 
 import captioning.viz as viz
-from captioning.io.model_loading import load_model
-from captioning.nn.search import beam_search, greedy_search
-from captioning.nn.text_decoder import AttentionLSTMDecoder
-from captioning.models.seq2seq import Seq2SeqModel
 from captioning.commands.translate import main as translate_main
-from captioning.io.results import translation_record
-from captioning.viz import _SENTINEL, seq2seq_heatmap
 from captioning.data.batches import collate_text as collate
 from captioning.data.text_tasks import SyntheticTextDataModule
-from test_sat_recurrence import assert_fused_equals_plain
+from captioning.io.model_loading import load_model
+from captioning.io.results import translation_record
+from captioning.models.seq2seq import Seq2SeqModel
+from captioning.nn.search import beam_search, greedy_search
+from captioning.nn.text_decoder import AttentionLSTMDecoder
+from captioning.viz import _SENTINEL, seq2seq_heatmap
 
 V, C, S, T = 20, 12, 7, 5
 PAD, BOS, EOS = 0, 1, 2
@@ -31,8 +31,19 @@ ATTENTIONS = [("additive", 1), ("dot", 1), ("general", 1), ("location", 1), ("sc
 
 def _decoder(query, score="additive", heads=1, max_positions=S + 2):
     torch.manual_seed(0)
-    return AttentionLSTMDecoder(V, C, 8, 16, 8, attention=score, query=query, num_heads=heads, dropout=0.0,
-                                max_positions=max_positions, sentinel=True).double()
+    return AttentionLSTMDecoder(
+        V,
+        C,
+        8,
+        16,
+        8,
+        attention=score,
+        query=query,
+        num_heads=heads,
+        dropout=0.0,
+        max_positions=max_positions,
+        sentinel=True,
+    ).double()
 
 
 def _inputs(b=4):
@@ -91,8 +102,9 @@ def small_vocab_data():
 
 
 def tiny_model(**kw):
-    args = dict(embed_dim=16, encoder_dim=16, decoder_dim=32, attention_dim=16, dropout=0.0, max_source_length=24,
-                sentinel=True)
+    args = dict(
+        embed_dim=16, encoder_dim=16, decoder_dim=32, attention_dim=16, dropout=0.0, max_source_length=24, sentinel=True
+    )
     args.update(kw)
     return Seq2SeqModel(vocab=small_vocab_data(), **args)
 
@@ -131,8 +143,8 @@ def test_padding_and_batch_mates_change_nothing(score):
     extra = dict(b, source=torch.cat([b["source"], torch.zeros(4, 3, dtype=torch.long)], 1))
     loss_pad, alphas_pad = model.loss(extra)
     torch.testing.assert_close(loss_pad, loss)
-    torch.testing.assert_close(alphas_pad[..., :b["source"].shape[1]], alphas)
-    assert torch.all(alphas_pad[..., b["source"].shape[1]:] == 0)
+    torch.testing.assert_close(alphas_pad[..., : b["source"].shape[1]], alphas)
+    assert torch.all(alphas_pad[..., b["source"].shape[1] :] == 0)
     texts = ["1 jan 2000", "3 feb 1999, 4 mar 2000, 5 apr 2001"]
     alone = [model.translate([t], beam_size=2)[0] for t in texts]
     together = model.translate(texts, beam_size=2)
@@ -153,15 +165,19 @@ def test_a_checkpoint_without_the_key_loads_with_the_sentinel_off(tmp_path):
     assert "sentinel" in old.hparams and not old.decoder.sentinel
     assert old.decoder.input_embed.weight.shape[0] == 4 * 32
     assert not any("sentinel" in k for k in old.state_dict())
-    loaded = load_model(_write_checkpoint(old, tmp_path / "old.ckpt", drop=("sentinel",)),
-                        default_class="captioning.models.seq2seq.Seq2SeqModel")
+    loaded = load_model(
+        _write_checkpoint(old, tmp_path / "old.ckpt", drop=("sentinel",)),
+        default_class="captioning.models.seq2seq.Seq2SeqModel",
+    )
     assert not loaded.decoder.sentinel and not loaded.hparams.get("sentinel", False)
     texts = ["1 jan 2000", "2 feb 1999"]
     for a, b in zip(old.translate(texts), loaded.translate(texts)):
         assert a.text == b.text and torch.equal(a.alpha, b.alpha) and a.sentinel is b.sentinel is None
     # And a sentinel model round-trips with its sentinel.
     new = tiny_model(query="bahdanau").eval()
-    back = load_model(_write_checkpoint(new, tmp_path / "new.ckpt"), default_class="captioning.models.seq2seq.Seq2SeqModel")
+    back = load_model(
+        _write_checkpoint(new, tmp_path / "new.ckpt"), default_class="captioning.models.seq2seq.Seq2SeqModel"
+    )
     assert back.decoder.sentinel and back.hparams.sentinel
     for a, b in zip(new.translate(texts), back.translate(texts)):
         assert a.text == b.text and a.sentinel == b.sentinel
@@ -207,8 +223,9 @@ def test_translate_json_heatmap_and_figures_carry_the_sentinel(tmp_path, monkeyp
     record = json.loads(next(heat.glob("*.json")).read_text())
     assert len(record["sentinel"]) == len(record["target_tokens"]) == len(record["attention"])
     png = Image.open(next(heat.glob("*.png"))).convert("RGB")
-    expected = seq2seq_heatmap(record["source_tokens"], record["target_tokens"], np.array(record["attention"]),
-                               sentinel=record["sentinel"])
+    expected = seq2seq_heatmap(
+        record["source_tokens"], record["target_tokens"], np.array(record["attention"]), sentinel=record["sentinel"]
+    )
     assert png.size == expected.size
     # attention_figures hands each item's betas to the heatmap.
     seen = []

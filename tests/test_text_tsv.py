@@ -7,29 +7,65 @@ import csv
 import inspect
 import random
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
 
-from pathlib import Path
-
 import captioning.commands.main
 import captioning.io.run_folders
 from captioning.commands.main import main as cli_main
+from captioning.data.text_vocab import TextTokenizer
 from captioning.io.run_folders import restore_for_evaluation
 from captioning.models.seq2seq import score_translations
-from captioning.data.text_vocab import TextTokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
-SUBJECTS = [("je suis", "i am"), ("il est", "he is"), ("elle est", "she is"), ("nous sommes", "we are"),
-            ("tu es", "you are"), ("ils sont", "they are")]
-WORDS = [("fatigué", "tired"), ("content", "happy"), ("grand", "tall"), ("très", "very"), ("prêt", "ready"),
-         ("malade", "sick"), ("occupé", "busy"), ("heureux", "glad"), ("petit", "small"), ("riche", "rich"),
-         ("désolé", "sorry"), ("perdu", "lost"), ("en retard", "late"), ("à la maison", "at home")]
-TINY = ["--model.init_args.embed_dim", "16", "--model.init_args.encoder_dim", "16", "--model.init_args.decoder_dim",
-        "32", "--model.init_args.attention_dim", "16", "--model.init_args.beam_size", "2",
-        "--model.init_args.max_source_length", "24", "--data.init_args.subword_vocab_size", "120",
-        "--data.init_args.batch_size", "16", "--trainer.max_epochs", "2", "--trainer.enable_progress_bar", "false"]
+SUBJECTS = [
+    ("je suis", "i am"),
+    ("il est", "he is"),
+    ("elle est", "she is"),
+    ("nous sommes", "we are"),
+    ("tu es", "you are"),
+    ("ils sont", "they are"),
+]
+WORDS = [
+    ("fatigué", "tired"),
+    ("content", "happy"),
+    ("grand", "tall"),
+    ("très", "very"),
+    ("prêt", "ready"),
+    ("malade", "sick"),
+    ("occupé", "busy"),
+    ("heureux", "glad"),
+    ("petit", "small"),
+    ("riche", "rich"),
+    ("désolé", "sorry"),
+    ("perdu", "lost"),
+    ("en retard", "late"),
+    ("à la maison", "at home"),
+]
+TINY = [
+    "--model.init_args.embed_dim",
+    "16",
+    "--model.init_args.encoder_dim",
+    "16",
+    "--model.init_args.decoder_dim",
+    "32",
+    "--model.init_args.attention_dim",
+    "16",
+    "--model.init_args.beam_size",
+    "2",
+    "--model.init_args.max_source_length",
+    "24",
+    "--data.init_args.subword_vocab_size",
+    "120",
+    "--data.init_args.batch_size",
+    "16",
+    "--trainer.max_epochs",
+    "2",
+    "--trainer.enable_progress_bar",
+    "false",
+]
 
 
 def corpus(n: int, seed: int) -> list[tuple[str, str]]:
@@ -39,8 +75,12 @@ def corpus(n: int, seed: int) -> list[tuple[str, str]]:
     for _ in range(n):
         (fs, es), words = rng.choice(SUBJECTS), rng.sample(WORDS, rng.randint(1, 3))
         end = rng.choice([(".", "."), (" !", "!")])
-        pairs.append((f"{fs} {' '.join(f for f, _ in words)}{end[0]}".capitalize(),
-                      f"{es} {' '.join(e for _, e in words)}{end[1]}".capitalize()))
+        pairs.append(
+            (
+                f"{fs} {' '.join(f for f, _ in words)}{end[0]}".capitalize(),
+                f"{es} {' '.join(e for _, e in words)}{end[1]}".capitalize(),
+            )
+        )
     return pairs
 
 
@@ -50,14 +90,24 @@ def write_tsv(path, pairs):
 
 
 def data_args(folder):
-    return ["--data.init_args.train_path", str(folder / "train.tsv"), "--data.init_args.val_path",
-            str(folder / "val.tsv"), "--data.init_args.test_path", str(folder / "test.tsv")]
+    return [
+        "--data.init_args.train_path",
+        str(folder / "train.tsv"),
+        "--data.init_args.val_path",
+        str(folder / "val.tsv"),
+        "--data.init_args.test_path",
+        str(folder / "test.tsv"),
+    ]
 
 
 def test_metrics(run_dir) -> list[dict]:
-    rows = list(csv.DictReader(open(run_dir / "metrics.csv", encoding="utf-8")))
-    return [{k: float(v) for k, v in row.items() if k.startswith("test/") and v} for row in rows
-            if row.get("test/exact_match")]
+    with open(run_dir / "metrics.csv", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    return [
+        {k: float(v) for k, v in row.items() if k.startswith("test/") and v}
+        for row in rows
+        if row.get("test/exact_match")
+    ]
 
 
 test_metrics.__test__ = False  # a helper, not a test
@@ -70,8 +120,19 @@ def fitted(tmp_path_factory):
     write_tsv(folder / "val.tsv", corpus(24, 1))
     write_tsv(folder / "test.tsv", corpus(30, 2))
     runs = folder / "runs"
-    cli_main(["fit", "--config", str(ROOT / "configs" / "text_tsv.yaml"), *data_args(folder), *TINY,
-              "--trainer.default_root_dir", str(runs), "--trainer.logger.init_args.save_dir", str(runs)])
+    cli_main(
+        [
+            "fit",
+            "--config",
+            str(ROOT / "configs" / "text_tsv.yaml"),
+            *data_args(folder),
+            *TINY,
+            "--trainer.default_root_dir",
+            str(runs),
+            "--trainer.logger.init_args.save_dir",
+            str(runs),
+        ]
+    )
     versions = sorted((runs / "lightning_logs").iterdir())
     assert [v.name for v in versions] == ["version_0"]
     best = sorted(versions[0].glob("checkpoints/best*.ckpt"))
@@ -123,9 +184,21 @@ def test_test_command_gives_the_fit_end_numbers_in_the_same_run_without_warnings
     rows_before = (run / "metrics.csv").read_text().count("\n")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        cli_main(["test", "--config", str(ROOT / "configs" / "text_tsv.yaml"), *data_args(folder), *TINY,
-                  "--ckpt_path", str(best), "--trainer.default_root_dir", str(runs),
-                  "--trainer.logger.init_args.save_dir", str(runs)])
+        cli_main(
+            [
+                "test",
+                "--config",
+                str(ROOT / "configs" / "text_tsv.yaml"),
+                *data_args(folder),
+                *TINY,
+                "--ckpt_path",
+                str(best),
+                "--trainer.default_root_dir",
+                str(runs),
+                "--trainer.logger.init_args.save_dir",
+                str(runs),
+            ]
+        )
     messages = [str(w.message) for w in caught]
     assert not [m for m in messages if "callbacks" in m or "dirpath" in m or "not empty" in m], messages
     assert [v.name for v in (runs / "lightning_logs").iterdir()] == ["version_0"]  # no new version folder
@@ -185,7 +258,13 @@ def test_translate_output_stays_one_line_per_input_and_heatmap_dir_is_checked_fi
     assert len(out.splitlines()) == 2 and "\t" not in out
     blocker = tmp_path / "a-file"
     blocker.write_text("not a folder")
-    assert cli_main(["translate", "--ckpt_path", str(best), "--heatmap_dir", str(blocker / "heat"), "je suis prêt."]) == 2
+    assert (
+        cli_main(["translate", "--ckpt_path", str(best), "--heatmap_dir", str(blocker / "heat"), "je suis prêt."]) == 2
+    )
     captured = capsys.readouterr()
-    assert captured.out == "" and "--heatmap_dir" in captured.err and "cannot write into the --heatmap_dir folder" in captured.err
+    assert (
+        captured.out == ""
+        and "--heatmap_dir" in captured.err
+        and "cannot write into the --heatmap_dir folder" in captured.err
+    )
     assert len(captured.err.strip().splitlines()) == 1

@@ -90,17 +90,30 @@ def test_pretrained_weights_come_from_the_hub_cache_layout(no_hub, monkeypatch):
 
 
 def test_checkpoint_round_trip_rebuilds_without_pretrained_weights(tmp_path, no_hub, monkeypatch):
+    from captioning.data.vocab import Vocabulary
     from captioning.io.model_loading import load_model
     from captioning.models.image_captioner import ImageCaptioner
-    from captioning.data.vocab import Vocabulary
 
-    model = ImageCaptioner(TimmEncoder(CNN, pretrained=False, grid_size=2), Vocabulary(["a"]).to_dict(),
-                           embed_dim=8, decoder_dim=8, attention_dim=8).eval()
+    model = ImageCaptioner(
+        TimmEncoder(CNN, pretrained=False, grid_size=2),
+        Vocabulary(["a"]).to_dict(),
+        embed_dim=8,
+        decoder_dim=8,
+        attention_dim=8,
+    ).eval()
     model.encoder.config["pretrained"] = True  # as a real run records it
     model.hparams["encoder"]["init_args"]["pretrained"] = True
     path = tmp_path / "timm.ckpt"
-    torch.save({"state_dict": model.state_dict(), "hyper_parameters": {
-        "_class_path": "captioning.models.image_captioner.ImageCaptioner", **dict(model.hparams)}}, path)
+    torch.save(
+        {
+            "state_dict": model.state_dict(),
+            "hyper_parameters": {
+                "_class_path": "captioning.models.image_captioner.ImageCaptioner",
+                **dict(model.hparams),
+            },
+        },
+        path,
+    )
     monkeypatch.setenv("CAPTIONING_OFFLINE", "1")  # the weights are in the checkpoint: nothing to fetch
     loaded = load_model(path)
     x = torch.randint(0, 256, (1, 3, 224, 224), dtype=torch.uint8)

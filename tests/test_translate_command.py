@@ -25,12 +25,31 @@ def checkpoint(tmp_path_factory):
 
 
 def _fit(out):
-    cli_main(["fit", "--config", str(ROOT / "configs" / "text_dates.yaml"),
-              "--trainer.max_epochs", "1", "--trainer.default_root_dir", str(out),
-              "--trainer.logger.init_args.save_dir", str(out), "--trainer.enable_progress_bar", "false",
-              "--data.init_args.train_size", "64", "--data.init_args.val_size", "16",
-              "--data.init_args.test_size", "16",
-              "--data.init_args.max_items", "2", "--data.init_args.batch_size", "16"])
+    cli_main(
+        [
+            "fit",
+            "--config",
+            str(ROOT / "configs" / "text_dates.yaml"),
+            "--trainer.max_epochs",
+            "1",
+            "--trainer.default_root_dir",
+            str(out),
+            "--trainer.logger.init_args.save_dir",
+            str(out),
+            "--trainer.enable_progress_bar",
+            "false",
+            "--data.init_args.train_size",
+            "64",
+            "--data.init_args.val_size",
+            "16",
+            "--data.init_args.test_size",
+            "16",
+            "--data.init_args.max_items",
+            "2",
+            "--data.init_args.batch_size",
+            "16",
+        ]
+    )
 
 
 def test_fit_stores_vocab_and_tokenizer_as_plain_data(checkpoint):
@@ -41,8 +60,17 @@ def test_fit_stores_vocab_and_tokenizer_as_plain_data(checkpoint):
 
 def test_translate_text_arguments_and_heatmaps_never_overwritten(checkpoint, tmp_path, capsys):
     heat = tmp_path / "heat"
-    args = ["translate", "--ckpt_path", str(checkpoint), "--heatmap_dir", str(heat), "--beam_size", "2",
-            "21 nov 2026", "3 feb 1999, 4 mar 2000"]
+    args = [
+        "translate",
+        "--ckpt_path",
+        str(checkpoint),
+        "--heatmap_dir",
+        str(heat),
+        "--beam_size",
+        "2",
+        "21 nov 2026",
+        "3 feb 1999, 4 mar 2000",
+    ]
     assert cli_main(args) == 0
     lines = capsys.readouterr().out.splitlines()
     assert len(lines) == 2
@@ -80,11 +108,31 @@ def test_translate_errors_name_the_file(checkpoint, tmp_path, capsys):
 
 def test_predict_with_a_text_config_writes_one_translation_per_test_sentence(checkpoint, tmp_path):
     out = tmp_path / "translations.json"
-    cli_main(["predict", "--config", str(ROOT / "configs" / "text_dates.yaml"), "--ckpt_path", str(checkpoint),
-              "--predictions_path", str(out), "--trainer.logger", "false", "--trainer.enable_progress_bar", "false",
-              "--data.init_args.train_size", "64", "--data.init_args.val_size", "16",
-              "--data.init_args.test_size", "16", "--data.init_args.max_items", "2",
-              "--data.init_args.batch_size", "16"])
+    cli_main(
+        [
+            "predict",
+            "--config",
+            str(ROOT / "configs" / "text_dates.yaml"),
+            "--ckpt_path",
+            str(checkpoint),
+            "--predictions_path",
+            str(out),
+            "--trainer.logger",
+            "false",
+            "--trainer.enable_progress_bar",
+            "false",
+            "--data.init_args.train_size",
+            "64",
+            "--data.init_args.val_size",
+            "16",
+            "--data.init_args.test_size",
+            "16",
+            "--data.init_args.max_items",
+            "2",
+            "--data.init_args.batch_size",
+            "16",
+        ]
+    )
     results = json.loads(out.read_text())
     assert len(results) == 16 and len({r["id"] for r in results}) == 16
     assert {"id", "source", "translation"} <= set(results[0])
@@ -99,6 +147,7 @@ def test_exported_text_model_translates_like_its_checkpoint(checkpoint, tmp_path
     for source in (["--ckpt_path", str(checkpoint)], ["--model", str(folder)]):
         heat = tmp_path / source[0].strip("-")
         assert cli_main(["translate", *source, "--heatmap_dir", str(heat), "3 feb 1999", "21 nov 2026"]) == 0
-        outputs.append((capsys.readouterr().out, sorted(json.loads(p.read_text())["attention"]
-                                                        for p in heat.glob("*.json"))))
+        outputs.append(
+            (capsys.readouterr().out, sorted(json.loads(p.read_text())["attention"] for p in heat.glob("*.json")))
+        )
     assert outputs[0] == outputs[1]

@@ -9,14 +9,14 @@ import textwrap
 
 import pytest
 import torch
-
-from captioning.io.model_loading import load_model
-from captioning.commands.main import main
-from captioning.nn.encoders import SmallCNN
-from captioning.models.image_captioner import ImageCaptioner
-from captioning.io.trust import TRUST_ENV, UntrustedClassError
-from captioning.data.vocab import Vocabulary
 from cli_probe import cli_command, cli_env
+
+from captioning.commands.main import main
+from captioning.data.vocab import Vocabulary
+from captioning.io.model_loading import load_model
+from captioning.io.trust import TRUST_ENV, UntrustedClassError
+from captioning.models.image_captioner import ImageCaptioner
+from captioning.nn.encoders import SmallCNN
 
 VOCAB = Vocabulary(["a", "red", "circle"]).to_dict()
 USER_MODULE = textwrap.dedent('''
@@ -46,8 +46,11 @@ USER_MODULE = textwrap.dedent('''
 
 
 def _save(model, path, **hparams_override):
-    hp = {"_class_path": f"{type(model).__module__}.{type(model).__qualname__}", **dict(model.hparams),
-          **hparams_override}
+    hp = {
+        "_class_path": f"{type(model).__module__}.{type(model).__qualname__}",
+        **dict(model.hparams),
+        **hparams_override,
+    }
     torch.save({"state_dict": model.state_dict(), "hyper_parameters": hp}, path)
     return path
 
@@ -68,9 +71,18 @@ def test_checkpoint_naming_a_package_function_cannot_delete_a_folder(tmp_path, c
     victim.mkdir()
     (victim / "thesis.txt").write_text("years of work")
     gadget = tmp_path / "gadget.ckpt"
-    torch.save({"state_dict": {}, "hyper_parameters": {
-        "_class_path": "captioning.data.feature_cache.write_feature_cache", "path": str(victim), "image_ids": [0],
-        "features": [[[[0.0]]]]}}, gadget)
+    torch.save(
+        {
+            "state_dict": {},
+            "hyper_parameters": {
+                "_class_path": "captioning.data.feature_cache.write_feature_cache",
+                "path": str(victim),
+                "image_ids": [0],
+                "features": [[[[0.0]]]],
+            },
+        },
+        gadget,
+    )
     image = tmp_path / "img.png"
     __import__("PIL.Image").Image.new("RGB", (40, 40)).save(image)
     assert main(["caption", "--ckpt_path", str(gadget), "--output", str(tmp_path / "out"), str(image)]) == 2
@@ -81,17 +93,23 @@ def test_checkpoint_naming_a_package_function_cannot_delete_a_folder(tmp_path, c
 
 def test_checkpoint_encoder_naming_a_non_encoder_is_refused(tmp_path):
     model = ImageCaptioner(SmallCNN(channels=8, grid_size=2), VOCAB, embed_dim=8, decoder_dim=8, attention_dim=8)
-    path = _save(model, tmp_path / "m.ckpt", encoder={"class_path": "captioning.data.feature_cache.FeatureCache",
-                                                       "init_args": {"path": str(tmp_path)}})
+    path = _save(
+        model,
+        tmp_path / "m.ckpt",
+        encoder={"class_path": "captioning.data.feature_cache.FeatureCache", "init_args": {"path": str(tmp_path)}},
+    )
     with pytest.raises(UntrustedClassError, match="FeatureCache"):
         load_model(path)
 
 
-@pytest.mark.parametrize(("override", "message"), [
-    ({"surprise": 1}, r"has no argument\(s\) \['surprise'\]"),
-    ({"beam_size": torch.ones(2)}, "Tensor is not plain data"),
-    ({"encoder": None, "vocab": None}, None),
-])
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ({"surprise": 1}, r"has no argument\(s\) \['surprise'\]"),
+        ({"beam_size": torch.ones(2)}, "Tensor is not plain data"),
+        ({"encoder": None, "vocab": None}, None),
+    ],
+)
 def test_hyper_parameters_are_checked_against_the_signature(tmp_path, override, message):
     model = ImageCaptioner(SmallCNN(channels=8, grid_size=2), VOCAB, embed_dim=8, decoder_dim=8, attention_dim=8)
     hp = {k: v for k, v in override.items() if v is not None}
@@ -135,8 +153,14 @@ def test_caption_with_a_user_encoder_needs_the_trust_flag(tmp_path, user_module)
     refused = subprocess.run(cli_command(*args), env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert refused.returncode == 2 and "--trust_module my_extractors" in refused.stderr
     assert "Traceback" not in refused.stderr
-    trusted = subprocess.run(cli_command(*args, "--trust_module", "my_extractors"), env=env, cwd=tmp_path,
-                             capture_output=True, text=True, timeout=300)
+    trusted = subprocess.run(
+        cli_command(*args, "--trust_module", "my_extractors"),
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert trusted.returncode == 0, trusted.stderr
     assert (tmp_path / "out" / "photo.png").is_file() and (tmp_path / "out" / "photo.json").is_file()
 
@@ -149,19 +173,28 @@ def test_checkpoints_and_configs_naming_former_modules_still_load(tmp_path):
         assert type(loaded) is ImageCaptioner
         for name, p in model.state_dict().items():
             assert torch.equal(loaded.state_dict()[name], p), name
-    hparams = dict(model.hparams, encoder={"class_path": "captioning.encoders.SmallCNN",
-                                           "init_args": model.hparams["encoder"]["init_args"]})
+    hparams = dict(
+        model.hparams,
+        encoder={"class_path": "captioning.encoders.SmallCNN", "init_args": model.hparams["encoder"]["init_args"]},
+    )
     path = tmp_path / "old-encoder.ckpt"
-    torch.save({"hyper_parameters": {**hparams, "_class_path": "captioning.image_model.ImageCaptioner"},
-                "state_dict": model.state_dict()}, path)
+    torch.save(
+        {
+            "hyper_parameters": {**hparams, "_class_path": "captioning.image_model.ImageCaptioner"},
+            "state_dict": model.state_dict(),
+        },
+        path,
+    )
     assert type(load_model(path).encoder) is SmallCNN
     # The command line imports a former module name as the current module (run configs hold them).
-    code = ("from captioning import registry; registry.accept_former_module_names()\n"
-            "import datamodules.shapes, datamodules.text, captioning.image_model, captioning.data.shapes\n"
-            "import captioning.data.text_tasks, captioning.models\n"
-            "assert datamodules.shapes.ShapesDataModule is captioning.data.shapes.ShapesDataModule\n"
-            "assert datamodules.text.SyntheticTextDataModule is captioning.data.text_tasks.SyntheticTextDataModule\n"
-            "assert captioning.image_model.ImageCaptioner is captioning.models.ImageCaptioner\n"
-            "print('ok')")
+    code = (
+        "from captioning import registry; registry.accept_former_module_names()\n"
+        "import datamodules.shapes, datamodules.text, captioning.image_model, captioning.data.shapes\n"
+        "import captioning.data.text_tasks, captioning.models\n"
+        "assert datamodules.shapes.ShapesDataModule is captioning.data.shapes.ShapesDataModule\n"
+        "assert datamodules.text.SyntheticTextDataModule is captioning.data.text_tasks.SyntheticTextDataModule\n"
+        "assert captioning.image_model.ImageCaptioner is captioning.models.ImageCaptioner\n"
+        "print('ok')"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "ok"

@@ -28,7 +28,7 @@ def panel(img: Image.Image, index: int, columns: int) -> np.ndarray:
     r, c = divmod(index, columns)
     x0 = GAP + c * (P + GAP)
     y0 = HEADER + GAP + r * (P + LINE + GAP)
-    return np.asarray(img, dtype=np.float32)[y0:y0 + P, x0:x0 + P]
+    return np.asarray(img, dtype=np.float32)[y0 : y0 + P, x0 : x0 + P]
 
 
 def heat(pixels: np.ndarray) -> float:
@@ -110,7 +110,12 @@ def test_seq2seq_heatmap_brighter_where_weight_is_higher():
     ys, xs = np.nonzero(np.abs(a - b) > 50)  # the cells: everything else (labels, colour bar) is equal
     y0, y1, x0, x1 = ys.min(), ys.max() + 1, xs.min(), xs.max() + 1
     ym, xm = (y0 + y1) // 2, (x0 + x1) // 2
-    quarters = {"tl": np.s_[y0:ym, x0:xm], "tr": np.s_[y0:ym, xm:x1], "bl": np.s_[ym:y1, x0:xm], "br": np.s_[ym:y1, xm:x1]}
+    quarters = {
+        "tl": np.s_[y0:ym, x0:xm],
+        "tr": np.s_[y0:ym, xm:x1],
+        "bl": np.s_[ym:y1, x0:xm],
+        "br": np.s_[ym:y1, xm:x1],
+    }
     bright = {k: a[q].mean() for k, q in quarters.items()}
     assert min(bright["tl"], bright["br"]) > 150 > 40 > max(bright["tr"], bright["bl"])
     assert b[quarters["tr"]].mean() > 150 and b[quarters["tl"]].mean() < 40
@@ -177,10 +182,12 @@ def test_same_stem_from_two_folders_do_not_clash(tmp_path, overwrite):
 
 def test_write_caption_result_validates(tmp_path):
     with pytest.raises(ValueError, match="cat.jpg"):
-        write_caption_result(tmp_path, tmp_path / "cat.jpg", ["a", "b"], softmax_maps(3, 2, 2),
-                             image=Image.new("RGB", (8, 8)))
-    png, js = write_caption_result(tmp_path, tmp_path / "x.jpg", ["a"], softmax_maps(1, 2, 2),
-                                   image=torch.rand(3, 8, 8), score=float("nan"))
+        write_caption_result(
+            tmp_path, tmp_path / "cat.jpg", ["a", "b"], softmax_maps(3, 2, 2), image=Image.new("RGB", (8, 8))
+        )
+    png, js = write_caption_result(
+        tmp_path, tmp_path / "x.jpg", ["a"], softmax_maps(1, 2, 2), image=torch.rand(3, 8, 8), score=float("nan")
+    )
     assert json.loads(js.read_text())["score"] is None
 
 
@@ -204,13 +211,14 @@ def test_sentinel_bars_show_how_much_each_word_relied_on_language():
     from captioning.viz import _SENTINEL, overlay_panel_boxes
 
     img = torch.full((3, 80, 80), 0.5)
-    out = attention_overlay(img, ["image", "language"], np.stack([peaked(4, 0, 0)] * 2), panel_size=P,
-                            sentinel=[0.0, 1.0])
+    out = attention_overlay(
+        img, ["image", "language"], np.stack([peaked(4, 0, 0)] * 2), panel_size=P, sentinel=[0.0, 1.0]
+    )
     boxes = overlay_panel_boxes(out.size, 2, panel_size=P, sentinel=True)
     px = np.asarray(out)
     for k, filled in ((1, False), (2, True)):
         x0, _, x1, y1 = boxes[k]
-        bar = px[y1 + 4, x0 + 2: x1 - 2]  # a row through the bar under the panel
+        bar = px[y1 + 4, x0 + 2 : x1 - 2]  # a row through the bar under the panel
         assert (np.abs(bar.astype(int) - _SENTINEL).sum(-1) < 10).all() == filled
     with pytest.raises(ValueError, match="sentinel"):
         attention_overlay(img, ["a"], np.ones((1, 2, 2)), sentinel=[0.1, 0.2])

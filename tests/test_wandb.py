@@ -6,9 +6,9 @@ import warnings
 from pathlib import Path
 
 import pytest
+from cli_probe import ROOT, SMALL
 
 from captioning.io.wandb_logging import WandbLogger, credentials_source, resolve_mode
-from cli_probe import SMALL, ROOT
 
 
 @pytest.fixture
@@ -17,8 +17,15 @@ def no_login(tmp_path, monkeypatch) -> Path:
     home = tmp_path / "home"
     home.mkdir()
     monkeypatch.setenv("HOME", str(home))
-    for var in ("WANDB_API_KEY", "WANDB_IDENTITY_TOKEN_FILE", "WANDB_MODE", "WANDB_BASE_URL", "NETRC",
-                "WANDB_PROJECT", "WANDB_DIR"):
+    for var in (
+        "WANDB_API_KEY",
+        "WANDB_IDENTITY_TOKEN_FILE",
+        "WANDB_MODE",
+        "WANDB_BASE_URL",
+        "NETRC",
+        "WANDB_PROJECT",
+        "WANDB_DIR",
+    ):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("WANDB_CONFIG_DIR", str(home / ".config" / "wandb"))
     return home
@@ -59,8 +66,9 @@ def test_api_key_self_hosted_host_and_settings_file_count(no_login, monkeypatch)
     assert resolve_mode() == ("online", None)
 
 
-@pytest.mark.parametrize("env_mode, expected", [("offline", "offline"), ("dryrun", "offline"),
-                                                ("disabled", "disabled")])
+@pytest.mark.parametrize(
+    "env_mode, expected", [("offline", "offline"), ("dryrun", "offline"), ("disabled", "disabled")]
+)
 def test_wandb_mode_from_environment_is_respected_silently(no_login, monkeypatch, env_mode, expected):
     monkeypatch.setenv("WANDB_MODE", env_mode)
     assert resolve_mode() == (expected, None)
@@ -86,9 +94,23 @@ def test_project_and_dir_come_from_environment_unless_given(no_login, monkeypatc
 def _fit(tmp_path: Path, *extra: str) -> None:
     from captioning.commands.main import main
 
-    main(["fit", *SMALL, "--data.init_args.train_size", "8", "--trainer.max_steps", "1",
-          "--trainer.limit_val_batches", "0", "--trainer.num_sanity_val_steps", "0",
-          "--trainer.default_root_dir", str(tmp_path / "root"), *extra])
+    main(
+        [
+            "fit",
+            *SMALL,
+            "--data.init_args.train_size",
+            "8",
+            "--trainer.max_steps",
+            "1",
+            "--trainer.limit_val_batches",
+            "0",
+            "--trainer.num_sanity_val_steps",
+            "0",
+            "--trainer.default_root_dir",
+            str(tmp_path / "root"),
+            *extra,
+        ]
+    )
 
 
 def test_second_run_in_same_folder_gets_its_own_config_and_pushes_it(no_login, monkeypatch, tmp_path):

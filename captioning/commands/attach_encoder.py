@@ -8,14 +8,15 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Sequence
+from collections.abc import Sequence
 
 from captioning.commands.options import add_trust_argument, fail
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="captioning attach-encoder",
-                                description="Give a model trained on precomputed features its image encoder.")
+    p = argparse.ArgumentParser(
+        prog="captioning attach-encoder", description="Give a model trained on precomputed features its image encoder."
+    )
     p.add_argument("--ckpt_path", required=True, help="checkpoint (or run folder) of a model trained on features")
     p.add_argument("--encoder", required=True, help="YAML/JSON file with the extractor's class_path and init_args")
     p.add_argument("--output", required=True, help="new checkpoint file (must not exist)")

@@ -3,7 +3,7 @@ of a cached config once (:mod:`captioning.data.feature_cache`), as ``fit`` would
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -20,8 +20,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     cli = lightning_cli(nested_null_args(list(argv or [])), run=False)
     data = cli.datamodule
     if not hasattr(data, "build_cache"):
-        raise ValueError(f"cache-features: the config's data is {type(data).__name__}; use a cached config "
-                         "(data.class_path: captioning.data.cached.CachedFeaturesDataModule)")
+        raise ValueError(
+            f"cache-features: the config's data is {type(data).__name__}; use a cached config "
+            "(data.class_path: captioning.data.cached.CachedFeaturesDataModule)"
+        )
     device = "cuda" if torch.cuda.is_available() else None
     for split, cache in data.build_cache(cli.model.encoder, device=device).items():
         print(f"{split}: {len(cache)} images, {cache.grid[0]}x{cache.grid[1]}x{cache.channels} float16 -> {cache.path}")

@@ -16,38 +16,51 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Iterator, Sequence
-
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from captioning.data.images import DEFAULT_MAX_PIXELS
     from captioning.commands.options import add_model_arguments
+    from captioning.data.images import DEFAULT_MAX_PIXELS
 
     p = argparse.ArgumentParser(prog="captioning caption", description=__doc__.split("\n\n")[1])
     p.add_argument("images", nargs="+", metavar="IMAGE", help="image files, or folders (searched recursively)")
-    add_model_arguments(p, "checkpoint written by `captioning fit`, or a run folder (its newest valid best*.ckpt "
-                           "is used)")
-    p.add_argument("--output", help="folder for the overlay PNGs and JSON files (created); required unless "
-                                    "--no_overlays")
+    add_model_arguments(
+        p, "checkpoint written by `captioning fit`, or a run folder (its newest valid best*.ckpt is used)"
+    )
+    p.add_argument(
+        "--output", help="folder for the overlay PNGs and JSON files (created); required unless --no_overlays"
+    )
     p.add_argument("--format", choices=("tsv", "jsonl"), default="tsv", help="stdout records (default tsv)")
     p.add_argument("--beam_size", type=int, default=None, help="default: the model's own (1 = greedy)")
     p.add_argument("--max_length", type=int, default=None, help="longest caption in words")
     p.add_argument("--allow_unk", action="store_true", help="let captions contain <unk> (default: never)")
     p.add_argument("--batch_size", type=int, default=16, help="images decoded together")
-    p.add_argument("--max_pixels", type=int, default=DEFAULT_MAX_PIXELS,
-                   help=f"refuse images with more pixels than this, each by name (decompression bombs; default "
-                        f"{DEFAULT_MAX_PIXELS:,})")
+    p.add_argument(
+        "--max_pixels",
+        type=int,
+        default=DEFAULT_MAX_PIXELS,
+        help=f"refuse images with more pixels than this, each by name (decompression bombs; default "
+        f"{DEFAULT_MAX_PIXELS:,})",
+    )
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs instead of new names")
     p.add_argument("--no_overlays", action="store_true", help="print captions only")
-    p.add_argument("--overlay_scale", choices=("word", "caption"), default="word",
-                   help="heat colours: each panel to its own maximum (word), or one scale for all panels of a "
-                        "caption (caption: a flat map stays dim). Each label shows the word's peak weight either way")
-    p.add_argument("--progress", choices=("auto", "on", "off"), default="auto",
-                   help="progress bar on stderr (auto: with more than one batch on a terminal)")
+    p.add_argument(
+        "--overlay_scale",
+        choices=("word", "caption"),
+        default="word",
+        help="heat colours: each panel to its own maximum (word), or one scale for all panels of a "
+        "caption (caption: a flat map stays dim). Each label shows the word's peak weight either way",
+    )
+    p.add_argument(
+        "--progress",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="progress bar on stderr (auto: with more than one batch on a terminal)",
+    )
     return p
 
 
@@ -69,11 +82,11 @@ def tsv_field(text: str) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from captioning.data.images import ImageReadError, load_image, small_image_warning
+    from captioning.io.model_folders import load_any
+    from captioning.io.outputs import check_writable
+    from captioning.io.results import write_caption_result
     from captioning.models.inference import caption_images
     from captioning.models.protocols import is_captioner
-    from captioning.io.outputs import check_writable
-    from captioning.io.model_folders import load_any
-    from captioning.io.results import write_caption_result
 
     def fail(message: str) -> int:
         print(f"error: {message}", file=sys.stderr)
@@ -94,11 +107,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (OSError, ValueError, ImportError) as err:
         return fail(str(err))
     if not is_captioner(model):
-        return fail(f"{args.ckpt_path or args.model} holds a {type(model).__name__}, not an image captioner "
-                    "(use `captioning translate` for text models)")
+        return fail(
+            f"{args.ckpt_path or args.model} holds a {type(model).__name__}, not an image captioner "
+            "(use `captioning translate` for text models)"
+        )
     if not model.encoder.sees_images:
-        return fail(f"{args.ckpt_path or args.model} was trained on precomputed features and has no image "
-                    "encoder: attach the extractor first (captioning attach-encoder --help)")
+        return fail(
+            f"{args.ckpt_path or args.model} was trained on precomputed features and has no image "
+            "encoder: attach the extractor first (captioning attach-encoder --help)"
+        )
 
     files = list(find_images(args.images))
     if not files:
@@ -111,7 +128,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     progress = _progress(len(files), show)
     for start in range(0, len(files), args.batch_size):
         chunk = []
-        for path in files[start:start + args.batch_size]:
+        for path in files[start : start + args.batch_size]:
             try:
                 image = load_image(path, max_pixels=max_pixels)
             except ImageReadError as err:
@@ -122,14 +139,27 @@ def main(argv: Sequence[str] | None = None) -> int:
             if warning:
                 print(f"warning: {warning}", file=sys.stderr)
             chunk.append((path, image))
-        results = caption_images(model, [img for _, img in chunk], args.beam_size, args.max_length,
-                                 allow_unk=True if args.allow_unk else None)
+        results = caption_images(
+            model,
+            [img for _, img in chunk],
+            args.beam_size,
+            args.max_length,
+            allow_unk=True if args.allow_unk else None,
+        )
         for (path, image), result in zip(chunk, results):
             written = None
             if out_dir is not None:  # an empty caption still gets its (image-only) overlay and JSON
-                written = write_caption_result(out_dir, path, result.words, result.attention, image=image,
-                                               score=result.score, overwrite=args.overwrite,
-                                               sentinel=result.sentinel, scale=args.overlay_scale)
+                written = write_caption_result(
+                    out_dir,
+                    path,
+                    result.words,
+                    result.attention,
+                    image=image,
+                    score=result.score,
+                    overwrite=args.overwrite,
+                    sentinel=result.sentinel,
+                    scale=args.overlay_scale,
+                )
             if args.format == "jsonl":
                 record = {"image": str(path), "caption": result.text, "score": result.score}
                 if written:
@@ -138,7 +168,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             else:
                 print(f"{tsv_field(str(path))}\t{result.text}", flush=True)
             done += 1
-        progress(len(files[start:start + args.batch_size]))
+        progress(len(files[start : start + args.batch_size]))
     progress(0, close=True)
     if out_dir is not None and done:
         print(f"wrote {done} overlay(s) and JSON file(s) to {out_dir}", file=sys.stderr)

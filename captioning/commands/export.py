@@ -5,18 +5,20 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Sequence
+from collections.abc import Sequence
 
 from captioning.commands.options import add_trust_argument, fail
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="captioning export",
-                                description="Write a trained model as a self-contained, shareable model folder.")
+    p = argparse.ArgumentParser(
+        prog="captioning export", description="Write a trained model as a self-contained, shareable model folder."
+    )
     p.add_argument("--ckpt_path", required=True, help="checkpoint, or a run folder (its newest valid best*.ckpt)")
     p.add_argument("--output", required=True, help="new model folder (must not exist or be empty)")
-    p.add_argument("--name", help="model name on the card (default: the folder name; use owner/name when "
-                                  "you will push it)")
+    p.add_argument(
+        "--name", help="model name on the card (default: the folder name; use owner/name when you will push it)"
+    )
     p.add_argument("--beam_size", type=int, default=None, help="beam for the card's example caption")
     p.add_argument("--overwrite", action="store_true", help="replace an existing non-empty output folder")
     add_trust_argument(p)

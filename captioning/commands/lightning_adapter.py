@@ -12,7 +12,7 @@ a user's run).
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 from lightning.pytorch.cli import LightningCLI, _get_module_type, _InstantiatorFn
 
@@ -20,7 +20,9 @@ PRIVATE_API = {
     "lightning.pytorch.cli.LightningCLI._add_instantiators": "(self) -> None",
     "lightning.pytorch.cli.LightningCLI._parse_ckpt_path": "(self) -> None",
     "lightning.pytorch.cli.LightningCLI._dump_config": "(self) -> None",
-    "lightning.pytorch.cli._InstantiatorFn.__call__": "(self, class_type, *args, applied_instantiation_links, **kwargs)",
+    "lightning.pytorch.cli._InstantiatorFn.__call__": (
+        "(self, class_type, *args, applied_instantiation_links, **kwargs)"
+    ),
     "lightning.pytorch.cli._get_module_type": "(value)",
 }
 
@@ -47,14 +49,20 @@ class LightningCLIAdapter(LightningCLI):
     """LightningCLI with the private-API overrides above; subclasses use public hooks only and
     implement :meth:`check_checkpoint`."""
 
-    def check_checkpoint(self, path: Any, weights_only: Optional[bool]) -> None:
+    def check_checkpoint(self, path: Any, weights_only: bool | None) -> None:
         """Raise a clear error for an unusable ``--ckpt_path`` file before Lightning reads it."""
 
     def _add_instantiators(self) -> None:
-        self.parser.add_instantiator(OwnHyperparameters(cli=self, key="model"),
-                                     _get_module_type(self._model_class), subclasses=self.subclass_mode_model)
-        self.parser.add_instantiator(OwnHyperparameters(cli=self, key="data"),
-                                     _get_module_type(self._datamodule_class), subclasses=self.subclass_mode_data)
+        self.parser.add_instantiator(
+            OwnHyperparameters(cli=self, key="model"),
+            _get_module_type(self._model_class),
+            subclasses=self.subclass_mode_model,
+        )
+        self.parser.add_instantiator(
+            OwnHyperparameters(cli=self, key="data"),
+            _get_module_type(self._datamodule_class),
+            subclasses=self.subclass_mode_data,
+        )
 
     def _parse_ckpt_path(self) -> None:
         subcommand = self.config.get("subcommand")

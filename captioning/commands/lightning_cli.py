@@ -18,7 +18,8 @@ import json
 import operator
 import os
 import warnings
-from typing import Any, Optional, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import lightning.pytorch as pl
 from jsonargparse import ArgumentError
@@ -37,7 +38,7 @@ class OneLineErrorsParser(LightningArgumentParser):
     Usage errors (unknown option, wrong type) keep jsonargparse's usage + message, exit 2.
     """
 
-    def error(self, message: str, ex: Optional[Exception] = None) -> Any:
+    def error(self, message: str, ex: Exception | None = None) -> Any:
         if self.exit_on_error:  # else jsonargparse is trying alternatives and catches the error itself
             if debug_mode():
                 raise ArgumentError(None, message) from ex
@@ -51,12 +52,21 @@ class CaptioningCLI(LightningCLIAdapter):
     """The training commands' CLI (module docstring); public LightningCLI hooks only."""
 
     def add_arguments_to_parser(self, parser: Any) -> None:
-        parser.link_arguments("data", "model.init_args.vocab", compute_fn=operator.attrgetter("vocab_data"),
-                              apply_on="instantiate")
-        parser.add_argument("--test_after_fit", type=bool, default=False,
-                            help="fit only: run `test` on the best checkpoint when training ends")
-        parser.add_argument("--predictions_path", type=Optional[str], default=None,
-                            help="predict only: COCO results JSON (default <log_dir>/predictions.json)")
+        parser.link_arguments(
+            "data", "model.init_args.vocab", compute_fn=operator.attrgetter("vocab_data"), apply_on="instantiate"
+        )
+        parser.add_argument(
+            "--test_after_fit",
+            type=bool,
+            default=False,
+            help="fit only: run `test` on the best checkpoint when training ends",
+        )
+        parser.add_argument(
+            "--predictions_path",
+            type=str | None,
+            default=None,
+            help="predict only: COCO results JSON (default <log_dir>/predictions.json)",
+        )
 
     def _extra(self, key: str) -> Any:
         return self.config[self.subcommand].get(key) if self.subcommand else None
@@ -66,7 +76,7 @@ class CaptioningCLI(LightningCLIAdapter):
             has_best = bool(getattr(self.trainer.checkpoint_callback, "best_model_path", ""))
             self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path="best" if has_best else None)
 
-    def check_checkpoint(self, path: Any, weights_only: Optional[bool]) -> None:
+    def check_checkpoint(self, path: Any, weights_only: bool | None) -> None:
         """Our errors for a damaged or pickled-objects checkpoint file, not torch's."""
         from captioning.io.checkpoint_files import CheckpointReadError, checkpoint_problem, load_checkpoint_file
 
@@ -115,8 +125,7 @@ class CaptioningCLI(LightningCLIAdapter):
         from captioning.io.run_folders import restore_for_evaluation
 
         config = self.config_init[self.subcommand]
-        config["ckpt_path"] = restore_for_evaluation(self.trainer, self.model, config.get("ckpt_path"),
-                                                     self.datamodule)
+        config["ckpt_path"] = restore_for_evaluation(self.trainer, self.model, config.get("ckpt_path"), self.datamodule)
 
     def before_predict(self) -> None:
         from captioning.io.prediction_writer import CocoResultsWriter

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import importlib
 import sys
-from typing import Sequence
+from collections.abc import Sequence
 
 from captioning.commands.openmp import choose_wait_policy
 
@@ -25,27 +25,38 @@ COMMANDS = {
     "validate": (LIGHTNING, "score a checkpoint on the validation split"),
     "test": (LIGHTNING, "score a checkpoint on the test split"),
     "predict": (LIGHTNING, "caption the test split into a COCO results JSON"),
-    "caption": ("captioning.commands.caption", "caption images or folders with a trained model; "
-                "writes attention overlays (PNG) and JSON"),
-    "translate": ("captioning.commands.translate", "translate sentences with a text model; "
-                  "writes source x target heatmaps"),
-    "cache-features": ("captioning.commands.cache_features", "encode every image of a cached config once "
-                       "(features for training the decoder)"),
-    "export": ("captioning.commands.export", "write a trained model as a shareable folder "
-               "(safetensors, config.json, model card)"),
+    "caption": (
+        "captioning.commands.caption",
+        "caption images or folders with a trained model; writes attention overlays (PNG) and JSON",
+    ),
+    "translate": (
+        "captioning.commands.translate",
+        "translate sentences with a text model; writes source x target heatmaps",
+    ),
+    "cache-features": (
+        "captioning.commands.cache_features",
+        "encode every image of a cached config once (features for training the decoder)",
+    ),
+    "export": (
+        "captioning.commands.export",
+        "write a trained model as a shareable folder (safetensors, config.json, model card)",
+    ),
     "push": ("captioning.commands.push", "upload an exported model folder to the Hugging Face Hub"),
-    "attach-encoder": ("captioning.commands.attach_encoder", "give a model trained on precomputed "
-                       "features its image encoder"),
-    "demo": ("captioning.commands.demo", "a local web page: caption a photo (or translate a sentence) and see "
-             "where the model looked"),
+    "attach-encoder": (
+        "captioning.commands.attach_encoder",
+        "give a model trained on precomputed features its image encoder",
+    ),
+    "demo": (
+        "captioning.commands.demo",
+        "a local web page: caption a photo (or translate a sentence) and see where the model looked",
+    ),
 }
 
 
 def usage() -> str:
     """``captioning --help``: every command with one line each."""
     width = max(len(name) for name in COMMANDS) + 2
-    lines = ["usage: captioning <command> [options]   (captioning <command> --help for its options)", "",
-             "commands:"]
+    lines = ["usage: captioning <command> [options]   (captioning <command> --help for its options)", "", "commands:"]
     lines += [f"  {name:<{width}}{text}" for name, (_, text) in COMMANDS.items()]
     lines += ["", "Training commands take --config configs/<experiment>.yaml (see configs/)."]
     return "\n".join(lines)

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Callable, MutableMapping
+from collections.abc import Callable, MutableMapping
 
 # Cores' worth of CPU time other programs may use while we still call the machine idle.
 IDLE_BELOW_CORES = 0.5
@@ -33,8 +33,12 @@ def cpu_times() -> tuple[int, int]:
     return sum(fields), fields[3] + fields[4]
 
 
-def busy_cores(interval: float = 0.2, read: Callable[[], tuple[int, int]] = cpu_times,
-               cores: int | None = None, sleep: Callable[[float], None] = time.sleep) -> float | None:
+def busy_cores(
+    interval: float = 0.2,
+    read: Callable[[], tuple[int, int]] = cpu_times,
+    cores: int | None = None,
+    sleep: Callable[[float], None] = time.sleep,
+) -> float | None:
     """Cores kept busy by other programs during ``interval`` seconds (this process sleeps
     meanwhile), or None where it cannot be measured (no /proc/stat)."""
     try:
@@ -48,8 +52,9 @@ def busy_cores(interval: float = 0.2, read: Callable[[], tuple[int, int]] = cpu_
     return (1.0 - (idle1 - idle0) / (total1 - total0)) * (cores or os.cpu_count() or 1)
 
 
-def choose_wait_policy(environ: MutableMapping[str, str] = os.environ,
-                       measure: Callable[[], float | None] = busy_cores) -> str:
+def choose_wait_policy(
+    environ: MutableMapping[str, str] = os.environ, measure: Callable[[], float | None] = busy_cores
+) -> str:
     """Set ``OMP_WAIT_POLICY`` in ``environ`` unless the user did (module docstring); returns
     what OpenMP will do: "user: <value>", "spin" (library default) or "PASSIVE"."""
     if "OMP_WAIT_POLICY" in environ:

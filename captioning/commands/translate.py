@@ -20,8 +20,8 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import torch
 
@@ -31,17 +31,26 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = argparse.ArgumentParser(prog="captioning translate", description=__doc__.split("\n\n")[1])
     p.add_argument("texts", nargs="*", metavar="TEXT", help="sentences to translate (or use --input)")
-    add_model_arguments(p, "checkpoint written by `captioning fit` with a text config, or a run folder (its newest "
-                           "valid best*.ckpt, else last.ckpt)")
-    p.add_argument("--input", help="file with one sentence per line ('-' = stdin); in a TSV file only the "
-                                   "text before the first tab is used")
+    add_model_arguments(
+        p,
+        "checkpoint written by `captioning fit` with a text config, or a run folder (its newest "
+        "valid best*.ckpt, else last.ckpt)",
+    )
+    p.add_argument(
+        "--input",
+        help="file with one sentence per line ('-' = stdin); in a TSV file only the text before the first tab is used",
+    )
     p.add_argument("--heatmap_dir", help="write <name>.png (attention heatmap) and <name>.json here")
     p.add_argument("--beam_size", type=int, default=None, help="default: the model's own (1 = greedy)")
     p.add_argument("--max_length", type=int, default=None, help="longest output in tokens")
     p.add_argument("--batch_size", type=int, default=32, help="sentences decoded together")
     p.add_argument("--overwrite", action="store_true", help="replace existing heatmap files")
-    p.add_argument("--allow_unk", action="store_true", default=None,
-                   help="let translations contain <unk> (default: the model's allow_unk setting, normally off)")
+    p.add_argument(
+        "--allow_unk",
+        action="store_true",
+        default=None,
+        help="let translations contain <unk> (default: the model's allow_unk setting, normally off)",
+    )
     return p
 
 
@@ -61,8 +70,9 @@ def read_lines(name: str) -> list[tuple[str, str]]:
         try:
             line = raw.decode("utf-8").rstrip("\r")
         except UnicodeDecodeError as err:
-            raise ValueError(f"{label}, line {number}: not valid UTF-8 (byte 0x{raw[err.start]:02x} at column "
-                             f"{err.start + 1})") from err
+            raise ValueError(
+                f"{label}, line {number}: not valid UTF-8 (byte 0x{raw[err.start]:02x} at column {err.start + 1})"
+            ) from err
         out.append((f"{label}:{number}", line.split("\t", 1)[0].lstrip("\ufeff")))
     return out
 
@@ -77,8 +87,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if bool(args.texts) == bool(args.input):
         print("error: give the sentences either as TEXT arguments or with --input FILE (not both)", file=sys.stderr)
         return 2
-    from captioning.io.outputs import check_writable
     from captioning.io.model_folders import load_any
+    from captioning.io.outputs import check_writable
     from captioning.io.results import sentence_stem, write_translation_result
 
     out_dir = Path(args.heatmap_dir) if args.heatmap_dir else None
@@ -86,16 +96,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         if out_dir is not None:
             check_writable(out_dir, "--heatmap_dir")  # before any decoding: fail in a second, not after the work
         inputs = read_lines(args.input) if args.input else [(f"argument {i}", t) for i, t in enumerate(args.texts, 1)]
-        model = load_any(args.ckpt_path, args.model, args.trust_module, map_location=args.device,
-                         default_class="captioning.models.seq2seq.Seq2SeqModel")
+        model = load_any(
+            args.ckpt_path,
+            args.model,
+            args.trust_module,
+            map_location=args.device,
+            default_class="captioning.models.seq2seq.Seq2SeqModel",
+        )
     except (OSError, ValueError, ImportError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     from captioning.models.protocols import Translator
 
     if not isinstance(model, Translator):
-        print(f"error: {args.ckpt_path or args.model} holds a {type(model).__name__}, not a text seq2seq model "
-              "(use `captioning caption` for image checkpoints)", file=sys.stderr)
+        print(
+            f"error: {args.ckpt_path or args.model} holds a {type(model).__name__}, not a text seq2seq model "
+            "(use `captioning caption` for image checkpoints)",
+            file=sys.stderr,
+        )
         return 2
 
     # Sentences that cannot be encoded (empty) get an empty output line, so output line i
@@ -116,10 +134,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"warning: {label}: {warning}", file=sys.stderr)
     results: dict[int, object] = {}
     for start in range(0, len(good), args.batch_size):
-        chunk = good[start:start + args.batch_size]
+        chunk = good[start : start + args.batch_size]
         with torch.inference_mode():
-            translated = model.translate([inputs[i][1] for i in chunk], args.beam_size, args.max_length,
-                                         allow_unk=args.allow_unk)
+            translated = model.translate(
+                [inputs[i][1] for i in chunk], args.beam_size, args.max_length, allow_unk=args.allow_unk
+            )
         results.update(zip(chunk, translated))
 
     for i, (label, text) in enumerate(inputs):
@@ -127,8 +146,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(one_line(tr.text) if tr is not None else "", flush=True)
         if tr is None or out_dir is None:
             continue
-        png, _ = write_translation_result(out_dir, f"{i + 1:04d}-{sentence_stem(text)}", tr, label, text,
-                                          args.overwrite)
+        png, _ = write_translation_result(
+            out_dir, f"{i + 1:04d}-{sentence_stem(text)}", tr, label, text, args.overwrite
+        )
         print(f"  wrote {png}", file=sys.stderr)
     if failed:
         print(f"{failed} of {len(inputs)} sentence(s) could not be translated", file=sys.stderr)

@@ -70,8 +70,9 @@ class MovesTensorsOnly:
     def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
         if not isinstance(batch, dict) or not batch.keys() & METADATA_KEYS:
             return super().transfer_batch_to_device(batch, device, dataloader_idx)
-        moved = super().transfer_batch_to_device({k: v for k, v in batch.items() if k not in METADATA_KEYS},
-                                                 device, dataloader_idx)
+        moved = super().transfer_batch_to_device(
+            {k: v for k, v in batch.items() if k not in METADATA_KEYS}, device, dataloader_idx
+        )
         return {k: batch[k] if k in METADATA_KEYS else moved[k] for k in batch}
 
 
@@ -85,14 +86,18 @@ def collate_captions(items: list[dict[str, Any] | None]) -> CaptionBatch:
     items = [it for it in items if it is not None]
     caps = [torch.as_tensor(it.get("caption", ()), dtype=torch.long) for it in items]
     batch: CaptionBatch = {
-        "captions": (pad_sequence(caps, batch_first=True, padding_value=PAD_ID).view(len(caps), -1) if caps
-                     else torch.zeros(0, 0, dtype=torch.long)),
+        "captions": (
+            pad_sequence(caps, batch_first=True, padding_value=PAD_ID).view(len(caps), -1)
+            if caps
+            else torch.zeros(0, 0, dtype=torch.long)
+        ),
         "lengths": torch.tensor([len(c) for c in caps], dtype=torch.long),
         "image_ids": [it["image_id"] for it in items],
     }
     if not items or "image" in items[0]:
-        batch["images"] = (torch.stack([it["image"] for it in items]) if items
-                           else torch.zeros(0, 3, 1, 1, dtype=torch.uint8))
+        batch["images"] = (
+            torch.stack([it["image"] for it in items]) if items else torch.zeros(0, 3, 1, 1, dtype=torch.uint8)
+        )
     for key in ("references", "boxes", "objects"):
         if items and key in items[0]:
             batch[key] = [it[key] for it in items]
@@ -108,8 +113,10 @@ def collate_text(items: list[dict[str, Any]]) -> TextBatch:
         "source_lengths": torch.tensor([len(s) for s in sources], dtype=torch.long),
         "target": pad_sequence(targets, batch_first=True, padding_value=PAD_ID),
         "target_lengths": torch.tensor([len(t) for t in targets], dtype=torch.long),
-        "ids": [it["id"] for it in items], "source_text": [it["source_text"] for it in items],
-        "references": [it["reference"] for it in items]}
+        "ids": [it["id"] for it in items],
+        "source_text": [it["source_text"] for it in items],
+        "references": [it["reference"] for it in items],
+    }
     if all(it.get("alignment") is not None for it in items):
         batch["alignments"] = [list(it["alignment"]) for it in items]
     return batch

@@ -23,10 +23,41 @@ from typing import Any
 
 # Caption words that name a COCO category, beyond the category's own name and its plural.
 CATEGORY_WORDS: dict[str, tuple[str, ...]] = {
-    "person": ("man", "men", "woman", "women", "people", "persons", "boy", "boys", "girl", "girls", "child",
-               "children", "kid", "kids", "guy", "guys", "lady", "ladies", "player", "players", "skier",
-               "skiers", "surfer", "surfers", "skateboarder", "snowboarder", "baby", "toddler", "adult",
-               "crowd", "rider", "gentleman", "couple"),
+    "person": (
+        "man",
+        "men",
+        "woman",
+        "women",
+        "people",
+        "persons",
+        "boy",
+        "boys",
+        "girl",
+        "girls",
+        "child",
+        "children",
+        "kid",
+        "kids",
+        "guy",
+        "guys",
+        "lady",
+        "ladies",
+        "player",
+        "players",
+        "skier",
+        "skiers",
+        "surfer",
+        "surfers",
+        "skateboarder",
+        "snowboarder",
+        "baby",
+        "toddler",
+        "adult",
+        "crowd",
+        "rider",
+        "gentleman",
+        "couple",
+    ),
     "bicycle": ("bike", "bikes", "bicycles", "cyclist"),
     "car": ("cars", "vehicle", "suv", "taxi"),
     "motorcycle": ("motorbike", "motorbikes", "motorcycles", "scooter"),
@@ -74,8 +105,9 @@ def _load(path: str | Path, what: str) -> Any:
 def read_instances(path: str | Path) -> dict[Any, list[dict]]:
     """COCO instances file -> ``{image_id: [named box, ...]}`` (boxes as fractions)."""
     data = _load(path, "a COCO instances annotation file (instances_*.json)")
-    images, anns, cats = (data.get(k) for k in ("images", "annotations", "categories")) \
-        if isinstance(data, dict) else (None, None, None)
+    images, anns, cats = (
+        (data.get(k) for k in ("images", "annotations", "categories")) if isinstance(data, dict) else (None, None, None)
+    )
     if not all(isinstance(x, list) for x in (images, anns, cats)):
         raise ValueError(f"{path}: needs 'images', 'annotations' and 'categories' lists (COCO instances format)")
     try:
@@ -90,12 +122,17 @@ def read_instances(path: str | Path) -> dict[Any, list[dict]]:
             width, height = sizes[ann["image_id"]]
             nouns = names[ann["category_id"]]
         except (KeyError, TypeError, ValueError) as err:
-            raise ValueError(f"{path} annotations[{k}]: needs bbox [x, y, w, h], a known image_id and "
-                             f"category_id ({err!r})") from err
+            raise ValueError(
+                f"{path} annotations[{k}]: needs bbox [x, y, w, h], a known image_id and category_id ({err!r})"
+            ) from err
         if width <= 0 or height <= 0 or w < 0 or h < 0:
             raise ValueError(f"{path} annotations[{k}]: empty image or negative box size")
-        box = [min(max(x / width, 0.0), 1.0), min(max(y / height, 0.0), 1.0),
-               min(max((x + w) / width, 0.0), 1.0), min(max((y + h) / height, 0.0), 1.0)]
+        box = [
+            min(max(x / width, 0.0), 1.0),
+            min(max(y / height, 0.0), 1.0),
+            min(max((x + w) / width, 0.0), 1.0),
+            min(max((y + h) / height, 0.0), 1.0),
+        ]
         out.setdefault(ann["image_id"], []).append({"box": box, "nouns": nouns})
     return out
 

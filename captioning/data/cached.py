@@ -26,37 +26,65 @@ from lightning.pytorch import LightningDataModule
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader, Dataset, RandomSampler
 
-from captioning.nn.encoders import encoder_config
+from captioning.data.batches import CaptionBatch, MovesTensorsOnly, collate_captions
 from captioning.data.feature_cache import FeatureCache, build_feature_cache, encoder_fingerprint
 from captioning.data.images import image_tensor, load_image
-from captioning.data.vocab import Vocabulary
-from captioning.data.batches import CaptionBatch, MovesTensorsOnly, collate_captions
 from captioning.data.sampling import LengthBucketBatchSampler, OneCaptionPerImageSampler
+from captioning.data.vocab import Vocabulary
+from captioning.hyperparameters import TypedHyperparameters
+from captioning.nn.encoders import encoder_config
 
 SPLITS = ("train", "val", "test")
 # Datamodule settings that do not change which images there are or how they look.
-_NOT_IMAGE_SETTINGS = {"batch_size", "num_workers", "check_images", "skip_bad_images", "max_pixels", "vocab_path",
-                       "min_count", "max_vocab_size", "max_caption_length", "seed", "use_provided_tokens",
-                       "bucket_by_length", "random_flip"}
+_NOT_IMAGE_SETTINGS = {
+    "batch_size",
+    "num_workers",
+    "check_images",
+    "skip_bad_images",
+    "max_pixels",
+    "vocab_path",
+    "min_count",
+    "max_vocab_size",
+    "max_caption_length",
+    "seed",
+    "use_provided_tokens",
+    "bucket_by_length",
+    "random_flip",
+}
 
 
 class _Items(Dataset):
     """(cache row, caption ids, image id, references[, named boxes]) items of one split."""
 
-    def __init__(self, rows: list[int], ids: list, refs: list[list[str]], boxes: list | None,
-                 encoded: list[list[list[int]]], pairs: bool, with_captions: bool = True) -> None:
+    def __init__(
+        self,
+        rows: list[int],
+        ids: list,
+        refs: list[list[str]],
+        boxes: list | None,
+        encoded: list[list[list[int]]],
+        pairs: bool,
+        with_captions: bool = True,
+    ) -> None:
         self.rows, self.ids, self.refs, self.boxes, self.encoded = rows, ids, refs, boxes, encoded
         self.pairs = pairs
-        self.index = ([(i, j) for i, caps in enumerate(encoded) for j in range(len(caps))] if pairs else
-                      [(i, 0 if with_captions else None) for i in range(len(rows))])
+        self.index = (
+            [(i, j) for i, caps in enumerate(encoded) for j in range(len(caps))]
+            if pairs
+            else [(i, 0 if with_captions else None) for i in range(len(rows))]
+        )
 
     def __len__(self) -> int:
         return len(self.index)
 
     def __getitem__(self, k: int) -> dict:
         i, j = self.index[k]
-        item = {"row": self.rows[i], "caption": self.encoded[i][j] if j is not None else [],
-                "image_id": self.ids[i], "references": self.refs[i]}
+        item = {
+            "row": self.rows[i],
+            "caption": self.encoded[i][j] if j is not None else [],
+            "image_id": self.ids[i],
+            "references": self.refs[i],
+        }
         if self.boxes is not None and not self.pairs:
             item["boxes"] = self.boxes[i]
         return item
@@ -85,11 +113,13 @@ class _ImageFiles(Dataset):
 
     def __getitem__(self, k: int) -> dict:
         image_id, path = self.records[k]
-        return {"image": image_tensor(load_image(path, max_pixels=self.max_pixels), self.image_size),
-                "image_id": image_id}
+        return {
+            "image": image_tensor(load_image(path, max_pixels=self.max_pixels), self.image_size),
+            "image_id": image_id,
+        }
 
 
-class CachedFeaturesDataModule(MovesTensorsOnly, LightningDataModule):
+class CachedFeaturesDataModule(TypedHyperparameters, MovesTensorsOnly, LightningDataModule):
     """Cached-feature batches for an image datamodule.
 
     Args:
@@ -107,9 +137,19 @@ class CachedFeaturesDataModule(MovesTensorsOnly, LightningDataModule):
         seed: shuffling seed.
     """
 
-    def __init__(self, data: LightningDataModule, cache_dir: str, build: bool = True, batch_size: int | None = None,
-                 num_workers: int = 0, captions_per_epoch: str = "all", bucket_by_length: bool = True,
-                 max_caption_length: int = 50, build_batch_size: int = 64, seed: int = 0) -> None:
+    def __init__(
+        self,
+        data: LightningDataModule,
+        cache_dir: str,
+        build: bool = True,
+        batch_size: int | None = None,
+        num_workers: int = 0,
+        captions_per_epoch: str = "all",
+        bucket_by_length: bool = True,
+        max_caption_length: int = 50,
+        build_batch_size: int = 64,
+        seed: int = 0,
+    ) -> None:
         super().__init__()
         if captions_per_epoch not in ("all", "one"):
             raise ValueError(f"captions_per_epoch must be 'all' or 'one', got {captions_per_epoch!r}")
@@ -168,8 +208,9 @@ class CachedFeaturesDataModule(MovesTensorsOnly, LightningDataModule):
             return f"{path} was built from different data settings"
         return None
 
-    def build_cache(self, encoder: torch.nn.Module, force: bool = False,
-                    device: str | torch.device | None = None) -> dict[str, FeatureCache]:
+    def build_cache(
+        self, encoder: torch.nn.Module, force: bool = False, device: str | torch.device | None = None
+    ) -> dict[str, FeatureCache]:
         """Encode each split's images once with ``encoder`` (frozen) unless a valid cache exists."""
         out = {}
         preprocessing = getattr(encoder, "preprocessing", None)
@@ -180,8 +221,9 @@ class CachedFeaturesDataModule(MovesTensorsOnly, LightningDataModule):
             if reason is not None:
                 rank_zero_info(f"Building the {split} feature cache ({reason})")
                 loader, count = self._image_batches(split)
-                build_feature_cache(encoder, loader, count, self.cache_dir / split, device=device,
-                                    source=self._source())
+                build_feature_cache(
+                    encoder, loader, count, self.cache_dir / split, device=device, source=self._source()
+                )
             out[split] = FeatureCache(self.cache_path(split))
         return out
 
@@ -189,14 +231,17 @@ class CachedFeaturesDataModule(MovesTensorsOnly, LightningDataModule):
         """One item per image of ``split`` from the wrapped datamodule, as image batches."""
         kw = dict(batch_size=self.build_batch_size, shuffle=False, num_workers=self.num_workers)
         if hasattr(self.data, "image_records"):  # COCO-style: files on disk
-            dataset = _ImageFiles(self.data.image_records(split), self.data.image_size,
-                                  getattr(self.data, "max_pixels", None))
+            dataset = _ImageFiles(
+                self.data.image_records(split), self.data.image_size, getattr(self.data, "max_pixels", None)
+            )
             return DataLoader(dataset, collate_fn=collate_captions, **kw), len(dataset)
         if hasattr(self.data, "dataset") and hasattr(self.data, "train_dataloader"):  # shapes: generated
             dataset = self.data.dataset(split)  # eval dataset: one item per image, all references
             return DataLoader(dataset, collate_fn=collate_captions, **kw), len(dataset)
-        raise TypeError(f"cannot list the images of {type(self.data).__name__}: it needs image_records(split) "
-                        "or dataset(split); build the cache yourself (captioning.data.feature_cache.write_feature_cache)")
+        raise TypeError(
+            f"cannot list the images of {type(self.data).__name__}: it needs image_records(split) "
+            "or dataset(split); build the cache yourself (captioning.data.feature_cache.write_feature_cache)"
+        )
 
     def prepare_data(self) -> None:
         if not self.build:
@@ -204,8 +249,10 @@ class CachedFeaturesDataModule(MovesTensorsOnly, LightningDataModule):
         model = getattr(getattr(self, "trainer", None), "lightning_module", None)
         encoder = getattr(model, "encoder", None)
         if encoder is None:
-            raise RuntimeError("CachedFeaturesDataModule: no model encoder to build the cache with; "
-                               "call build_cache(encoder) first or set build=False")
+            raise RuntimeError(
+                "CachedFeaturesDataModule: no model encoder to build the cache with; "
+                "call build_cache(encoder) first or set build=False"
+            )
         if any(self._stale(s, encoder) for s in SPLITS):
             self.build_cache(encoder)
 
@@ -235,8 +282,10 @@ class CachedFeaturesDataModule(MovesTensorsOnly, LightningDataModule):
             refs = [captured[str(i)] for i in ids]
             boxes = [named_boxes(objs.get(str(i)) or []) for i in ids] if objs else None
         else:
-            raise ValueError(f"{cache.path}: no captions.json and {type(self.data).__name__} has no "
-                             "references(split): nothing to train on")
+            raise ValueError(
+                f"{cache.path}: no captions.json and {type(self.data).__name__} has no "
+                "references(split): nothing to train on"
+            )
         ids, refs, boxes = _in_cache(cache, split, ids, refs, boxes)
         vocab, n = self.vocab, self.max_caption_length
         encoded = [[vocab.encode(r.split()[:n]) for r in rs] for rs in refs]
@@ -245,8 +294,14 @@ class CachedFeaturesDataModule(MovesTensorsOnly, LightningDataModule):
     def _loader(self, split: str, **kw: Any) -> DataLoader:
         if split not in self._items:
             self.setup()
-        return DataLoader(self._items[split], collate_fn=_Collate(self._caches[split]), num_workers=self.num_workers,
-                          persistent_workers=self.num_workers > 0, pin_memory=torch.cuda.is_available(), **kw)
+        return DataLoader(
+            self._items[split],
+            collate_fn=_Collate(self._caches[split]),
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+            pin_memory=torch.cuda.is_available(),
+            **kw,
+        )
 
     def train_dataloader(self) -> DataLoader:
         if "train" not in self._items:
@@ -278,13 +333,20 @@ class CachedFeaturesDataModule(MovesTensorsOnly, LightningDataModule):
             self.setup()
         t = self._items["test"]
         items = _Items(t.rows, t.ids, t.refs, None, t.encoded, pairs=False, with_captions=False)
-        return DataLoader(items, batch_size=self.batch_size, shuffle=False, collate_fn=_Collate(self._caches["test"]),
-                          num_workers=self.num_workers)
+        return DataLoader(
+            items,
+            batch_size=self.batch_size,
+            shuffle=False,
+            collate_fn=_Collate(self._caches["test"]),
+            num_workers=self.num_workers,
+        )
 
 
-ID_RULES = ("the ids are: COCO annotation files: images[].id; Karpathy json: cocoid, else imgid, else the "
-            "position in 'images'; folder + CSV/JSONL: the file path as written in the captions file; "
-            "built-in shapes: the index in the split (see docs/feature_cache.md)")
+ID_RULES = (
+    "the ids are: COCO annotation files: images[].id; Karpathy json: cocoid, else imgid, else the "
+    "position in 'images'; folder + CSV/JSONL: the file path as written in the captions file; "
+    "built-in shapes: the index in the split (see docs/feature_cache.md)"
+)
 
 
 def _in_cache(cache: FeatureCache, split: str, ids: list, refs: list, boxes: list | None) -> tuple:
@@ -296,11 +358,15 @@ def _in_cache(cache: FeatureCache, split: str, ids: list, refs: list, boxes: lis
     shown = ", ".join(repr(i) for i in missing[:5])
     if len(present) < len(ids) / 2:
         held = ", ".join(repr(i) for i in cache.image_ids[:5])
-        raise KeyError(f"{split} split: {len(missing)} of {len(ids)} image ids are not in the feature cache "
-                       f"{cache.path} (e.g. {shown}); it holds {len(cache)} ids such as {held}. Each row of "
-                       f"features.npy must carry the id the datamodule gives the image: {ID_RULES}")
-    rank_zero_warn(f"{split} split: {len(missing)} of {len(ids)} images have no row in the feature cache "
-                   f"{cache.path} and are left out (e.g. {shown})")
+        raise KeyError(
+            f"{split} split: {len(missing)} of {len(ids)} image ids are not in the feature cache "
+            f"{cache.path} (e.g. {shown}); it holds {len(cache)} ids such as {held}. Each row of "
+            f"features.npy must carry the id the datamodule gives the image: {ID_RULES}"
+        )
+    rank_zero_warn(
+        f"{split} split: {len(missing)} of {len(ids)} images have no row in the feature cache "
+        f"{cache.path} and are left out (e.g. {shown})"
+    )
     keep = lambda seq: [seq[k] for k in present]  # noqa: E731
     return keep(ids), keep(refs), keep(boxes) if boxes is not None else None
 
@@ -311,9 +377,13 @@ def _check_model(model: Any, cache: FeatureCache) -> None:
     if encoder is None:
         return
     if any(p.requires_grad for p in encoder.parameters()):
-        raise ValueError(f"the model's {type(encoder).__name__} is trainable, but training from cached features "
-                         f"({cache.path}) never updates it: freeze it (ImageEncoder trainable_from: null)")
+        raise ValueError(
+            f"the model's {type(encoder).__name__} is trainable, but training from cached features "
+            f"({cache.path}) never updates it: freeze it (ImageEncoder trainable_from: null)"
+        )
     grid, channels = getattr(encoder, "grid_size", None), getattr(encoder, "out_channels", None)
     if (grid is not None and cache.grid != (grid, grid)) or (channels is not None and cache.channels != channels):
-        raise ValueError(f"{cache.path} holds {cache.grid[0]}x{cache.grid[1]}x{cache.channels} features but the "
-                         f"model's encoder makes {grid}x{grid}x{channels}")
+        raise ValueError(
+            f"{cache.path} holds {cache.grid[0]}x{cache.grid[1]}x{cache.channels} features but the "
+            f"model's encoder makes {grid}x{grid}x{channels}"
+        )

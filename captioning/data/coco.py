@@ -25,7 +25,6 @@ import json
 import os
 from pathlib import Path
 
-from captioning.data.vocab import tokenize
 from captioning.data.image_captions import (  # noqa: F401  (CaptionDataset, collate_captions: re-exported)
     DEFAULT_MAX_PIXELS,
     SPLITS,
@@ -35,6 +34,7 @@ from captioning.data.image_captions import (  # noqa: F401  (CaptionDataset, col
     collate_captions,
     image_path,
 )
+from captioning.data.vocab import tokenize
 
 
 # ----------------------------------------------------------------------------- readers
@@ -52,8 +52,9 @@ def _require_dir(path: str | os.PathLike, what: str) -> Path:
     return path
 
 
-def read_coco_captions(annotation_file: str | os.PathLike, images_dir: str | os.PathLike,
-                       allow_outside_paths: bool = False) -> list[ImageRecord]:
+def read_coco_captions(
+    annotation_file: str | os.PathLike, images_dir: str | os.PathLike, allow_outside_paths: bool = False
+) -> list[ImageRecord]:
     """Official COCO captions file (``captions_*.json``) -> records, in the file's image order.
 
     Read with our own checks rather than ``pycocotools.coco.COCO`` (which trusts the file's
@@ -67,8 +68,10 @@ def read_coco_captions(annotation_file: str | os.PathLike, images_dir: str | os.
     captions: dict[int | str, list[list[str]]] = {}
     for k, ann in enumerate(anns):
         if not isinstance(ann, dict) or "caption" not in ann:
-            raise ValueError(f"{path} annotations[{k}]: no 'caption' field; expected a captions file "
-                             "(captions_*.json), not instances/keypoints annotations")
+            raise ValueError(
+                f"{path} annotations[{k}]: no 'caption' field; expected a captions file "
+                "(captions_*.json), not instances/keypoints annotations"
+            )
         if not isinstance(ann["caption"], str):
             raise ValueError(f"{path} annotations[{k}]: caption must be text, got {ann['caption']!r}")
         _check_id(ann.get("image_id"), f"{path} annotations[{k}]")
@@ -95,9 +98,13 @@ def _read_json(path: Path) -> object:
         raise ValueError(f"{path}: not valid JSON ({err.__class__.__name__}: {err})") from err
 
 
-def read_karpathy_json(json_file: str | os.PathLike, image_root: str | os.PathLike,
-                       restval_to_train: bool = True, use_provided_tokens: bool = True,
-                       allow_outside_paths: bool = False) -> dict[str, list[ImageRecord]]:
+def read_karpathy_json(
+    json_file: str | os.PathLike,
+    image_root: str | os.PathLike,
+    restval_to_train: bool = True,
+    use_provided_tokens: bool = True,
+    allow_outside_paths: bool = False,
+) -> dict[str, list[ImageRecord]]:
     """Karpathy split json -> {"train", "val", "test"} records (restval -> train or dropped).
 
     Image id: ``cocoid``, else ``imgid``, else the position in ``images``."""
@@ -114,11 +121,14 @@ def read_karpathy_json(json_file: str | os.PathLike, image_root: str | os.PathLi
             relative = os.path.join(img.get("filepath") or "", img["filename"])
             file = image_path(root, relative, where, allow_outside_paths)
             image_id = img.get("cocoid", img.get("imgid", i))
-            caps = [_tokens(s["tokens"]) if use_provided_tokens and "tokens" in s
-                    else tokenize(s["raw"]) for s in img["sentences"]]
+            caps = [
+                _tokens(s["tokens"]) if use_provided_tokens and "tokens" in s else tokenize(s["raw"])
+                for s in img["sentences"]
+            ]
         except (KeyError, TypeError, AttributeError) as err:
-            raise ValueError(f"{where} lacks a field of the Karpathy format "
-                             f"(filename, split, sentences[].tokens/raw): {err!r}") from err
+            raise ValueError(
+                f"{where} lacks a field of the Karpathy format (filename, split, sentences[].tokens/raw): {err!r}"
+            ) from err
         _check_id(image_id, where)
         if not isinstance(split, str):
             raise ValueError(f"{where}: split must be a string (train/val/test/restval), got {split!r}")
@@ -190,19 +200,38 @@ class CocoCaptionsDataModule(ImageCaptionsDataModule):
         instances_file: str | None = None,
         boxes_file: str | None = None,
     ) -> None:
-        super().__init__(vocab_path=vocab_path, min_count=min_count, max_vocab_size=max_vocab_size,
-                         max_caption_length=max_caption_length, random_flip=random_flip, check_images=check_images,
-                         skip_bad_images=skip_bad_images, allow_outside_paths=allow_outside_paths,
-                         max_pixels=max_pixels, batch_size=batch_size, num_workers=num_workers, seed=seed,
-                         bucket_by_length=bucket_by_length, instances_file=instances_file, boxes_file=boxes_file)
+        super().__init__(
+            vocab_path=vocab_path,
+            min_count=min_count,
+            max_vocab_size=max_vocab_size,
+            max_caption_length=max_caption_length,
+            random_flip=random_flip,
+            check_images=check_images,
+            skip_bad_images=skip_bad_images,
+            allow_outside_paths=allow_outside_paths,
+            max_pixels=max_pixels,
+            batch_size=batch_size,
+            num_workers=num_workers,
+            seed=seed,
+            bucket_by_length=bucket_by_length,
+            instances_file=instances_file,
+            boxes_file=boxes_file,
+        )
         self.save_hyperparameters()
-        coco_args = {"train_annotations": train_annotations, "val_annotations": val_annotations,
-                     "test_annotations": test_annotations, "train_images": train_images,
-                     "val_images": val_images, "test_images": test_images}
+        coco_args = {
+            "train_annotations": train_annotations,
+            "val_annotations": val_annotations,
+            "test_annotations": test_annotations,
+            "train_images": train_images,
+            "val_images": val_images,
+            "test_images": test_images,
+        }
         given = [k for k, v in coco_args.items() if v is not None]
         if karpathy_json is not None and given:
-            raise ValueError(f"Give either karpathy_json (+ image_root) or the COCO annotation "
-                             f"arguments, not both (got karpathy_json and {', '.join(given)})")
+            raise ValueError(
+                f"Give either karpathy_json (+ image_root) or the COCO annotation "
+                f"arguments, not both (got karpathy_json and {', '.join(given)})"
+            )
         if karpathy_json is not None:
             if image_root is None:
                 raise ValueError("karpathy_json needs image_root (the folder the image paths are relative to)")
@@ -213,24 +242,36 @@ class CocoCaptionsDataModule(ImageCaptionsDataModule):
                 raise ValueError(
                     "No COCO data given: set karpathy_json + image_root (Karpathy split json), or "
                     "train_annotations, val_annotations, train_images, val_images (official "
-                    f"captions_*.json + image folders); missing: {', '.join(missing)}")
+                    f"captions_*.json + image folders); missing: {', '.join(missing)}"
+                )
             if image_root is not None:
-                raise ValueError("image_root is only used with karpathy_json; for COCO annotation "
-                                 "files use train_images / val_images / test_images")
+                raise ValueError(
+                    "image_root is only used with karpathy_json; for COCO annotation "
+                    "files use train_images / val_images / test_images"
+                )
 
     def read_records(self) -> dict[str, list[ImageRecord]]:
         hp = self.hparams
         outside = self.allow_outside_paths
         if hp.karpathy_json is not None:
-            return read_karpathy_json(hp.karpathy_json, hp.image_root, hp.restval_to_train,
-                                      hp.use_provided_tokens, outside)
-        records = {"train": read_coco_captions(hp.train_annotations, hp.train_images, outside),
-                   "val": read_coco_captions(hp.val_annotations, hp.val_images, outside)}
-        records["test"] = (list(records["val"]) if hp.test_annotations is None else
-                           read_coco_captions(hp.test_annotations, hp.test_images or hp.val_images, outside))
+            return read_karpathy_json(
+                hp.karpathy_json, hp.image_root, hp.restval_to_train, hp.use_provided_tokens, outside
+            )
+        records = {
+            "train": read_coco_captions(hp.train_annotations, hp.train_images, outside),
+            "val": read_coco_captions(hp.val_annotations, hp.val_images, outside),
+        }
+        records["test"] = (
+            list(records["val"])
+            if hp.test_annotations is None
+            else read_coco_captions(hp.test_annotations, hp.test_images or hp.val_images, outside)
+        )
         return records
 
     def describe(self) -> str:
         hp = self.hparams
-        return f"Karpathy split {hp.karpathy_json}" if hp.karpathy_json is not None else \
-            f"COCO captions {hp.train_annotations} / {hp.val_annotations}"
+        return (
+            f"Karpathy split {hp.karpathy_json}"
+            if hp.karpathy_json is not None
+            else f"COCO captions {hp.train_annotations} / {hp.val_annotations}"
+        )

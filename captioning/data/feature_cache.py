@@ -37,8 +37,9 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -63,8 +64,10 @@ class FeatureCache:
         index_file, features_file = self.path / INDEX_FILE, self.path / FEATURES_FILE
         for f in (index_file, features_file):
             if not f.is_file():
-                raise FileNotFoundError(f"{f}: missing; a feature cache folder needs {FEATURES_FILE} (N, H, W, C) "
-                                        f"and {INDEX_FILE} with the image ids (see captioning/data/feature_cache.py)")
+                raise FileNotFoundError(
+                    f"{f}: missing; a feature cache folder needs {FEATURES_FILE} (N, H, W, C) "
+                    f"and {INDEX_FILE} with the image ids (see captioning/data/feature_cache.py)"
+                )
         try:
             self.index = json.loads(index_file.read_text(encoding="utf-8"))
         except (json.JSONDecodeError, UnicodeDecodeError) as err:
@@ -118,14 +121,18 @@ class FeatureCache:
         return block if len(unique) == len(rows) and np.all(unique == rows) else block[torch.from_numpy(inverse)]
 
 
-def write_feature_cache(path: str | os.PathLike, image_ids: Sequence[Any], features: np.ndarray | Tensor,
-                        captions: dict | None = None, **meta: Any) -> FeatureCache:
+def write_feature_cache(
+    path: str | os.PathLike,
+    image_ids: Sequence[Any],
+    features: np.ndarray | Tensor,
+    captions: dict | None = None,
+    **meta: Any,
+) -> FeatureCache:
     """Write a cache folder from an in-memory array (N, H, W, C) (e.g. features from another
     extractor); stored as float16. ``meta`` goes into index.json. Returns the opened cache."""
     array = features.detach().cpu().numpy() if isinstance(features, Tensor) else np.asarray(features)
     if array.ndim != 4 or array.shape[0] != len(image_ids):
-        raise ValueError(f"features must be (N, H, W, C) with N = len(image_ids) = {len(image_ids)}, "
-                         f"got {array.shape}")
+        raise ValueError(f"features must be (N, H, W, C) with N = len(image_ids) = {len(image_ids)}, got {array.shape}")
     with _atomic_dir(Path(path)) as tmp:
         np.save(tmp / FEATURES_FILE, array.astype(np.float16))
         _write_index(tmp, list(image_ids), array.shape, meta, captions)
@@ -133,8 +140,14 @@ def write_feature_cache(path: str | os.PathLike, image_ids: Sequence[Any], featu
 
 
 def _write_index(folder: Path, ids: list, shape: tuple, meta: dict, captions: dict | None) -> None:
-    index = {"format": FORMAT, "image_ids": [_jsonable_id(i) for i in ids], "grid": [int(shape[1]), int(shape[2])],
-             "channels": int(shape[3]), "dtype": "float16", **meta}
+    index = {
+        "format": FORMAT,
+        "image_ids": [_jsonable_id(i) for i in ids],
+        "grid": [int(shape[1]), int(shape[2])],
+        "channels": int(shape[3]),
+        "dtype": "float16",
+        **meta,
+    }
     (folder / INDEX_FILE).write_text(json.dumps(index))
     if captions:
         (folder / CAPTIONS_FILE).write_text(json.dumps(captions))
@@ -158,8 +171,10 @@ def _atomic_dir(path: Path) -> Iterator[Path]:
         foreign = [p.name for p in path.iterdir() if p.name not in CACHE_FILES] if path.is_dir() else [path.name]
         if foreign:  # never delete what is not a cache of ours
             shutil.rmtree(tmp, ignore_errors=True)
-            raise FileExistsError(f"{path} exists and is not a feature cache folder (it holds {foreign[:3]}); "
-                                  "refusing to replace it: choose another cache_dir")
+            raise FileExistsError(
+                f"{path} exists and is not a feature cache folder (it holds {foreign[:3]}); "
+                "refusing to replace it: choose another cache_dir"
+            )
         shutil.rmtree(path)
     os.replace(tmp, path)
 
@@ -174,8 +189,14 @@ def encoder_fingerprint(encoder: nn.Module) -> str:
 
 
 @torch.no_grad()
-def build_feature_cache(encoder: nn.Module, batches: Iterable[dict], num_images: int, path: str | os.PathLike,
-                        device: str | torch.device | None = None, **meta: Any) -> FeatureCache:
+def build_feature_cache(
+    encoder: nn.Module,
+    batches: Iterable[dict],
+    num_images: int,
+    path: str | os.PathLike,
+    device: str | torch.device | None = None,
+    **meta: Any,
+) -> FeatureCache:
     """Encode every image once and write the cache folder ``path``.
 
     Args:
@@ -187,10 +208,12 @@ def build_feature_cache(encoder: nn.Module, batches: Iterable[dict], num_images:
         meta: extra index.json fields (image_size, source, ...).
     """
     if any(p.requires_grad for p in encoder.parameters()):
-        raise ValueError(f"{type(encoder).__name__} has trainable parameters: cached features would go stale "
-                         "as it trains; freeze it (ImageEncoder(trainable_from=None)) or encode on the fly")
-    grid = int(getattr(encoder, "grid_size"))
-    channels = int(getattr(encoder, "out_channels"))
+        raise ValueError(
+            f"{type(encoder).__name__} has trainable parameters: cached features would go stale "
+            "as it trains; freeze it (ImageEncoder(trainable_from=None)) or encode on the fly"
+        )
+    grid = int(encoder.grid_size)
+    channels = int(encoder.out_channels)
     was_training, old_device = encoder.training, next(encoder.parameters()).device
     device = torch.device(device) if device is not None else old_device
     encoder.eval().to(device)
@@ -198,14 +221,15 @@ def build_feature_cache(encoder: nn.Module, batches: Iterable[dict], num_images:
     captions: dict[str, dict] = {"references": {}, "objects": {}}
     try:
         with _atomic_dir(Path(path)) as tmp:
-            array = np.lib.format.open_memmap(tmp / FEATURES_FILE, mode="w+", dtype=np.float16,
-                                              shape=(num_images, grid, grid, channels))
+            array = np.lib.format.open_memmap(
+                tmp / FEATURES_FILE, mode="w+", dtype=np.float16, shape=(num_images, grid, grid, channels)
+            )
             for batch in batches:
                 feats = encoder(batch["images"].to(device, non_blocking=True))  # (B, S, C)
                 n = feats.shape[0]
                 if len(ids) + n > num_images:
                     raise ValueError(f"the loader yields more than num_images={num_images} images")
-                array[len(ids):len(ids) + n] = feats.reshape(n, grid, grid, channels).to(torch.float16).cpu().numpy()
+                array[len(ids) : len(ids) + n] = feats.reshape(n, grid, grid, channels).to(torch.float16).cpu().numpy()
                 for j, image_id in enumerate(batch["image_ids"]):
                     key = str(_jsonable_id(image_id))
                     if "references" in batch:
@@ -218,8 +242,9 @@ def build_feature_cache(encoder: nn.Module, batches: Iterable[dict], num_images:
             array.flush()
             del array
             meta = {"encoder": encoder_config(encoder), "encoder_sha1": encoder_fingerprint(encoder), **meta}
-            _write_index(tmp, ids, (num_images, grid, grid, channels), meta,
-                         {k: v for k, v in captions.items() if v} or None)
+            _write_index(
+                tmp, ids, (num_images, grid, grid, channels), meta, {k: v for k, v in captions.items() if v} or None
+            )
     finally:
         encoder.train(was_training).to(old_device)
     return FeatureCache(path)

@@ -27,7 +27,6 @@ import json
 import random
 from pathlib import Path
 
-from captioning.data.vocab import tokenize
 from captioning.data.image_captions import (
     DEFAULT_MAX_PIXELS,
     SPLITS,
@@ -35,13 +34,22 @@ from captioning.data.image_captions import (
     ImageRecord,
     image_path,
 )
+from captioning.data.vocab import tokenize
 
-SPLIT_NAMES = {"train": "train", "restval": "train", "val": "val", "valid": "val", "validation": "val",
-               "dev": "val", "test": "test"}
+SPLIT_NAMES = {
+    "train": "train",
+    "restval": "train",
+    "val": "val",
+    "valid": "val",
+    "validation": "val",
+    "dev": "val",
+    "test": "test",
+}
 
 
-def read_caption_rows(path: str | Path, file_column: str = "file", caption_column: str = "caption",
-                      split_column: str | None = None) -> list[tuple[str, str, str | None, str]]:
+def read_caption_rows(
+    path: str | Path, file_column: str = "file", caption_column: str = "caption", split_column: str | None = None
+) -> list[tuple[str, str, str | None, str]]:
     """Rows of a CSV/JSONL captions file: ``(file, caption, split or None, "path:line")``."""
     path = Path(path)
     if not path.is_file():
@@ -61,14 +69,18 @@ def read_caption_rows(path: str | Path, file_column: str = "file", caption_colum
             except json.JSONDecodeError as err:
                 raise ValueError(f"{path}, line {number}: not a JSON object ({err.msg})") from err
             if not isinstance(row, dict):
-                raise ValueError(f"{path}, line {number}: expected a JSON object with {columns}, got {type(row).__name__}")
+                raise ValueError(
+                    f"{path}, line {number}: expected a JSON object with {columns}, got {type(row).__name__}"
+                )
             rows.append(_row(row, columns, split_column, f"{path}, line {number}"))
     else:
         reader = csv.DictReader(text.splitlines(keepends=True))
         missing = [c for c in columns if c not in (reader.fieldnames or [])]
         if missing:
-            raise ValueError(f"{path}: the header row {reader.fieldnames} lacks the column(s) {missing} "
-                             "(set file_column / caption_column / split_column to your names)")
+            raise ValueError(
+                f"{path}: the header row {reader.fieldnames} lacks the column(s) {missing} "
+                "(set file_column / caption_column / split_column to your names)"
+            )
         for row in reader:
             rows.append(_row(row, columns, split_column, f"{path}, line {reader.line_num}"))
     if not rows:
@@ -129,18 +141,31 @@ class FolderCaptionsDataModule(ImageCaptionsDataModule):
         instances_file: str | None = None,
         boxes_file: str | None = None,
     ) -> None:
-        super().__init__(vocab_path=vocab_path, min_count=min_count, max_vocab_size=max_vocab_size,
-                         max_caption_length=max_caption_length, random_flip=random_flip, check_images=check_images,
-                         skip_bad_images=skip_bad_images, allow_outside_paths=allow_outside_paths,
-                         max_pixels=max_pixels, batch_size=batch_size, num_workers=num_workers, seed=seed,
-                         bucket_by_length=bucket_by_length, instances_file=instances_file, boxes_file=boxes_file)
+        super().__init__(
+            vocab_path=vocab_path,
+            min_count=min_count,
+            max_vocab_size=max_vocab_size,
+            max_caption_length=max_caption_length,
+            random_flip=random_flip,
+            check_images=check_images,
+            skip_bad_images=skip_bad_images,
+            allow_outside_paths=allow_outside_paths,
+            max_pixels=max_pixels,
+            batch_size=batch_size,
+            num_workers=num_workers,
+            seed=seed,
+            bucket_by_length=bucket_by_length,
+            instances_file=instances_file,
+            boxes_file=boxes_file,
+        )
         self.save_hyperparameters()
         for name, value in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
             if not 0.0 <= value < 1.0:
                 raise ValueError(f"{name} must be in [0, 1), got {value}")
         if val_fraction + test_fraction >= 1.0:
-            raise ValueError(f"val_fraction + test_fraction must leave images to train on, got "
-                             f"{val_fraction} + {test_fraction}")
+            raise ValueError(
+                f"val_fraction + test_fraction must leave images to train on, got {val_fraction} + {test_fraction}"
+            )
 
     def describe(self) -> str:
         return f"{self.hparams.captions_file} (images in {self.hparams.image_dir})"
@@ -174,7 +199,7 @@ class FolderCaptionsDataModule(ImageCaptionsDataModule):
         n = len(order)
         n_val = max(1, round(n * hp.val_fraction)) if hp.val_fraction > 0 and n >= 3 else 0
         n_test = max(1, round(n * hp.test_fraction)) if hp.test_fraction > 0 and n >= 3 else 0
-        split = {f: "val" for f in order[:n_val]}
-        split.update({f: "test" for f in order[n_val:n_val + n_test]})
-        split.update({f: "train" for f in order[n_val + n_test:]})
+        split = dict.fromkeys(order[:n_val], "val")
+        split.update(dict.fromkeys(order[n_val:n_val + n_test], "test"))
+        split.update(dict.fromkeys(order[n_val + n_test:], "train"))
         return split

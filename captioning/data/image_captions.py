@@ -32,10 +32,11 @@ from lightning.pytorch import LightningDataModule
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from torch.utils.data import DataLoader, Dataset, RandomSampler
 
-from captioning.data.images import FollowsEncoder, DEFAULT_MAX_PIXELS, ImageReadError, image_tensor, load_image
-from captioning.data.vocab import Vocabulary
 from captioning.data.batches import MovesTensorsOnly, collate_captions
+from captioning.data.images import DEFAULT_MAX_PIXELS, FollowsEncoder, ImageReadError, image_tensor, load_image
 from captioning.data.sampling import LengthBucketBatchSampler
+from captioning.data.vocab import Vocabulary
+from captioning.hyperparameters import TypedHyperparameters
 
 log = logging.getLogger(__name__)
 
@@ -76,8 +77,10 @@ def image_path(root: str | os.PathLike, relative: str, where: str, allow_outside
     resolved_root = root_path.resolve()
     resolved = path.resolve()
     if Path(relative).is_absolute() or (resolved != resolved_root and resolved_root not in resolved.parents):
-        raise ValueError(f"{where}: image path {relative!r} points outside the image folder {root}; refusing it "
-                         "(set allow_outside_paths: true if the annotation file is yours and this is intended)")
+        raise ValueError(
+            f"{where}: image path {relative!r} points outside the image folder {root}; refusing it "
+            "(set allow_outside_paths: true if the annotation file is yours and this is intended)"
+        )
     return str(path)
 
 
@@ -92,10 +95,19 @@ class CaptionDataset(Dataset):
     :func:`collate_captions`) instead of stopping the run.
     """
 
-    def __init__(self, records: list[ImageRecord], vocab: Vocabulary, image_size: int,
-                 max_len: int, per_caption: bool, with_captions: bool = True,
-                 random_flip: bool = False, max_pixels: int | None = DEFAULT_MAX_PIXELS,
-                 skip_bad_images: bool = False, boxes: dict | None = None) -> None:
+    def __init__(
+        self,
+        records: list[ImageRecord],
+        vocab: Vocabulary,
+        image_size: int,
+        max_len: int,
+        per_caption: bool,
+        with_captions: bool = True,
+        random_flip: bool = False,
+        max_pixels: int | None = DEFAULT_MAX_PIXELS,
+        skip_bad_images: bool = False,
+        boxes: dict | None = None,
+    ) -> None:
         self.records, self.image_size, self.random_flip = records, image_size, random_flip
         self.boxes = boxes if not per_caption else None  # named boxes per image id (evaluation only)
         self.max_pixels, self.skip_bad_images = max_pixels, skip_bad_images
@@ -123,15 +135,19 @@ class CaptionDataset(Dataset):
         if self.random_flip and torch.rand(()) < 0.5:
             image = image.flip(-1)
         ids = self.encoded[i][j] if j is not None else []
-        item = {"image": image, "caption": torch.tensor(ids, dtype=torch.long),
-                "image_id": rec.image_id, "references": self.references[i]}
+        item = {
+            "image": image,
+            "caption": torch.tensor(ids, dtype=torch.long),
+            "image_id": rec.image_id,
+            "references": self.references[i],
+        }
         if self.boxes is not None:
             item["boxes"] = self.boxes.get(rec.image_id, [])
         return item
 
 
 # ----------------------------------------------------------------------------- datamodule
-class ImageCaptionsDataModule(FollowsEncoder, MovesTensorsOnly, LightningDataModule):
+class ImageCaptionsDataModule(TypedHyperparameters, FollowsEncoder, MovesTensorsOnly, LightningDataModule):
     """Shared machinery of file-based caption datamodules (module docstring).
 
     Args:
@@ -156,19 +172,34 @@ class ImageCaptionsDataModule(FollowsEncoder, MovesTensorsOnly, LightningDataMod
         bucket_by_length: train batches of captions of similar length (less padding).
     """
 
-    def __init__(self, vocab_path: str | None = None, min_count: int = 5, max_vocab_size: int | None = None,
-                 max_caption_length: int = 50, random_flip: bool = False, check_images: str = "header",
-                 skip_bad_images: bool = False, allow_outside_paths: bool = False,
-                 max_pixels: int | None = DEFAULT_MAX_PIXELS, batch_size: int = 32, num_workers: int = 0,
-                 seed: int = 0, bucket_by_length: bool = False, instances_file: str | None = None,
-                 boxes_file: str | None = None) -> None:
+    def __init__(
+        self,
+        vocab_path: str | None = None,
+        min_count: int = 5,
+        max_vocab_size: int | None = None,
+        max_caption_length: int = 50,
+        random_flip: bool = False,
+        check_images: str = "header",
+        skip_bad_images: bool = False,
+        allow_outside_paths: bool = False,
+        max_pixels: int | None = DEFAULT_MAX_PIXELS,
+        batch_size: int = 32,
+        num_workers: int = 0,
+        seed: int = 0,
+        bucket_by_length: bool = False,
+        instances_file: str | None = None,
+        boxes_file: str | None = None,
+    ) -> None:
         super().__init__()
         if instances_file is not None and boxes_file is not None:
             raise ValueError("give instances_file or boxes_file, not both")
         self.instances_file, self.boxes_file = instances_file, boxes_file
         self._boxes: dict | None = None
-        for name, value in (("min_count", min_count), ("max_caption_length", max_caption_length),
-                            ("batch_size", batch_size)):
+        for name, value in (
+            ("min_count", min_count),
+            ("max_caption_length", max_caption_length),
+            ("batch_size", batch_size),
+        ):
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
         if check_images not in IMAGE_CHECKS:
@@ -206,9 +237,12 @@ class ImageCaptionsDataModule(FollowsEncoder, MovesTensorsOnly, LightningDataMod
                     r.captions = [c for c in r.captions if c]
                 kept = [r for r in records.get(split, []) if r.captions]
                 if empty:
-                    say(f"{split}: dropped {len(empty)} caption(s) that are empty after tokenisation (only "
+                    say(
+                        f"{split}: dropped {len(empty)} caption(s) that are empty after tokenisation (only "
                         f"punctuation or whitespace), of images {_first(empty)}; "
-                        f"{len(records[split]) - len(kept)} image(s) had no caption left", logging.WARNING)
+                        f"{len(records[split]) - len(kept)} image(s) had no caption left",
+                        logging.WARNING,
+                    )
                 records[split] = kept
             if not records["train"]:
                 raise ValueError(f"no training images with captions in {self.describe()}")
@@ -237,16 +271,20 @@ class ImageCaptionsDataModule(FollowsEncoder, MovesTensorsOnly, LightningDataMod
         if self._boxes is None:
             from captioning.data.boxes import read_boxes_json, read_instances
 
-            self._boxes = read_instances(self.instances_file) if self.instances_file else \
-                read_boxes_json(self.boxes_file)
+            self._boxes = (
+                read_instances(self.instances_file) if self.instances_file else read_boxes_json(self.boxes_file)
+            )
         return self._boxes
 
     def example(self, split: str = "val") -> dict[str, Any] | None:
         """The first image of ``split`` (PIL), its id and references: shown on model cards."""
         for r in self._checked_split(split)[:10]:
             try:
-                return {"image": load_image(r.path, max_pixels=self.max_pixels), "image_id": r.image_id,
-                        "references": [" ".join(c) for c in r.captions]}
+                return {
+                    "image": load_image(r.path, max_pixels=self.max_pixels),
+                    "image_id": r.image_id,
+                    "references": [" ".join(c) for c in r.captions],
+                }
             except ImageReadError:
                 continue
         return None
@@ -260,8 +298,10 @@ class ImageCaptionsDataModule(FollowsEncoder, MovesTensorsOnly, LightningDataMod
         if bad:
             shown = "; ".join(list(bad.values())[:5]) + (f"; and {len(bad) - 5} more" if len(bad) > 5 else "")
             if not self.skip_bad_images:
-                raise ImageReadError(f"{split} split: {len(bad)} of {len(records)} image(s) cannot be used: {shown}. "
-                                     "Fix or remove them, or set skip_bad_images: true to train without them")
+                raise ImageReadError(
+                    f"{split} split: {len(bad)} of {len(records)} image(s) cannot be used: {shown}. "
+                    "Fix or remove them, or set skip_bad_images: true to train without them"
+                )
             records = [r for r in records if r.path not in bad]
             self._records[split] = records
             say(f"{split} split: skipping {len(bad)} unusable image(s) (skip_bad_images): {shown}", logging.WARNING)
@@ -288,8 +328,10 @@ class ImageCaptionsDataModule(FollowsEncoder, MovesTensorsOnly, LightningDataMod
             else:
                 captions = (c for r in self._split("train") for c in r.captions)
                 self._vocab = Vocabulary.build(captions, self.min_count, self.max_vocab_size)
-                say(f"Built vocabulary of {len(self._vocab)} tokens from train captions "
-                    f"(min_count={self.min_count}, max_vocab_size={self.max_vocab_size})")
+                say(
+                    f"Built vocabulary of {len(self._vocab)} tokens from train captions "
+                    f"(min_count={self.min_count}, max_vocab_size={self.max_vocab_size})"
+                )
                 if path is not None:
                     write_json_atomic(path, self._vocab.to_dict())
                     say(f"Saved vocabulary to {path}")
@@ -298,17 +340,25 @@ class ImageCaptionsDataModule(FollowsEncoder, MovesTensorsOnly, LightningDataMod
     # ------------------------------------------------------------------ datasets and loaders
     def setup(self, stage: str | None = None) -> None:
         """Build the datasets needed for ``stage`` (fit/validate/test/predict; None = all)."""
-        wanted = {"fit": ["train", "val"], "validate": ["val"], "test": ["test"],
-                  "predict": ["predict"]}.get(stage, ["train", "val", "test", "predict"])
+        wanted = {"fit": ["train", "val"], "validate": ["val"], "test": ["test"], "predict": ["predict"]}.get(
+            stage, ["train", "val", "test", "predict"]
+        )
         for name in wanted:
             if name in self._datasets:
                 continue
             records = self._checked_split("test" if name == "predict" else name)
             self._datasets[name] = CaptionDataset(
-                records, self.vocab, self.image_size, self.max_caption_length,
-                per_caption=name == "train", with_captions=name != "predict",
-                random_flip=self.random_flip and name == "train", max_pixels=self.max_pixels,
-                skip_bad_images=self.skip_bad_images, boxes=self.boxes(name) if name in ("val", "test") else None)
+                records,
+                self.vocab,
+                self.image_size,
+                self.max_caption_length,
+                per_caption=name == "train",
+                with_captions=name != "predict",
+                random_flip=self.random_flip and name == "train",
+                max_pixels=self.max_pixels,
+                skip_bad_images=self.skip_bad_images,
+                boxes=self.boxes(name) if name in ("val", "test") else None,
+            )
 
     def _dataset(self, name: str) -> CaptionDataset:
         if name not in self._datasets:
@@ -317,10 +367,16 @@ class ImageCaptionsDataModule(FollowsEncoder, MovesTensorsOnly, LightningDataMod
 
     def _loader(self, name: str, shuffle: bool) -> DataLoader:
         generator = torch.Generator().manual_seed(self.seed) if shuffle else None
-        return DataLoader(self._dataset(name), batch_size=self.batch_size, shuffle=shuffle,
-                          num_workers=self.num_workers, collate_fn=collate_captions,
-                          persistent_workers=self.num_workers > 0,
-                          pin_memory=torch.cuda.is_available(), generator=generator)
+        return DataLoader(
+            self._dataset(name),
+            batch_size=self.batch_size,
+            shuffle=shuffle,
+            num_workers=self.num_workers,
+            collate_fn=collate_captions,
+            persistent_workers=self.num_workers > 0,
+            pin_memory=torch.cuda.is_available(),
+            generator=generator,
+        )
 
     def train_dataloader(self) -> DataLoader:
         if not self.bucket_by_length:
@@ -332,8 +388,14 @@ class ImageCaptionsDataModule(FollowsEncoder, MovesTensorsOnly, LightningDataMod
         lengths = [len(data.encoded[i][j]) for i, j in data.index]
         sampler = RandomSampler(data, generator=torch.Generator().manual_seed(self.seed))
         batches = LengthBucketBatchSampler(sampler, self.batch_size, False, lengths=lengths, seed=self.seed)
-        return DataLoader(data, batch_sampler=batches, num_workers=self.num_workers, collate_fn=collate_captions,
-                          persistent_workers=self.num_workers > 0, pin_memory=torch.cuda.is_available())
+        return DataLoader(
+            data,
+            batch_sampler=batches,
+            num_workers=self.num_workers,
+            collate_fn=collate_captions,
+            persistent_workers=self.num_workers > 0,
+            pin_memory=torch.cuda.is_available(),
+        )
 
     def val_dataloader(self) -> DataLoader:
         return self._loader("val", shuffle=False)

@@ -16,9 +16,10 @@ import re
 import stat
 import threading
 import warnings
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -44,8 +45,8 @@ class Preprocessing:
     """
 
     image_size: int = 224
-    mean: tuple[float, float, float] = IMAGENET_MEAN
-    std: tuple[float, float, float] = IMAGENET_STD
+    mean: tuple[float, ...] = IMAGENET_MEAN  # 3 numbers (any sequence; checked and stored as a tuple)
+    std: tuple[float, ...] = IMAGENET_STD
 
     def __post_init__(self) -> None:
         if not isinstance(self.image_size, int) or isinstance(self.image_size, bool) or self.image_size < 1:
@@ -63,7 +64,7 @@ class Preprocessing:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "Preprocessing":
+    def from_dict(cls, data: dict[str, Any]) -> Preprocessing:
         if not isinstance(data, dict) or set(data) - {"image_size", "mean", "std"}:
             raise ValueError(f"preprocessing must be a dict with image_size, mean, std; got {data!r}")
         return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
@@ -82,16 +83,28 @@ IMAGE_FORMATS = ("JPEG", "PNG", "GIF", "WEBP", "BMP", "TIFF", "PPM", "ICO", "JPE
 
 # File signatures of IMAGE_FORMATS: a file that starts like one but that Pillow cannot open is
 # reported as damaged rather than as "not an image".
-_MAGIC = ((re.compile(rb"\xff\xd8\xff"), "JPEG"), (re.compile(rb"\x89PNG"), "PNG"), (re.compile(rb"GIF8"), "GIF"),
-          (re.compile(rb"RIFF....WEBP", re.DOTALL), "WEBP"), (re.compile(rb"II\*\x00|MM\x00\*"), "TIFF"))
+_MAGIC = (
+    (re.compile(rb"\xff\xd8\xff"), "JPEG"),
+    (re.compile(rb"\x89PNG"), "PNG"),
+    (re.compile(rb"GIF8"), "GIF"),
+    (re.compile(rb"RIFF....WEBP", re.DOTALL), "WEBP"),
+    (re.compile(rb"II\*\x00|MM\x00\*"), "TIFF"),
+)
 # The Pillow modes we turn into RGB, and those whose range is not 0..255 (see _wide_to_grey).
 _WIDE_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
-_MODES = frozenset(("1", "L", "P", "RGB", "RGBA", "RGBX", "RGBa", "LA", "La", "PA",
-                    "CMYK", "YCbCr", "LAB", "HSV") + _WIDE_MODES)
+_MODES = frozenset(
+    ("1", "L", "P", "RGB", "RGBA", "RGBX", "RGBa", "LA", "La", "PA", "CMYK", "YCbCr", "LAB", "HSV") + _WIDE_MODES
+)
 # EXIF orientation -> the transpose that makes the picture upright (as PIL.ImageOps.exif_transpose).
-_UPRIGHT = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180,
-            4: Image.Transpose.FLIP_TOP_BOTTOM, 5: Image.Transpose.TRANSPOSE,
-            6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE, 8: Image.Transpose.ROTATE_90}
+_UPRIGHT = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
 
 
 class ImageTooLargeError(ImageReadError):
@@ -148,8 +161,7 @@ def verify_image_file(path: str | Path, max_pixels: int | None = DEFAULT_MAX_PIX
     _read(path, max_pixels, decode=True)
 
 
-def small_image_warning(image: Image.Image | tuple[int, int], name: str | Path,
-                        min_side: int = MIN_SIDE) -> str | None:
+def small_image_warning(image: Image.Image | tuple[int, int], name: str | Path, min_side: int = MIN_SIDE) -> str | None:
     """A one-line message when ``image`` (a PIL image or its ``(width, height)``) is too small.
 
     Images with a side below ``min_side`` pixels (default :data:`MIN_SIDE`) are blown up to
@@ -159,14 +171,15 @@ def small_image_warning(image: Image.Image | tuple[int, int], name: str | Path,
     width, height = image.size if isinstance(image, Image.Image) else image
     if min(width, height) >= min_side:
         return None
-    return (f"{name}: image is only {width}x{height} pixels (a side below {min_side}); "
-            f"it is upscaled to the model's input size and its caption may mean little")
+    return (
+        f"{name}: image is only {width}x{height} pixels (a side below {min_side}); "
+        f"it is upscaled to the model's input size and its caption may mean little"
+    )
 
 
 def _read(path: str | Path, max_pixels: int | None, decode: bool) -> tuple[Image.Image | None, tuple[int, int]]:
     """Open ``path`` (header), check it, decode to upright RGB when ``decode``; errors named."""
-    if max_pixels is not None and (not isinstance(max_pixels, int) or isinstance(max_pixels, bool)
-                                   or max_pixels < 1):
+    if max_pixels is not None and (not isinstance(max_pixels, int) or isinstance(max_pixels, bool) or max_pixels < 1):
         raise ValueError(f"max_pixels must be a positive integer or None, got {max_pixels!r}")
     _check_plain_file(path)
     if max_pixels is not None and Image.MAX_IMAGE_PIXELS is not None and max_pixels > 2 * Image.MAX_IMAGE_PIXELS:
@@ -186,9 +199,12 @@ def _read(path: str | Path, max_pixels: int | None, decode: bool) -> tuple[Image
         except UnidentifiedImageError as err:
             head = _head(path)
             known = next((name for magic, name in _MAGIC if magic.match(head)), None)
-            raise ImageReadError(f"{path}: damaged {known} file (its header cannot be read)" if known else
-                                 f"{path}: not an image in a supported format ({', '.join(IMAGE_FORMATS)}); "
-                                 f"the file starts with {head[:16]!r}") from err
+            raise ImageReadError(
+                f"{path}: damaged {known} file (its header cannot be read)"
+                if known
+                else f"{path}: not an image in a supported format ({', '.join(IMAGE_FORMATS)}); "
+                f"the file starts with {head[:16]!r}"
+            ) from err
         except Image.DecompressionBombError as err:  # Pillow's check at open, above 2x its limit
             found = re.search(r"\((\d+) pixels\)", str(err))  # Pillow's message has no width x height
             pixels = int(found[1]) if found else None
@@ -230,12 +246,16 @@ def _too_large(path: str | Path, size: str, pixels: int | None, max_pixels: int 
     """The refusal message: file, size, limit, and the option that raises the limit."""
     option = f"--max_pixels {pixels}" if pixels else "--max_pixels"
     if max_pixels is None:
-        return (f"{path}: image is {size}, above Pillow's limit of {Image.MAX_IMAGE_PIXELS:,} pixels "
-                f"(PIL.Image.MAX_IMAGE_PIXELS, which applies when max_pixels is None); if you trust "
-                f"the file, give a pixel limit that fits it (max_pixels, e.g. {option})")
-    return (f"{path}: image is {size}, more than the limit of {max_pixels:,} pixels (a guard "
-            f"against decompression bombs); if you trust the file, raise the limit (max_pixels, "
-            f"e.g. {option})")
+        return (
+            f"{path}: image is {size}, above Pillow's limit of {Image.MAX_IMAGE_PIXELS:,} pixels "
+            f"(PIL.Image.MAX_IMAGE_PIXELS, which applies when max_pixels is None); if you trust "
+            f"the file, give a pixel limit that fits it (max_pixels, e.g. {option})"
+        )
+    return (
+        f"{path}: image is {size}, more than the limit of {max_pixels:,} pixels (a guard "
+        f"against decompression bombs); if you trust the file, raise the limit (max_pixels, "
+        f"e.g. {option})"
+    )
 
 
 def _upright(img: Image.Image) -> Image.Image:

@@ -10,7 +10,7 @@ DistributedSampler under it for DDP.
 
 from __future__ import annotations
 
-from typing import Iterator, Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 import torch.distributed as dist
@@ -28,8 +28,15 @@ class LengthBucketBatchSampler(BatchSampler):
         seed: seeds the batch order (with the epoch, see set_epoch).
     """
 
-    def __init__(self, sampler: Sampler | Sequence[int], batch_size: int, drop_last: bool = False,
-                 lengths: Sequence[int] = (), pool: int = 50, seed: int = 0) -> None:
+    def __init__(
+        self,
+        sampler: Sampler | Sequence[int],
+        batch_size: int,
+        drop_last: bool = False,
+        lengths: Sequence[int] = (),
+        pool: int = 50,
+        seed: int = 0,
+    ) -> None:
         super().__init__(sampler, batch_size, drop_last)
         if not lengths:
             raise ValueError("LengthBucketBatchSampler needs the item lengths")
@@ -46,9 +53,9 @@ class LengthBucketBatchSampler(BatchSampler):
         size = self.batch_size * self.pool
         batches = []
         for start in range(0, len(order), size):
-            chunk = order[start:start + size]
+            chunk = order[start : start + size]
             chunk = chunk[torch.argsort(self.lengths[chunk], stable=True)]
-            batches += [chunk[i:i + self.batch_size].tolist() for i in range(0, len(chunk), self.batch_size)]
+            batches += [chunk[i : i + self.batch_size].tolist() for i in range(0, len(chunk), self.batch_size)]
         if self.drop_last:
             batches = [b for b in batches if len(b) == self.batch_size]
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
@@ -71,9 +78,16 @@ class OneCaptionPerImageSampler(DistributedSampler):
     similar length, the batches in random order and the one short batch last.
     """
 
-    def __init__(self, groups: Sequence[Sequence[int]], seed: int = 0, lengths: Sequence[int] | None = None,
-                 batch_size: int | None = None, pool: int = 50, num_replicas: int | None = None,
-                 rank: int | None = None) -> None:
+    def __init__(
+        self,
+        groups: Sequence[Sequence[int]],
+        seed: int = 0,
+        lengths: Sequence[int] | None = None,
+        batch_size: int | None = None,
+        pool: int = 50,
+        num_replicas: int | None = None,
+        rank: int | None = None,
+    ) -> None:
         # Not calling DistributedSampler.__init__: it needs a dataset and an initialised process group.
         distributed = dist.is_available() and dist.is_initialized()
         self.num_replicas = num_replicas or (dist.get_world_size() if distributed else 1)
@@ -101,7 +115,7 @@ class OneCaptionPerImageSampler(DistributedSampler):
         picks = torch.randint(1 << 30, (len(self.groups),), generator=generator).tolist()
         items = [self.groups[i][picks[i] % len(self.groups[i])] for i in order]
         items += items[: self.total_size - len(items)]  # pad so every rank has as many
-        shard = items[self.rank: self.total_size: self.num_replicas]
+        shard = items[self.rank : self.total_size : self.num_replicas]
         if self.lengths is None:
             return iter(shard)
         return iter(self._bucketed(shard, generator))
@@ -111,9 +125,9 @@ class OneCaptionPerImageSampler(DistributedSampler):
         order = torch.as_tensor(shard, dtype=torch.long)
         full, short = [], []
         for start in range(0, len(order), size):
-            chunk = order[start:start + size]
+            chunk = order[start : start + size]
             chunk = chunk[torch.argsort(self.lengths[chunk], stable=True)]
             for i in range(0, len(chunk), b):
-                (full if len(chunk[i:i + b]) == b else short).append(chunk[i:i + b].tolist())
+                (full if len(chunk[i : i + b]) == b else short).append(chunk[i : i + b].tolist())
         batches = [full[i] for i in torch.randperm(len(full), generator=generator).tolist()] + short
         return [i for batch in batches for i in batch]

@@ -14,8 +14,8 @@ loses: that is what makes attention matter here. ``python -m captioning.data.sha
 from __future__ import annotations
 
 import argparse
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import lightning as L
 import numpy as np
@@ -23,10 +23,12 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from captioning.data.images import FollowsEncoder, Preprocessing
-from captioning.data.vocab import Vocabulary
 from captioning.data.batches import MovesTensorsOnly, collate_captions
-from captioning.data.shape_scenes import (MAX_OBJECTS, SPLITS, Scene, generate_scene, named_boxes, shapes_vocabulary)
+from captioning.data.images import FollowsEncoder, Preprocessing
+from captioning.data.shape_scenes import MAX_OBJECTS, SPLITS, Scene, generate_scene, named_boxes, shapes_vocabulary
+from captioning.data.vocab import Vocabulary
+from captioning.hyperparameters import TypedHyperparameters
+
 
 class ShapesDataset(Dataset):
     """One split of the synthetic dataset.
@@ -37,10 +39,21 @@ class ShapesDataset(Dataset):
     images; every DataLoader worker keeps the ones it drew).
     """
 
-    def __init__(self, split: str, size: int, vocab: Vocabulary, seed: int = 0,
-                 image_size: int = 64, min_objects: int = 1, max_objects: int = 4,
-                 noise: float = 0.5, per_caption: bool = False, with_captions: bool = True,
-                 input_size: int | None = None, keep_scenes: bool = False) -> None:
+    def __init__(
+        self,
+        split: str,
+        size: int,
+        vocab: Vocabulary,
+        seed: int = 0,
+        image_size: int = 64,
+        min_objects: int = 1,
+        max_objects: int = 4,
+        noise: float = 0.5,
+        per_caption: bool = False,
+        with_captions: bool = True,
+        input_size: int | None = None,
+        keep_scenes: bool = False,
+    ) -> None:
         if split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
         self.split, self.size, self.vocab, self.seed = split, size, vocab, seed
@@ -78,12 +91,17 @@ class ShapesDataset(Dataset):
         image = torch.from_numpy(np.array(pixels)).permute(2, 0, 1)  # uint8; the encoder normalises
         k = int(torch.randint(len(scene.captions), ())) if self.per_caption else 0
         ids = self.vocab.encode(scene.captions[k].split()) if self.with_captions else []
-        return {"image": image, "caption": torch.tensor(ids, dtype=torch.long), "image_id": index,
-                "references": list(scene.captions), "objects": [dict(o, box=list(o["box"])) for o in scene.objects],
-                "boxes": named_boxes(scene.objects)}
+        return {
+            "image": image,
+            "caption": torch.tensor(ids, dtype=torch.long),
+            "image_id": index,
+            "references": list(scene.captions),
+            "objects": [dict(o, box=list(o["box"])) for o in scene.objects],
+            "boxes": named_boxes(scene.objects),
+        }
 
 
-class ShapesDataModule(FollowsEncoder, MovesTensorsOnly, L.LightningDataModule):
+class ShapesDataModule(TypedHyperparameters, FollowsEncoder, MovesTensorsOnly, L.LightningDataModule):
     """Synthetic shapes captions; see the module docstring.
 
     Args:
@@ -102,37 +120,55 @@ class ShapesDataModule(FollowsEncoder, MovesTensorsOnly, L.LightningDataModule):
             DataLoader worker); False draws every scene again each time it is read.
     """
 
-    def __init__(self, batch_size: int = 64, num_workers: int = 0, image_size: int = 64,
-                 seed: int = 0, train_size: int = 8000, val_size: int = 500,
-                 test_size: int = 500, min_objects: int = 1, max_objects: int = 4,
-                 eval_min_objects: int | None = None, eval_max_objects: int | None = None,
-                 noise: float = 0.5, keep_scenes: bool = True) -> None:
+    def __init__(
+        self,
+        batch_size: int = 64,
+        num_workers: int = 0,
+        image_size: int = 64,
+        seed: int = 0,
+        train_size: int = 8000,
+        val_size: int = 500,
+        test_size: int = 500,
+        min_objects: int = 1,
+        max_objects: int = 4,
+        eval_min_objects: int | None = None,
+        eval_max_objects: int | None = None,
+        noise: float = 0.5,
+        keep_scenes: bool = True,
+    ) -> None:
         super().__init__()
         eval_min = min_objects if eval_min_objects is None else eval_min_objects
         eval_max = max_objects if eval_max_objects is None else eval_max_objects
         for name, value, low, high in (
-                ("batch_size", batch_size, 1, None), ("num_workers", num_workers, 0, None),
-                ("image_size", image_size, 64, None), ("train_size", train_size, 1, None),
-                ("val_size", val_size, 1, None), ("test_size", test_size, 1, None),
-                ("min_objects", min_objects, 1, MAX_OBJECTS), ("max_objects", max_objects, 1, MAX_OBJECTS),
-                ("eval_min_objects", eval_min, 1, MAX_OBJECTS),
-                ("eval_max_objects", eval_max, 1, MAX_OBJECTS)):
-            if not isinstance(value, int) or isinstance(value, bool) or value < low \
-                    or (high is not None and value > high):
+            ("batch_size", batch_size, 1, None),
+            ("num_workers", num_workers, 0, None),
+            ("image_size", image_size, 64, None),
+            ("train_size", train_size, 1, None),
+            ("val_size", val_size, 1, None),
+            ("test_size", test_size, 1, None),
+            ("min_objects", min_objects, 1, MAX_OBJECTS),
+            ("max_objects", max_objects, 1, MAX_OBJECTS),
+            ("eval_min_objects", eval_min, 1, MAX_OBJECTS),
+            ("eval_max_objects", eval_max, 1, MAX_OBJECTS),
+        ):
+            if (
+                not isinstance(value, int)
+                or isinstance(value, bool)
+                or value < low
+                or (high is not None and value > high)
+            ):
                 bound = f">= {low}" if high is None else f"in {low}..{high}"
                 raise ValueError(f"ShapesDataModule: {name} must be an int {bound}, got {value!r}")
         for prefix, lo, hi in (("", min_objects, max_objects), ("eval_", eval_min, eval_max)):
             if lo > hi:
-                raise ValueError(f"ShapesDataModule: {prefix}min_objects ({lo}) must be <= "
-                                 f"{prefix}max_objects ({hi})")
+                raise ValueError(f"ShapesDataModule: {prefix}min_objects ({lo}) must be <= {prefix}max_objects ({hi})")
         if not isinstance(noise, (int, float)) or not 0.0 <= noise <= 1.0:
             raise ValueError(f"ShapesDataModule: noise must be in [0, 1], got {noise!r}")
         self.save_hyperparameters()
         self.batch_size, self.num_workers, self.seed = batch_size, num_workers, seed
         self.draw_size, self.noise, self.keep_scenes = image_size, float(noise), bool(keep_scenes)
         self.sizes = {"train": train_size, "val": val_size, "test": test_size}
-        self.limits = {"train": (min_objects, max_objects), "val": (eval_min, eval_max),
-                       "test": (eval_min, eval_max)}
+        self.limits = {"train": (min_objects, max_objects), "val": (eval_min, eval_max), "test": (eval_min, eval_max)}
         self._vocab = shapes_vocabulary()
 
     @property
@@ -150,13 +186,26 @@ class ShapesDataModule(FollowsEncoder, MovesTensorsOnly, L.LightningDataModule):
     def dataset(self, split: str, per_caption: bool = False, with_captions: bool = True) -> ShapesDataset:
         """The :class:`ShapesDataset` of ``split`` ("train", "val" or "test")."""
         lo, hi = self.limits.get(split, (1, 1))  # an unknown split: ShapesDataset raises
-        return ShapesDataset(split, self.sizes.get(split, 0), self._vocab, self.seed, self.draw_size,
-                             lo, hi, self.noise, per_caption, with_captions, input_size=self.image_size,
-                             keep_scenes=self.keep_scenes)
+        return ShapesDataset(
+            split,
+            self.sizes.get(split, 0),
+            self._vocab,
+            self.seed,
+            self.draw_size,
+            lo,
+            hi,
+            self.noise,
+            per_caption,
+            with_captions,
+            input_size=self.image_size,
+            keep_scenes=self.keep_scenes,
+        )
 
     def describe(self) -> str:
-        return (f"built-in shapes (seed {self.seed}; {self.sizes['train']} train, {self.sizes['val']} val, "
-                f"{self.sizes['test']} test scenes)")
+        return (
+            f"built-in shapes (seed {self.seed}; {self.sizes['train']} train, {self.sizes['val']} val, "
+            f"{self.sizes['test']} test scenes)"
+        )
 
     def example(self, split: str = "val") -> dict:
         """The first scene of ``split`` as a PIL image, its id and references (model cards)."""
@@ -164,9 +213,14 @@ class ShapesDataModule(FollowsEncoder, MovesTensorsOnly, L.LightningDataModule):
         return {"image": Image.fromarray(scene.pixels, "RGB"), "image_id": 0, "references": list(scene.captions)}
 
     def _loader(self, dataset: ShapesDataset, shuffle: bool) -> DataLoader:
-        return DataLoader(dataset, batch_size=self.batch_size, shuffle=shuffle,
-                          num_workers=self.num_workers, collate_fn=collate_captions,
-                          persistent_workers=self.num_workers > 0)
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            shuffle=shuffle,
+            num_workers=self.num_workers,
+            collate_fn=collate_captions,
+            persistent_workers=self.num_workers > 0,
+        )
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.dataset("train", per_caption=True), shuffle=True)
@@ -180,8 +234,9 @@ class ShapesDataModule(FollowsEncoder, MovesTensorsOnly, L.LightningDataModule):
     def predict_dataloader(self) -> DataLoader:
         return self._loader(self.dataset("test", with_captions=False), shuffle=False)
 
-    def export_images(self, split: str = "test", indices: Sequence[int] = (0,),
-                      out_dir: str | Path = ".") -> list[Path]:
+    def export_images(
+        self, split: str = "test", indices: Sequence[int] = (0,), out_dir: str | Path = "."
+    ) -> list[Path]:
         """Write images of ``split`` as ``shapes_<split>_<index>.png`` in ``out_dir``; returns paths."""
         dataset, out = self.dataset(split), Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
@@ -205,8 +260,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         parser.error(f"--count must be >= 1 and --start >= 0, got {args.count} and {args.start}")
     indices = range(args.start, args.start + args.count)
     try:
-        dm = ShapesDataModule(image_size=args.image_size, seed=args.seed, noise=args.noise,
-                              **{f"{args.split}_size": indices.stop})
+        dm = ShapesDataModule(
+            image_size=args.image_size, seed=args.seed, noise=args.noise, **{f"{args.split}_size": indices.stop}
+        )
     except ValueError as err:
         parser.error(str(err))
     dataset = dm.dataset(args.split)

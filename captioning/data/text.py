@@ -25,12 +25,13 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset, RandomSampler
 
-from captioning.data.text_vocab import SUBWORD_KINDS, TextTokenizer, TextVocab
 # Imported at module level on purpose: Lightning records the init args of BatchSampler
 # subclasses that exist when it calls the dataloader hooks, so it can rebuild the sampler
 # with a DistributedSampler underneath under DDP.
 from captioning.data.batches import MovesTensorsOnly, collate_text
 from captioning.data.sampling import LengthBucketBatchSampler
+from captioning.data.text_vocab import SUBWORD_KINDS, TextTokenizer, TextVocab
+from captioning.hyperparameters import TypedHyperparameters
 
 SPLITS = ("train", "val", "test")
 
@@ -58,7 +59,7 @@ class TextPairDataset(Dataset):
         return self.items[index] if self.items is not None else self.make(index)
 
 
-class _TextDataModule(MovesTensorsOnly, L.LightningDataModule):
+class _TextDataModule(TypedHyperparameters, MovesTensorsOnly, L.LightningDataModule):
     """Loaders shared by both datamodules; subclasses provide ``dataset(split)`` and ``text_vocab``."""
 
     batch_size: int
@@ -107,8 +108,9 @@ def _check_int(owner: str, name: str, value: object, low: int) -> None:
 
 
 # --------------------------------------------------------------------------- TSV files
-def read_tsv(path: str | Path, skip_malformed: bool = False,
-             encoding: str = "utf-8") -> tuple[list[tuple[int, str, str]], list[str]]:
+def read_tsv(
+    path: str | Path, skip_malformed: bool = False, encoding: str = "utf-8"
+) -> tuple[list[tuple[int, str, str]], list[str]]:
     """Read ``source<TAB>target`` lines.
 
     Returns:
@@ -130,8 +132,7 @@ def read_tsv(path: str | Path, skip_malformed: bool = False,
         try:
             line = raw.decode(encoding).rstrip("\r")
         except UnicodeDecodeError as err:
-            line, problem = "", (f"not valid {encoding} text (byte 0x{raw[err.start]:02x} at column "
-                                 f"{err.start + 1})")
+            line, problem = "", (f"not valid {encoding} text (byte 0x{raw[err.start]:02x} at column {err.start + 1})")
         if number == 1:
             line = line.lstrip("\ufeff")  # byte order mark written by some editors
         if problem is None:
@@ -147,8 +148,10 @@ def read_tsv(path: str | Path, skip_malformed: bool = False,
                     pairs.append((number, source, target))
                     continue
         if not skip_malformed:
-            raise TsvFormatError(f"{path}, line {number}: {problem}; fix the line or set "
-                                 "skip_malformed: true to skip and count malformed lines")
+            raise TsvFormatError(
+                f"{path}, line {number}: {problem}; fix the line or set "
+                "skip_malformed: true to skip and count malformed lines"
+            )
         problems.append(f"line {number}: {problem}")
     return pairs, problems
 
@@ -182,22 +185,41 @@ class TsvTextDataModule(_TextDataModule):
     output against a file the same way.
     """
 
-    def __init__(self, train_path: str, val_path: str | None = None, test_path: str | None = None,
-                 val_fraction: float = 0.05, tokenizer: str = "word", lowercase: bool = True,
-                 subword_vocab_size: int = 4000, min_count: int = 1, max_vocab_size: int | None = None,
-                 max_train_length: int | None = 100, reverse: bool = False, skip_malformed: bool = False,
-                 encoding: str = "utf-8", bucket_by_length: bool = True, batch_size: int = 64,
-                 num_workers: int = 0, seed: int = 0) -> None:
+    def __init__(
+        self,
+        train_path: str,
+        val_path: str | None = None,
+        test_path: str | None = None,
+        val_fraction: float = 0.05,
+        tokenizer: str = "word",
+        lowercase: bool = True,
+        subword_vocab_size: int = 4000,
+        min_count: int = 1,
+        max_vocab_size: int | None = None,
+        max_train_length: int | None = 100,
+        reverse: bool = False,
+        skip_malformed: bool = False,
+        encoding: str = "utf-8",
+        bucket_by_length: bool = True,
+        batch_size: int = 64,
+        num_workers: int = 0,
+        seed: int = 0,
+    ) -> None:
         super().__init__()
         owner = "TsvTextDataModule"
-        for name, value, low in (("batch_size", batch_size, 1), ("num_workers", num_workers, 0),
-                                 ("min_count", min_count, 1), ("subword_vocab_size", subword_vocab_size, 8)):
+        for name, value, low in (
+            ("batch_size", batch_size, 1),
+            ("num_workers", num_workers, 0),
+            ("min_count", min_count, 1),
+            ("subword_vocab_size", subword_vocab_size, 8),
+        ):
             _check_int(owner, name, value, low)
         if val_path is None and not 0.0 < val_fraction < 1.0:
             raise ValueError(f"{owner}: without val_path, val_fraction must be in (0, 1), got {val_fraction!r}")
         if tokenizer not in ("word", "char", *SUBWORD_KINDS):
-            raise ValueError(f"{owner}: tokenizer must be one of word, char, {', '.join(SUBWORD_KINDS)}; "
-                             f"got {tokenizer!r}")
+            raise ValueError(
+                f"{owner}: tokenizer must be one of word, char, {', '.join(SUBWORD_KINDS)}; got {tokenizer!r}"
+            )
         self.save_hyperparameters()
         self.batch_size, self.num_workers, self.seed = batch_size, num_workers, seed
         self.bucket_by_length = bucket_by_length
@@ -231,17 +253,21 @@ class TsvTextDataModule(_TextDataModule):
             random.Random(hp.seed).shuffle(order)
             n_val = max(1, round(len(train) * hp.val_fraction))
             if n_val >= len(train):
-                raise ValueError(f"{hp.train_path}: {len(train)} pair(s) are too few to hold out a validation "
-                                 "split; give val_path")
+                raise ValueError(
+                    f"{hp.train_path}: {len(train)} pair(s) are too few to hold out a validation split; give val_path"
+                )
             held = set(order[:n_val])
             val = [p for i, p in enumerate(train) if i in held]
             train = [p for i, p in enumerate(train) if i not in held]
         test = self._read(hp.test_path) if hp.test_path is not None else val
         # Subword models learn from the training pairs only (both sides: one shared model).
-        self.tokenizer = TextTokenizer.train(hp.tokenizer, (text for _, s, t in train for text in (s, t)),
-                                             hp.lowercase, hp.subword_vocab_size)
-        tok = {split: [(i, self.tokenizer(s), self.tokenizer(t), s, t) for i, s, t in pairs]
-               for split, pairs in (("train", train), ("val", val), ("test", test))}
+        self.tokenizer = TextTokenizer.train(
+            hp.tokenizer, (text for _, s, t in train for text in (s, t)), hp.lowercase, hp.subword_vocab_size
+        )
+        tok = {
+            split: [(i, self.tokenizer(s), self.tokenizer(t), s, t) for i, s, t in pairs]
+            for split, pairs in (("train", train), ("val", val), ("test", test))
+        }
         limit = hp.max_train_length
         if limit is not None:
             kept = [p for p in tok["train"] if len(p[1]) <= limit and len(p[2]) <= limit]
@@ -250,11 +276,28 @@ class TsvTextDataModule(_TextDataModule):
                 raise ValueError(f"{hp.train_path}: every training pair is longer than max_train_length={limit}")
             tok["train"] = kept
         train_pairs = tok["train"]
-        self._vocab = v = TextVocab.build(self.tokenizer, [p[1] for p in train_pairs], [p[2] for p in train_pairs],
-                                          [p[3] for p in train_pairs], hp.min_count, hp.max_vocab_size)
-        self._data = {split: [{"id": i, "source": v.encode_source(st), "target": v.encode_target(tt),
-                               "source_text": s, "reference": self.tokenizer.normalize(t), "alignment": None}
-                              for i, st, tt, s, t in pairs] for split, pairs in tok.items()}
+        self._vocab = v = TextVocab.build(
+            self.tokenizer,
+            [p[1] for p in train_pairs],
+            [p[2] for p in train_pairs],
+            [p[3] for p in train_pairs],
+            hp.min_count,
+            hp.max_vocab_size,
+        )
+        self._data = {
+            split: [
+                {
+                    "id": i,
+                    "source": v.encode_source(st),
+                    "target": v.encode_target(tt),
+                    "source_text": s,
+                    "reference": self.tokenizer.normalize(t),
+                    "alignment": None,
+                }
+                for i, st, tt, s, t in pairs
+            ]
+            for split, pairs in tok.items()
+        }
 
     def source_lengths(self, split: str) -> list[int] | None:
         if split == "train" and not self.bucket_by_length:

@@ -35,8 +35,8 @@ import json
 import re
 import unicodedata
 from collections import Counter
+from collections.abc import Iterable, Sequence
 from functools import cached_property
-from typing import Iterable, Sequence
 
 from captioning.data.vocab import EOS, SPECIALS, UNK, Vocabulary
 
@@ -71,13 +71,15 @@ class TextTokenizer:
         if kind not in TOKENIZER_KINDS:
             raise ValueError(f"tokenizer must be one of {TOKENIZER_KINDS}, got {kind!r}")
         if (kind in SUBWORD_KINDS) != (model is not None):
-            raise ValueError(f"tokenizer {kind!r}: " + ("needs a trained model (TextTokenizer.train)"
-                                                        if model is None else "takes no model"))
+            raise ValueError(
+                f"tokenizer {kind!r}: "
+                + ("needs a trained model (TextTokenizer.train)" if model is None else "takes no model")
+            )
         self.kind, self.lowercase, self.model = kind, bool(lowercase), model
 
     # ------------------------------------------------------------------ training
     @classmethod
-    def train(cls, kind: str, texts: Iterable[str], lowercase: bool = True, vocab_size: int = 4000) -> "TextTokenizer":
+    def train(cls, kind: str, texts: Iterable[str], lowercase: bool = True, vocab_size: int = 4000) -> TextTokenizer:
         """A tokenizer of ``kind``; subword kinds learn their model from ``texts`` (training text).
 
         ``vocab_size``: the subword vocabulary size (pieces, the ``<unk>`` included; fewer
@@ -138,7 +140,7 @@ class TextTokenizer:
         return data
 
     @classmethod
-    def from_dict(cls, data: dict | str | None) -> "TextTokenizer":
+    def from_dict(cls, data: dict | str | None) -> TextTokenizer:
         if data is None:
             return cls()
         if isinstance(data, str):
@@ -157,23 +159,41 @@ class TextVocab:
     ``source_words`` and ``longest_source``: see the module docstring (None when unknown).
     """
 
-    def __init__(self, source: Vocabulary, target: Vocabulary, tokenizer: TextTokenizer,
-                 source_words: Sequence[str] | None = None, longest_source: int | None = None) -> None:
+    def __init__(
+        self,
+        source: Vocabulary,
+        target: Vocabulary,
+        tokenizer: TextTokenizer,
+        source_words: Sequence[str] | None = None,
+        longest_source: int | None = None,
+    ) -> None:
         self.source, self.target, self.tokenizer = source, target, tokenizer
         self.source_words = None if source_words is None else list(source_words)
         self.longest_source = longest_source
 
     @classmethod
-    def build(cls, tokenizer: TextTokenizer, sources: Sequence[Sequence[str]], targets: Sequence[Sequence[str]],
-              source_texts: Sequence[str] = (), min_count: int = 1, max_size: int | None = None) -> "TextVocab":
+    def build(
+        cls,
+        tokenizer: TextTokenizer,
+        sources: Sequence[Sequence[str]],
+        targets: Sequence[Sequence[str]],
+        source_texts: Sequence[str] = (),
+        min_count: int = 1,
+        max_size: int | None = None,
+    ) -> TextVocab:
         """Vocabularies from tokenised training pairs; ``source_texts`` (raw) give subword models
         their known-word list."""
         known = None
         if tokenizer.kind in SUBWORD_KINDS:
             counts = Counter(w for t in source_texts for w in words(tokenizer.normalize(t)))
             known = sorted(counts, key=lambda w: (-counts[w], w))[:MAX_SOURCE_WORDS]
-        return cls(Vocabulary.build(sources, min_count, max_size), Vocabulary.build(targets, min_count, max_size),
-                   tokenizer, known, max((len(s) for s in sources), default=0) + 1)
+        return cls(
+            Vocabulary.build(sources, min_count, max_size),
+            Vocabulary.build(targets, min_count, max_size),
+            tokenizer,
+            known,
+            max((len(s) for s in sources), default=0) + 1,
+        )
 
     def encode_source(self, text_or_tokens: str | Sequence[str]) -> list[int]:
         tokens = self.tokenizer(text_or_tokens) if isinstance(text_or_tokens, str) else text_or_tokens
@@ -202,8 +222,7 @@ class TextVocab:
         return sum(t not in self.source or t in SPECIALS for t in tokens), len(tokens)
 
     def to_dict(self) -> dict:
-        data = {"source": self.source.to_dict(), "target": self.target.to_dict(),
-                "tokenizer": self.tokenizer.to_dict()}
+        data = {"source": self.source.to_dict(), "target": self.target.to_dict(), "tokenizer": self.tokenizer.to_dict()}
         if self.source_words is not None:
             data["source_words"] = list(self.source_words)
         if self.longest_source is not None:
@@ -211,11 +230,17 @@ class TextVocab:
         return data
 
     @classmethod
-    def from_dict(cls, data: dict) -> "TextVocab":
+    def from_dict(cls, data: dict) -> TextVocab:
         if not isinstance(data, dict) or "source" not in data or "target" not in data:
-            raise ValueError("text vocabulary data must be a dict with 'source' and 'target' vocabularies "
-                             "({'itos': [...]} each) and an optional 'tokenizer'; the CLI links it from the "
-                             "datamodule's vocab_data")
-        return cls(Vocabulary.from_dict(data["source"]), Vocabulary.from_dict(data["target"]),
-                   TextTokenizer.from_dict(data.get("tokenizer")), data.get("source_words"),
-                   data.get("longest_source"))
+            raise ValueError(
+                "text vocabulary data must be a dict with 'source' and 'target' vocabularies "
+                "({'itos': [...]} each) and an optional 'tokenizer'; the CLI links it from the "
+                "datamodule's vocab_data"
+            )
+        return cls(
+            Vocabulary.from_dict(data["source"]),
+            Vocabulary.from_dict(data["target"]),
+            TextTokenizer.from_dict(data.get("tokenizer")),
+            data.get("source_words"),
+            data.get("longest_source"),
+        )

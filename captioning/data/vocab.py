@@ -11,8 +11,8 @@ import json
 import re
 import unicodedata
 from collections import Counter
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
 
 PAD, BOS, EOS, UNK = "<pad>", "<bos>", "<eos>", "<unk>"
 SPECIALS = (PAD, BOS, EOS, UNK)
@@ -37,8 +37,10 @@ def _code_point_class(wanted: Callable[[str], bool], start: int, stop: int) -> s
 @functools.cache
 def _token_re() -> re.Pattern[str]:
     """The caption token pattern; built once (0.03-0.1 s) from this Python's Unicode tables."""
-    marks = "".join(_code_point_class(lambda ch: unicodedata.category(ch)[0] == "M", a, b)
-                    for a, b in ((0x300, 0x20000), (0xE0100, 0xE01F0)))
+    marks = "".join(
+        _code_point_class(lambda ch: unicodedata.category(ch)[0] == "M", a, b)
+        for a, b in ((0x300, 0x20000), (0xE0100, 0xE01F0))
+    )
     pictographs = _code_point_class(lambda ch: unicodedata.category(ch) == "So", 0x2000, 0x20000)
     # Written as "run of letters, then (marks, letters)*" and guarded by a cheap range check
     # before the large classes: the plain alternation was 5x slower on English captions.
@@ -48,8 +50,10 @@ def _token_re() -> re.Pattern[str]:
     # ZWNJ/ZWJ join parts of one word in Persian and Indic scripts.
     word = rf"{alnum_run}(?:[\u200c\u200d]{alnum_run})*(?:['\u2019]{letter_run})?"
     extend = rf"[{marks}\U0001F3FB-\U0001F3FF\U000E0020-\U000E007F]"  # VS16, skin tones, flag tags
-    emoji = (rf"[#*]\ufe0f?\u20e3|(?=[^\x00-\u1fff])(?:[\U0001F1E6-\U0001F1FF]{{2}}"
-             rf"|[{pictographs}]{extend}*(?:\u200d[{pictographs}]{extend}*)*)")
+    emoji = (
+        rf"[#*]\ufe0f?\u20e3|(?=[^\x00-\u1fff])(?:[\U0001F1E6-\U0001F1FF]{{2}}"
+        rf"|[{pictographs}]{extend}*(?:\u200d[{pictographs}]{extend}*)*)"
+    )
     return re.compile(rf"(?P<word>{word})|(?P<emoji>{emoji})|(?P<other>\S{mark}*)")
 
 
@@ -78,8 +82,11 @@ def tokenize(text: str, lowercase: bool = True, keep_punctuation: bool = False) 
     text = unicodedata.normalize("NFKC", text).translate(_INVISIBLE)
     if lowercase:
         text = text.lower()
-    return [match[0].replace("\u2019", "'") for match in _token_re().finditer(text)
-            if keep_punctuation or match.lastgroup != "other"]
+    return [
+        match[0].replace("\u2019", "'")
+        for match in _token_re().finditer(text)
+        if keep_punctuation or match.lastgroup != "other"
+    ]
 
 
 class Vocabulary:
@@ -106,7 +113,7 @@ class Vocabulary:
         token_lists: Iterable[Sequence[str]],
         min_count: int = 1,
         max_size: int | None = None,
-    ) -> "Vocabulary":
+    ) -> Vocabulary:
         """Build from tokenised training text: keep tokens seen ``min_count`` times or more.
 
         Order: by descending frequency, ties alphabetical (deterministic across runs).
@@ -115,8 +122,9 @@ class Vocabulary:
         if min_count < 1:
             raise ValueError(f"min_count must be >= 1, got {min_count}")
         counts = Counter(t for tokens in token_lists for t in tokens)
-        kept = sorted((t for t, c in counts.items() if c >= min_count and t not in SPECIALS),
-                      key=lambda t: (-counts[t], t))
+        kept = sorted(
+            (t for t, c in counts.items() if c >= min_count and t not in SPECIALS), key=lambda t: (-counts[t], t)
+        )
         if max_size is not None:
             kept = kept[:max_size]
         return cls(list(SPECIALS) + kept)
@@ -149,7 +157,7 @@ class Vocabulary:
         return {"itos": list(self.itos)}
 
     @classmethod
-    def from_dict(cls, data: dict) -> "Vocabulary":
+    def from_dict(cls, data: dict) -> Vocabulary:
         if not isinstance(data, dict) or "itos" not in data:
             raise ValueError("Vocabulary data must be a dict with an 'itos' list")
         return cls(data["itos"])
@@ -159,7 +167,7 @@ class Vocabulary:
         Path(path).write_text(json.dumps(self.to_dict(), indent=1))
 
     @classmethod
-    def load(cls, path: str | Path) -> "Vocabulary":
+    def load(cls, path: str | Path) -> Vocabulary:
         path = Path(path)
         try:
             return cls.from_dict(json.loads(path.read_text()))

@@ -30,7 +30,7 @@ nouns alone; ``*_chance`` are the matching chance levels.
 
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 from torch import Tensor
@@ -40,11 +40,17 @@ def check_boxes(boxes: Sequence[Mapping], where: str) -> None:
     """Raise ValueError naming ``where`` unless every named box is well formed."""
     for k, b in enumerate(boxes):
         box = b.get("box") if isinstance(b, Mapping) else None
-        if (not isinstance(box, (list, tuple)) or len(box) != 4
-                or not all(isinstance(v, (int, float)) and 0.0 <= float(v) <= 1.0 for v in box)
-                or box[0] > box[2] or box[1] > box[3]):
-            raise ValueError(f"{where}, box {k}: must be [x0, y0, x1, y1] as fractions of the image in [0, 1] "
-                             f"with x0 <= x1 and y0 <= y1, got {box!r}")
+        if (
+            not isinstance(box, (list, tuple))
+            or len(box) != 4
+            or not all(isinstance(v, (int, float)) and 0.0 <= float(v) <= 1.0 for v in box)
+            or box[0] > box[2]
+            or box[1] > box[3]
+        ):
+            raise ValueError(
+                f"{where}, box {k}: must be [x0, y0, x1, y1] as fractions of the image in [0, 1] "
+                f"with x0 <= x1 and y0 <= y1, got {box!r}"
+            )
         nouns = b.get("nouns")
         if not isinstance(nouns, (list, tuple)) or not nouns or not all(isinstance(n, str) for n in nouns):
             raise ValueError(f"{where}, box {k}: 'nouns' must be a non-empty list of words, got {nouns!r}")
@@ -66,8 +72,9 @@ def _inside(box: Sequence[float], xs: Tensor, ys: Tensor, tol_x: float, tol_y: f
     return (xs >= box[0] - tol_x) & (xs <= box[2] + tol_x) & (ys >= box[1] - tol_y) & (ys <= box[3] + tol_y)
 
 
-def pointing_game(words: Sequence[Sequence[str] | str], alphas: Sequence[Tensor],
-                  boxes: Sequence[Sequence[Mapping]]) -> dict[str, float | int]:
+def pointing_game(
+    words: Sequence[Sequence[str] | str], alphas: Sequence[Tensor], boxes: Sequence[Sequence[Mapping]]
+) -> dict[str, float | int]:
     """Pointing-game scores of generated captions (module docstring).
 
     Args:
@@ -80,8 +87,10 @@ def pointing_game(words: Sequence[Sequence[str] | str], alphas: Sequence[Tensor]
         and the same with ``localisation_nouns``; rates are 0.0 when nothing was scored.
     """
     if not (len(words) == len(alphas) == len(boxes)):
-        raise ValueError(f"pointing_game: got {len(words)} captions, {len(alphas)} alphas and {len(boxes)} box "
-                         "lists; they must match")
+        raise ValueError(
+            f"pointing_game: got {len(words)} captions, {len(alphas)} alphas and {len(boxes)} box "
+            "lists; they must match"
+        )
     hits = total = noun_hits = noun_total = 0
     chance = noun_chance = 0.0
     for i, (ws, alpha, named) in enumerate(zip(words, alphas, boxes)):
@@ -94,16 +103,26 @@ def pointing_game(words: Sequence[Sequence[str] | str], alphas: Sequence[Tensor]
             raise ValueError(f"{where}: {len(ws)} words but {t_steps} attention maps (drop eos)")
         flat = grid.reshape(t_steps, h * w).argmax(dim=1)
         peak_x, peak_y = (flat % w).double().add(0.5).div(w), (flat // w).double().add(0.5).div(h)
-        cell_y, cell_x = torch.meshgrid((torch.arange(h).double() + 0.5) / h, (torch.arange(w).double() + 0.5) / w,
-                                        indexing="ij")
+        cell_y, cell_x = torch.meshgrid(
+            (torch.arange(h).double() + 0.5) / h, (torch.arange(w).double() + 0.5) / w, indexing="ij"
+        )
         tol_x, tol_y = 0.5 / w, 0.5 / h
         nouns = {n for b in named for n in b["nouns"]}
         attributes = {a for b in named for a in b.get("attributes") or ()}
 
-        def score(t: int, referred: list[Mapping]) -> tuple[bool, float]:
-            x, y = peak_x[t:t + 1], peak_y[t:t + 1]
+        def score(
+            t: int,
+            referred: list[Mapping],
+            peak_x=peak_x,
+            peak_y=peak_y,
+            cell_x=cell_x,
+            cell_y=cell_y,
+            tol_x=tol_x,
+            tol_y=tol_y,
+        ) -> tuple[bool, float]:
+            x, y = peak_x[t : t + 1], peak_y[t : t + 1]
             hit = any(bool(_inside(b["box"], x, y, tol_x, tol_y)[0]) for b in referred)
-            covered = torch.zeros(h, w, dtype=torch.bool)
+            covered = torch.zeros(cell_x.shape, dtype=torch.bool)
             for b in referred:
                 covered |= _inside(b["box"], cell_x, cell_y, tol_x, tol_y)
             return hit, float(covered.float().mean())
@@ -124,8 +143,13 @@ def pointing_game(words: Sequence[Sequence[str] | str], alphas: Sequence[Tensor]
             for j in phrase:
                 hit, share = score(j, referred)
                 hits, total, chance = hits + hit, total + 1, chance + share
-    return {"localisation": hits / total if total else 0.0, "localisation_chance": chance / total if total else 0.0,
-            "localisation_hits": hits, "localisation_total": total,
-            "localisation_nouns": noun_hits / noun_total if noun_total else 0.0,
-            "localisation_nouns_chance": noun_chance / noun_total if noun_total else 0.0,
-            "localisation_nouns_hits": noun_hits, "localisation_nouns_total": noun_total}
+    return {
+        "localisation": hits / total if total else 0.0,
+        "localisation_chance": chance / total if total else 0.0,
+        "localisation_hits": hits,
+        "localisation_total": total,
+        "localisation_nouns": noun_hits / noun_total if noun_total else 0.0,
+        "localisation_nouns_chance": noun_chance / noun_total if noun_total else 0.0,
+        "localisation_nouns_hits": noun_hits,
+        "localisation_nouns_total": noun_total,
+    }

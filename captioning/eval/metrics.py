@@ -17,7 +17,7 @@ import shutil
 import subprocess
 import threading
 import warnings
-from typing import Hashable, Mapping, Sequence
+from collections.abc import Hashable, Mapping, Sequence
 
 import sacrebleu
 import torch
@@ -41,7 +41,7 @@ class CaptionMetricsWarning(UserWarning):
 
 _warned = False  # one warning per process, whatever the reason
 _java_broken: str | None = None  # set after a Java failure so later calls skip it at once
-_meteor: "_MeteorProcess | None" = None
+_meteor: _MeteorProcess | None = None
 _meteor_lock = threading.Lock()
 
 
@@ -49,9 +49,13 @@ def _warn_once(reason: str) -> None:
     global _warned
     if not _warned:
         _warned = True
-        warnings.warn(f"METEOR is skipped and captions are tokenised in Python instead of "
-                      f"with the PTB tokenizer: {reason}. Scores are not comparable to "
-                      "published COCO numbers.", CaptionMetricsWarning, stacklevel=3)
+        warnings.warn(
+            f"METEOR is skipped and captions are tokenised in Python instead of "
+            f"with the PTB tokenizer: {reason}. Scores are not comparable to "
+            "published COCO numbers.",
+            CaptionMetricsWarning,
+            stacklevel=3,
+        )
 
 
 def _java_problem(use_java: bool | None) -> str | None:
@@ -72,10 +76,17 @@ def _ptb_tokenize(sentences: list[str]) -> list[str]:
     read-only), has a timeout, and checks the line count so a caption can never be matched
     with another caption's tokens. Empty captions stay empty and are not sent.
     """
-    jar = os.path.join(os.path.dirname(os.path.abspath(_ptb_module.__file__)),
-                       _ptb_module.STANFORD_CORENLP_3_4_1_JAR)
-    cmd = ["java", "-cp", jar, "edu.stanford.nlp.process.PTBTokenizer",
-           "-preserveLines", "-lowerCase", "-encoding", "utf-8"]
+    jar = os.path.join(os.path.dirname(os.path.abspath(_ptb_module.__file__)), _ptb_module.STANFORD_CORENLP_3_4_1_JAR)
+    cmd = [
+        "java",
+        "-cp",
+        jar,
+        "edu.stanford.nlp.process.PTBTokenizer",
+        "-preserveLines",
+        "-lowerCase",
+        "-encoding",
+        "utf-8",
+    ]
     # str.split() also removes \r, \u2028, ... which Java may treat as line breaks.
     flat = [" ".join(s.split()) for s in sentences]
     todo = [i for i, s in enumerate(flat) if s]
@@ -83,8 +94,7 @@ def _ptb_tokenize(sentences: list[str]) -> list[str]:
     if not todo:
         return out
     text = "\n".join(flat[i] for i in todo) + "\n"
-    proc = subprocess.run(cmd, input=text.encode("utf-8"), capture_output=True,
-                          timeout=JAVA_TIMEOUT_S, check=False)
+    proc = subprocess.run(cmd, input=text.encode("utf-8"), capture_output=True, timeout=JAVA_TIMEOUT_S, check=False)
     if proc.returncode != 0:
         err = proc.stderr.decode("utf-8", "replace").strip().splitlines()[-3:]
         raise RuntimeError(f"PTB tokenizer exited with {proc.returncode}: {' | '.join(err)}")
@@ -105,10 +115,10 @@ class _MeteorProcess(_meteor_module.Meteor):
 
     def __init__(self) -> None:  # not super().__init__: we choose the Popen arguments
         jar_dir = os.path.dirname(os.path.abspath(_meteor_module.__file__))
-        self.meteor_cmd = ["java", "-jar", "-Xmx2G", _meteor_module.METEOR_JAR,
-                           "-", "-", "-stdio", "-l", "en", "-norm"]
-        self.meteor_p = subprocess.Popen(self.meteor_cmd, cwd=jar_dir, stdin=subprocess.PIPE,
-                                         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+        self.meteor_cmd = ["java", "-jar", "-Xmx2G", _meteor_module.METEOR_JAR, "-", "-", "-stdio", "-l", "en", "-norm"]
+        self.meteor_p = subprocess.Popen(
+            self.meteor_cmd, cwd=jar_dir, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL
+        )
         self.lock = threading.Lock()
         self.owner_pid = os.getpid()
 
@@ -194,9 +204,9 @@ def _meteor_score(gts: dict, res: dict) -> float:
         raise RuntimeError(f"METEOR failed ({result.get('error', 'timed out')!r})")
 
 
-def caption_scores(predictions: Mapping[Hashable, str],
-                   references: Mapping[Hashable, Sequence[str]],
-                   use_java: bool | None = None) -> dict[str, float]:
+def caption_scores(
+    predictions: Mapping[Hashable, str], references: Mapping[Hashable, Sequence[str]], use_java: bool | None = None
+) -> dict[str, float]:
     """COCO caption metrics of one generated caption per image.
 
     Args:
@@ -221,12 +231,14 @@ def caption_scores(predictions: Mapping[Hashable, str],
         if i not in references:
             raise ValueError(f"caption_scores: image id {i!r} has a prediction but no references")
         if not isinstance(predictions[i], str):
-            raise ValueError(f"caption_scores: prediction for id {i!r} must be a str, "
-                             f"got {type(predictions[i]).__name__}")
+            raise ValueError(
+                f"caption_scores: prediction for id {i!r} must be a str, got {type(predictions[i]).__name__}"
+            )
         refs = references[i]
         if isinstance(refs, str) or len(refs) == 0:
-            raise ValueError(f"caption_scores: references for id {i!r} must be a non-empty "
-                             f"list of strings, got {refs!r}")
+            raise ValueError(
+                f"caption_scores: references for id {i!r} must be a non-empty list of strings, got {refs!r}"
+            )
 
     ref_lists = [list(references[i]) for i in ids]
     flat = [predictions[i] for i in ids] + [r for rs in ref_lists for r in rs]
@@ -242,7 +254,7 @@ def caption_scores(predictions: Mapping[Hashable, str],
     res = {i: [tokens[k]] for k, i in enumerate(ids)}
     gts, pos = {}, len(ids)
     for i, rs in zip(ids, ref_lists):
-        gts[i] = tokens[pos:pos + len(rs)]
+        gts[i] = tokens[pos : pos + len(rs)]
         pos += len(rs)
 
     bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
@@ -251,8 +263,9 @@ def caption_scores(predictions: Mapping[Hashable, str],
         # METEOR's protocol uses '|||' as separator; never let a caption contain one.
         clean = lambda s: s.replace("|||", " ")  # noqa: E731
         try:
-            scores["meteor"] = _meteor_score({i: [clean(r) for r in g] for i, g in gts.items()},
-                                             {i: [clean(h[0])] for i, h in res.items()})
+            scores["meteor"] = _meteor_score(
+                {i: [clean(r) for r in g] for i, g in gts.items()}, {i: [clean(h[0])] for i, h in res.items()}
+            )
         except (OSError, RuntimeError, ValueError) as exc:
             problem = _java_broken = str(exc)
     scores["rougeL"] = float(Rouge().compute_score(gts, res)[0])
@@ -280,9 +293,12 @@ def text_scores(hypotheses: Sequence[str], references: Sequence[str]) -> dict[st
         raise ValueError("text_scores: no hypotheses to score")
     bleu, chrf = sacrebleu.metrics.BLEU(), sacrebleu.metrics.CHRF()
     same = sum(" ".join(h.split()) == " ".join(r.split()) for h, r in zip(hyps, refs))
-    return {"bleu": float(bleu.corpus_score(hyps, [refs]).score),
-            "chrf": float(chrf.corpus_score(hyps, [refs]).score),
-            "exact_match": same / len(hyps), "bleu_signature": str(bleu.get_signature())}
+    return {
+        "bleu": float(bleu.corpus_score(hyps, [refs]).score),
+        "chrf": float(chrf.corpus_score(hyps, [refs]).score),
+        "exact_match": same / len(hyps),
+        "bleu_signature": str(bleu.get_signature()),
+    }
 
 
 def alignment_score(alphas: Sequence[Tensor], true_alignments: Sequence[Sequence[int]]) -> float:
@@ -293,19 +309,21 @@ def alignment_score(alphas: Sequence[Tensor], true_alignments: Sequence[Sequence
     tokens). Ties go to the first position. Returns 0.0 when no token is counted.
     """
     if len(alphas) != len(true_alignments):
-        raise ValueError(f"alignment_score: {len(alphas)} alphas but "
-                         f"{len(true_alignments)} alignments")
+        raise ValueError(f"alignment_score: {len(alphas)} alphas but {len(true_alignments)} alignments")
     correct = counted = 0
     for i, (alpha, truth) in enumerate(zip(alphas, true_alignments)):
         alpha = alpha.detach().float().cpu()
         truth = torch.as_tensor(list(truth), dtype=torch.long)
         if alpha.dim() != 2 or alpha.shape[0] != len(truth):
-            raise ValueError(f"alignment_score: sequence {i}: alpha shape {tuple(alpha.shape)} "
-                             f"does not match {len(truth)} alignments (need (T, S))")
+            raise ValueError(
+                f"alignment_score: sequence {i}: alpha shape {tuple(alpha.shape)} "
+                f"does not match {len(truth)} alignments (need (T, S))"
+            )
         bad = (truth < -1) | (truth >= alpha.shape[1])
         if bad.any():
-            raise ValueError(f"alignment_score: sequence {i}: alignment "
-                             f"{int(truth[bad][0])} outside [-1, {alpha.shape[1] - 1}]")
+            raise ValueError(
+                f"alignment_score: sequence {i}: alignment {int(truth[bad][0])} outside [-1, {alpha.shape[1] - 1}]"
+            )
         keep = truth >= 0
         counted += int(keep.sum())
         correct += int((alpha.argmax(dim=1)[keep] == truth[keep]).sum())

@@ -46,7 +46,7 @@ import secrets
 import sys
 import zipfile
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import lightning.pytorch as pl
 import torch
@@ -57,8 +57,16 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 
 from captioning.errors import UserError, add_note, exception_chain
 
-__all__ = ["AtomicCheckpointIO", "CheckpointWriteError", "CheckpointReadError", "atomic_save",
-           "use_atomic_checkpoint_io", "FaultCheckpoint", "checkpoint_problem", "load_checkpoint_file"]
+__all__ = [
+    "AtomicCheckpointIO",
+    "CheckpointWriteError",
+    "CheckpointReadError",
+    "atomic_save",
+    "use_atomic_checkpoint_io",
+    "FaultCheckpoint",
+    "checkpoint_problem",
+    "load_checkpoint_file",
+]
 
 _SPACE_ERRNOS = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
 _BUFFER = 1 << 20  # bytes buffered before a write system call (torch writes records in pieces)
@@ -128,8 +136,7 @@ def _failure(err: OSError, path: Path, existed: bool) -> CheckpointWriteError:
     kept = "nothing was written there, the previous checkpoint is intact" if existed else "nothing was written there"
     if err.errno in _SPACE_ERRNOS:
         reason = "no space left on device" if err.errno == errno.ENOSPC else "disk quota exceeded"
-        message = (f"{reason} while writing checkpoint {path}; {kept}; free space and resume with "
-                   "--ckpt_path last")
+        message = f"{reason} while writing checkpoint {path}; {kept}; free space and resume with --ckpt_path last"
     else:
         message = f"cannot write checkpoint {path}: {err.strerror or err}; {kept}"
     failure = CheckpointWriteError(message)
@@ -182,10 +189,11 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     by default (:func:`use_atomic_checkpoint_io`). Remote (fsspec) paths use Lightning's save.
     """
 
-    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Optional[Any] = None) -> None:
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
         fs = get_filesystem(path)
-        if storage_options is not None or "file" not in (fs.protocol if isinstance(fs.protocol, tuple)
-                                                         else (fs.protocol,)):
+        if storage_options is not None or "file" not in (
+            fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
+        ):
             super().save_checkpoint(checkpoint, path, storage_options=storage_options)
             return
         atomic_save(checkpoint, fs._strip_protocol(str(path)))
@@ -232,11 +240,11 @@ class FaultCheckpoint(Callback):
         filename: file name without ``.ckpt``.
     """
 
-    def __init__(self, dirpath: Optional[str] = None, filename: str = "on_exception") -> None:
+    def __init__(self, dirpath: str | None = None, filename: str = "on_exception") -> None:
         if not filename:
             raise ValueError("FaultCheckpoint: filename cannot be empty")
         self.dirpath, self.filename = dirpath, filename
-        self.saved_path: Optional[str] = None
+        self.saved_path: str | None = None
 
     def _path(self, trainer: pl.Trainer) -> str:
         from captioning.io.run_folders import checkpoint_dir
@@ -252,11 +260,15 @@ class FaultCheckpoint(Callback):
         if any(isinstance(e, CheckpointWriteError) for e in exception_chain(exception)):
             return
         strategy = trainer.strategy
-        rank_zero_alone = isinstance(strategy, (DDPStrategy, SingleDeviceStrategy)) and \
-            "deepspeed" not in type(strategy).__name__.lower()
+        rank_zero_alone = (
+            isinstance(strategy, (DDPStrategy, SingleDeviceStrategy))
+            and "deepspeed" not in type(strategy).__name__.lower()
+        )
         if trainer.world_size > 1 and not rank_zero_alone:
-            rank_zero_warn(f"{type(exception).__name__} stopped fit; no on-exception checkpoint with "
-                           f"{type(strategy).__name__} (its checkpoints need every process)")
+            rank_zero_warn(
+                f"{type(exception).__name__} stopped fit; no on-exception checkpoint with "
+                f"{type(strategy).__name__} (its checkpoints need every process)"
+            )
             return
         if trainer.world_size > 1 and not trainer.is_global_zero:
             return
@@ -279,7 +291,7 @@ class FaultCheckpoint(Callback):
 _ZIP_MAGIC = b"PK\x03\x04"
 
 
-def checkpoint_problem(path: str | os.PathLike) -> Optional[str]:
+def checkpoint_problem(path: str | os.PathLike) -> str | None:
     """Why ``path`` is not a complete PyTorch checkpoint file, or None; cheap for any size.
 
     Reads the zip central directory (at the end of the file: a truncated file has none),
@@ -314,7 +326,7 @@ def checkpoint_problem(path: str | os.PathLike) -> Optional[str]:
     return None
 
 
-def _unsupported_global(message: str) -> Optional[str]:
+def _unsupported_global(message: str) -> str | None:
     found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", message)
     return found.group(1) if found else None
 
@@ -343,7 +355,8 @@ def load_checkpoint_file(path: str | os.PathLike, check: bool = True) -> Any:
             found = f" (first: {name})" if name else ""
             raise CheckpointReadError(
                 f"refusing to load {path}: it contains pickled Python objects{found} (not written by this "
-                "package, or tampered with); only checkpoints written by `captioning fit` load") from None
+                "package, or tampered with); only checkpoints written by `captioning fit` load"
+            ) from None
         raise CheckpointReadError(f"checkpoint {path} is damaged: {_reason(err)}") from None
     except (RuntimeError, OSError, EOFError, ValueError, KeyError, zipfile.BadZipFile) as err:
         raise CheckpointReadError(f"checkpoint {path} is damaged: {_reason(err)}") from None

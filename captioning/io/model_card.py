@@ -36,9 +36,12 @@ def run_summary(trainer: Any, with_example: bool, cached_example: dict | None = 
     summary: dict[str, Any] = {
         "scores": metrics,
         "data": describe() if callable(describe) else type(datamodule).__name__ if datamodule is not None else None,
-        "trained": {"epoch": int(trainer.current_epoch), "global_step": int(trainer.global_step),
-                    "monitor": getattr(checkpoint, "monitor", None),
-                    "best_score": float(best) if best is not None else None},
+        "trained": {
+            "epoch": int(trainer.current_epoch),
+            "global_step": int(trainer.global_step),
+            "monitor": getattr(checkpoint, "monitor", None),
+            "best_score": float(best) if best is not None else None,
+        },
     }
     example = cached_example
     if with_example and example is None and datamodule is not None and hasattr(datamodule, "example"):
@@ -60,8 +63,11 @@ def pack_example(example: dict | None) -> dict | None:
     if scale < 1:
         image = image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))))
     pixels = torch.from_numpy(np.array(image, dtype=np.uint8))  # (H, W, 3)
-    return {"image": pixels, "image_id": str(example.get("image_id")),
-            "references": [str(r) for r in example.get("references") or []][:5]}
+    return {
+        "image": pixels,
+        "image_id": str(example.get("image_id")),
+        "references": [str(r) for r in example.get("references") or []][:5],
+    }
 
 
 def unpack_example(example: Any) -> dict | None:
@@ -73,44 +79,82 @@ def unpack_example(example: Any) -> dict | None:
     pixels = example["image"]
     if pixels.dtype != torch.uint8 or pixels.dim() != 3 or pixels.shape[-1] != 3:
         return None
-    return {"image": Image.fromarray(pixels.numpy()), "image_id": str(example.get("image_id")),
-            "references": [str(r) for r in example.get("references") or []]}
+    return {
+        "image": Image.fromarray(pixels.numpy()),
+        "image_id": str(example.get("image_id")),
+        "references": [str(r) for r in example.get("references") or []],
+    }
 
 
-def model_card(name: str, config: dict, example_png: str | None, example: dict | None,
-               example_caption: str | None) -> str:
+def model_card(
+    name: str, config: dict, example_png: str | None, example: dict | None, example_caption: str | None
+) -> str:
     """The README.md of an exported model folder."""
     info = config.get("training") or {}
     scores = info.get("scores") or {}
     kind = "image captioner" if config["class_path"].endswith("ImageCaptioner") else "text seq2seq model"
     encoder = (config.get("init_args") or {}).get("encoder") or {}
     lines = [
-        "---", "library_name: attention-captioning", "tags:", "- image-captioning" if "image" in kind else
-        "- translation", "- attention", "---", "", f"# {name}", "",
-        f"An attention {kind} exported by attention-captioning (`{config['class_path']}`).", "",
-        "## Use", "", "```bash", "pip install 'attention-captioning[hub]'",
-        f"captioning caption --model {name} --output overlays photo.jpg" if "image" in kind else
-        f"captioning translate --model {name} \"a sentence\"", "```", "",
-        "```python", "from captioning.io.model_folders import load_pretrained", "",
-        f"model = load_pretrained(\"{name}\")", "```", "",
+        "---",
+        "library_name: attention-captioning",
+        "tags:",
+        "- image-captioning" if "image" in kind else "- translation",
+        "- attention",
+        "---",
+        "",
+        f"# {name}",
+        "",
+        f"An attention {kind} exported by attention-captioning (`{config['class_path']}`).",
+        "",
+        "## Use",
+        "",
+        "```bash",
+        "pip install 'attention-captioning[hub]'",
+        f"captioning caption --model {name} --output overlays photo.jpg"
+        if "image" in kind
+        else f'captioning translate --model {name} "a sentence"',
+        "```",
+        "",
+        "```python",
+        "from captioning.io.model_folders import load_pretrained",
+        "",
+        f'model = load_pretrained("{name}")',
+        "```",
+        "",
     ]
     if encoder:
         pre = config.get("preprocessing") or {}
-        lines += ["## Encoder", "", f"`{encoder.get('class_path')}` with "
-                  f"`{ {k: v for k, v in (encoder.get('init_args') or {}).items()} }`.", ""]
+        lines += [
+            "## Encoder",
+            "",
+            f"`{encoder.get('class_path')}` with `{dict(encoder.get('init_args') or {})}`.",
+            "",
+        ]
         if pre:
-            lines += [f"Input: {pre.get('image_size')} x {pre.get('image_size')} pixels, mean {pre.get('mean')}, "
-                      f"std {pre.get('std')} (applied by the encoder).", ""]
+            lines += [
+                f"Input: {pre.get('image_size')} x {pre.get('image_size')} pixels, mean {pre.get('mean')}, "
+                f"std {pre.get('std')} (applied by the encoder).",
+                "",
+            ]
     lines += ["## Training", "", f"Data: {info.get('data') or 'not recorded'}.", ""]
     trained = info.get("trained") or {}
     if trained:
-        lines += [f"Epoch {trained.get('epoch')}, step {trained.get('global_step')}; kept by "
-                  f"`{trained.get('monitor')}` = {trained.get('best_score')}.", ""]
+        lines += [
+            f"Epoch {trained.get('epoch')}, step {trained.get('global_step')}; kept by "
+            f"`{trained.get('monitor')}` = {trained.get('best_score')}.",
+            "",
+        ]
     if scores:
         lines += ["| metric | value |", "|---|---|"] + [f"| `{k}` | {v:.4f} |" for k, v in sorted(scores.items())]
         lines += [""]
     if example_png:
         refs = "; ".join((example or {}).get("references", [])[:3])
-        lines += ["## Where it looks", "", f"![attention overlay]({example_png})", "",
-                  f"Generated: *{example_caption}*" + (f" (references: {refs})" if refs else ""), ""]
+        lines += [
+            "## Where it looks",
+            "",
+            f"![attention overlay]({example_png})",
+            "",
+            f"Generated: *{example_caption}*" + (f" (references: {refs})" if refs else ""),
+            "",
+        ]
     return "\n".join(lines)

@@ -22,8 +22,9 @@ import os
 import re
 import shutil
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 
@@ -44,8 +45,11 @@ def model_config(model: Any) -> dict:
     """config.json of ``model``: its class and constructor arguments as plain data."""
     cls = type(model)
     init_args = {k: v for k, v in dict(model.hparams).items() if not k.startswith("_")}
-    config: dict[str, Any] = {"format": FORMAT, "class_path": f"{cls.__module__}.{cls.__qualname__}",
-                              "init_args": json.loads(json.dumps(init_args))}
+    config: dict[str, Any] = {
+        "format": FORMAT,
+        "class_path": f"{cls.__module__}.{cls.__qualname__}",
+        "init_args": json.loads(json.dumps(init_args)),
+    }
     preprocessing = getattr(getattr(model, "encoder", None), "preprocessing", None)
     if preprocessing is not None:
         config["preprocessing"] = preprocessing.to_dict()
@@ -59,8 +63,14 @@ def _training_info(model: Any) -> dict:
     return info
 
 
-def export_model(ckpt_path: str | os.PathLike, output: str | os.PathLike, trust_modules: Sequence[str] = (),
-                 overwrite: bool = False, name: str | None = None, beam_size: int | None = None) -> Path:
+def export_model(
+    ckpt_path: str | os.PathLike,
+    output: str | os.PathLike,
+    trust_modules: Sequence[str] = (),
+    overwrite: bool = False,
+    name: str | None = None,
+    beam_size: int | None = None,
+) -> Path:
     """Write the model folder of ``ckpt_path`` (a checkpoint or run folder) to ``output``.
 
     An existing non-empty ``output`` is refused unless ``overwrite`` (then replaced as a whole,
@@ -99,19 +109,25 @@ def export_model(ckpt_path: str | os.PathLike, output: str | os.PathLike, trust_
 
 def _write_example(model: Any, folder: Path, beam_size: int | None) -> tuple[str | None, dict | None, str | None]:
     """Caption the checkpoint's example image and draw its overlay (image models that have one)."""
+    from captioning.io.model_card import unpack_example
     from captioning.models.inference import caption_images
     from captioning.models.protocols import is_captioner
-    from captioning.io.model_card import unpack_example
     from captioning.viz import attention_overlay
 
     example = unpack_example((getattr(model, "checkpoint_info", None) or {}).get("example"))
     if example is None or not is_captioner(model) or not model.encoder.sees_images:
         return None, None, None
     result = caption_images(model, [example["image"]], beam_size=beam_size)[0]
-    attention_overlay(example["image"], result.words, result.attention,
-                      title=f"image {example['image_id']}").save(folder / EXAMPLE_PNG)
-    record = {"image_id": example["image_id"], "caption": result.text, "words": result.words,
-              "references": example["references"], "attention": result.attention.round(decimals=5).tolist()}
+    attention_overlay(example["image"], result.words, result.attention, title=f"image {example['image_id']}").save(
+        folder / EXAMPLE_PNG
+    )
+    record = {
+        "image_id": example["image_id"],
+        "caption": result.text,
+        "words": result.words,
+        "references": example["references"],
+        "attention": result.attention.round(decimals=5).tolist(),
+    }
     (folder / EXAMPLE_JSON).write_text(json.dumps(record) + "\n", encoding="utf-8")
     return EXAMPLE_PNG, example, result.text
 
@@ -123,8 +139,10 @@ def resolve_model_dir(name: str | os.PathLike, revision: str | None = None) -> P
     if path.is_dir():
         return path
     if path.exists():
-        raise ModelNotFoundError(f"{path} is a file; --model takes a model folder (written by `captioning export`) "
-                                 "or a Hugging Face Hub repo id (owner/name); a .ckpt file goes to --ckpt_path")
+        raise ModelNotFoundError(
+            f"{path} is a file; --model takes a model folder (written by `captioning export`) "
+            "or a Hugging Face Hub repo id (owner/name); a .ckpt file goes to --ckpt_path"
+        )
     text = str(name)
     if not _REPO_ID.match(text):
         raise ModelNotFoundError(f"{text}: no such model folder, and not a Hugging Face Hub repo id (owner/name)")
@@ -132,22 +150,31 @@ def resolve_model_dir(name: str | os.PathLike, revision: str | None = None) -> P
         from huggingface_hub import constants, snapshot_download
         from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
     except ImportError as err:
-        raise ModelNotFoundError(f"{text}: no such local folder; loading from the Hugging Face Hub needs "
-                                 "huggingface_hub: pip install 'attention-captioning[hub]'") from err
+        raise ModelNotFoundError(
+            f"{text}: no such local folder; loading from the Hugging Face Hub needs "
+            "huggingface_hub: pip install 'attention-captioning[hub]'"
+        ) from err
     from captioning.nn.encoders import offline
 
     local_only = offline() or bool(constants.HF_HUB_OFFLINE)
     try:
-        folder = snapshot_download(repo_id=text, revision=revision, local_files_only=local_only,
-                                   allow_patterns=[CONFIG_FILE, WEIGHTS_FILE, CARD_FILE, EXAMPLE_PNG, EXAMPLE_JSON])
+        folder = snapshot_download(
+            repo_id=text,
+            revision=revision,
+            local_files_only=local_only,
+            allow_patterns=[CONFIG_FILE, WEIGHTS_FILE, CARD_FILE, EXAMPLE_PNG, EXAMPLE_JSON],
+        )
     except LocalEntryNotFoundError as err:
         why = "downloads are off (offline mode)" if local_only else "it could not be downloaded (no network?)"
-        raise ModelNotFoundError(f"model {text} is not in the Hugging Face cache ({constants.HF_HUB_CACHE}) and "
-                                 f"{why}: run once with a network, or copy the cache from a machine that has it") \
-            from err
+        raise ModelNotFoundError(
+            f"model {text} is not in the Hugging Face cache ({constants.HF_HUB_CACHE}) and "
+            f"{why}: run once with a network, or copy the cache from a machine that has it"
+        ) from err
     except (HfHubHTTPError, OSError, ValueError) as err:
-        raise ModelNotFoundError(f"model {text} could not be fetched from the Hugging Face Hub: "
-                                 f"{err.__class__.__name__}: {str(err).splitlines()[0] if str(err) else ''}") from err
+        raise ModelNotFoundError(
+            f"model {text} could not be fetched from the Hugging Face Hub: "
+            f"{err.__class__.__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+        ) from err
     return Path(folder)
 
 
@@ -167,8 +194,12 @@ def read_model_config(folder: Path) -> dict:
     return config
 
 
-def load_pretrained(name_or_path: str | os.PathLike, trust_modules: Sequence[str] = (),
-                    map_location: str | torch.device = "cpu", revision: str | None = None) -> Any:
+def load_pretrained(
+    name_or_path: str | os.PathLike,
+    trust_modules: Sequence[str] = (),
+    map_location: str | torch.device = "cpu",
+    revision: str | None = None,
+) -> Any:
     """The model in a model folder or Hub repo, weights loaded, in eval mode.
 
     Args:
@@ -182,8 +213,9 @@ def load_pretrained(name_or_path: str | os.PathLike, trust_modules: Sequence[str
 
     folder = resolve_model_dir(name_or_path, revision)
     config = read_model_config(folder)
-    model = build_model(config.get("class_path"), config["init_args"], trusted_modules(trust_modules),
-                        source=str(folder / CONFIG_FILE))
+    model = build_model(
+        config.get("class_path"), config["init_args"], trusted_modules(trust_modules), source=str(folder / CONFIG_FILE)
+    )
     weights = folder / WEIGHTS_FILE
     if not weights.is_file():
         raise ModelNotFoundError(f"{folder} has no {WEIGHTS_FILE}")
@@ -196,18 +228,26 @@ def load_pretrained(name_or_path: str | os.PathLike, trust_modules: Sequence[str
     except RuntimeError as err:
         from captioning.io.model_loading import state_dict_problem
 
-        raise ValueError(f"{weights} does not match the model {CONFIG_FILE} describes: {state_dict_problem(err)}") \
-            from err
+        raise ValueError(
+            f"{weights} does not match the model {CONFIG_FILE} describes: {state_dict_problem(err)}"
+        ) from err
     model.checkpoint_info = config.get("training") or {}
     return model.to(map_location).eval()
 
 
-def load_any(ckpt_path: str | None = None, model: str | None = None, trust_modules: Sequence[str] = (),
-             map_location: str | torch.device = "cpu", default_class: str = "captioning.models.image_captioner.ImageCaptioner") -> Any:
+def load_any(
+    ckpt_path: str | None = None,
+    model: str | None = None,
+    trust_modules: Sequence[str] = (),
+    map_location: str | torch.device = "cpu",
+    default_class: str = "captioning.models.image_captioner.ImageCaptioner",
+) -> Any:
     """What the commands take: ``--ckpt_path`` (checkpoint or run folder) or ``--model`` (folder or repo)."""
     if (ckpt_path is None) == (model is None):
-        raise ValueError("give either --ckpt_path (a checkpoint or run folder) or --model (an exported model "
-                         "folder or Hub repo id), not both")
+        raise ValueError(
+            "give either --ckpt_path (a checkpoint or run folder) or --model (an exported model "
+            "folder or Hub repo id), not both"
+        )
     if model is not None:
         return load_pretrained(model, trust_modules, map_location)
     from captioning.io.model_loading import load_model
@@ -216,8 +256,14 @@ def load_any(ckpt_path: str | None = None, model: str | None = None, trust_modul
 
 
 # ----------------------------------------------------------------------------- push
-def push_model(model_dir: str | os.PathLike, repo_id: str, private: bool = False, token: str | None = None,
-               commit_message: str | None = None, api: Any = None) -> Any:
+def push_model(
+    model_dir: str | os.PathLike,
+    repo_id: str,
+    private: bool = False,
+    token: str | None = None,
+    commit_message: str | None = None,
+    api: Any = None,
+) -> Any:
     """Upload a model folder to the Hub repo ``repo_id`` (created if needed); returns the commit info.
 
     ``api``: a ``huggingface_hub.HfApi`` (default: a new one, using ``token`` or the saved login).
@@ -234,9 +280,14 @@ def push_model(model_dir: str | os.PathLike, repo_id: str, private: bool = False
         try:
             from huggingface_hub import HfApi
         except ImportError as err:
-            raise ImportError("pushing to the Hugging Face Hub needs huggingface_hub: "
-                              "pip install 'attention-captioning[hub]'") from err
+            raise ImportError(
+                "pushing to the Hugging Face Hub needs huggingface_hub: pip install 'attention-captioning[hub]'"
+            ) from err
         api = HfApi(token=token)
     api.create_repo(repo_id=repo_id, repo_type="model", private=private, exist_ok=True)
-    return api.upload_folder(folder_path=str(folder), repo_id=repo_id, repo_type="model",
-                             commit_message=commit_message or f"Upload {folder.name} with attention-captioning")
+    return api.upload_folder(
+        folder_path=str(folder),
+        repo_id=repo_id,
+        repo_type="model",
+        commit_message=commit_message or f"Upload {folder.name} with attention-captioning",
+    )

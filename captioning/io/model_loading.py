@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import lightning.pytorch as pl
 import torch
 
 from captioning.io.trust import build_model, trusted_modules
+
 
 def find_checkpoint(path: str | Path) -> Path:
     """A checkpoint file as given, or for a run folder the checkpoint to use from it.
@@ -64,8 +65,10 @@ def read_checkpoint(path: str | Path) -> dict:
     ckpt = load_checkpoint_file(path)
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "hyper_parameters" not in ckpt:
         what = f"keys {sorted(map(str, ckpt))[:6]}" if isinstance(ckpt, dict) else f"a {type(ckpt).__name__}"
-        raise CheckpointReadError(f"{path} is a PyTorch file but not a checkpoint of this package ({what}, "
-                                  "no state_dict/hyper_parameters); give a .ckpt written by `captioning fit`")
+        raise CheckpointReadError(
+            f"{path} is a PyTorch file but not a checkpoint of this package ({what}, "
+            "no state_dict/hyper_parameters); give a .ckpt written by `captioning fit`"
+        )
     return ckpt
 
 
@@ -78,8 +81,12 @@ def state_dict_problem(err: RuntimeError) -> str:
     return problems[0].rstrip(".") + more
 
 
-def load_model(path: str | Path, default_class: str = "captioning.models.image_captioner.ImageCaptioner",
-               map_location: str | torch.device = "cpu", trust_modules: Sequence[str] = ()) -> pl.LightningModule:
+def load_model(
+    path: str | Path,
+    default_class: str = "captioning.models.image_captioner.ImageCaptioner",
+    map_location: str | torch.device = "cpu",
+    trust_modules: Sequence[str] = (),
+) -> pl.LightningModule:
     """Rebuild the LightningModule saved in ``path`` (file or run folder) and load its weights (eval mode).
 
     Args:
@@ -102,11 +109,12 @@ def load_model(path: str | Path, default_class: str = "captioning.models.image_c
     try:
         missing, unexpected = model.load_state_dict(state, strict=False)
     except RuntimeError as err:  # shape mismatches
-        raise ValueError(f"checkpoint {path} does not match {type(model).__name__}: {state_dict_problem(err)}") \
-            from err
+        raise ValueError(f"checkpoint {path} does not match {type(model).__name__}: {state_dict_problem(err)}") from err
     if missing or unexpected:
-        raise ValueError(f"checkpoint {path} does not match {type(model).__name__}: missing {missing[:5]}, "
-                         f"unexpected {unexpected[:5]}")
+        raise ValueError(
+            f"checkpoint {path} does not match {type(model).__name__}: missing {missing[:5]}, "
+            f"unexpected {unexpected[:5]}"
+        )
     model.checkpoint_info = ckpt.get("captioning") if isinstance(ckpt.get("captioning"), dict) else {}
     return model.to(map_location).eval()
 
@@ -115,11 +123,10 @@ def attach_encoder(ckpt_path: str, encoder_file: str, output: str, trust_modules
     """Write a copy of ``ckpt_path`` whose encoder is the one ``encoder_file`` describes (weights included)."""
     import yaml
 
-    from captioning.io.checkpoint_files import atomic_save
-
-    from captioning.nn.encoders import encoder_config
     from captioning.data.images import Preprocessing
+    from captioning.io.checkpoint_files import atomic_save
     from captioning.io.trust import build_encoder, trusted_modules
+    from captioning.nn.encoders import encoder_config
 
     out = Path(output)
     if out.exists():
@@ -129,8 +136,10 @@ def attach_encoder(ckpt_path: str, encoder_file: str, output: str, trust_modules
     hparams = ckpt["hyper_parameters"]
     old = hparams.get("encoder") if isinstance(hparams, dict) else None
     if not isinstance(old, dict) or old.get("class_path") != "captioning.nn.encoders.PrecomputedFeatures":
-        raise ValueError(f"{source} was not trained on precomputed features (its encoder is "
-                         f"{(old or {}).get('class_path')!r}); it can caption images as it is")
+        raise ValueError(
+            f"{source} was not trained on precomputed features (its encoder is "
+            f"{(old or {}).get('class_path')!r}); it can caption images as it is"
+        )
     try:
         spec = yaml.safe_load(Path(encoder_file).read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as err:
@@ -141,13 +150,21 @@ def attach_encoder(ckpt_path: str, encoder_file: str, output: str, trust_modules
     init = old.get("init_args") or {}
     want = (init.get("grid_size"), init.get("channels"))
     if (encoder.grid_size, encoder.out_channels) != want:
-        raise ValueError(f"{encoder_file}: the encoder makes {encoder.grid_size}x{encoder.grid_size}x"
-                         f"{encoder.out_channels} features, the model was trained on {want[0]}x{want[0]}x{want[1]}")
-    recorded = Preprocessing(init.get("image_size", 224), tuple(init.get("mean", (0.485, 0.456, 0.406))),
-                             tuple(init.get("std", (0.229, 0.224, 0.225))))
+        raise ValueError(
+            f"{encoder_file}: the encoder makes {encoder.grid_size}x{encoder.grid_size}x"
+            f"{encoder.out_channels} features, the model was trained on {want[0]}x{want[0]}x{want[1]}"
+        )
+    recorded = Preprocessing(
+        init.get("image_size", 224),
+        tuple(init.get("mean", (0.485, 0.456, 0.406))),
+        tuple(init.get("std", (0.229, 0.224, 0.225))),
+    )
     if encoder.preprocessing != recorded:
-        print(f"warning: the model's features were recorded as made with {recorded}; the attached encoder uses "
-              f"{encoder.preprocessing}. Captions are only as good as the features match.", file=sys.stderr)
+        print(
+            f"warning: the model's features were recorded as made with {recorded}; the attached encoder uses "
+            f"{encoder.preprocessing}. Captions are only as good as the features match.",
+            file=sys.stderr,
+        )
     new = dict(ckpt)
     new["hyper_parameters"] = {**hparams, "encoder": json.loads(json.dumps(encoder_config(encoder)))}
     state = {k: v for k, v in ckpt["state_dict"].items() if not k.startswith("encoder.")}

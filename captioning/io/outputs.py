@@ -39,8 +39,9 @@ _WRITTEN: dict[Path, str] = {}
 _WRITTEN_LOCK = threading.Lock()
 
 
-def claim_output_pair(output_dir: Path, stem: str, source: str, overwrite: bool,
-                      remember: bool = True) -> tuple[Path, Path]:
+def claim_output_pair(
+    output_dir: Path, stem: str, source: str, overwrite: bool, remember: bool = True
+) -> tuple[Path, Path]:
     """Free ``<stem>.png``/``<stem>.json`` names in ``output_dir`` for ``source``: existing files
     (and files this process wrote for another source) are kept, ``<stem>-1``, ``-2``, ... are
     tried instead; the JSON is created exclusively so concurrent writers never collide.
@@ -66,9 +67,15 @@ def claim_output_pair(output_dir: Path, stem: str, source: str, overwrite: bool,
     raise FileExistsError(f"{output_dir}: no free file name for {stem!r} (tried {stem}-1 .. -9999)")
 
 
-
-def write_result_pair(output_dir: str | os.PathLike, stem: str, source: str, picture: Any, record: dict,
-                      overwrite: bool = False, remember: bool = True) -> tuple[Path, Path]:
+def write_result_pair(
+    output_dir: str | os.PathLike,
+    stem: str,
+    source: str,
+    picture: Any,
+    record: dict,
+    overwrite: bool = False,
+    remember: bool = True,
+) -> tuple[Path, Path]:
     """Write one result as ``<stem>.png`` (``picture``, a PIL image) and ``<stem>.json`` (``record``)
     into ``output_dir`` (created if missing), under free names (:func:`claim_output_pair`; with
     ``overwrite`` an earlier result of the same ``source`` is replaced).
@@ -82,8 +89,10 @@ def write_result_pair(output_dir: str | os.PathLike, stem: str, source: str, pic
     png, js = claim_output_pair(output_dir, stem, source, overwrite, remember)
     temps: list[str] = []
     try:
-        for target, write in ((png, lambda f: picture.save(f, format="PNG")),
-                              (js, lambda f: f.write((json.dumps(record) + "\n").encode("utf-8")))):
+        for target, write in (
+            (png, lambda f: picture.save(f, format="PNG")),
+            (js, lambda f: f.write((json.dumps(record) + "\n").encode("utf-8"))),
+        ):
             fd, tmp = tempfile.mkstemp(dir=output_dir, prefix=f".{target.name}.", suffix=".tmp")
             temps.append(tmp)
             with os.fdopen(fd, "wb") as f:

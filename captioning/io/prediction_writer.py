@@ -12,8 +12,8 @@ from typing import Any
 
 import lightning.pytorch as pl
 
-from captioning.models.distributed import gather_unique
 from captioning.io.outputs import free_path
+from captioning.models.distributed import gather_unique
 
 
 class CocoResultsWriter(pl.Callback):
@@ -32,8 +32,15 @@ class CocoResultsWriter(pl.Callback):
     def on_predict_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._items = []
 
-    def on_predict_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any,
-                             batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+    def on_predict_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
         self._items.extend(outputs or [])
 
     def on_predict_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

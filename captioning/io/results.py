@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -33,14 +34,21 @@ def _plain(x: Any, what: str) -> np.ndarray:
     return a
 
 
-def caption_record(image_path: str | Path, words: Sequence[str], attention: Any, score: float | None = None,
-                   sentinel: Sequence[float] | None = None) -> dict:
+def caption_record(
+    image_path: str | Path,
+    words: Sequence[str],
+    attention: Any,
+    score: float | None = None,
+    sentinel: Sequence[float] | None = None,
+) -> dict:
     """The JSON record of one captioned image (module docstring); attention (T, h, w)."""
     words = [str(w) for w in words]
     a = _plain(attention, "alphas")
     if a.ndim != 3 or a.shape[0] != len(words):
-        raise ValueError(f"{image_path}: got {len(words)} words but alphas of shape {tuple(a.shape)}; "
-                         "expected (T, h, w) with T == number of words")
+        raise ValueError(
+            f"{image_path}: got {len(words)} words but alphas of shape {tuple(a.shape)}; "
+            "expected (T, h, w) with T == number of words"
+        )
     if score is not None:
         score = float(score)
         score = score if math.isfinite(score) else None
@@ -58,10 +66,18 @@ def caption_record(image_path: str | Path, words: Sequence[str], attention: Any,
     return record
 
 
-def write_caption_result(output_dir: str | Path, image_path: str | Path, words: Sequence[str], alphas: Any,
-                         image: Image.Image | torch.Tensor | np.ndarray | None = None, score: float | None = None,
-                         overwrite: bool = False, remember: bool = True, sentinel: Sequence[float] | None = None,
-                         scale: str = "word") -> tuple[Path, Path]:
+def write_caption_result(
+    output_dir: str | Path,
+    image_path: str | Path,
+    words: Sequence[str],
+    alphas: Any,
+    image: Image.Image | torch.Tensor | np.ndarray | None = None,
+    score: float | None = None,
+    overwrite: bool = False,
+    remember: bool = True,
+    sentinel: Sequence[float] | None = None,
+    scale: str = "word",
+) -> tuple[Path, Path]:
     """Write ``<stem>.png`` (the attention overlay, :func:`captioning.viz.attention_overlay`) and
     ``<stem>.json`` (:func:`caption_record`) for one captioned image.
 
@@ -76,16 +92,25 @@ def write_caption_result(output_dir: str | Path, image_path: str | Path, words: 
         from captioning.data.images import load_image
 
         image = load_image(image_path)
-    overlay = attention_overlay(image, record["words"], alphas, title=Path(image_path).name, scale=scale,
-                                sentinel=sentinel)
-    return write_result_pair(output_dir, Path(image_path).stem, str(Path(image_path).resolve()), overlay, record,
-                             overwrite, remember)
+    overlay = attention_overlay(
+        image, record["words"], alphas, title=Path(image_path).name, scale=scale, sentinel=sentinel
+    )
+    return write_result_pair(
+        output_dir, Path(image_path).stem, str(Path(image_path).resolve()), overlay, record, overwrite, remember
+    )
 
 
 def translation_record(tr: Any, label: str, source: str) -> dict:
     """The JSON record of one translation (:class:`captioning.models.seq2seq.Translation`)."""
-    record = {"input": label, "source": source, "translation": tr.text, "source_tokens": tr.source_tokens,
-              "target_tokens": tr.target_tokens, "attention": tr.alpha.round(decimals=5).tolist(), "score": tr.score}
+    record = {
+        "input": label,
+        "source": source,
+        "translation": tr.text,
+        "source_tokens": tr.source_tokens,
+        "target_tokens": tr.target_tokens,
+        "attention": tr.alpha.round(decimals=5).tolist(),
+        "score": tr.score,
+    }
     if tr.sentinel is not None:
         record["sentinel"] = [round(float(b), 5) for b in tr.sentinel]
     return record
@@ -96,12 +121,14 @@ def sentence_stem(text: str, limit: int = 40) -> str:
     return re.sub(r"[^\w]+", "-", text.lower()).strip("-")[:limit] or "sentence"
 
 
-def write_translation_result(output_dir: str | Path, stem: str, tr: Any, label: str, source: str,
-                             overwrite: bool = False, remember: bool = True) -> tuple[Path, Path]:
+def write_translation_result(
+    output_dir: str | Path, stem: str, tr: Any, label: str, source: str, overwrite: bool = False, remember: bool = True
+) -> tuple[Path, Path]:
     """Write ``<stem>.png`` (the source x target heatmap, :func:`captioning.viz.seq2seq_heatmap`)
     and ``<stem>.json`` (:func:`translation_record`). Returns the (png, json) paths written."""
     from captioning.viz import seq2seq_heatmap
 
     figure = seq2seq_heatmap(tr.source_tokens, tr.target_tokens, tr.alpha, sentinel=tr.sentinel)
-    return write_result_pair(output_dir, stem, source, figure, translation_record(tr, label, source), overwrite,
-                             remember)
+    return write_result_pair(
+        output_dir, stem, source, figure, translation_record(tr, label, source), overwrite, remember
+    )

@@ -45,8 +45,14 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
 from captioning.io.outputs import free_path
 
-__all__ = ["run_dir", "checkpoint_dir", "RunConfigSaver", "resolve_checkpoint", "check_vocabulary",
-           "restore_for_evaluation"]
+__all__ = [
+    "run_dir",
+    "checkpoint_dir",
+    "RunConfigSaver",
+    "resolve_checkpoint",
+    "check_vocabulary",
+    "restore_for_evaluation",
+]
 
 
 def _versioned(logger: Any) -> bool:
@@ -143,12 +149,15 @@ def check_vocabulary(model: Any, path: str | os.PathLike) -> None:
         return
     theirs = (theirs.get("hyper_parameters") or {}).get("vocab") if isinstance(theirs, dict) else None
     if ours is not None and theirs is not None and ours != theirs:
-        raise ValueError(f"checkpoint {path} was trained with a different vocabulary than the datamodule "
-                         "builds now: resume or evaluate it with the same data and vocabulary settings")
+        raise ValueError(
+            f"checkpoint {path} was trained with a different vocabulary than the datamodule "
+            "builds now: resume or evaluate it with the same data and vocabulary settings"
+        )
 
 
-def resolve_checkpoint(trainer: pl.Trainer, ckpt_path: str | os.PathLike | None,
-                       continue_run: bool = False, model: Any = None) -> str | None:
+def resolve_checkpoint(
+    trainer: pl.Trainer, ckpt_path: str | os.PathLike | None, continue_run: bool = False, model: Any = None
+) -> str | None:
     """The checkpoint a CLI subcommand should load; ``continue_run``: log to its W&B run.
 
     ``last`` -> the newest ``<runs root>/*/checkpoints/last*.ckpt`` (see module docstring);
@@ -184,10 +193,9 @@ def resolve_checkpoint(trainer: pl.Trainer, ckpt_path: str | os.PathLike | None,
     return str(path)
 
 
-
-
-def restore_for_evaluation(trainer: Any, model: Any, ckpt_path: str | os.PathLike | None,
-                           datamodule: Any = None) -> str | None:
+def restore_for_evaluation(
+    trainer: Any, model: Any, ckpt_path: str | os.PathLike | None, datamodule: Any = None
+) -> str | None:
     """Load a checkpoint file's weights into ``model`` (and ``datamodule``'s saved state, if
     any) and log into its run; returns the ``ckpt_path`` to hand Lightning: None once loaded
     here; anything else passes unchanged (None, ``best``/``last``/``hpc``/registry names, a
@@ -204,8 +212,10 @@ def restore_for_evaluation(trainer: Any, model: Any, ckpt_path: str | os.PathLik
     model.on_load_checkpoint(checkpoint)
     missing, unexpected = model.load_state_dict(checkpoint["state_dict"], strict=False)
     if missing or unexpected:
-        raise ValueError(f"checkpoint {path} does not match {type(model).__name__}: missing {missing[:5]}, "
-                         f"unexpected {unexpected[:5]}; test it with the config it was trained with")
+        raise ValueError(
+            f"checkpoint {path} does not match {type(model).__name__}: missing {missing[:5]}, "
+            f"unexpected {unexpected[:5]}; test it with the config it was trained with"
+        )
     datamodule = datamodule if datamodule is not None else getattr(trainer, "datamodule", None)
     state = checkpoint.get(type(datamodule).__qualname__) if datamodule is not None else None
     if state is not None:
@@ -220,11 +230,11 @@ def _log_into_run(trainer: Any, path: Path) -> None:
     if not isinstance(logger, (CSVLogger, TensorBoardLogger)) or path.parent.name != "checkpoints":
         return
     run = path.parent.parent
-    if not run.name.startswith("version_") or not run.name[len("version_"):].isdigit():
+    if not run.name.startswith("version_") or not run.name[len("version_") :].isdigit():
         return
     if run.parent.resolve() != Path(logger.root_dir).resolve() or getattr(logger, "_experiment", None) is not None:
         return
-    logger._version = int(run.name[len("version_"):])
+    logger._version = int(run.name[len("version_") :])
     if isinstance(logger, CSVLogger):
         logger._experiment = _AppendingWriter(logger.log_dir)
 

@@ -23,7 +23,8 @@ import importlib
 import inspect
 import os
 import re
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from torch import nn
 
@@ -61,21 +62,26 @@ def resolve_class(class_path: Any, kind: str, trust: Sequence[str] = (), source:
     if class_path not in ours:
         top = module_name.split(".")[0]
         if top == "captioning" and not _is_trusted(module_name, trust):
-            raise UntrustedClassError(f"{source} names {class_path!r} as its {kind}; only these are built: "
-                                      f"{', '.join(ours)}")
+            raise UntrustedClassError(
+                f"{source} names {class_path!r} as its {kind}; only these are built: {', '.join(ours)}"
+            )
         if not _is_trusted(module_name, trust):
             raise UntrustedClassError(
                 f"{source} names {class_path!r} as its {kind}, a class outside this package: refusing to import "
                 f"it. If you trust that code, allow it with --trust_module {top} (Python: "
-                f"trust_modules=['{top}']; or {TRUST_ENV}={top}); importing it runs it.")
+                f"trust_modules=['{top}']; or {TRUST_ENV}={top}); importing it runs it."
+            )
     try:
         obj = getattr(importlib.import_module(module_name), name)
     except (ImportError, AttributeError) as err:
-        raise ValueError(f"{source}: cannot import {class_path!r} ({err}); is its module installed "
-                         "and on PYTHONPATH?") from err
+        raise ValueError(
+            f"{source}: cannot import {class_path!r} ({err}); is its module installed and on PYTHONPATH?"
+        ) from err
     if not (inspect.isclass(obj) and issubclass(obj, base)):
-        raise UntrustedClassError(f"{source}: {class_path!r} is not a{'n' if kind == 'encoder' else ''} "
-                                  f"{kind} class (a subclass of {base.__module__}.{base.__qualname__})")
+        raise UntrustedClassError(
+            f"{source}: {class_path!r} is not a{'n' if kind == 'encoder' else ''} "
+            f"{kind} class (a subclass of {base.__module__}.{base.__qualname__})"
+        )
     return obj
 
 
@@ -93,8 +99,10 @@ def check_plain(value: Any, where: str) -> None:
                 raise ValueError(f"{where}: key {k!r} is not a string")
             check_plain(v, f"{where}.{k}")
         return
-    raise ValueError(f"{where}: {type(value).__name__} is not plain data (only None, bool, numbers, strings, "
-                     "lists and dicts are accepted from a model file)")
+    raise ValueError(
+        f"{where}: {type(value).__name__} is not plain data (only None, bool, numbers, strings, "
+        "lists and dicts are accepted from a model file)"
+    )
 
 
 def check_init_args(cls: type, args: dict, source: str) -> dict:
@@ -109,8 +117,9 @@ def check_init_args(cls: type, args: dict, source: str) -> dict:
     named = {n for n, p in params.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
     unknown = sorted(set(args) - named)
     if unknown and not takes_any:
-        raise ValueError(f"{source}: {cls.__name__} has no argument(s) {unknown}; the file does not match this "
-                         "version of the class")
+        raise ValueError(
+            f"{source}: {cls.__name__} has no argument(s) {unknown}; the file does not match this version of the class"
+        )
     missing = sorted(n for n in named if params[n].default is inspect.Parameter.empty and n not in args)
     if missing:
         raise ValueError(f"{source}: required argument(s) {missing} of {cls.__name__} are missing")
@@ -119,8 +128,7 @@ def check_init_args(cls: type, args: dict, source: str) -> dict:
     return args
 
 
-def build_encoder(spec: Any, trust: Sequence[str] = (), source: str = "a model file",
-                  restore: bool = True) -> Encoder:
+def build_encoder(spec: Any, trust: Sequence[str] = (), source: str = "a model file", restore: bool = True) -> Encoder:
     """``{"class_path", "init_args"}`` -> the encoder. ``restore``: without downloading pretrained
     weights (:meth:`captioning.nn.encoders.Encoder.restore_args`: the model file holds the trained
     ones); False builds it as configured (pretrained weights included)."""
@@ -159,5 +167,6 @@ def _construct(cls: type, args: dict, source: str) -> Any:
         raise
     except Exception as err:  # noqa: BLE001 - data from a file: any failure means "this file is wrong"
         reason = str(err).strip().splitlines()[0] if str(err).strip() else ""
-        raise ValueError(f"{source}: cannot build {cls.__name__} from its stored arguments "
-                         f"({err.__class__.__name__}: {reason})") from err
+        raise ValueError(
+            f"{source}: cannot build {cls.__name__} from its stored arguments ({err.__class__.__name__}: {reason})"
+        ) from err

@@ -93,8 +93,7 @@ def resolve_mode(offline: bool = False) -> tuple[str, str | None]:
     if env_mode == "disabled":
         return "disabled", None
     if credentials_source() is None:
-        return "offline", ("no W&B login found (WANDB_API_KEY, ~/.netrc or `wandb login`), so this run "
-                           "logs offline")
+        return "offline", ("no W&B login found (WANDB_API_KEY, ~/.netrc or `wandb login`), so this run logs offline")
     return "online", None
 
 
@@ -113,20 +112,37 @@ class WandbLogger(_LightningWandbLogger):
         **kwargs: passed to ``wandb.init`` (entity, group, tags, notes, ...).
     """
 
-    def __init__(self, name: str | None = None, save_dir: str | None = None, project: str | None = None,
-                 offline: bool = False, id: str | None = None, log_model: bool | str = False,
-                 prefix: str = "", **kwargs: Any) -> None:
+    def __init__(
+        self,
+        name: str | None = None,
+        save_dir: str | None = None,
+        project: str | None = None,
+        offline: bool = False,
+        id: str | None = None,
+        log_model: bool | str = False,
+        prefix: str = "",
+        **kwargs: Any,
+    ) -> None:
         mode, reason = resolve_mode(offline)
         save_dir = os.fspath(save_dir or kwargs.pop("dir", None) or os.environ.get("WANDB_DIR") or ".")
         if reason is not None:
-            rank_zero_warn(f"{reason} to {Path(save_dir).resolve() / 'wandb'}. Upload it later with "
-                           f"`wandb sync {Path(save_dir).resolve() / 'wandb'}/offline-run-*`.")
+            rank_zero_warn(
+                f"{reason} to {Path(save_dir).resolve() / 'wandb'}. Upload it later with "
+                f"`wandb sync {Path(save_dir).resolve() / 'wandb'}/offline-run-*`."
+            )
         if mode != "online" and log_model:
             rank_zero_warn(f"W&B is {mode}: log_model={log_model!r} is ignored (checkpoints stay on disk)")
             log_model = False
-        super().__init__(name=name, save_dir=save_dir,
-                         project=project or os.environ.get("WANDB_PROJECT") or DEFAULT_PROJECT,
-                         id=id, log_model=log_model, prefix=prefix, mode=mode, **kwargs)
+        super().__init__(
+            name=name,
+            save_dir=save_dir,
+            project=project or os.environ.get("WANDB_PROJECT") or DEFAULT_PROJECT,
+            id=id,
+            log_model=log_model,
+            prefix=prefix,
+            mode=mode,
+            **kwargs,
+        )
         self.mode = mode
 
     def resume_run(self, run_id: str) -> None:

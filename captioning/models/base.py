@@ -26,15 +26,16 @@ plus its loss through :meth:`train_inputs` and :meth:`train_losses`.
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from captioning.data.vocab import Vocabulary
 from captioning.models.distributed import gather_unique
-from captioning.nn.search import SearchResult, beam_search, greedy_search
 from captioning.models.train_step import TrainingStep
+from captioning.nn.search import SearchResult, beam_search, greedy_search
 
 SCHEDULERS = ("none", "cosine", "plateau")
 
@@ -60,8 +61,11 @@ class AttentionModel(TrainingStep):
     def setup(self, stage: str) -> None:
         from lightning.pytorch.accelerators import CUDAAccelerator
 
-        if self._trainer is not None and isinstance(self.trainer.accelerator, CUDAAccelerator) and \
-                self.hparams.get("tf32", True):
+        if (
+            self._trainer is not None
+            and isinstance(self.trainer.accelerator, CUDAAccelerator)
+            and self.hparams.get("tf32", True)
+        ):
             # TF32 tensor cores for float32 products (Ampere and newer; 10 mantissa bits, float32 range).
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
@@ -79,17 +83,30 @@ class AttentionModel(TrainingStep):
         allow = self.hparams.get("allow_unk", False) if allow_unk is None else allow_unk
         return [v.bos_id, v.pad_id] + ([] if allow else [v.unk_id])
 
-    def search(self, decoder: Any, memory: Any, batch_size: int, beam_size: int | None = None,
-               max_length: int | None = None, max_lengths: torch.Tensor | None = None,
-               allow_unk: bool | None = None) -> SearchResult:
+    def search(
+        self,
+        decoder: Any,
+        memory: Any,
+        batch_size: int,
+        beam_size: int | None = None,
+        max_length: int | None = None,
+        max_lengths: torch.Tensor | None = None,
+        allow_unk: bool | None = None,
+    ) -> SearchResult:
         """Greedy (beam 1) or batched beam search over :attr:`target_vocab`, with the model's
         defaults for unset options; ``max_lengths`` (B,): each item's own cap (tokens incl. EOS),
         within ``max_length``; tokens per :meth:`banned_ids`."""
         hp, v = self.hparams, self.target_vocab
         beam = hp.beam_size if beam_size is None else beam_size
         length = hp.max_length if max_length is None else max_length
-        common = dict(bos_id=v.bos_id, eos_id=v.eos_id, pad_id=v.pad_id, max_length=length,
-                      banned_ids=self.banned_ids(allow_unk), max_lengths=max_lengths)
+        common = dict(
+            bos_id=v.bos_id,
+            eos_id=v.eos_id,
+            pad_id=v.pad_id,
+            max_length=length,
+            banned_ids=self.banned_ids(allow_unk),
+            max_lengths=max_lengths,
+        )
         if beam <= 1:
             return greedy_search(decoder, memory, batch_size, **common)
         return beam_search(decoder, memory, batch_size, beam_size=beam, length_penalty=hp.length_penalty, **common)
@@ -107,8 +124,12 @@ class AttentionModel(TrainingStep):
         smoothing = float(self.hparams.get("label_smoothing", 0.0))
         if decoder.padding_mode(out.device) == "mask":
             logits = decoder.output(decoder.dropout(out))  # (B, T, V)
-            return F.cross_entropy(logits.flatten(0, 1).float(), targets.masked_fill(~real, -100).flatten(),
-                                   ignore_index=-100, label_smoothing=smoothing)
+            return F.cross_entropy(
+                logits.flatten(0, 1).float(),
+                targets.masked_fill(~real, -100).flatten(),
+                ignore_index=-100,
+                label_smoothing=smoothing,
+            )
         logits = decoder.output(decoder.dropout(out[real]))  # (N, V), N real tokens
         return F.cross_entropy(logits.float(), targets[real], label_smoothing=smoothing)
 
@@ -121,8 +142,9 @@ class AttentionModel(TrainingStep):
         """Corpus scores of all records of an epoch (every rank's, duplicates removed)."""
         raise NotImplementedError
 
-    def attention_figures(self, batch: dict, max_items: int, panel_size: int = 128,
-                          beam_size: int | None = None) -> list[dict]:
+    def attention_figures(
+        self, batch: dict, max_items: int, panel_size: int = 128, beam_size: int | None = None
+    ) -> list[dict]:
         """Pictures of where the model looked, for the first ``max_items`` items of ``batch``:
         ``{"key", "figure" (PIL), "prediction", "references" [str], "input" (PIL or str)}``."""
         raise NotImplementedError
@@ -178,7 +200,8 @@ class AttentionModel(TrainingStep):
         precision = str(self.trainer.precision) if self._trainer is not None else "32-true"
         graphs = self._trainer is not None and self.why_no_step_graphs(check_optimizers=False) is None
         fused = (graphs or ("mixed" not in precision and not precision.startswith("16"))) and all(
-            p.device.type in ("cpu", "cuda") and p.dtype == torch.float32 for g in groups for p in g["params"])
+            p.device.type in ("cpu", "cuda") and p.dtype == torch.float32 for g in groups for p in g["params"]
+        )
         optimizer = torch.optim.AdamW(groups, lr=hp.lr, weight_decay=hp.weight_decay, fused=fused or None)
         if hp.scheduler == "cosine":
             total = max(1, int(self.trainer.estimated_stepping_batches))
@@ -204,8 +227,9 @@ class AttentionModel(TrainingStep):
 
         super().on_save_checkpoint(checkpoint)  # the optimiser state in its portable form
         if self._trainer is not None:
-            summary = run_summary(self.trainer, with_example=self.example_in_checkpoint,
-                                  cached_example=getattr(self, "_example", None))
+            summary = run_summary(
+                self.trainer, with_example=self.example_in_checkpoint, cached_example=getattr(self, "_example", None)
+            )
             self._example = summary.get("example")
             checkpoint["captioning"] = summary
 

@@ -20,8 +20,9 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Hashable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Hashable, Mapping, Sequence
+from typing import Any
 
 import lightning.pytorch as pl
 import torch
@@ -33,8 +34,9 @@ from captioning.models.distributed import gather_objects
 __all__ = ["AttentionOverlays", "per_image_cider"]
 
 
-def per_image_cider(predictions: Mapping[Hashable, str],
-                    references: Mapping[Hashable, Sequence[str]]) -> dict[Hashable, float]:
+def per_image_cider(
+    predictions: Mapping[Hashable, str], references: Mapping[Hashable, Sequence[str]]
+) -> dict[Hashable, float]:
     """CIDEr-D of each prediction, with document frequencies from ALL ``references``.
 
     Args:
@@ -55,7 +57,7 @@ def per_image_cider(predictions: Mapping[Hashable, str],
         raise ValueError(f"per_image_cider: no references for ids {missing[:5]}")
     refs = {k: [" ".join(tokenize(r)) for r in ([v] if isinstance(v, str) else v)] for k, v in references.items()}
     if not any(r.split() for rs in refs.values() for r in rs):
-        return {k: 0.0 for k in predictions}  # no n-grams at all: CiderScorer would fail on max([])
+        return dict.fromkeys(predictions, 0.0)  # no n-grams at all: CiderScorer would fail on max([])
     res = {k: [" ".join(tokenize(predictions[k])) if k in predictions else ""] for k in refs}
     _, scores = Cider().compute_score(refs, res)
     by_id = dict(zip(refs, scores))  # Cider scores in the order of refs' keys
@@ -63,7 +65,7 @@ def per_image_cider(predictions: Mapping[Hashable, str],
 
 
 def sentinel_text(item: dict) -> str:
-    """"word beta" pairs of an item's sentinel weights (the W&B table column), or "" without one."""
+    """ "word beta" pairs of an item's sentinel weights (the W&B table column), or "" without one."""
     betas = item.get("sentinel")
     if betas is None:
         return ""
@@ -96,8 +98,9 @@ class AttentionOverlays(pl.Callback):
             folder name for PNG files.
     """
 
-    def __init__(self, num_images: int = 4, panel_size: int = 128, beam_size: int | None = None,
-                 key: str = "val/attention") -> None:
+    def __init__(
+        self, num_images: int = 4, panel_size: int = 128, beam_size: int | None = None, key: str = "val/attention"
+    ) -> None:
         if num_images < 1:
             raise ValueError(f"AttentionOverlays: num_images must be >= 1, got {num_images}")
         if panel_size < 16:
@@ -112,8 +115,15 @@ class AttentionOverlays(pl.Callback):
     def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._references = {}
 
-    def on_validation_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any,
-                                batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+    def on_validation_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
         ids = _batch_ids(batch) if isinstance(batch, dict) else None
         if ids is not None and "references" in batch and dataloader_idx == 0:
             self._references.update((i, _as_list(r)) for i, r in zip(ids, batch["references"]))
@@ -172,13 +182,17 @@ class AttentionOverlays(pl.Callback):
     def _figures(self, pl_module: pl.LightningModule, batch: dict) -> list[dict]:
         hook = getattr(pl_module, "attention_figures", None)
         if not callable(hook):
-            raise TypeError(f"AttentionOverlays: {type(pl_module).__name__} has no attention_figures(batch, max_items, "
-                            "panel_size, beam_size) hook (captioning.models.base.AttentionModel)")
+            raise TypeError(
+                f"AttentionOverlays: {type(pl_module).__name__} has no attention_figures(batch, max_items, "
+                "panel_size, beam_size) hook (captioning.models.base.AttentionModel)"
+            )
         items = hook(batch, self.num_images, panel_size=self.panel_size, beam_size=self.beam_size)
         if not items and not self._warned:
             self._warned = True
-            rank_zero_warn(f"AttentionOverlays: {type(pl_module).__name__} drew no figures for the validation batch "
-                           "(cached features carry no images to draw on)")
+            rank_zero_warn(
+                f"AttentionOverlays: {type(pl_module).__name__} drew no figures for the validation batch "
+                "(cached features carry no images to draw on)"
+            )
         for it in items:
             it["key"] = str(it["key"])
         return items
@@ -191,8 +205,15 @@ class AttentionOverlays(pl.Callback):
         for it in items:
             data[f"{self.key}/{it['key']}"] = wandb.Image(it["figure"], caption=it["prediction"])
             source = wandb.Image(it["input"]) if isinstance(it["input"], Image.Image) else str(it["input"])
-            table.add_data(it["key"], source, it["prediction"], "\n".join(it["references"]), it["cider"],
-                           sentinel_text(it), wandb.Image(it["figure"]))
+            table.add_data(
+                it["key"],
+                source,
+                it["prediction"],
+                "\n".join(it["references"]),
+                it["cider"],
+                sentinel_text(it),
+                wandb.Image(it["figure"]),
+            )
         data[f"{self.key}_table"] = table
         data["trainer/global_step"] = step  # the x axis Lightning's WandbLogger defines
         logger.experiment.log(data)
@@ -208,8 +229,16 @@ class AttentionOverlays(pl.Callback):
         for it in items:
             png = free_path(folder / f"{_safe_name(it['key'])}.png")  # two keys may share a safe name
             it["figure"].save(png)
-            rows.append({"key": it["key"], "prediction": it["prediction"], "references": it["references"],
-                         "cider": it["cider"], "input": it["input"] if isinstance(it["input"], str) else None,
-                         "sentinel": it.get("sentinel"), "figure": png.name})
+            rows.append(
+                {
+                    "key": it["key"],
+                    "prediction": it["prediction"],
+                    "references": it["references"],
+                    "cider": it["cider"],
+                    "input": it["input"] if isinstance(it["input"], str) else None,
+                    "sentinel": it.get("sentinel"),
+                    "figure": png.name,
+                }
+            )
         (folder / "captions.json").write_text(json.dumps(rows, indent=1) + "\n", encoding="utf-8")
         return folder

@@ -12,12 +12,12 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from captioning.data.vocab import Vocabulary
 from captioning.models.base import AttentionModel, check_scheduler
 from captioning.models.train_step import pad_length
-from captioning.nn.image_decoder import ShowAttendTellDecoder
 from captioning.nn.encoders import Encoder, encoder_config
+from captioning.nn.image_decoder import ShowAttendTellDecoder
 from captioning.nn.search import SearchResult
-from captioning.data.vocab import Vocabulary
 
 
 class ImageCaptioner(AttentionModel):
@@ -49,28 +49,60 @@ class ImageCaptioner(AttentionModel):
         tf32: TF32 tensor cores for float32 products on GPUs that have them (Ampere and newer).
     """
 
-    def __init__(self, encoder: Encoder, vocab: dict | None = None, attention: str = "additive",
-                 num_heads: int = 1, embed_dim: int = 512, decoder_dim: int = 512, attention_dim: int = 512,
-                 dropout: float = 0.5, gate: bool = True, alpha_c: float = 1.0, lr: float = 4e-4,
-                 encoder_lr: float = 1e-4, weight_decay: float = 0.0, scheduler: str = "none",
-                 warmup_steps: int = 0, beam_size: int = 3, max_length: int = 30, length_penalty: float = 0.0,
-                 label_smoothing: float = 0.0, compile_decoder: bool = False, allow_unk: bool = False,
-                 query: str = "previous", sentinel: bool = False, cuda_graphs: bool = True,
-                 tf32: bool = True) -> None:
+    def __init__(
+        self,
+        encoder: Encoder,
+        vocab: dict | None = None,
+        attention: str = "additive",
+        num_heads: int = 1,
+        embed_dim: int = 512,
+        decoder_dim: int = 512,
+        attention_dim: int = 512,
+        dropout: float = 0.5,
+        gate: bool = True,
+        alpha_c: float = 1.0,
+        lr: float = 4e-4,
+        encoder_lr: float = 1e-4,
+        weight_decay: float = 0.0,
+        scheduler: str = "none",
+        warmup_steps: int = 0,
+        beam_size: int = 3,
+        max_length: int = 30,
+        length_penalty: float = 0.0,
+        label_smoothing: float = 0.0,
+        compile_decoder: bool = False,
+        allow_unk: bool = False,
+        query: str = "previous",
+        sentinel: bool = False,
+        cuda_graphs: bool = True,
+        tf32: bool = True,
+    ) -> None:
         super().__init__()
         if vocab is None:
-            raise ValueError("ImageCaptioner needs a vocabulary: the CLI links it from the datamodule "
-                             "(data.vocab); in Python pass vocab=datamodule.vocab.to_dict()")
+            raise ValueError(
+                "ImageCaptioner needs a vocabulary: the CLI links it from the datamodule "
+                "(data.vocab); in Python pass vocab=datamodule.vocab.to_dict()"
+            )
         check_scheduler("ImageCaptioner", scheduler)
         self.save_hyperparameters(ignore=["encoder"])
         self.hparams["encoder"] = encoder_config(encoder)
         self.vocab = Vocabulary.from_dict(vocab)
         self.encoder = encoder
-        self.grid_size = int(getattr(encoder, "grid_size"))
+        self.grid_size = int(encoder.grid_size)
         self.decoder = ShowAttendTellDecoder(
-            len(self.vocab), encoder.out_channels, embed_dim, decoder_dim, attention_dim, attention=attention,
-            num_heads=num_heads, gate=gate, dropout=dropout, max_positions=self.grid_size ** 2, query=query,
-            sentinel=sentinel)
+            len(self.vocab),
+            encoder.out_channels,
+            embed_dim,
+            decoder_dim,
+            attention_dim,
+            attention=attention,
+            num_heads=num_heads,
+            gate=gate,
+            dropout=dropout,
+            max_positions=self.grid_size**2,
+            query=query,
+            sentinel=sentinel,
+        )
 
     eval_key = "image_id"
     count_name = "num_images"
@@ -119,11 +151,22 @@ class ImageCaptioner(AttentionModel):
         return self.vocab
 
     @torch.no_grad()
-    def generate(self, features: Tensor, beam_size: int | None = None, max_length: int | None = None,
-                 allow_unk: bool | None = None) -> SearchResult:
+    def generate(
+        self,
+        features: Tensor,
+        beam_size: int | None = None,
+        max_length: int | None = None,
+        allow_unk: bool | None = None,
+    ) -> SearchResult:
         """Decode captions for features (B, S, C); beam_size 1 = greedy; ``<unk>`` per :meth:`banned_ids`."""
-        return self.search(self.decoder, self.decoder.prepare_memory(features), features.shape[0], beam_size,
-                           max_length, allow_unk=allow_unk)
+        return self.search(
+            self.decoder,
+            self.decoder.prepare_memory(features),
+            features.shape[0],
+            beam_size,
+            max_length,
+            allow_unk=allow_unk,
+        )
 
     def _caption_length(self, row: Tensor) -> int:
         """Number of generated words before EOS (special tokens mid-caption included, so
@@ -189,8 +232,9 @@ class ImageCaptioner(AttentionModel):
         from captioning.eval.localisation import pointing_game
         from captioning.eval.metrics import caption_scores
 
-        scores = caption_scores({v["image_id"]: v["prediction"] for v in items},
-                                {v["image_id"]: v["references"] for v in items})
+        scores = caption_scores(
+            {v["image_id"]: v["prediction"] for v in items}, {v["image_id"]: v["references"] for v in items}
+        )
         boxed = [v for v in items if "boxes" in v]
         if boxed:  # the pointing game (captioning/eval/localisation.py)
             loc = pointing_game([v["words"] for v in boxed], [v["alpha"] for v in boxed], [v["boxes"] for v in boxed])
@@ -198,8 +242,9 @@ class ImageCaptioner(AttentionModel):
         return scores
 
     @torch.no_grad()
-    def attention_figures(self, batch: dict, max_items: int, panel_size: int = 128,
-                          beam_size: int | None = None) -> list[dict]:
+    def attention_figures(
+        self, batch: dict, max_items: int, panel_size: int = 128, beam_size: int | None = None
+    ) -> list[dict]:
         """The image, then one attention panel per generated word, for the first images of
         ``batch``; [] for batches of cached features (no images to draw on)."""
         from PIL import Image
@@ -216,12 +261,23 @@ class ImageCaptioner(AttentionModel):
         items = []
         for i, (words, grid) in enumerate(zip(self.words(result), self.attention_grids(result))):
             key = str(sub["image_ids"][i])
-            items.append({"key": key, "prediction": " ".join(words), "references": list(sub["references"][i]),
-                          "input": Image.fromarray(pixels[i]),
-                          "sentinel": betas[i] if betas is not None else None,
-                          "figure": attention_overlay(pixels[i], words, grid, title=f"image {key}",
-                                                      panel_size=panel_size,
-                                                      sentinel=betas[i] if betas is not None else None)})
+            items.append(
+                {
+                    "key": key,
+                    "prediction": " ".join(words),
+                    "references": list(sub["references"][i]),
+                    "input": Image.fromarray(pixels[i]),
+                    "sentinel": betas[i] if betas is not None else None,
+                    "figure": attention_overlay(
+                        pixels[i],
+                        words,
+                        grid,
+                        title=f"image {key}",
+                        panel_size=panel_size,
+                        sentinel=betas[i] if betas is not None else None,
+                    ),
+                }
+            )
         return items
 
     # ------------------------------------------------------------------ predict
@@ -233,8 +289,10 @@ class ImageCaptioner(AttentionModel):
     def param_groups(self) -> list[dict]:
         """The decoder at ``lr``; trainable encoder parameters at ``encoder_lr``."""
         hp = self.hparams
-        return [{"params": [p for p in self.decoder.parameters() if p.requires_grad], "lr": hp.lr},
-                {"params": [p for p in self.encoder.parameters() if p.requires_grad], "lr": hp.encoder_lr}]
+        return [
+            {"params": [p for p in self.decoder.parameters() if p.requires_grad], "lr": hp.lr},
+            {"params": [p for p in self.encoder.parameters() if p.requires_grad], "lr": hp.encoder_lr},
+        ]
 
 
 def compile_decoder_step(decoder: nn.Module) -> None:

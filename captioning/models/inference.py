@@ -4,8 +4,9 @@ whole batch, one attention map per generated word)."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from PIL import Image
@@ -32,8 +33,13 @@ class Caption:
 
 
 @torch.inference_mode()
-def caption_images(model: Any, images: Sequence[Image.Image], beam_size: int | None = None,
-                   max_length: int | None = None, allow_unk: bool | None = None) -> list[Caption]:
+def caption_images(
+    model: Any,
+    images: Sequence[Image.Image],
+    beam_size: int | None = None,
+    max_length: int | None = None,
+    allow_unk: bool | None = None,
+) -> list[Caption]:
     """Caption PIL images (any size and mode) in one batch.
 
     Args:
@@ -48,6 +54,9 @@ def caption_images(model: Any, images: Sequence[Image.Image], beam_size: int | N
     batch = torch.stack([image_tensor(img, size) for img in images]).to(device)  # (B, 3, S, S) uint8
     result = model.generate(model.encoder(batch), beam_size=beam_size, max_length=max_length, allow_unk=allow_unk)
     betas = model.sentinel_weights(result)
-    return [Caption(words, grid, float(score), betas[i] if betas is not None else None)
-            for i, (words, grid, score) in enumerate(zip(model.words(result), model.attention_grids(result),
-                                                         result.scores.tolist()))]
+    return [
+        Caption(words, grid, float(score), betas[i] if betas is not None else None)
+        for i, (words, grid, score) in enumerate(
+            zip(model.words(result), model.attention_grids(result), result.scores.tolist())
+        )
+    ]

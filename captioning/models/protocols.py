@@ -9,7 +9,8 @@ the commands check which of these it provides: ``caption`` and the demo's photo 
 
 from __future__ import annotations
 
-from typing import Any, Protocol, Sequence, runtime_checkable
+from collections.abc import Sequence
+from typing import Any, Protocol, runtime_checkable
 
 from torch import Tensor
 
@@ -24,8 +25,13 @@ class Captioner(Protocol):
 
     encoder: Any
 
-    def generate(self, features: Tensor, beam_size: int | None = None, max_length: int | None = None,
-                 allow_unk: bool | None = None) -> SearchResult: ...
+    def generate(
+        self,
+        features: Tensor,
+        beam_size: int | None = None,
+        max_length: int | None = None,
+        allow_unk: bool | None = None,
+    ) -> SearchResult: ...
 
     def words(self, result: SearchResult) -> list[list[str]]: ...
 
@@ -39,8 +45,13 @@ class Translator(Protocol):
     """Translates raw sentences (``translate``) and says how a sentence reaches the model
     (``source_report``: tokens, cuts, unknown words)."""
 
-    def translate(self, texts: Sequence[str], beam_size: int | None = None, max_length: int | None = None,
-                  allow_unk: bool | None = None) -> list[Any]: ...
+    def translate(
+        self,
+        texts: Sequence[str],
+        beam_size: int | None = None,
+        max_length: int | None = None,
+        allow_unk: bool | None = None,
+    ) -> list[Any]: ...
 
     def source_report(self, text: str) -> Any: ...
 

@@ -3,18 +3,19 @@
 What both models share (evaluation, logging, optimisation, checkpoints) is
 :class:`captioning.models.base.AttentionModel`.
 
-The maths lives in :mod:`captioning.nn.text_encoder` (BiLSTM encoder) and :mod:`captioning.nn.text_decoder` (attention LSTM decoder built on
-the shared attention layer) and :mod:`captioning.nn.search` (the same greedy/beam search as
-the image captioner). This class computes the loss with padding masked out and scores
-validation/test by real decoding: ``val/bleu``, ``val/chrf`` (sacrebleu; the BLEU signature
-is printed and logged once), ``val/exact_match`` and, when the datamodule gives true
-alignments (synthetic tasks), ``val/alignment``: how often the attention peak of a reference
-target token falls on its true source position. Alignment is read from the teacher-forced
-pass over the reference (the attention used to emit reference token t after the correct
-prefix), so it is defined even where the decoded output differs from the reference. With a
-sentinel (``sentinel: true``) it reads the source weights renormalised over the real source
-positions, as the image decoder documents; the sentinel weight beta of each generated token
-travels in :class:`Translation` (``sentinel``), the ``translate`` JSON and the heatmaps.
+The maths lives in :mod:`captioning.nn.text_encoder` (BiLSTM encoder) and
+:mod:`captioning.nn.text_decoder` (attention LSTM decoder built on the shared attention layer)
+and :mod:`captioning.nn.search` (the same greedy/beam search as the image captioner). This
+class computes the loss with padding masked out and scores validation/test by real decoding:
+``val/bleu``, ``val/chrf`` (sacrebleu; the BLEU signature is printed and logged once),
+``val/exact_match`` and, when the datamodule gives true alignments (synthetic tasks),
+``val/alignment``: how often the attention peak of a reference target token falls on its true
+source position. Alignment is read from the teacher-forced pass over the reference (the
+attention used to emit reference token t after the correct prefix), so it is defined even where
+the decoded output differs from the reference. With a sentinel (``sentinel: true``) it reads
+the source weights renormalised over the real source positions, as the image decoder documents;
+the sentinel weight beta of each generated token travels in :class:`Translation`
+(``sentinel``), the ``translate`` JSON and the heatmaps.
 
 Scores: :func:`score_translations` is the one definition, used by validation, test and for
 scoring ``translate`` output offline: sacrebleu BLEU and chrF, and exact match = the share of
@@ -36,25 +37,27 @@ Text batch (dict), produced by every datamodule of ``captioning/data/text.py``:
 
 from __future__ import annotations
 
-from typing import NamedTuple, Sequence
+from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 from torch.nn.utils.rnn import pad_sequence
 
-from captioning.models.base import AttentionModel, check_scheduler
-from captioning.models.train_step import pad_length
-from captioning.nn.search import SearchResult
-from captioning.nn.decoder_core import DecoderMemory
-from captioning.nn.text_decoder import AttentionLSTMDecoder
-from captioning.nn.text_encoder import BiLSTMEncoder
 from captioning.data.text_vocab import TextTokenizer, TextVocab
 from captioning.data.vocab import EOS, Vocabulary
+from captioning.models.base import AttentionModel, check_scheduler
+from captioning.models.train_step import pad_length
+from captioning.nn.decoder_core import DecoderMemory
+from captioning.nn.search import SearchResult
+from captioning.nn.text_decoder import AttentionLSTMDecoder
+from captioning.nn.text_encoder import BiLSTMEncoder
 
 
-def score_translations(hypotheses: Sequence[str], references: Sequence[str],
-                       tokenizer: TextTokenizer | None = None) -> dict[str, float | str]:
+def score_translations(
+    hypotheses: Sequence[str], references: Sequence[str], tokenizer: TextTokenizer | None = None
+) -> dict[str, float | str]:
     """BLEU, chrF, exact match (and the BLEU signature) of translations against raw references,
     both normalised by ``tokenizer.normalize`` (the model's; None: whitespace only). This is
     what validation and test log, and what scoring ``translate`` output against a file uses."""
@@ -85,14 +88,17 @@ class SourceReport(NamedTuple):
         out = []
         n = len(self.tokens)
         if self.cut:
-            out.append(f"input has {n} tokens, more than the model reads (max_source_length "
-                       f"{self.kept + 1} incl. end of sentence): only the first {self.kept} are translated")
+            out.append(
+                f"input has {n} tokens, more than the model reads (max_source_length "
+                f"{self.kept + 1} incl. end of sentence): only the first {self.kept} are translated"
+            )
         elif self.longest_source is not None and n + 1 > self.longest_source:
-            out.append(f"input has {n} tokens, more than any training source ({self.longest_source - 1}): "
-                       "expect a poor or shortened translation")
+            out.append(
+                f"input has {n} tokens, more than any training source ({self.longest_source - 1}): "
+                "expect a poor or shortened translation"
+            )
         if self.units and self.unknown * 2 >= self.units:
-            out.append(f"{self.unknown} of {self.units} {self.unit} never seen in training: "
-                       "the translation is a guess")
+            out.append(f"{self.unknown} of {self.units} {self.unit} never seen in training: the translation is a guess")
         return out
 
 
@@ -144,29 +150,64 @@ class Seq2SeqModel(AttentionModel):
         tf32: TF32 tensor cores for float32 products on GPUs that have them (Ampere and newer).
     """
 
-    def __init__(self, vocab: dict | None = None, attention: str = "additive", query: str = "bahdanau",
-                 num_heads: int = 1, embed_dim: int = 128, encoder_dim: int = 128, encoder_layers: int = 1,
-                 decoder_dim: int = 256, attention_dim: int = 128, dropout: float = 0.2, lr: float = 2e-3,
-                 weight_decay: float = 0.01, scheduler: str = "none", warmup_steps: int = 0, beam_size: int = 1,
-                 max_length: int = 200, max_length_ratio: float = 2.0, length_penalty: float = 0.0,
-                 label_smoothing: float = 0.0, max_source_length: int = 256, val_beam_size: int | None = None,
-                 allow_unk: bool = False, fused: bool = True, sentinel: bool = False, cuda_graphs: bool = True,
-                 tf32: bool = True) -> None:
+    def __init__(
+        self,
+        vocab: dict | None = None,
+        attention: str = "additive",
+        query: str = "bahdanau",
+        num_heads: int = 1,
+        embed_dim: int = 128,
+        encoder_dim: int = 128,
+        encoder_layers: int = 1,
+        decoder_dim: int = 256,
+        attention_dim: int = 128,
+        dropout: float = 0.2,
+        lr: float = 2e-3,
+        weight_decay: float = 0.01,
+        scheduler: str = "none",
+        warmup_steps: int = 0,
+        beam_size: int = 1,
+        max_length: int = 200,
+        max_length_ratio: float = 2.0,
+        length_penalty: float = 0.0,
+        label_smoothing: float = 0.0,
+        max_source_length: int = 256,
+        val_beam_size: int | None = None,
+        allow_unk: bool = False,
+        fused: bool = True,
+        sentinel: bool = False,
+        cuda_graphs: bool = True,
+        tf32: bool = True,
+    ) -> None:
         super().__init__()
         if max_source_length < 2:
-            raise ValueError(f"max_source_length must be >= 2 (a token and the end of sentence), got {max_source_length}")
+            raise ValueError(
+                f"max_source_length must be >= 2 (a token and the end of sentence), got {max_source_length}"
+            )
         if vocab is None:
-            raise ValueError("Seq2SeqModel needs vocabularies: the CLI links them from the datamodule "
-                             "(data.vocab_data); in Python pass vocab=datamodule.vocab_data")
+            raise ValueError(
+                "Seq2SeqModel needs vocabularies: the CLI links them from the datamodule "
+                "(data.vocab_data); in Python pass vocab=datamodule.vocab_data"
+            )
         check_scheduler("Seq2SeqModel", scheduler)
         self.save_hyperparameters()
         self.text_vocab = TextVocab.from_dict(vocab)
         src, tgt = self.text_vocab.source, self.text_vocab.target
         self.encoder = BiLSTMEncoder(len(src), embed_dim, encoder_dim, encoder_layers, dropout, src.pad_id)
         self.decoder = AttentionLSTMDecoder(
-            len(tgt), self.encoder.out_dim, embed_dim, decoder_dim, attention_dim, attention=attention,
-            query=query, num_heads=num_heads, dropout=dropout, max_positions=max_source_length, fused=fused,
-            sentinel=sentinel)
+            len(tgt),
+            self.encoder.out_dim,
+            embed_dim,
+            decoder_dim,
+            attention_dim,
+            attention=attention,
+            query=query,
+            num_heads=num_heads,
+            dropout=dropout,
+            max_positions=max_source_length,
+            fused=fused,
+            sentinel=sentinel,
+        )
         self.bleu_signature: str | None = None
 
     eval_key = "id"
@@ -205,8 +246,9 @@ class Seq2SeqModel(AttentionModel):
         target = batch["target"]
         gold = target[:, 1:]
         real = gold != self.text_vocab.target.pad_id  # (B, T-1)
-        attentional, alphas, _ = self.decoder.teacher_forced(enc.states, target[:, :-1], enc.mask, enc.summary,
-                                                             steps=real.sum(1))  # padding steps are skipped
+        attentional, alphas, _ = self.decoder.teacher_forced(
+            enc.states, target[:, :-1], enc.mask, enc.summary, steps=real.sum(1)
+        )  # padding steps are skipped
         ce = self.token_loss(self.decoder, attentional, gold, real)
         return ce, alphas
 
@@ -215,8 +257,14 @@ class Seq2SeqModel(AttentionModel):
         return self.text_vocab.target
 
     @torch.no_grad()
-    def generate(self, source: Tensor, lengths: Tensor, beam_size: int | None = None,
-                 max_length: int | None = None, allow_unk: bool | None = None) -> SearchResult:
+    def generate(
+        self,
+        source: Tensor,
+        lengths: Tensor,
+        beam_size: int | None = None,
+        max_length: int | None = None,
+        allow_unk: bool | None = None,
+    ) -> SearchResult:
         """Decode source (B, S) with the shared greedy (beam_size 1) or beam search.
 
         Without ``max_length`` each sentence gets its own cap (module docstring); with it, every
@@ -246,8 +294,16 @@ class Seq2SeqModel(AttentionModel):
             # One heatmap row per generated position, so rows and attention never drift apart.
             rows = [EOS if t == tgt.eos_id else tgt.itos[t] for t in result.tokens[i, :n].tolist()]
             betas = None if result.betas is None else result.betas[i, :n].float().cpu().tolist()
-            out.append(Translation(self.detokenize(words), self.text_vocab.source_labels(source[i, :s].tolist()),
-                                   rows, result.alphas[i, :n, :s].float().cpu(), float(result.scores[i]), betas))
+            out.append(
+                Translation(
+                    self.detokenize(words),
+                    self.text_vocab.source_labels(source[i, :s].tolist()),
+                    rows,
+                    result.alphas[i, :n, :s].float().cpu(),
+                    float(result.scores[i]),
+                    betas,
+                )
+            )
         return out
 
     def source_report(self, text: str) -> SourceReport:
@@ -256,8 +312,9 @@ class Seq2SeqModel(AttentionModel):
         tokens = v.tokenizer(text)
         unknown, units = v.unknown_share(text)
         unit = "characters" if v.tokenizer.kind == "char" else "words"
-        return SourceReport(tokens, min(len(tokens), self.hparams.max_source_length - 1), unknown, units, unit,
-                            v.longest_source)
+        return SourceReport(
+            tokens, min(len(tokens), self.hparams.max_source_length - 1), unknown, units, unit, v.longest_source
+        )
 
     def encode_texts(self, texts: Sequence[str]) -> tuple[Tensor, Tensor]:
         """Tokenise and encode source sentences -> source (B, S) on the model's device, lengths (B,).
@@ -275,15 +332,21 @@ class Seq2SeqModel(AttentionModel):
         return pad_sequence(ids, batch_first=True).to(self.device), lengths
 
     @torch.no_grad()
-    def translate(self, texts: Sequence[str], beam_size: int | None = None, max_length: int | None = None,
-                  allow_unk: bool | None = None) -> list[Translation]:
+    def translate(
+        self,
+        texts: Sequence[str],
+        beam_size: int | None = None,
+        max_length: int | None = None,
+        allow_unk: bool | None = None,
+    ) -> list[Translation]:
         """Translate raw sentences in one batch; tokenised as in training (tokenizer in the vocab)."""
         source, lengths = self.encode_texts(texts)
         return self._translations(source, lengths, self.generate(source, lengths, beam_size, max_length, allow_unk))
 
     @torch.no_grad()
-    def attention_figures(self, batch: dict, max_items: int = 4, panel_size: int = 128,
-                          beam_size: int | None = None) -> list[dict]:
+    def attention_figures(
+        self, batch: dict, max_items: int = 4, panel_size: int = 128, beam_size: int | None = None
+    ) -> list[dict]:
         """Heatmaps (source x generated) of the first ``max_items`` items of a text batch.
 
         Returns per item ``{"key", "figure" (PIL), "prediction", "references" [str], "input"}``.
@@ -296,10 +359,15 @@ class Seq2SeqModel(AttentionModel):
         figures = []
         result = self.generate(source, lengths, beam_size=beam_size)
         for i, tr in enumerate(self._translations(source, lengths, result)):
-            figures.append({"key": batch["ids"][i], "prediction": tr.text, "references": [batch["references"][i]],
-                            "input": batch["source_text"][i],
-                            "figure": seq2seq_heatmap(tr.source_tokens, tr.target_tokens, tr.alpha,
-                                                      sentinel=tr.sentinel)})
+            figures.append(
+                {
+                    "key": batch["ids"][i],
+                    "prediction": tr.text,
+                    "references": [batch["references"][i]],
+                    "input": batch["source_text"][i],
+                    "figure": seq2seq_heatmap(tr.source_tokens, tr.target_tokens, tr.alpha, sentinel=tr.sentinel),
+                }
+            )
         return figures
 
     # ------------------------------------------------------------------ training
@@ -330,21 +398,24 @@ class Seq2SeqModel(AttentionModel):
             item = {"id": batch["ids"][i], "prediction": hyps[i], "reference": batch["references"][i]}
             if alignments is not None:
                 n, s = int(batch["target_lengths"][i]) - 1, int(lengths[i])
-                item.update(alpha=alphas[i, :n, :s].float().cpu(),
-                            alignment=[a if a < s else -1 for a in alignments[i]])  # cut sources: not scored
+                item.update(
+                    alpha=alphas[i, :n, :s].float().cpu(), alignment=[a if a < s else -1 for a in alignments[i]]
+                )  # cut sources: not scored
             items.append(item)
         return items
 
     def eval_scores(self, items: list[dict]) -> dict[str, float]:
         from captioning.eval.metrics import alignment_score
 
-        scores = score_translations([v["prediction"] for v in items], [v["reference"] for v in items],
-                                    self.text_vocab.tokenizer)
+        scores = score_translations(
+            [v["prediction"] for v in items], [v["reference"] for v in items], self.text_vocab.tokenizer
+        )
         self._log_signature(str(scores.pop("bleu_signature")))
         with_alignment = [v for v in items if "alpha" in v]
         if with_alignment:
-            scores["alignment"] = alignment_score([v["alpha"] for v in with_alignment],
-                                                  [v["alignment"] for v in with_alignment])
+            scores["alignment"] = alignment_score(
+                [v["alpha"] for v in with_alignment], [v["alignment"] for v in with_alignment]
+            )
         return scores
 
     def _log_signature(self, signature: str) -> None:
@@ -359,6 +430,7 @@ class Seq2SeqModel(AttentionModel):
     # ------------------------------------------------------------------ predict
     def predict_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> list[dict]:
         result = self.generate(batch["source"], batch["source_lengths"])
-        return [{"id": i, "source": s, "translation": self.detokenize(t)}
-                for i, s, t in zip(batch["ids"], batch["source_text"], self.hypothesis_tokens(result))]
-
+        return [
+            {"id": i, "source": s, "translation": self.detokenize(t)}
+            for i, s, t in zip(batch["ids"], batch["source_text"], self.hypothesis_tokens(result))
+        ]

@@ -28,8 +28,8 @@ from __future__ import annotations
 
 import contextlib
 import warnings
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Callable, Iterator
 
 import torch
 from torch import Tensor
@@ -53,7 +53,7 @@ def prepare_capturable(optimizer: torch.optim.Optimizer) -> None:
     on the parameters' device (schedulers then ``fill_`` it, so a replay reads the current
     value), step counters on the device. Idempotent; keeps the optimiser's state."""
     for group in optimizer.param_groups:
-        params = [p for p in group["params"]]
+        params = list(group["params"])
         if not params:
             continue
         device = params[0].device
@@ -92,9 +92,16 @@ class StepGraphs:
         backend: "cuda" (real graphs) or "eager" (tests: capture records, replay calls).
     """
 
-    def __init__(self, step: StepFn, optimizer: torch.optim.Optimizer, params: list[Tensor],
-                 clip: tuple[float, str] | None = None, warmup: int = 2, max_graphs: int = 16,
-                 backend: str = "cuda") -> None:
+    def __init__(
+        self,
+        step: StepFn,
+        optimizer: torch.optim.Optimizer,
+        params: list[Tensor],
+        clip: tuple[float, str] | None = None,
+        warmup: int = 2,
+        max_graphs: int = 16,
+        backend: str = "cuda",
+    ) -> None:
         if backend not in ("cuda", "eager"):
             raise ValueError(f"backend must be 'cuda' or 'eager', got {backend!r}")
         self.step, self.optimizer, self.params = step, optimizer, params

@@ -30,10 +30,11 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
+from captioning.hyperparameters import TypedHyperparameters
 from captioning.models.step_graphs import StepGraphs, portable_optimizer_state
 
 
-class TrainingStep(pl.LightningModule):
+class TrainingStep(TypedHyperparameters, pl.LightningModule):
     """Mixin of the models' base class: the (optionally graphed) training step (module docstring)."""
 
     length_bucket = 4  # caption/sentence lengths are padded to a multiple of this under graphs
@@ -112,8 +113,10 @@ class TrainingStep(pl.LightningModule):
         graphs = self._step_graphs
         if graphs is not None:
             self.step_graph_counts = {"graphs": graphs.captures, "replays": graphs.replays, "eager": graphs.eager_steps}
-            rank_zero_info(f"CUDA graphs: {graphs.replays} of {graphs.replays + graphs.eager_steps} training steps were "
-                           f"replays of {graphs.captures} graphs")
+            rank_zero_info(
+                f"CUDA graphs: {graphs.replays} of {graphs.replays + graphs.eager_steps} training steps were "
+                f"replays of {graphs.captures} graphs"
+            )
         self._step_graphs = None  # frees the graphs' memory
 
     # ------------------------------------------------------------------ Lightning's automatic optimisation

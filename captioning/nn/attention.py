@@ -21,7 +21,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
-from captioning.nn.scores import SCORE_ALIASES, SCORERS, Scorer, ScoreBackward, compares_directly, make_scorer
+from captioning.nn.scores import SCORE_ALIASES, SCORERS, ScoreBackward, Scorer, compares_directly, make_scorer
 
 __all__ = [
     "SCORERS",
@@ -88,8 +88,15 @@ class AttentionOutput(NamedTuple):
     beta: Tensor | None = None
 
 
-def attend_projected(scorer: Scorer, qp: Tensor, keys: Tensor, values: Tensor, mask: Tensor | None,
-                     extra: PreparedMemory | None = None, scratch: Tensor | None = None) -> AttentionOutput:
+def attend_projected(
+    scorer: Scorer,
+    qp: Tensor,
+    keys: Tensor,
+    values: Tensor,
+    mask: Tensor | None,
+    extra: PreparedMemory | None = None,
+    scratch: Tensor | None = None,
+) -> AttentionOutput:
     """Scores -> masked softmax -> weighted sum, for every layer and path that builds a graph or
     decodes (the fused recurrence runs the same steps with hand-written gradients).
 
@@ -133,16 +140,22 @@ class _Layer(nn.Module):
     def _merge(self, context: Tensor) -> Tensor:  # (B, K, Dv) or (B, H, K, d) -> (B, K, out)
         raise NotImplementedError
 
-    def attend(self, query: Tensor, memory: PreparedMemory, extra: PreparedMemory | None = None,
-               scratch: Tensor | None = None) -> AttentionOutput:
+    def attend(
+        self, query: Tensor, memory: PreparedMemory, extra: PreparedMemory | None = None, scratch: Tensor | None = None
+    ) -> AttentionOutput:
         """Attend with one query per item (B, Dq) or K (B, K, Dq); ``extra`` (from ``prepare`` of
         (B, K, Dk) rows): one more position per query (see :func:`attend_projected`).
         Returns context (B[, K], out), alpha (B[, K], S), beta (B[, K]) or None; multi-head:
         alpha and beta averaged over heads."""
         single = query.dim() == 2
         q = query.unsqueeze(1) if single else query  # (B, K, Dq)
-        mask = None if memory.mask is None else memory.mask[:, None, None, :] if self.heads > 1 \
-            else memory.mask.unsqueeze(1)  # (B, [1,] 1, S)
+        mask = (
+            None
+            if memory.mask is None
+            else memory.mask[:, None, None, :]
+            if self.heads > 1
+            else memory.mask.unsqueeze(1)
+        )  # (B, [1,] 1, S)
         out = attend_projected(self.scorer, self._project(q), memory.keys, memory.values, mask, extra, scratch)
         context = self._merge(out.context)
         alpha, beta = out.alpha, out.beta
@@ -186,8 +199,14 @@ class Attention(_Layer):
         max_positions: only for ``location``: the largest S.
     """
 
-    def __init__(self, query_dim: int, key_dim: int, attention_dim: int = 512, score: str = "additive",
-                 max_positions: int | None = None) -> None:
+    def __init__(
+        self,
+        query_dim: int,
+        key_dim: int,
+        attention_dim: int = 512,
+        score: str = "additive",
+        max_positions: int | None = None,
+    ) -> None:
         super().__init__()
         self.score_name = SCORE_ALIASES.get(score, score)
         self.query_dim, self.key_dim, self.value_dim = query_dim, key_dim, key_dim
@@ -219,9 +238,19 @@ class MultiHeadAttention(_Layer):
         out_dim: output size of the context (default model_dim).
     """
 
-    def __init__(self, query_dim: int, key_dim: int, num_heads: int = 8, score: str = "scaled_dot",
-                 model_dim: int | None = None, value_dim: int | None = None, out_dim: int | None = None,
-                 attention_dim: int | None = None, max_positions: int | None = None, bias: bool = True) -> None:
+    def __init__(
+        self,
+        query_dim: int,
+        key_dim: int,
+        num_heads: int = 8,
+        score: str = "scaled_dot",
+        model_dim: int | None = None,
+        value_dim: int | None = None,
+        out_dim: int | None = None,
+        attention_dim: int | None = None,
+        max_positions: int | None = None,
+        bias: bool = True,
+    ) -> None:
         super().__init__()
         model_dim = model_dim or query_dim
         if model_dim % num_heads:
@@ -278,22 +307,35 @@ class MultiHeadAttention(_Layer):
     def load_from_torch(self, mha: nn.MultiheadAttention) -> None:
         """Copy weights from a ``torch.nn.MultiheadAttention`` (packed in_proj) into this layer."""
         d = self.q_proj.out_features
+        if self.k_proj is None:
+            raise ValueError("a location score has no key projection to load")
         if mha._qkv_same_embed_dim:
             w = mha.in_proj_weight
-            self.q_proj.weight.copy_(w[:d]); self.k_proj.weight.copy_(w[d:2 * d]); self.v_proj.weight.copy_(w[2 * d:])
+            self.q_proj.weight.copy_(w[:d])
+            self.k_proj.weight.copy_(w[d : 2 * d])
+            self.v_proj.weight.copy_(w[2 * d :])
         else:
-            self.q_proj.weight.copy_(mha.q_proj_weight); self.k_proj.weight.copy_(mha.k_proj_weight)
+            self.q_proj.weight.copy_(mha.q_proj_weight)
+            self.k_proj.weight.copy_(mha.k_proj_weight)
             self.v_proj.weight.copy_(mha.v_proj_weight)
         if mha.in_proj_bias is not None:
             b = mha.in_proj_bias
-            self.q_proj.bias.copy_(b[:d]); self.k_proj.bias.copy_(b[d:2 * d]); self.v_proj.bias.copy_(b[2 * d:])
+            self.q_proj.bias.copy_(b[:d])
+            self.k_proj.bias.copy_(b[d : 2 * d])
+            self.v_proj.bias.copy_(b[2 * d :])
         self.out_proj.weight.copy_(mha.out_proj.weight)
         if mha.out_proj.bias is not None:
             self.out_proj.bias.copy_(mha.out_proj.bias)
 
 
-def build_attention(score: str, query_dim: int, key_dim: int, attention_dim: int = 512, num_heads: int = 1,
-                    max_positions: int | None = None) -> Attention | MultiHeadAttention | None:
+def build_attention(
+    score: str,
+    query_dim: int,
+    key_dim: int,
+    attention_dim: int = 512,
+    num_heads: int = 1,
+    max_positions: int | None = None,
+) -> Attention | MultiHeadAttention | None:
     """The factory both decoders use. ``score='none'`` returns None (fixed-context baseline).
 
     ``num_heads > 1`` gives :class:`MultiHeadAttention` with ``model_dim=attention_dim`` and a
@@ -302,6 +344,13 @@ def build_attention(score: str, query_dim: int, key_dim: int, attention_dim: int
     if score is None or score == "none":
         return None
     if num_heads > 1:
-        return MultiHeadAttention(query_dim, key_dim, num_heads=num_heads, score=score, model_dim=attention_dim,
-                                  out_dim=key_dim, max_positions=max_positions)
+        return MultiHeadAttention(
+            query_dim,
+            key_dim,
+            num_heads=num_heads,
+            score=score,
+            model_dim=attention_dim,
+            out_dim=key_dim,
+            max_positions=max_positions,
+        )
     return Attention(query_dim, key_dim, attention_dim=attention_dim, score=score, max_positions=max_positions)

@@ -50,8 +50,16 @@ import torch
 from torch import Tensor, nn
 
 from captioning.nn.attention import PreparedMemory, build_attention
-from captioning.nn.recurrence import (QUERY_STYLES, RecurrenceOutput, RecurrencePlan, RecurrenceWeights,
-                                      fused_recurrence, lstm_cell, plain_steps, resolve_padding)
+from captioning.nn.recurrence import (
+    QUERY_STYLES,
+    RecurrenceOutput,
+    RecurrencePlan,
+    RecurrenceWeights,
+    fused_recurrence,
+    lstm_cell,
+    plain_steps,
+    resolve_padding,
+)
 from captioning.nn.search import StepOutput
 
 QUERY_ALIASES = {"bahdanau": "previous", "luong": "current"}
@@ -139,9 +147,25 @@ class AttentionDecoderCore(nn.Module):
         padding: how teacher forcing skips padding (``auto`` | ``shrink`` | ``mask``).
     """
 
-    def __init__(self, vocab_size: int, memory_dim: int, embed_dim: int, decoder_dim: int, attention_dim: int,
-                 attention: str, num_heads: int, dropout: float, max_positions: int | None, fused: bool, query: str,
-                 sentinel: bool, gate: bool, bridge: str, combine_previous: bool, padding: str = "auto") -> None:
+    def __init__(
+        self,
+        vocab_size: int,
+        memory_dim: int,
+        embed_dim: int,
+        decoder_dim: int,
+        attention_dim: int,
+        attention: str,
+        num_heads: int,
+        dropout: float,
+        max_positions: int | None,
+        fused: bool,
+        query: str,
+        sentinel: bool,
+        gate: bool,
+        bridge: str,
+        combine_previous: bool,
+        padding: str = "auto",
+    ) -> None:
         super().__init__()
         query = canonical_query(query)
         if sentinel and (attention is None or attention == "none"):
@@ -164,8 +188,14 @@ class AttentionDecoderCore(nn.Module):
         self.attention = build_attention(attention, query_dim, key_dim, attention_dim, num_heads, positions)
         # A score with its own sentinel score (``location``) scores the sentinel by its index, S:
         # memories are then padded to a fixed width so an item's output does not depend on its batch.
-        self.fixed_width = max_positions if sentinel and max_positions and \
-            self.attention.scorer.offers("scores_paired") else None
+        self.fixed_width = (
+            max_positions
+            if sentinel
+            and max_positions
+            and self.attention is not None
+            and self.attention.scorer.offers("scores_paired")
+            else None
+        )
         # Modules are created in the order of the two decoders this core replaced, so seeded runs
         # (and their checkpoints) reproduce exactly.
         self.embedding = nn.Embedding(vocab_size, embed_dim)
@@ -198,7 +228,7 @@ class AttentionDecoderCore(nn.Module):
         """Forget-gate bias 1: remember by default early in training."""
         with torch.no_grad():
             self.input_embed.bias.zero_()
-            self.input_embed.bias[self.decoder_dim: 2 * self.decoder_dim] = 1.0
+            self.input_embed.bias[self.decoder_dim : 2 * self.decoder_dim] = 1.0
 
     def padding_mode(self, device: torch.device) -> str:
         """How teacher forcing on ``device`` skips padding: ``shrink`` (host plan) or ``mask``
@@ -206,8 +236,9 @@ class AttentionDecoderCore(nn.Module):
         return resolve_padding(self.padding, device)
 
     # ------------------------------------------------------------------ step interface
-    def prepare_memory(self, memory: Tensor, mask: Tensor | None = None,
-                       summary: Tensor | None = None) -> DecoderMemory:
+    def prepare_memory(
+        self, memory: Tensor, mask: Tensor | None = None, summary: Tensor | None = None
+    ) -> DecoderMemory:
         """Everything that does not change across steps: memory (B, S, C) grid features or
         encoder states; mask (B, S) bool (True = real position); summary (B, C) (default: the
         mean of the real positions)."""
@@ -243,7 +274,12 @@ class AttentionDecoderCore(nn.Module):
             rep = memory.mask.repeat_interleave(beam_size, 0) if memory.mask is not None else None
             out = out._replace(summary=memory.summary.repeat_interleave(beam_size, 0), mask=rep, group=beam_size)
         attn = memory.attn
-        if attn is None or torch.is_grad_enabled() or not self.attention.scorer.offers("scores_into"):
+        if (
+            attn is None
+            or self.attention is None
+            or torch.is_grad_enabled()
+            or not self.attention.scorer.offers("scores_into")
+        ):
             return out
         device = attn.keys.device.type
         if torch.is_autocast_enabled(device):
@@ -264,10 +300,13 @@ class AttentionDecoderCore(nn.Module):
 
     def _sentinel_rows(self, s: Tensor, group: int = 1) -> PreparedMemory:
         """Sentinel s (N, D) -> the extra position's keys/values per query: (B, [H,] K, .)."""
+        assert self.attention is not None, "a sentinel needs an attention layer"
         f = self.sentinel_proj(s).view(-1, group, self.encoder_dim)
         return self.attention.prepare(self._keys(f), f)
 
-    def _attend(self, h: Tensor, memory: DecoderMemory, s: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor | None]:
+    def _attend(
+        self, h: Tensor, memory: DecoderMemory, s: Tensor | None = None
+    ) -> tuple[Tensor, Tensor, Tensor | None]:
         """Query state h (N, D) [, sentinel s (N, D)] -> context (N, C), alpha (N, S), beta (N,) or None.
         N = B, or B*K after :meth:`expand_memory` (an item's K queries attend at once)."""
         if self.attention is None:
@@ -277,11 +316,12 @@ class AttentionDecoderCore(nn.Module):
             real = memory.mask.to(h.dtype)
             return memory.summary, real / real.sum(1, keepdim=True).clamp(min=1), None
         query = h if self.query_proj is None else self.query_proj(h)
+        assert memory.attn is not None
         group = memory.group
-        extra = self._sentinel_rows(s, group) if self.sentinel else None
+        extra = self._sentinel_rows(s, group) if self.sentinel and s is not None else None
         out = self.attention.attend(query.view(-1, group, query.shape[-1]), memory.attn, extra, memory.scratch)
         n = h.shape[0]
-        context, alpha = out.context.reshape(n, -1), out.alpha.reshape(n, -1)[:, :memory.num_positions]
+        context, alpha = out.context.reshape(n, -1), out.alpha.reshape(n, -1)[:, : memory.num_positions]
         beta = None if out.beta is None else out.beta.reshape(n)
         if self.gate is not None:
             context = torch.sigmoid(self.gate(h)) * context
@@ -302,6 +342,7 @@ class AttentionDecoderCore(nn.Module):
             h, c, s = self._cell(x_gates, context, state.h, state.c)
             out = self._combined(h, context) if self.combine_previous else h
             return out, alpha, beta, DecoderState(h, c, s)
+        assert state.feed is not None, "the current-state query feeds its attentional vector back"
         h, c, s = self._cell(x_gates, state.feed, state.h, state.c)
         context, alpha, beta = self._attend(h, memory, s)
         feed = self._combined(h, context)
@@ -322,20 +363,24 @@ class AttentionDecoderCore(nn.Module):
     def _fused(self, memory: DecoderMemory, inputs: Tensor, steps: Tensor | None) -> RecurrenceOutput:
         """The time loop as one autograd node (captioning.nn.recurrence)."""
         layer, d = self.attention, self.decoder_dim
+        assert layer is not None and memory.attn is not None, "the fused recurrence needs an attention layer"
         state = self.init_state(memory)
         x_gates = self.input_embed(self.embedding(inputs))  # (B, T, G): one GEMM for all steps
         qm = layer.fused_query_map()
         if qm is None:  # the scorer uses the query as is: the decoder's bridge, or the state itself
             like = self.recurrent.weight
-            w_q = self.query_proj.weight if self.query_proj is not None else \
-                torch.eye(d, dtype=like.dtype, device=like.device)
+            w_q = (
+                self.query_proj.weight
+                if self.query_proj is not None
+                else torch.eye(d, dtype=like.dtype, device=like.device)
+            )
             b_q = None
         else:
             w_q, b_q = qm
             if self.query_proj is not None:
                 w_q = w_q @ self.query_proj.weight
         # Every matrix that multiplies the state, stacked: one (B, D) x (D, R) GEMM a step.
-        maps = [(self.recurrent.weight, None)]
+        maps: list[tuple[Tensor, Tensor | None]] = [(self.recurrent.weight, None)]
         if self.gate is not None:
             maps.append((self.gate.weight, self.gate.bias))
         maps.append((w_q, b_q))
@@ -344,35 +389,63 @@ class AttentionDecoderCore(nn.Module):
             maps.append((self.combine.weight[:, :d], self.combine.bias))
         w_h, b_h = stack_state_maps(maps)
         out_w, out_b = layer.output_map() or (None, None)
-        weights = RecurrenceWeights(w_h, b_h, self.input_extra.weight, self.combine.weight[:, d:] if current else None,
-                                    out_w, out_b)
-        plan = RecurrencePlan(self.query, layer.scorer, layer.heads, self.gate is not None,
-                              (lambda s: flat_rows(self._sentinel_rows(s))) if self.sentinel else None,
-                              autocast_matmul_dtype(inputs.device))
+        weights = RecurrenceWeights(
+            w_h, b_h, self.input_extra.weight, self.combine.weight[:, d:] if current else None, out_w, out_b
+        )
+        plan = RecurrencePlan(
+            self.query,
+            layer.scorer,
+            layer.heads,
+            self.gate is not None,
+            (lambda s: flat_rows(self._sentinel_rows(s))) if self.sentinel else None,
+            autocast_matmul_dtype(inputs.device),
+        )
         sentinel_params = ()
         if self.sentinel:  # everything _sentinel_rows and the scorer's scores_paired may read
             bridge = () if self.key_bridge is None else (self.key_bridge.weight,)
             sentinel_params = (self.sentinel_proj.weight, *bridge, *layer.parameters())
-        return fused_recurrence(plan, x_gates, memory.attn, state.h, state.c, state.sentinel, weights,
-                                layer.scorer.score_parameters(), sentinel_params, steps, self.padding)
+        return fused_recurrence(
+            plan,
+            x_gates,
+            memory.attn,
+            state.h,
+            state.c,
+            state.sentinel,
+            weights,
+            layer.scorer.score_parameters(),
+            sentinel_params,
+            steps,
+            self.padding,
+        )
 
-    def teacher_forced(self, memory: Tensor, inputs: Tensor, mask: Tensor | None = None,
-                       summary: Tensor | None = None,
-                       steps: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor | None]:
+    def teacher_forced(
+        self,
+        memory: Tensor,
+        inputs: Tensor,
+        mask: Tensor | None = None,
+        summary: Tensor | None = None,
+        steps: Tensor | None = None,
+    ) -> tuple[Tensor, Tensor, Tensor | None]:
         """:meth:`forward` up to the output layer: the vectors ``output(dropout(.))`` turns into
         logits (B, T, D), alphas (B, T, S), betas (B, T) or None."""
         prepared = self.prepare_memory(memory, mask, summary)
         if self.uses_fused_recurrence:
             out, alphas, betas, contexts = self._fused(prepared, inputs, steps)
-            alphas = alphas[..., :prepared.num_positions]  # (cut a fixed-width pad)
+            alphas = alphas[..., : prepared.num_positions]  # (cut a fixed-width pad)
             if self.query == "previous" and self.combine_previous:
                 out = self._combined(out, contexts)
             return out, alphas, betas
         x_gates = self.input_embed(self.embedding(inputs))  # (B, T, G): one GEMM for all steps
         return plain_steps(self._advance, x_gates, self.init_state(prepared), prepared, self.sentinel)
 
-    def forward(self, memory: Tensor, inputs: Tensor, mask: Tensor | None = None, summary: Tensor | None = None,
-                steps: Tensor | None = None) -> DecoderOutput:
+    def forward(
+        self,
+        memory: Tensor,
+        inputs: Tensor,
+        mask: Tensor | None = None,
+        summary: Tensor | None = None,
+        steps: Tensor | None = None,
+    ) -> DecoderOutput:
         """Teacher-forced pass.
 
         Args:

@@ -43,8 +43,15 @@ from torch import Tensor, nn
 
 from captioning.data.images import IMAGENET_MEAN, IMAGENET_STD, Preprocessing, as_unit_float
 
-__all__ = ["Encoder", "PrecomputedFeatures", "SmallCNN", "WeightsNotFoundError", "encoder_config", "grid_features",
-           "offline"]
+__all__ = [
+    "Encoder",
+    "PrecomputedFeatures",
+    "SmallCNN",
+    "WeightsNotFoundError",
+    "encoder_config",
+    "grid_features",
+    "offline",
+]
 
 # Any of these set to a true value means: never try to download weights.
 OFFLINE_ENV_VARS = ("CAPTIONING_OFFLINE", "TORCH_HUB_OFFLINE", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
@@ -78,6 +85,8 @@ class Encoder(nn.Module):
     out_channels: int
     grid_size: int
     config: dict
+    _mean: Tensor  # (1, 3, 1, 1) buffers of set_preprocessing
+    _std: Tensor
     sees_images = True  # False for stand-ins of extractors that ran elsewhere (PrecomputedFeatures)
 
     def set_preprocessing(self, preprocessing: Preprocessing) -> None:
@@ -158,8 +167,13 @@ class SmallCNN(Encoder):
                 f"width={width}, image_size={image_size}"
             )
         # Constructor args as plain data: stored in checkpoints to rebuild this encoder.
-        self.config = dict(channels=channels, grid_size=grid_size, width=width,
-                           position_embedding=position_embedding, image_size=image_size)
+        self.config = dict(
+            channels=channels,
+            grid_size=grid_size,
+            width=width,
+            position_embedding=position_embedding,
+            image_size=image_size,
+        )
         self.set_preprocessing(Preprocessing(image_size, IMAGENET_MEAN, IMAGENET_STD))
         self.out_channels = channels
         self.grid_size = grid_size
@@ -203,15 +217,27 @@ class PrecomputedFeatures(Encoder):
             checked when the real extractor is attached.
     """
 
-    def __init__(self, grid_size: int, channels: int, extractor: str = "an external feature extractor",
-                 image_size: int = 224, mean: tuple[float, float, float] = IMAGENET_MEAN,
-                 std: tuple[float, float, float] = IMAGENET_STD) -> None:
+    def __init__(
+        self,
+        grid_size: int,
+        channels: int,
+        extractor: str = "an external feature extractor",
+        image_size: int = 224,
+        mean: tuple[float, float, float] = IMAGENET_MEAN,
+        std: tuple[float, float, float] = IMAGENET_STD,
+    ) -> None:
         super().__init__()
         if grid_size < 1 or channels < 1:
             raise ValueError(f"PrecomputedFeatures: grid_size and channels must be >= 1, got {grid_size}, {channels}")
         preprocessing = Preprocessing(image_size, tuple(mean), tuple(std))
-        self.config = dict(grid_size=grid_size, channels=channels, extractor=extractor, image_size=image_size,
-                           mean=list(preprocessing.mean), std=list(preprocessing.std))
+        self.config = dict(
+            grid_size=grid_size,
+            channels=channels,
+            extractor=extractor,
+            image_size=image_size,
+            mean=list(preprocessing.mean),
+            std=list(preprocessing.std),
+        )
         self.set_preprocessing(preprocessing)
         self.grid_size, self.out_channels, self.extractor = grid_size, channels, extractor
 
@@ -225,7 +251,8 @@ class PrecomputedFeatures(Encoder):
         raise RuntimeError(
             f"this model was trained on precomputed {self.grid_size}x{self.grid_size}x{self.out_channels} features "
             f"from {self.extractor}; it has no image encoder. Attach the extractor that made them: "
-            "captioning attach-encoder --ckpt_path CKPT --encoder ENCODER.yaml --output NEW.ckpt")
+            "captioning attach-encoder --ckpt_path CKPT --encoder ENCODER.yaml --output NEW.ckpt"
+        )
 
     def extra_repr(self) -> str:
         return f"grid_size={self.grid_size}, channels={self.out_channels}, extractor={self.extractor!r}"
@@ -236,8 +263,9 @@ def encoder_config(encoder: nn.Module) -> dict:
     checkpoints, feature caches and exported models store to rebuild it (its ``config``)."""
     init_args = getattr(encoder, "config", None)
     if not isinstance(init_args, dict):
-        raise TypeError(f"{type(encoder).__name__} does not record its init args: set self.config = dict(...) "
-                        "(plain JSON-able values) in __init__, as captioning.nn.encoders.Encoder subclasses do")
+        raise TypeError(
+            f"{type(encoder).__name__} does not record its init args: set self.config = dict(...) "
+            "(plain JSON-able values) in __init__, as captioning.nn.encoders.Encoder subclasses do"
+        )
     cls = type(encoder)
     return {"class_path": f"{cls.__module__}.{cls.__qualname__}", "init_args": dict(init_args)}
-

@@ -39,13 +39,41 @@ class ShowAttendTellDecoder(AttentionDecoderCore):
         padding: how teacher forcing skips padding (``auto`` | ``shrink`` | ``mask``).
     """
 
-    def __init__(self, vocab_size: int, encoder_dim: int, embed_dim: int = 512, decoder_dim: int = 512,
-                 attention_dim: int = 512, attention: str = "additive", num_heads: int = 1, gate: bool = True,
-                 dropout: float = 0.5, max_positions: int | None = None, fused: bool = True,
-                 query: str = "previous", sentinel: bool = False, padding: str = "auto") -> None:
-        super().__init__(vocab_size, encoder_dim, embed_dim, decoder_dim, attention_dim, attention, num_heads,
-                         dropout, max_positions, fused, query, sentinel, gate=gate, bridge="query",
-                         combine_previous=False, padding=padding)
+    def __init__(
+        self,
+        vocab_size: int,
+        encoder_dim: int,
+        embed_dim: int = 512,
+        decoder_dim: int = 512,
+        attention_dim: int = 512,
+        attention: str = "additive",
+        num_heads: int = 1,
+        gate: bool = True,
+        dropout: float = 0.5,
+        max_positions: int | None = None,
+        fused: bool = True,
+        query: str = "previous",
+        sentinel: bool = False,
+        padding: str = "auto",
+    ) -> None:
+        super().__init__(
+            vocab_size,
+            encoder_dim,
+            embed_dim,
+            decoder_dim,
+            attention_dim,
+            attention,
+            num_heads,
+            dropout,
+            max_positions,
+            fused,
+            query,
+            sentinel,
+            gate=gate,
+            bridge="query",
+            combine_previous=False,
+            padding=padding,
+        )
         self._register_load_state_dict_pre_hook(_rename_extra_input)
 
     def reset_parameters(self) -> None:

@@ -37,7 +37,7 @@ def steps_stacked(rows: list[Tensor], items: int) -> Tensor:
         return torch.cat(rows, 1)
     out = rows[0].new_zeros(items, len(rows), rows[0].shape[-1])
     for t, r in enumerate(rows):
-        out[:r.shape[0], t] = r[:, 0]
+        out[: r.shape[0], t] = r[:, 0]
     return out
 
 
@@ -119,7 +119,8 @@ class AutogradScoreBackward:
             self.d_prepared[:n] += grads[1]
         for i, g in enumerate(grads[2:]):
             if g is not None:
-                self.d_params[i] = g if self.d_params[i] is None else self.d_params[i] + g
+                before = self.d_params[i]
+                self.d_params[i] = g if before is None else before + g
         return torch.zeros_like(qp) if grads[0] is None else grads[0]
 
     def finish(self) -> tuple[Tensor, tuple[Tensor | None, ...]]:

@@ -32,6 +32,7 @@ through one). :mod:`captioning.nn.attention` puts any scorer behind the one mask
 from __future__ import annotations
 
 import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -61,7 +62,7 @@ class _ProductScorer(Scorer):
         def step(self, d_scores: Tensor, qp: Tensor) -> Tensor:
             self.d_scores.append(d_scores)
             self.queries.append(qp)
-            return torch.bmm(d_scores, self.keys[:qp.shape[0]]) * self.scale  # (n, 1, S) @ (n, S, Q)
+            return torch.bmm(d_scores, self.keys[: qp.shape[0]]) * self.scale  # (n, 1, S) @ (n, S, Q)
 
         @torch.no_grad()
         def finish(self) -> tuple[Tensor, tuple[Tensor | None, ...]]:
@@ -148,7 +149,7 @@ class AdditiveScorer(Scorer):
             for i in range(0, items, chunk):
                 j = min(i + chunk, items)
                 d_e = d_scores[i:j]
-                sig = torch.add(self.keys2[i:j], qp[i:j], alpha=2, out=self.buf[:j - i]).sigmoid_()
+                sig = torch.add(self.keys2[i:j], qp[i:j], alpha=2, out=self.buf[: j - i]).sigmoid_()
                 torch.bmm(d_e, sig, out=d_v_rows[i:j])
                 sig_grad = sig.addcmul_(sig, sig, value=-1)  # sig - sig^2, in place
                 torch.bmm(d_e, sig_grad, out=d_q[i:j])
@@ -176,8 +177,16 @@ class AdditiveScorer(Scorer):
 
             n = qp.shape[0]
             d_qp = qp.new_empty(n, 1, qp.shape[-1], dtype=self.keys.dtype)
-            backward_step(d_scores.reshape(n, -1).contiguous(), qp.reshape(n, -1).contiguous(), self.keys, self.v,
-                          self.d_pre, self.d_v_rows, self.d_sums, d_qp.view(n, -1))
+            backward_step(
+                d_scores.reshape(n, -1).contiguous(),
+                qp.reshape(n, -1).contiguous(),
+                self.keys,
+                self.v,
+                self.d_pre,
+                self.d_v_rows,
+                self.d_sums,
+                d_qp.view(n, -1),
+            )
             return d_qp
 
         def finish(self) -> tuple[Tensor, tuple[Tensor | None, ...]]:
@@ -228,8 +237,8 @@ class AdditiveScorer(Scorer):
         scores = q2.new_empty(b, q2.shape[1], prepared.shape[1], dtype=scratch.dtype)  # (N, K, S)
         for i in range(0, b, n):
             m = min(n, b - i)
-            sig = torch.add(q2[i:i + m], prepared[i:i + m].unsqueeze(1), alpha=2, out=scratch[:m]).sigmoid_()
-            torch.matmul(sig, v2, out=scores[i:i + m])  # 2 sigmoid(2q + 2K) @ v
+            sig = torch.add(q2[i : i + m], prepared[i : i + m].unsqueeze(1), alpha=2, out=scratch[:m]).sigmoid_()
+            torch.matmul(sig, v2, out=scores[i : i + m])  # 2 sigmoid(2q + 2K) @ v
         return scores.to(torch.promote_types(scores.dtype, torch.float32)).sub_(v.sum())  # >= fp32
 
     def score_backward(self, prepared: Tensor) -> ScoreBackward:
@@ -260,7 +269,7 @@ class ContentScorer(Scorer):
         def step(self, d_scores: Tensor, qp: Tensor) -> Tensor:
             norm = qp.norm(dim=-1, keepdim=True)
             unit = qp / norm.clamp_min(ContentScorer.eps)
-            keys = self.keys[:qp.shape[0]]  # the first n items
+            keys = self.keys[: qp.shape[0]]  # the first n items
             cos = torch.bmm(unit, keys.transpose(1, 2))  # (n, 1, S)
             self.d_raw += (d_scores * cos).sum()
             self.d_scores.append(d_scores)
@@ -322,8 +331,14 @@ class LocationScorer(Scorer):
         def finish(self) -> tuple[Tensor, tuple[Tensor | None, ...]]:
             return torch.zeros_like(self.prepared), ()
 
-    def __init__(self, query_dim: int, key_dim: int, attention_dim: int | None = None,
-                 max_positions: int | None = None, **_: object) -> None:
+    def __init__(
+        self,
+        query_dim: int,
+        key_dim: int,
+        attention_dim: int | None = None,
+        max_positions: int | None = None,
+        **_: object,
+    ) -> None:
         super().__init__()
         if not max_positions:
             raise ValueError("score 'location' needs max_positions (the longest source / the grid H*W)")
@@ -349,8 +364,10 @@ class LocationScorer(Scorer):
 
     def scores_paired(self, qp: Tensor, keys: Tensor, position: int) -> Tensor:
         if position >= self.max_positions:
-            raise ValueError(f"score 'location' has max_positions={self.max_positions}, too few for an extra "
-                             f"position {position} (a sentinel needs the grid size + 1)")
+            raise ValueError(
+                f"score 'location' has max_positions={self.max_positions}, too few for an extra "
+                f"position {position} (a sentinel needs the grid size + 1)"
+            )
         return qp[..., position]
 
     def score_backward(self, prepared: Tensor) -> ScoreBackward:

@@ -8,8 +8,9 @@ Both drive any decoder with the step interface, :class:`StepDecoder`::
                                                   #                          state, beta (N,) or None)
 
 Memory and state are the decoder's own types: NamedTuples (both decoders'
-``DecoderMemory``/``DecoderState``) or dicts; search only reorders and repeats the tensors inside them (:func:`map_tensors`), so any nest of dicts/tuples/NamedTuples works. A
-``step`` may also return a plain ``(logits, alpha, state)`` tuple (no beta).
+``DecoderMemory``/``DecoderState``) or dicts; search only reorders and repeats the tensors
+inside them (:func:`map_tensors`), so any nest of dicts/tuples/NamedTuples works. A ``step``
+may also return a plain ``(logits, alpha, state)`` tuple (no beta).
 
 Beam search keeps all images x beams in one (B*K) batch: every step is a handful of tensor
 ops (one top-k over K*V candidates per image, one gather to reorder states), no Python loop
@@ -34,7 +35,8 @@ from __future__ import annotations
 
 import os
 import warnings
-from typing import Any, Callable, NamedTuple, Protocol, Sequence, TypeVar, runtime_checkable
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple, Protocol, TypeVar, runtime_checkable
 
 import torch
 from torch import Tensor
@@ -144,7 +146,7 @@ def _cap(logits: Tensor, step: Tensor, limits: Tensor | None, eos_id: int) -> Te
 
 
 def _banned(ids: Sequence[int], device: torch.device) -> Tensor | None:
-    return torch.tensor(sorted(set(int(i) for i in ids)), dtype=torch.long, device=device) if len(ids) else None
+    return torch.tensor(sorted({int(i) for i in ids}), dtype=torch.long, device=device) if len(ids) else None
 
 
 def length_normaliser(lengths: Tensor, length_penalty: float) -> Tensor:
@@ -204,9 +206,18 @@ def _captured(step: Callable[[], None]) -> Callable[[], None]:
 
 
 @torch.no_grad()
-def greedy_search(decoder: StepDecoder, memory: Any, batch_size: int, bos_id: int, eos_id: int, pad_id: int = 0,
-                  max_length: int = 50, banned_ids: Sequence[int] = (), max_lengths: Tensor | None = None,
-                  graphs: str | None = None) -> SearchResult:
+def greedy_search(
+    decoder: StepDecoder,
+    memory: Any,
+    batch_size: int,
+    bos_id: int,
+    eos_id: int,
+    pad_id: int = 0,
+    max_length: int = 50,
+    banned_ids: Sequence[int] = (),
+    max_lengths: Tensor | None = None,
+    graphs: str | None = None,
+) -> SearchResult:
     """Pick the most likely word at every step, for the whole batch at once.
 
     ``banned_ids``: tokens never emitted (e.g. ``<unk>``): their probability is set to 0 and
@@ -263,10 +274,20 @@ def _record(history: dict[str, Tensor], t: Tensor, length: int, **rows: Tensor |
 
 
 @torch.no_grad()
-def beam_search(decoder: StepDecoder, memory: Any, batch_size: int, bos_id: int, eos_id: int, pad_id: int = 0,
-                beam_size: int = 3, max_length: int = 50, length_penalty: float = 0.0,
-                banned_ids: Sequence[int] = (), max_lengths: Tensor | None = None,
-                graphs: str | None = None) -> SearchResult:
+def beam_search(
+    decoder: StepDecoder,
+    memory: Any,
+    batch_size: int,
+    bos_id: int,
+    eos_id: int,
+    pad_id: int = 0,
+    beam_size: int = 3,
+    max_length: int = 50,
+    length_penalty: float = 0.0,
+    banned_ids: Sequence[int] = (),
+    max_lengths: Tensor | None = None,
+    graphs: str | None = None,
+) -> SearchResult:
     """Batched beam search: all B images and K beams advance together.
 
     Args:
@@ -319,8 +340,15 @@ def beam_search(decoder: StepDecoder, memory: Any, batch_size: int, bos_id: int,
         best, flat = candidates.topk(k, dim=1)  # (B, K)
         origin, chosen = flat // vocab, flat % vocab  # which beam each came from, its word
         _copy_state(state, new_state, (base + origin).view(-1))
-        _record(history, t, max_length, tokens=chosen, origins=origin, alpha=alpha.float().view(b, k, -1),
-                beta=None if beta is None else beta.float().view(b, k))
+        _record(
+            history,
+            t,
+            max_length,
+            tokens=chosen,
+            origins=origin,
+            alpha=alpha.float().view(b, k, -1),
+            beta=None if beta is None else beta.float().view(b, k),
+        )
         finished.copy_(finished.gather(1, origin) | (chosen == eos_id))
         scores.copy_(best)
         tokens.copy_(chosen.view(-1))
@@ -339,8 +367,9 @@ def beam_search(decoder: StepDecoder, memory: Any, batch_size: int, bos_id: int,
     betas_out = None
     if "beta" in history:  # (B, T, K) -> the parent slot's beta, like alpha
         betas_out = history["beta"][:n].transpose(0, 1).gather(2, parent.unsqueeze(-1)).squeeze(2)
-    return SearchResult(tokens_out, lengths.gather(1, best).squeeze(1), final.gather(1, best).squeeze(1), alphas_out,
-                        betas_out)
+    return SearchResult(
+        tokens_out, lengths.gather(1, best).squeeze(1), final.gather(1, best).squeeze(1), alphas_out, betas_out
+    )
 
 
 def _backtrack(step_tokens: Tensor, step_origins: Tensor) -> tuple[Tensor, Tensor]:

@@ -36,10 +36,37 @@ class AttentionLSTMDecoder(AttentionDecoderCore):
         padding: how teacher forcing skips padding (``auto`` | ``shrink`` | ``mask``).
     """
 
-    def __init__(self, vocab_size: int, encoder_dim: int, embed_dim: int = 128, decoder_dim: int = 256,
-                 attention_dim: int = 128, attention: str = "additive", query: str = "bahdanau",
-                 num_heads: int = 1, dropout: float = 0.2, max_positions: int | None = None,
-                 fused: bool = True, sentinel: bool = False, padding: str = "auto") -> None:
-        super().__init__(vocab_size, encoder_dim, embed_dim, decoder_dim, attention_dim, attention, num_heads,
-                         dropout, max_positions, fused, query, sentinel, gate=False, bridge="keys",
-                         combine_previous=True, padding=padding)
+    def __init__(
+        self,
+        vocab_size: int,
+        encoder_dim: int,
+        embed_dim: int = 128,
+        decoder_dim: int = 256,
+        attention_dim: int = 128,
+        attention: str = "additive",
+        query: str = "bahdanau",
+        num_heads: int = 1,
+        dropout: float = 0.2,
+        max_positions: int | None = None,
+        fused: bool = True,
+        sentinel: bool = False,
+        padding: str = "auto",
+    ) -> None:
+        super().__init__(
+            vocab_size,
+            encoder_dim,
+            embed_dim,
+            decoder_dim,
+            attention_dim,
+            attention,
+            num_heads,
+            dropout,
+            max_positions,
+            fused,
+            query,
+            sentinel,
+            gate=False,
+            bridge="keys",
+            combine_previous=True,
+            padding=padding,
+        )

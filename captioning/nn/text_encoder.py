@@ -43,12 +43,25 @@ class BiLSTMEncoder(nn.Module):
         num_layers: stacked BiLSTM layers; dropout between layers and on the embeddings.
     """
 
-    def __init__(self, vocab_size: int, embed_dim: int = 128, hidden_dim: int = 128, num_layers: int = 1,
-                 dropout: float = 0.0, pad_id: int = 0) -> None:
+    def __init__(
+        self,
+        vocab_size: int,
+        embed_dim: int = 128,
+        hidden_dim: int = 128,
+        num_layers: int = 1,
+        dropout: float = 0.0,
+        pad_id: int = 0,
+    ) -> None:
         super().__init__()
         self.embedding = nn.Embedding(vocab_size, embed_dim, padding_idx=pad_id)
-        self.lstm = nn.LSTM(embed_dim, hidden_dim, num_layers, batch_first=True, bidirectional=True,
-                            dropout=dropout if num_layers > 1 else 0.0)
+        self.lstm = nn.LSTM(
+            embed_dim,
+            hidden_dim,
+            num_layers,
+            batch_first=True,
+            bidirectional=True,
+            dropout=dropout if num_layers > 1 else 0.0,
+        )
         self.dropout = nn.Dropout(dropout)
         self.out_dim = 2 * hidden_dim
 
@@ -56,8 +69,9 @@ class BiLSTMEncoder(nn.Module):
         """source (B, S) token ids, lengths (B,) real tokens per row (>= 1) -> :class:`EncoderOutput`.
         ``padded``: run on padded rows (no host sync; lengths are not checked) instead of packed ones."""
         if source.dim() != 2 or lengths.shape != source.shape[:1]:
-            raise ValueError(f"source must be (B, S) with lengths (B,), got {tuple(source.shape)} "
-                             f"and {tuple(lengths.shape)}")
+            raise ValueError(
+                f"source must be (B, S) with lengths (B,), got {tuple(source.shape)} and {tuple(lengths.shape)}"
+            )
         emb = self.dropout(self.embedding(source))  # (B, S, E)
         if padded:
             return self._padded(emb, lengths)
@@ -82,8 +96,10 @@ class BiLSTMEncoder(nn.Module):
         for layer in range(lstm.num_layers):
             outs = []
             for suffix in ("", "_reverse"):
-                weights = [getattr(lstm, f"{name}_l{layer}{suffix}") for name in ("weight_ih", "weight_hh", "bias_ih",
-                                                                                   "bias_hh")]
+                weights = [
+                    getattr(lstm, f"{name}_l{layer}{suffix}")
+                    for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")
+                ]
                 inp = x if not suffix else x.gather(1, rev.unsqueeze(-1).expand_as(x))
                 zeros = x.new_zeros(1, b, lstm.hidden_size)
                 out = torch.lstm(inp, (zeros, zeros), weights, True, 1, 0.0, self.training, False, True)[0]

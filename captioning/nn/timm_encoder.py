@@ -15,12 +15,13 @@ put where.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from captioning.nn.encoders import Encoder, WeightsNotFoundError, offline
 from captioning.data.images import Preprocessing
+from captioning.nn.encoders import Encoder, WeightsNotFoundError, offline
 
 __all__ = ["TimmEncoder"]
 
@@ -29,8 +30,9 @@ def _timm():
     try:
         import timm
     except ImportError as err:
-        raise ImportError("TimmEncoder needs timm: pip install 'attention-captioning[timm]' (or pip install timm)") \
-            from err
+        raise ImportError(
+            "TimmEncoder needs timm: pip install 'attention-captioning[timm]' (or pip install timm)"
+        ) from err
     return timm
 
 
@@ -71,16 +73,29 @@ class TimmEncoder(Encoder):
         image_size: input side; None = the model's pretrained input size.
     """
 
-    def __init__(self, model_name: str, pretrained: bool = True, weights_path: str | None = None,
-                 grid_size: int | None = None, trainable: bool = False, image_size: int | None = None) -> None:
+    def __init__(
+        self,
+        model_name: str,
+        pretrained: bool = True,
+        weights_path: str | None = None,
+        grid_size: int | None = None,
+        trainable: bool = False,
+        image_size: int | None = None,
+    ) -> None:
         super().__init__()
         timm = _timm()
         if not timm.is_model(model_name.split(".")[0]):  # "name.pretrained_tag" is valid too
             raise ValueError(f"unknown timm model {model_name!r}; see timm.list_models() for valid names")
         if grid_size is not None and grid_size < 1:
             raise ValueError(f"grid_size must be >= 1 or None, got {grid_size}")
-        self.config = dict(model_name=model_name, pretrained=pretrained, weights_path=weights_path,
-                           grid_size=grid_size, trainable=trainable, image_size=image_size)
+        self.config = dict(
+            model_name=model_name,
+            pretrained=pretrained,
+            weights_path=weights_path,
+            grid_size=grid_size,
+            trainable=trainable,
+            image_size=image_size,
+        )
         self.model_name, self.trainable = model_name, trainable
         kwargs: dict = dict(num_classes=0, global_pool="")
         if weights_path is not None:
@@ -96,15 +111,17 @@ class TimmEncoder(Encoder):
                 raise WeightsNotFoundError(
                     f"pretrained weights of timm model {model_name!r} are not in the Hugging Face cache "
                     f"({_hub_cache_dir()}) and downloads are off (offline mode): run once with a network "
-                    "(or copy the cache from a machine that has it), pass weights_path=FILE, or pretrained=False")
+                    "(or copy the cache from a machine that has it), pass weights_path=FILE, or pretrained=False"
+                )
             else:
                 kwargs.update(pretrained=True)
-        self.model = self._create(model_name, image_size, kwargs)
-        data = timm.data.resolve_model_data_config(self.model)
+        model: Any = self._create(model_name, image_size, kwargs)  # a timm model: its attributes vary by family
+        self.model: Any = model
+        data = timm.data.resolve_model_data_config(model)
         side = image_size or int(data["input_size"][-1])
         self.set_preprocessing(Preprocessing(side, tuple(data["mean"]), tuple(data["std"])))
-        self.num_prefix_tokens = int(getattr(self.model, "num_prefix_tokens", 0) or 0)
-        self.out_channels = int(self.model.num_features)
+        self.num_prefix_tokens = int(getattr(model, "num_prefix_tokens", 0) or 0)
+        self.out_channels = int(model.num_features)
         native = self._native_grid(side)
         self.grid_size = grid_size or native
         self.pool = nn.AdaptiveAvgPool2d(self.grid_size) if self.grid_size != native else nn.Identity()
@@ -128,7 +145,8 @@ class TimmEncoder(Encoder):
             raise WeightsNotFoundError(
                 f"pretrained weights of timm model {model_name!r} could not be downloaded into the Hugging Face "
                 f"cache ({_hub_cache_dir()}): {err.__class__.__name__}: {err}. Retry with a network, pass "
-                "weights_path=FILE, or pretrained=False") from err
+                "weights_path=FILE, or pretrained=False"
+            ) from err
 
     @torch.no_grad()
     def _native_grid(self, side: int) -> int:
@@ -142,7 +160,7 @@ class TimmEncoder(Encoder):
         """forward_features output -> (B, C, h, w)."""
         c = int(self.model.num_features)
         if features.dim() == 3:  # (B, prefix + h*w, C) tokens
-            patches = features[:, self.num_prefix_tokens:]
+            patches = features[:, self.num_prefix_tokens :]
             side = int(round(patches.shape[1] ** 0.5))
             if side * side != patches.shape[1]:
                 raise ValueError(f"{self.model_name}: {patches.shape[1]} patch tokens do not form a square grid")
@@ -161,7 +179,7 @@ class TimmEncoder(Encoder):
     def restore_args(cls, init_args: dict) -> dict:
         return {**init_args, "pretrained": False, "weights_path": None}
 
-    def train(self, mode: bool = True) -> "TimmEncoder":
+    def train(self, mode: bool = True) -> TimmEncoder:
         """Like nn.Module.train, but a frozen backbone stays in eval mode (BatchNorm/dropout fixed)."""
         super().train(mode)
         if not self.trainable:
@@ -176,4 +194,3 @@ class TimmEncoder(Encoder):
 
     def extra_repr(self) -> str:
         return f"model={self.model_name}, grid_size={self.grid_size}, out_channels={self.out_channels}"
-

@@ -19,8 +19,14 @@ import torchvision
 from torch import Tensor, nn
 
 from captioning.data.images import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
-from captioning.nn.encoders import (DOWNLOAD_TIMEOUT_S, OFFLINE_ENV_VARS, Encoder, WeightsNotFoundError, grid_features,
-                                    offline)
+from captioning.nn.encoders import (
+    DOWNLOAD_TIMEOUT_S,
+    OFFLINE_ENV_VARS,
+    Encoder,
+    WeightsNotFoundError,
+    grid_features,
+    offline,
+)
 
 __all__ = ["BACKBONES", "STAGES", "ImageEncoder", "resolve_weights"]
 
@@ -157,13 +163,18 @@ class ImageEncoder(Encoder):
         if grid_size < 1:
             raise ValueError(f"grid_size must be >= 1, got {grid_size}")
         if trainable_from is not None and trainable_from != "all" and trainable_from not in STAGES:
-            raise ValueError(
-                f"unknown trainable_from={trainable_from!r}; valid: None (frozen), 'all', {list(STAGES)}"
-            )
+            raise ValueError(f"unknown trainable_from={trainable_from!r}; valid: None (frozen), 'all', {list(STAGES)}")
         resolved = resolve_weights(backbone, weights)  # validate the name even if weights_path wins
         # Constructor args as plain data: stored in checkpoints to rebuild this encoder.
-        self.config = dict(backbone=backbone, weights=weights, weights_path=weights_path, grid_size=grid_size,
-                           trainable_from=trainable_from, channels_last=channels_last, image_size=image_size)
+        self.config = dict(
+            backbone=backbone,
+            weights=weights,
+            weights_path=weights_path,
+            grid_size=grid_size,
+            trainable_from=trainable_from,
+            channels_last=channels_last,
+            image_size=image_size,
+        )
         self.set_preprocessing(Preprocessing(image_size, IMAGENET_MEAN, IMAGENET_STD))
         self.backbone_name = backbone
         self.weights_name = str(resolved) if resolved is not None else None
@@ -182,7 +193,9 @@ class ImageEncoder(Encoder):
         elif resolved is not None:
             self._load(_fetch_pretrained(resolved))
 
-        first = len(STAGES) if trainable_from is None else 0 if trainable_from == "all" else STAGES.index(trainable_from)
+        first = (
+            len(STAGES) if trainable_from is None else 0 if trainable_from == "all" else STAGES.index(trainable_from)
+        )
         self._frozen_stages = STAGES[:first]
         for stage in self._frozen_stages:
             for name in _STAGE_MODULES[stage]:

@@ -6,12 +6,12 @@ import typing
 
 import torch
 
-from captioning.nn.encoders import SmallCNN
 from captioning.data.batches import METADATA_KEYS, CaptionBatch, TextBatch, collate_captions, collate_text
 from captioning.data.cached import CachedFeaturesDataModule
 from captioning.data.folder import FolderCaptionsDataModule
 from captioning.data.shapes import ShapesDataModule
 from captioning.data.text_tasks import SyntheticTextDataModule
+from captioning.nn.encoders import SmallCNN
 from tests.photo_data import folder_csv, write_photos
 
 CAPTION_KEYS = set(typing.get_type_hints(CaptionBatch))
@@ -47,8 +47,7 @@ def test_shapes_batches_follow_the_caption_layout():
 
 def test_file_datamodule_batches_follow_the_caption_layout(tmp_path):
     photos = write_photos(tmp_path)
-    dm = FolderCaptionsDataModule(str(tmp_path), str(folder_csv(tmp_path, photos)), split_column="split",
-                                  batch_size=2)
+    dm = FolderCaptionsDataModule(str(tmp_path), str(folder_csv(tmp_path, photos)), split_column="split", batch_size=2)
     dm.setup("fit")
     for loader in (dm.train_dataloader(), dm.val_dataloader()):
         assert loader.collate_fn is collate_captions
@@ -65,8 +64,13 @@ def test_cached_batches_follow_the_caption_layout_with_features(tmp_path):
 
 def test_collate_captions_keeps_only_keys_the_items_have_and_drops_skipped_items():
     image = torch.zeros(3, 4, 4, dtype=torch.uint8)
-    batch = collate_captions([{"image": image, "image_id": 7, "caption": [1, 5, 2]}, None,
-                              {"image": image, "image_id": 8, "caption": torch.tensor([1, 2])}])
+    batch = collate_captions(
+        [
+            {"image": image, "image_id": 7, "caption": [1, 5, 2]},
+            None,
+            {"image": image, "image_id": 8, "caption": torch.tensor([1, 2])},
+        ]
+    )
     assert set(batch) == {"images", "captions", "lengths", "image_ids"}
     assert batch["image_ids"] == [7, 8] and batch["captions"].tolist() == [[1, 5, 2], [1, 2, 0]]
     assert batch["lengths"].tolist() == [3, 2]
@@ -84,15 +88,15 @@ def test_text_batches_follow_the_text_layout():
     assert set(batch) == TEXT_KEYS  # the synthetic tasks know their alignments
     assert batch["source"].dtype == batch["target"].dtype == torch.long
     assert torch.equal(batch["source_lengths"], (batch["source"] != 0).sum(1))
-    no_alignment = collate_text([{"source": [4, 5], "target": [1, 6, 2], "id": 0, "source_text": "x y",
-                                  "reference": "z"}])
+    no_alignment = collate_text(
+        [{"source": [4, 5], "target": [1, 6, 2], "id": 0, "source_text": "x y", "reference": "z"}]
+    )
     assert "alignments" not in no_alignment and no_alignment["target"].tolist() == [[1, 6, 2]]
-
 
 
 def test_metadata_keys_are_exactly_the_batch_keys_that_hold_no_tensors():
     hints = {**typing.get_type_hints(CaptionBatch), **typing.get_type_hints(TextBatch)}
-    assert METADATA_KEYS == {k for k, t in hints.items() if t is not torch.Tensor}
+    assert {k for k, t in hints.items() if t is not torch.Tensor} == METADATA_KEYS
 
 
 def test_datamodules_move_tensors_and_hand_metadata_on_untouched():

@@ -8,14 +8,14 @@ import numpy as np
 import pytest
 import torch
 
-from captioning.nn.encoders import SmallCNN
-from captioning.nn.torchvision_encoder import ImageEncoder
-from captioning.data.feature_cache import write_feature_cache
-from captioning.models.image_captioner import ImageCaptioner
-from captioning.data.vocab import Vocabulary
 from captioning.data.cached import CachedFeaturesDataModule
+from captioning.data.feature_cache import write_feature_cache
 from captioning.data.sampling import LengthBucketBatchSampler, OneCaptionPerImageSampler
 from captioning.data.shapes import ShapesDataModule
+from captioning.data.vocab import Vocabulary
+from captioning.models.image_captioner import ImageCaptioner
+from captioning.nn.encoders import SmallCNN
+from captioning.nn.torchvision_encoder import ImageEncoder
 
 
 def _encoder():
@@ -45,8 +45,12 @@ def test_batches_carry_features_instead_of_images(cached):
     val = next(iter(cached.val_dataloader()))
     assert len(val["boxes"]) == len(val["image_ids"])  # named boxes for the localisation metric
     assert val["image_ids"] == list(range(6))  # one item per image, in order
-    torch.testing.assert_close(val["features"].float(), _encoder().eval()(next(iter(
-        _shapes().val_dataloader()))["images"]), atol=2e-3, rtol=2e-3)
+    torch.testing.assert_close(
+        val["features"].float(),
+        _encoder().eval()(next(iter(_shapes().val_dataloader()))["images"]),
+        atol=2e-3,
+        rtol=2e-3,
+    )
     assert next(iter(cached.predict_dataloader()))["captions"].shape == (5, 0)
 
 
@@ -84,18 +88,20 @@ def test_one_caption_per_image_shards_across_ranks_buckets_and_reshuffles():
 
     groups = [[2 * i, 2 * i + 1] for i in range(101)]  # 101 images, 2 captions each
     lengths = torch.randint(3, 30, (202,)).tolist()
-    ranks = [OneCaptionPerImageSampler(groups, seed=1, lengths=lengths, batch_size=8, pool=4, num_replicas=2, rank=r)
-             for r in (0, 1)]
+    ranks = [
+        OneCaptionPerImageSampler(groups, seed=1, lengths=lengths, batch_size=8, pool=4, num_replicas=2, rank=r)
+        for r in (0, 1)
+    ]
     assert all(isinstance(s, tud.DistributedSampler) for s in ranks)  # Lightning keeps it under DDP
     shards = [list(s) for s in ranks]
     assert len(shards[0]) == len(shards[1]) == 51  # ceil(101 / 2), padded
     images = [i // 2 for i in shards[0] + shards[1]]
     assert set(images) == set(range(101)) and len(images) == 102  # every image, one padding repeat
     for shard in shards:  # consecutive runs of batch_size are length buckets: less padding than random
-        batches = [shard[i:i + 8] for i in range(0, len(shard), 8)]
+        batches = [shard[i : i + 8] for i in range(0, len(shard), 8)]
         assert all(len(b) == 8 for b in batches[:-1])  # only the last batch is short
         padded = sum(max(lengths[i] for i in b) * len(b) for b in batches)
-        assert padded <= sum(max(lengths[i] for i in sorted(shard, key=str)[k:k + 8]) * 8 for k in range(0, 51, 8))
+        assert padded <= sum(max(lengths[i] for i in sorted(shard, key=str)[k : k + 8]) * 8 for k in range(0, 51, 8))
     ranks[0].set_epoch(1)
     assert list(ranks[0]) != shards[0]
 
@@ -118,8 +124,9 @@ class _FilesData:
     batch_size, image_size = 2, 64
 
     def references(self, split):
-        return {"train": {11: ["a dog", "a cat"], 12: ["a cat"]}, "val": {13: ["a dog"]},
-                "test": {13: ["a dog"]}}[split]
+        return {"train": {11: ["a dog", "a cat"], 12: ["a cat"]}, "val": {13: ["a dog"]}, "test": {13: ["a dog"]}}[
+            split
+        ]
 
 
 def test_features_from_another_extractor_in_one_shared_folder(tmp_path):
@@ -150,12 +157,27 @@ def test_lightning_trains_from_the_cache_it_builds(tmp_path):
     shapes = _shapes(image_size=64)
     dm = CachedFeaturesDataModule(shapes, str(tmp_path / "cache"), captions_per_epoch="one")
     torch.manual_seed(0)
-    model = ImageCaptioner(ImageEncoder("resnet18", weights=None, grid_size=2), shapes.vocab.to_dict(),
-                           embed_dim=8, decoder_dim=16, attention_dim=8, beam_size=2, max_length=5)
+    model = ImageCaptioner(
+        ImageEncoder("resnet18", weights=None, grid_size=2),
+        shapes.vocab.to_dict(),
+        embed_dim=8,
+        decoder_dim=16,
+        attention_dim=8,
+        beam_size=2,
+        max_length=5,
+    )
     before = {n: p.clone() for n, p in model.decoder.named_parameters()}
-    trainer = pl.Trainer(max_epochs=1, limit_train_batches=2, limit_val_batches=0, logger=False,
-                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                         num_sanity_val_steps=0, accelerator="cpu")
+    trainer = pl.Trainer(
+        max_epochs=1,
+        limit_train_batches=2,
+        limit_val_batches=0,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        accelerator="cpu",
+    )
     trainer.fit(model, datamodule=dm)
     assert (tmp_path / "cache" / "train" / "features.npy").is_file()  # built at prepare_data
     assert any(not torch.equal(p, before[n]) for n, p in model.decoder.named_parameters())
@@ -172,11 +194,22 @@ def test_coco_images_on_disk_are_cached_and_coco_can_bucket(tmp_path):
     for i, split in enumerate(["train", "train", "val", "test"]):
         Image.new("RGB", (20, 14), (60 * i, 0, 0)).save(tmp_path / f"{i}.jpg")
         words = ["a red thing"] + ["a much longer red thing on a table"] * (i % 2)
-        images.append({"filename": f"{i}.jpg", "split": split, "cocoid": 100 + i,
-                       "sentences": [{"raw": w, "tokens": w.split()} for w in words]})
+        images.append(
+            {
+                "filename": f"{i}.jpg",
+                "split": split,
+                "cocoid": 100 + i,
+                "sentences": [{"raw": w, "tokens": w.split()} for w in words],
+            }
+        )
     (tmp_path / "k.json").write_text(__import__("json").dumps({"images": images}))
-    coco = CocoCaptionsDataModule(karpathy_json=str(tmp_path / "k.json"), image_root=str(tmp_path), min_count=1,
-                                  batch_size=2, bucket_by_length=True)
+    coco = CocoCaptionsDataModule(
+        karpathy_json=str(tmp_path / "k.json"),
+        image_root=str(tmp_path),
+        min_count=1,
+        batch_size=2,
+        bucket_by_length=True,
+    )
     assert sorted(len(b["image_ids"]) for b in coco.train_dataloader()) == [1, 2]  # 3 pairs, all visited
     dm = CachedFeaturesDataModule(coco, str(tmp_path / "cache"))
     caches = dm.build_cache(_encoder())

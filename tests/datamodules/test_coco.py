@@ -6,9 +6,9 @@ import pytest
 import torch
 from PIL import Image
 
+from captioning.data.coco import CocoCaptionsDataModule
 from captioning.data.images import ImageReadError, Preprocessing
 from captioning.data.vocab import Vocabulary
-from captioning.data.coco import CocoCaptionsDataModule
 
 SIZE = 24
 COLORS = [(255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 0), (0, 255, 255), (255, 0, 255)]
@@ -120,8 +120,12 @@ def _write_karpathy(tmp_path, coco_style=True):
     def entry(i, name, split, sents, color):
         folder = ("train2014" if split != "val" else "val2014") if coco_style else ""
         _image(tmp_path / "imgs" / folder / name, color, "PNG")
-        e = {"filename": name, "imgid": i, "split": split,
-             "sentences": [{"tokens": s.split(), "raw": s + "."} for s in sents]}
+        e = {
+            "filename": name,
+            "imgid": i,
+            "split": split,
+            "sentences": [{"tokens": s.split(), "raw": s + "."} for s in sents],
+        }
         if coco_style:
             e.update(filepath=folder, cocoid=1000 + i)
         return e
@@ -213,9 +217,15 @@ def test_missing_image_dir_names_path(tmp_path, coco):
 
 def test_detection_annotations_rejected(tmp_path, coco):
     inst = tmp_path / "instances_train2017.json"
-    inst.write_text(json.dumps({"images": [{"id": 1, "file_name": "x.jpg"}],
-                                "annotations": [{"id": 5, "image_id": 1, "category_id": 3, "bbox": [0, 0, 1, 1]}],
-                                "categories": [{"id": 3, "name": "cat"}]}))
+    inst.write_text(
+        json.dumps(
+            {
+                "images": [{"id": 1, "file_name": "x.jpg"}],
+                "annotations": [{"id": 5, "image_id": 1, "category_id": 3, "bbox": [0, 0, 1, 1]}],
+                "categories": [{"id": 3, "name": "cat"}],
+            }
+        )
+    )
     with pytest.raises(ValueError, match="instances_train2017.json.*caption"):
         _dm(**{**coco, "train_annotations": str(inst)}).vocab
 

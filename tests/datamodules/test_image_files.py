@@ -8,12 +8,12 @@ import json
 import logging
 
 import pytest
+from photo_data import folder_csv, karpathy, write_photos
 from PIL import Image
 
-from captioning.data.images import ImageReadError, Preprocessing
 from captioning.data.coco import CocoCaptionsDataModule
 from captioning.data.folder import FolderCaptionsDataModule
-from photo_data import folder_csv, karpathy, write_photos
+from captioning.data.images import ImageReadError, Preprocessing
 
 
 @pytest.fixture
@@ -22,8 +22,9 @@ def photos(tmp_path):
 
 
 def _karpathy_dm(root, items, **kw):
-    dm = CocoCaptionsDataModule(karpathy_json=str(karpathy(root, items)), image_root=str(root), min_count=1,
-                                batch_size=4, **kw)
+    dm = CocoCaptionsDataModule(
+        karpathy_json=str(karpathy(root, items)), image_root=str(root), min_count=1, batch_size=4, **kw
+    )
     dm.use_preprocessing(Preprocessing(32))
     return dm
 
@@ -59,8 +60,14 @@ def test_outside_paths_can_be_allowed_explicitly(photos):
 def test_official_coco_file_names_are_contained_too(tmp_path):
     (tmp_path / "imgs").mkdir()
     ann = tmp_path / "captions.json"
-    ann.write_text(json.dumps({"images": [{"id": 1, "file_name": "../secret.jpg"}],
-                               "annotations": [{"id": 1, "image_id": 1, "caption": "a dog"}]}))
+    ann.write_text(
+        json.dumps(
+            {
+                "images": [{"id": 1, "file_name": "../secret.jpg"}],
+                "annotations": [{"id": 1, "image_id": 1, "caption": "a dog"}],
+            }
+        )
+    )
     from captioning.data.coco import read_coco_captions
 
     with pytest.raises(ValueError, match=r"captions.json images\[0\] \(id 1\): image path '../secret.jpg'"):
@@ -126,7 +133,10 @@ def test_dropped_empty_captions_are_counted_at_warning_level(tmp_path, caplog):
         dm.vocab
     warning = " ".join(r.getMessage() for r in caplog.records if r.levelno == logging.WARNING)
     assert "dropped 4 caption(s) that are empty" in warning and "1 image(s) had no caption left" in warning
-    assert "train2014/img_004.jpg" not in dm.references("train") and len(dm.references("train")["train2014/img_005.jpg"]) == 2
+    assert (
+        "train2014/img_004.jpg" not in dm.references("train")
+        and len(dm.references("train")["train2014/img_005.jpg"]) == 2
+    )
 
 
 def test_folder_route_reports_a_malformed_row_with_file_and_line(tmp_path):
@@ -163,8 +173,9 @@ def test_exif_rotated_training_photos_are_upright_in_batches(tmp_path):
     exif[0x0112] = 6  # "rotate 90 CW to display"
     (tmp_path / "i").mkdir()
     wide.save(tmp_path / "i" / "phone.jpg", exif=exif, quality=95)
-    (tmp_path / "c.csv").write_text("file,caption,split\ni/phone.jpg,a phone photo,train\ni/phone.jpg,x,train\n"
-                                    "i/phone.jpg,a photo,train\n")
+    (tmp_path / "c.csv").write_text(
+        "file,caption,split\ni/phone.jpg,a phone photo,train\ni/phone.jpg,x,train\ni/phone.jpg,a photo,train\n"
+    )
     dm = FolderCaptionsDataModule(str(tmp_path), str(tmp_path / "c.csv"), split_column="split", batch_size=1)
     dm.use_preprocessing(Preprocessing(20))
     image = next(iter(dm.train_dataloader()))["images"][0]  # (3, 20, 20): squashed from 20x60 upright

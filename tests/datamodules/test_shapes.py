@@ -3,15 +3,23 @@
 from __future__ import annotations
 
 import numpy as np
-from PIL import Image
 import pytest
 import torch
+from PIL import Image
 
 from captioning.data.images import Preprocessing, load_image
-from captioning.data.vocab import Vocabulary, tokenize
-from captioning.data.shape_scenes import (COLORS, RGB, SHAPES, SIZE_RANGE, SIZES, _layout, object_word_alignment,
-                                          shapes_vocabulary)
+from captioning.data.shape_scenes import (
+    COLORS,
+    RGB,
+    SHAPES,
+    SIZE_RANGE,
+    SIZES,
+    _layout,
+    object_word_alignment,
+    shapes_vocabulary,
+)
 from captioning.data.shapes import ShapesDataModule, ShapesDataset, main
+from captioning.data.vocab import Vocabulary, tokenize
 
 
 def small_dm(**kwargs) -> ShapesDataModule:
@@ -124,12 +132,12 @@ def test_boxes_are_inside_the_image_disjoint_and_drawn_in_their_colour():
         boxes = [o["box"] for o in scene.objects]
         for i, (x0, y0, x1, y1) in enumerate(boxes):
             assert 0 <= x0 < x1 <= 1 and 0 <= y0 < y1 <= 1
-            for bx0, by0, bx1, by1 in boxes[i + 1:]:
+            for bx0, by0, bx1, by1 in boxes[i + 1 :]:
                 assert x1 <= bx0 or bx1 <= x0 or y1 <= by0 or by1 <= y0
         for obj in scene.objects:
             x0, y0, x1, y1 = (v * 64 for v in obj["box"])
             cx, cy = int((x0 + x1) / 2), int((y0 + y1) / 2)
-            patch = scene.pixels[cy - 1:cy + 2, cx - 1:cx + 2].reshape(-1, 3).mean(0)
+            patch = scene.pixels[cy - 1 : cy + 2, cx - 1 : cx + 2].reshape(-1, 3).mean(0)
             nearest = COLORS[int(np.argmin(((palette - patch) ** 2).sum(1)))]
             assert nearest == obj["color"], (obj, patch)
             side = obj["box"][2] - obj["box"][0]
@@ -147,7 +155,7 @@ def test_layout_stays_valid_when_rejection_sampling_keeps_failing(n):
     assert len(boxes) == n
     for i, (x0, y0, x1, y1) in enumerate(boxes):
         assert 0 <= x0 < x1 <= 1 and 0 <= y0 < y1 <= 1
-        for bx0, by0, bx1, by1 in boxes[i + 1:]:
+        for bx0, by0, bx1, by1 in boxes[i + 1 :]:
             assert x1 <= bx0 or bx1 <= x0 or y1 <= by0 or by1 <= y0
     cx = sorted((b[0] + b[2]) / 2 for b in boxes)
     assert all(b - a >= 0.1 for a, b in zip(cx, cx[1:]))
@@ -157,7 +165,7 @@ def test_noise_zero_gives_a_plain_background():
     scene = scenes(small_dm(noise=0.0), "test", 1)[0]
     mask = np.ones((64, 64), bool)
     for x0, y0, x1, y1 in (o["box"] for o in scene.objects):
-        mask[int(y0 * 64) - 1:int(y1 * 64) + 2, int(x0 * 64) - 1:int(x1 * 64) + 2] = False
+        mask[int(y0 * 64) - 1 : int(y1 * 64) + 2, int(x0 * 64) - 1 : int(x1 * 64) + 2] = False
     assert len(np.unique(scene.pixels[mask], axis=0)) == 1
     noisy = scenes(small_dm(noise=1.0), "test", 1)[0]
     assert len(np.unique(noisy.pixels[mask], axis=0)) > 50
@@ -186,25 +194,30 @@ def test_vocabulary_is_fixed_and_covers_every_caption():
 
 
 def test_alignment_of_generated_captions():
-    objects = [{"shape": "circle", "color": "red", "size": "large", "box": [0, 0, .3, .3]},
-               {"shape": "square", "color": "blue", "size": "small", "box": [.5, .5, .7, .7]}]
-    tokens = "a large red circle to the left of a small green square".split()
+    objects = [
+        {"shape": "circle", "color": "red", "size": "large", "box": [0, 0, 0.3, 0.3]},
+        {"shape": "square", "color": "blue", "size": "small", "box": [0.5, 0.5, 0.7, 0.7]},
+    ]
+    tokens = ["a", "large", "red", "circle", "to", "the", "left", "of", "a", "small", "green", "square"]
     align = object_word_alignment(tokens, objects)
     assert align[1:4] == [0, 0, 0]
     assert align[-1] is None and align[0] is None  # no green square in the scene
     assert object_word_alignment(["a", "square"], objects) == [None, 1]
 
 
-@pytest.mark.parametrize("kwargs, words", [
-    ({"min_objects": 3, "max_objects": 2}, ["min_objects", "3", "2"]),
-    ({"eval_min_objects": 4, "eval_max_objects": 3}, ["eval_min_objects", "4"]),
-    ({"max_objects": 5}, ["max_objects", "5"]),
-    ({"eval_min_objects": 0}, ["eval_min_objects", "0"]),
-    ({"image_size": 32}, ["image_size", "32"]),
-    ({"batch_size": 0}, ["batch_size", "0"]),
-    ({"noise": 1.5}, ["noise", "1.5"]),
-    ({"train_size": 0}, ["train_size", "0"]),
-])
+@pytest.mark.parametrize(
+    "kwargs, words",
+    [
+        ({"min_objects": 3, "max_objects": 2}, ["min_objects", "3", "2"]),
+        ({"eval_min_objects": 4, "eval_max_objects": 3}, ["eval_min_objects", "4"]),
+        ({"max_objects": 5}, ["max_objects", "5"]),
+        ({"eval_min_objects": 0}, ["eval_min_objects", "0"]),
+        ({"image_size": 32}, ["image_size", "32"]),
+        ({"batch_size": 0}, ["batch_size", "0"]),
+        ({"noise": 1.5}, ["noise", "1.5"]),
+        ({"train_size": 0}, ["train_size", "0"]),
+    ],
+)
 def test_bad_arguments_raise_value_error_naming_the_value(kwargs, words):
     with pytest.raises(ValueError) as err:
         ShapesDataModule(**kwargs)
@@ -247,7 +260,8 @@ def test_export_images_and_command_write_readable_pngs(tmp_path, capsys):
     main(["--out", str(tmp_path / "cli"), "--count", "3"])
     lines = capsys.readouterr().out.strip().splitlines()
     assert len(lines) == 3 and sorted(p.name for p in (tmp_path / "cli").iterdir()) == [
-        f"shapes_test_0000{i}.png" for i in range(3)]
+        f"shapes_test_0000{i}.png" for i in range(3)
+    ]
     path, caption = lines[0].split("\t")
     assert np.array_equal(np.asarray(load_image(path)), dm.dataset("test").scene(0).pixels)
     assert caption == dm.dataset("test").scene(0).captions[0]

@@ -5,17 +5,16 @@ import calendar
 import pytest
 import torch
 
-from captioning.data.text_vocab import TextTokenizer, TextVocab
 from captioning.data.batches import collate_text as collate
 from captioning.data.text import TsvFormatError, TsvTextDataModule, read_tsv
 from captioning.data.text_tasks import MONTHS, SyntheticTextDataModule
+from captioning.data.text_vocab import TextTokenizer, TextVocab
 
 
 def write(tmp_path, name, data: bytes):
     path = tmp_path / name
     path.write_bytes(data)
     return path
-
 
 
 GOOD = "Go.\tVa !\tCC-BY 2.0 attribution\nHi.\tSalut !\n\nRun!\tCours !\r\n"
@@ -28,12 +27,15 @@ def test_read_tsv_keeps_pairs_with_line_numbers_ignoring_blank_lines_extra_colum
     assert problems == []
 
 
-@pytest.mark.parametrize("bad_line, reason", [
-    (b"no tab on this line", "missing tab"),
-    (b"\tonly a target", "empty source"),
-    (b"only a source\t  ", "empty target"),
-    (b"caf\xe9\tcoffee", "not valid utf-8"),
-])
+@pytest.mark.parametrize(
+    "bad_line, reason",
+    [
+        (b"no tab on this line", "missing tab"),
+        (b"\tonly a target", "empty source"),
+        (b"only a source\t  ", "empty target"),
+        (b"caf\xe9\tcoffee", "not valid utf-8"),
+    ],
+)
 def test_malformed_line_is_a_clear_error_with_file_and_line(tmp_path, bad_line, reason):
     path = write(tmp_path, "train.tsv", b"a\tb\nc\td\n" + bad_line + b"\ne\tf\n")
     with pytest.raises(TsvFormatError, match=reason) as err:
@@ -59,8 +61,8 @@ def test_missing_file_is_named(tmp_path):
 
 
 def test_tsv_vocab_comes_from_train_only_and_travels_as_plain_data(tmp_path):
-    train = write(tmp_path, "train.tsv", "The cat sleeps.\tLe chat dort.\nA dog.\tUn chien.\n".encode())
-    val = write(tmp_path, "val.tsv", "The bird.\tL'oiseau.\n".encode())
+    train = write(tmp_path, "train.tsv", b"The cat sleeps.\tLe chat dort.\nA dog.\tUn chien.\n")
+    val = write(tmp_path, "val.tsv", b"The bird.\tL'oiseau.\n")
     dm = TsvTextDataModule(str(train), val_path=str(val), batch_size=2)
     data = dm.vocab_data
     assert data["tokenizer"] == {"kind": "word", "lowercase": True}
@@ -113,24 +115,34 @@ def test_synthetic_dates_alignment_points_at_the_source_token_it_comes_from():
                 assert s == -1
             elif len(tgt[t]) == 4:  # year: copied
                 assert src[s] == tgt[t]
-            elif tgt[t + 1:t + 2] == ["-"]:  # month: name -> number
+            elif tgt[t + 1 : t + 2] == ["-"]:  # month: name -> number
                 assert MONTHS.index(src[s]) + 1 == int(tgt[t])
             else:  # day: zero-padded copy, valid for its month and year
                 assert int(src[s]) == int(tgt[t])
                 assert int(tgt[t]) <= calendar.monthrange(int(tgt[t - 4]), int(tgt[t - 2]))[1]
-    assert dm.example("train", 7) == SyntheticTextDataModule(task="dates", min_items=2, max_items=6,
-                                                            train_size=50).example("train", 7)
+    assert dm.example("train", 7) == SyntheticTextDataModule(
+        task="dates", min_items=2, max_items=6, train_size=50
+    ).example("train", 7)
     assert dm.example("train", 7) != dm.example("val", 7)
 
 
 def test_synthetic_reverse_lengths_are_configurable_and_alignment_known():
-    dm = SyntheticTextDataModule(task="reverse", min_items=40, max_items=60, eval_min_items=80,
-                                 eval_max_items=80, num_symbols=10, train_size=5, val_size=3, batch_size=5)
+    dm = SyntheticTextDataModule(
+        task="reverse",
+        min_items=40,
+        max_items=60,
+        eval_min_items=80,
+        eval_max_items=80,
+        num_symbols=10,
+        train_size=5,
+        val_size=3,
+        batch_size=5,
+    )
     batch = next(iter(dm.train_dataloader()))
     n = batch["source_lengths"] - 1
     assert bool(((n >= 40) & (n <= 60)).all())
     for i in range(5):
-        src, tgt = batch["source"][i, :int(n[i])], batch["target"][i, 1:int(n[i]) + 1]
+        src, tgt = batch["source"][i, : int(n[i])], batch["target"][i, 1 : int(n[i]) + 1]
         align = torch.tensor(batch["alignments"][i][:-1])
         assert torch.equal(src.flip(0), src[align])  # target t = source n-1-t
         assert [dm.text_vocab.target.itos[j] for j in tgt] == [dm.text_vocab.source.itos[j] for j in src.flip(0)]
@@ -167,8 +179,10 @@ def test_malformed_line_message_is_one_line_naming_file_and_line(tmp_path):
 
 
 def test_bpe_datamodule_learns_subwords_from_train_only_and_buckets_batches(tmp_path):
-    pairs = [(f"je suis {w}{'s' * (i % 3)} {'très ' * (i % 5)}.", f"i am {w} {'very ' * (i % 5)}.")
-             for i, w in enumerate(["fatigué", "content", "prêt", "grand", "petit"] * 12)]
+    pairs = [
+        (f"je suis {w}{'s' * (i % 3)} {'très ' * (i % 5)}.", f"i am {w} {'very ' * (i % 5)}.")
+        for i, w in enumerate(["fatigué", "content", "prêt", "grand", "petit"] * 12)
+    ]
     train = write(tmp_path, "train.tsv", "".join(f"{s}\t{t}\n" for s, t in pairs).encode())
     val = write(tmp_path, "val.tsv", "Vous êtes fatigués !\tYou are tired!\nIls sont là.\tThey're here.\n".encode())
     dm = TsvTextDataModule(str(train), val_path=str(val), tokenizer="bpe", subword_vocab_size=60, batch_size=8)

@@ -8,8 +8,10 @@ import torch
 from captioning.nn import kernels
 
 CUDA = torch.cuda.is_available()
-pytestmark = pytest.mark.skipif(not kernels.triton_available() or not (CUDA or kernels.interpreting()),
-                                reason="Triton is not installed (or, without a GPU, TRITON_INTERPRET is not 1)")
+pytestmark = pytest.mark.skipif(
+    not kernels.triton_available() or not (CUDA or kernels.interpreting()),
+    reason="Triton is not installed (or, without a GPU, TRITON_INTERPRET is not 1)",
+)
 DEVICE = "cuda" if CUDA else "cpu"
 DTYPES = [torch.float32] + ([] if CUDA else [torch.float64])
 
@@ -48,8 +50,9 @@ def test_lstm_cell_and_its_backward_equal_the_plain_maths(sentinel, dtype):
     for name, fused in (("plain", False), ("kernel", True)):
         buffer = torch.zeros(m, width + 3, dtype=dtype, device=DEVICE)  # a slice of a wider buffer, as in the loop
         dc_prev = torch.empty(m, d, dtype=dtype, device=DEVICE)
-        (cell_backward if fused else _plain_backward)(act, c_out, c, dh, d_out, dc.clone(), ds, buffer[:, 1:width + 1],
-                                                      dc_prev)
+        (cell_backward if fused else _plain_backward)(
+            act, c_out, c, dh, d_out, dc.clone(), ds, buffer[:, 1 : width + 1], dc_prev
+        )
         grads[name] = (buffer, dc_prev)
     for got, want in zip(grads["kernel"], grads["plain"]):
         torch.testing.assert_close(got, want, **_tol(dtype))
@@ -65,7 +68,8 @@ def _plain_backward(*args):
 @pytest.mark.parametrize("with_mask,gate", [(False, False), (True, True), (True, False)])
 def test_softmax_context_and_backward_equal_the_plain_maths(with_mask, gate, dtype):
     from captioning.nn.attention import masked_softmax, softmax_backward
-    from captioning.nn.kernels.attention import gate_backward, softmax_backward as fused_backward, softmax_context
+    from captioning.nn.kernels.attention import gate_backward, softmax_context
+    from captioning.nn.kernels.attention import softmax_backward as fused_backward
 
     g = torch.Generator().manual_seed(1)
     n, s, dv = 6, 45, 150  # several position chunks and value blocks, both with a ragged end
@@ -90,16 +94,19 @@ def test_softmax_context_and_backward_equal_the_plain_maths(with_mask, gate, dty
     d_alpha = torch.randn(n // 2, s, generator=g, dtype=dtype).to(DEVICE)  # two heads per item
     d_e = torch.empty(n, s, dtype=dtype, device=DEVICE)
     fused_backward(want_alpha, d_w, d_alpha, 2, d_e)
-    torch.testing.assert_close(d_e, softmax_backward(want_alpha, d_w + (d_alpha / 2).repeat_interleave(2, 0)),
-                               **_tol(dtype))
-    dz, extra = torch.randn(n, dv, generator=g, dtype=dtype).to(DEVICE), torch.randn(n, dv, generator=g,
-                                                                                      dtype=dtype).to(DEVICE)
+    torch.testing.assert_close(
+        d_e, softmax_backward(want_alpha, d_w + (d_alpha / 2).repeat_interleave(2, 0)), **_tol(dtype)
+    )
+    dz, extra = (
+        torch.randn(n, dv, generator=g, dtype=dtype).to(DEVICE),
+        torch.randn(n, dv, generator=g, dtype=dtype).to(DEVICE),
+    )
     d_ctx, wide = torch.empty(n, dv, dtype=dtype, device=DEVICE), torch.zeros(n, dv + 8, dtype=dtype, device=DEVICE)
-    gate_backward(dz, extra, want_ctx, gate_pre, d_ctx, wide[:, 4:4 + dv])
+    gate_backward(dz, extra, want_ctx, gate_pre, d_ctx, wide[:, 4 : 4 + dv])
     sig = torch.sigmoid(gate_pre)
     torch.testing.assert_close(d_ctx, (dz + extra) * sig, **_tol(dtype))
-    torch.testing.assert_close(wide[:, 4:4 + dv], (dz + extra) * want_ctx * sig * (1 - sig), **_tol(dtype))
-    assert torch.all(wide[:, :4] == 0) and torch.all(wide[:, 4 + dv:] == 0)  # nothing written outside the slice
+    torch.testing.assert_close(wide[:, 4 : 4 + dv], (dz + extra) * want_ctx * sig * (1 - sig), **_tol(dtype))
+    assert torch.all(wide[:, :4] == 0) and torch.all(wide[:, 4 + dv :] == 0)  # nothing written outside the slice
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -130,6 +137,5 @@ def test_forcing_the_kernels_on_a_cpu_needs_the_interpreter(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     if CUDA:
         pytest.skip("with a GPU the kernels may be forced")
-    with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
-        with kernels.forced(True):
-            pass
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET"), kernels.forced(True):
+        pass

@@ -3,13 +3,13 @@ the plain autograd loop. (Every score x heads x query x sentinel under both sche
 tests/test_query_sentinel.py.)"""
 
 import itertools
+
 import pytest
 import torch
 
 from captioning.nn import kernels
 from captioning.nn.image_decoder import ShowAttendTellDecoder
 from captioning.nn.recurrence import Schedule, make_schedule, resolve_padding
-
 
 V, C, S = 30, 12, 9
 
@@ -37,13 +37,19 @@ def test_auto_padding_shrinks_on_cpus_and_masks_on_accelerators():
         ShowAttendTellDecoder(V, C, padding="squeeze")
 
 
-CASES = [(q, s, g, h, score) for q, s, g, h, score in itertools.product(
-    ["previous", "current"], [False, True], [True, False], [1, 2], ["additive", "general"])
-    if not (s and h == 2)]
+CASES = [
+    (q, s, g, h, score)
+    for q, s, g, h, score in itertools.product(
+        ["previous", "current"], [False, True], [True, False], [1, 2], ["additive", "general"]
+    )
+    if not (s and h == 2)
+]
 
 
-@pytest.mark.skipif(not kernels.triton_available() or not (torch.cuda.is_available() or kernels.interpreting()),
-                    reason="Triton is not installed (or, without a GPU, TRITON_INTERPRET is not 1)")
+@pytest.mark.skipif(
+    not kernels.triton_available() or not (torch.cuda.is_available() or kernels.interpreting()),
+    reason="Triton is not installed (or, without a GPU, TRITON_INTERPRET is not 1)",
+)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("query,sentinel,gate,heads,score", CASES)
 def test_the_kernel_path_equals_the_plain_loop(query, sentinel, gate, heads, score, dtype):
@@ -53,8 +59,21 @@ def test_the_kernel_path_equals_the_plain_loop(query, sentinel, gate, heads, sco
         pytest.skip("float64 runs through the interpreter only")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     torch.manual_seed(0)
-    dec = ShowAttendTellDecoder(V, C, 8, 16, 10, attention=score, num_heads=heads, gate=gate, dropout=0.0,
-                                max_positions=S, query=query, sentinel=sentinel, padding="mask").to(device, dtype)
+    dec = ShowAttendTellDecoder(
+        V,
+        C,
+        8,
+        16,
+        10,
+        attention=score,
+        num_heads=heads,
+        gate=gate,
+        dropout=0.0,
+        max_positions=S,
+        query=query,
+        sentinel=sentinel,
+        padding="mask",
+    ).to(device, dtype)
     g = torch.Generator().manual_seed(2)
     b, t = 5, 6
     feats = torch.randn(b, S, C, generator=g, dtype=dtype).to(device)
@@ -71,17 +90,26 @@ def test_the_kernel_path_equals_the_plain_loop(query, sentinel, gate, heads, sco
         with kernels.forced(fused):
             out = dec(f, inputs, mask, steps=steps if fused else None)
             w = torch.Generator().manual_seed(1)
-            loss = sum((x * torch.randn(x.shape, generator=w, dtype=x.dtype).to(device)
-                        * real.view(b, t, *[1] * (x.dim() - 2))).sum() for x in out if x is not None)
+            loss = sum(
+                (
+                    x
+                    * torch.randn(x.shape, generator=w, dtype=x.dtype).to(device)
+                    * real.view(b, t, *[1] * (x.dim() - 2))
+                ).sum()
+                for x in out
+                if x is not None
+            )
             loss.backward()
         results.append((out, {n: p.grad.clone() for n, p in dec.named_parameters() if p.grad is not None}, f.grad))
     (f_out, f_grads, f_feat), (p_out, p_grads, p_feat) = results
     tol = {} if dtype == torch.float64 else dict(atol=1e-5, rtol=1e-4)
     for name, got, want in zip(p_out._fields, f_out, p_out):
         if want is not None:
-            torch.testing.assert_close(got[real], want[real], msg=lambda m: f"{name}: {m}", **tol)
+            torch.testing.assert_close(got[real], want[real], msg=lambda m, name=name: f"{name}: {m}", **tol)
     assert torch.all(f_out.alphas[~real] == 0)
     assert f_grads.keys() == p_grads.keys()
     for name in p_grads:
-        torch.testing.assert_close(f_grads[name], p_grads[name], msg=lambda m: f"gradient of {name}: {m}", **tol)
+        torch.testing.assert_close(
+            f_grads[name], p_grads[name], msg=lambda m, name=name: f"gradient of {name}: {m}", **tol
+        )
     torch.testing.assert_close(f_feat, p_feat, **tol)

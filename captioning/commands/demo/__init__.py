@@ -25,36 +25,80 @@ import signal
 import sys
 import tempfile
 import threading
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
-from captioning.commands.demo.page import (build_app, caption_request, launch, require_gradio, translate_request,
-                                           word_request)
-from captioning.commands.demo.service import (MAX_BEAM, CaptionResult, Demo, DemoError, TranslationResult, WordView,
-                                              example_images, word_html)
+from captioning.commands.demo.page import (
+    build_app,
+    caption_request,
+    launch,
+    require_gradio,
+    translate_request,
+    word_request,
+)
+from captioning.commands.demo.service import (
+    MAX_BEAM,
+    CaptionResult,
+    Demo,
+    DemoError,
+    TranslationResult,
+    WordView,
+    example_images,
+    word_html,
+)
 
-__all__ = ["CaptionResult", "Demo", "DemoError", "TranslationResult", "WordView", "build_app", "build_parser",
-           "caption_request", "example_images", "launch", "load_demo", "main", "translate_request", "word_html",
-           "word_request"]
+__all__ = [
+    "CaptionResult",
+    "Demo",
+    "DemoError",
+    "TranslationResult",
+    "WordView",
+    "build_app",
+    "build_parser",
+    "caption_request",
+    "example_images",
+    "launch",
+    "load_demo",
+    "main",
+    "translate_request",
+    "word_html",
+    "word_request",
+]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from captioning.data.images import DEFAULT_MAX_PIXELS
     from captioning.commands.options import add_model_arguments
+    from captioning.data.images import DEFAULT_MAX_PIXELS
 
     p = argparse.ArgumentParser(prog="captioning demo", description=__doc__.split("\n\n")[1])
     add_model_arguments(p, "checkpoint written by `captioning fit`, or a run folder")
-    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine "
-                                                       "only; 0.0.0.0 opens it to the network)")
+    p.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="address to listen on (default 127.0.0.1: this machine only; 0.0.0.0 opens it to the network)",
+    )
     p.add_argument("--port", type=int, default=7860, help="port (default 7860)")
-    p.add_argument("--share", action="store_true", help="also ask Gradio for a public share link (needs the "
-                                                        "internet; off by default)")
-    p.add_argument("--beam_size", type=int, default=None, help="the beam size control's starting value "
-                                                               "(default: the model's own)")
-    p.add_argument("--concurrency", type=int, default=4, help="requests decoded at the same time (default 4); "
-                                                              "more wait in the queue")
-    p.add_argument("--max_pixels", type=int, default=DEFAULT_MAX_PIXELS,
-                   help=f"refuse images with more pixels than this (default {DEFAULT_MAX_PIXELS:,})")
+    p.add_argument(
+        "--share",
+        action="store_true",
+        help="also ask Gradio for a public share link (needs the internet; off by default)",
+    )
+    p.add_argument(
+        "--beam_size", type=int, default=None, help="the beam size control's starting value (default: the model's own)"
+    )
+    p.add_argument(
+        "--concurrency",
+        type=int,
+        default=4,
+        help="requests decoded at the same time (default 4); more wait in the queue",
+    )
+    p.add_argument(
+        "--max_pixels",
+        type=int,
+        default=DEFAULT_MAX_PIXELS,
+        help=f"refuse images with more pixels than this (default {DEFAULT_MAX_PIXELS:,})",
+    )
     p.add_argument("--no_examples", action="store_true", help="do not offer the built-in example scenes")
     return p
 
@@ -103,14 +147,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         if demo is not None and demo.kind == "image" and not args.no_examples:
             examples = example_images(work_dir / "examples", demo.model)
         try:
-            app = launch(build_app(demo, problem, examples), args.host, args.port, args.concurrency, args.share,
-                         [str(work_dir)])
+            app = launch(
+                build_app(demo, problem, examples), args.host, args.port, args.concurrency, args.share, [str(work_dir)]
+            )
         except OSError as err:  # port taken, address not on this machine
             reason = " ".join(str(err).split(". ")[0].split()) or type(err).__name__
-            raise UserError(f"cannot serve on {args.host}:{args.port} ({reason}): choose another --port or --host") \
-                from err
-        print(f"demo of {args.ckpt_path or args.model} at {app.local_url} (Ctrl-C to stop)", file=sys.stderr,
-              flush=True)
+            raise UserError(
+                f"cannot serve on {args.host}:{args.port} ({reason}): choose another --port or --host"
+            ) from err
+        print(
+            f"demo of {args.ckpt_path or args.model} at {app.local_url} (Ctrl-C to stop)", file=sys.stderr, flush=True
+        )
         if app.share_url:
             print(f"public link: {app.share_url}", file=sys.stderr, flush=True)
         if threading.current_thread() is threading.main_thread():

@@ -5,8 +5,9 @@ serving it. Gradio is imported only here, and only when the page is built."""
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from captioning.commands.demo.service import MAX_BEAM, CaptionResult, Demo, DemoError, escape
 
@@ -75,22 +76,43 @@ def build_app(demo: Demo | None, problem: str | None = None, examples: Sequence[
 def _image_page(gr: Any, demo: Demo, examples: Sequence[Path]) -> None:
     with gr.Row():
         with gr.Column(scale=2):
-            image = gr.Image(label="Image: drop, paste or pick one", type="filepath", sources=["upload", "clipboard"],
-                             elem_id="input-image", height=320)
-            beam = gr.Slider(1, MAX_BEAM, value=demo.default_beam, step=1, label="Beam size (1 = greedy)",
-                             elem_id="beam-size")
+            image = gr.Image(
+                label="Image: drop, paste or pick one",
+                type="filepath",
+                sources=["upload", "clipboard"],
+                elem_id="input-image",
+                height=320,
+            )
+            beam = gr.Slider(
+                1, MAX_BEAM, value=demo.default_beam, step=1, label="Beam size (1 = greedy)", elem_id="beam-size"
+            )
             button = gr.Button("Caption", variant="primary", elem_id="caption-button")
             if examples:
-                gr.Examples([[str(p)] for p in examples], inputs=[image], label="Example scenes",
-                            cache_examples=False, elem_id="examples")
+                gr.Examples(
+                    [[str(p)] for p in examples],
+                    inputs=[image],
+                    label="Example scenes",
+                    cache_examples=False,
+                    elem_id="examples",
+                )
         with gr.Column(scale=3):
             status = gr.HTML("", elem_id="status")
-            words = gr.Radio([], label="Caption: click a word to see where the model looked", elem_id="caption-words",
-                             interactive=True)
+            words = gr.Radio(
+                [],
+                label="Caption: click a word to see where the model looked",
+                elem_id="caption-words",
+                interactive=True,
+            )
             with gr.Row():
                 with gr.Column(scale=3, min_width=240):
-                    word_view = gr.Image(label="Attention for the chosen word", show_label=False, format="png",
-                                         elem_id="word-view", interactive=False, height=300)
+                    word_view = gr.Image(
+                        label="Attention for the chosen word",
+                        show_label=False,
+                        format="png",
+                        elem_id="word-view",
+                        interactive=False,
+                        height=300,
+                    )
                 with gr.Column(scale=2, min_width=200):
                     word_info = gr.HTML("", elem_id="word-info")
     gr.Markdown("### All words (the overlay `captioning caption` writes)")
@@ -102,8 +124,15 @@ def _image_page(gr: Any, demo: Demo, examples: Sequence[Path]) -> None:
     def on_caption(upload: Any, beam_size: Any) -> tuple:
         page = caption_request(demo, upload, beam_size)
         choices = [(w, i) for i, w in enumerate(page["words"])]
-        return (page["status"], gr.update(choices=choices, value=0 if choices else None), page["word_image"],
-                page["word_html"], page["strip"], page["record"], page["result"])
+        return (
+            page["status"],
+            gr.update(choices=choices, value=0 if choices else None),
+            page["word_image"],
+            page["word_html"],
+            page["strip"],
+            page["record"],
+            page["result"],
+        )
 
     def on_word(result: CaptionResult | None, index: Any) -> tuple:
         page = word_request(demo, result, index)
@@ -116,8 +145,9 @@ def _image_page(gr: Any, demo: Demo, examples: Sequence[Path]) -> None:
     button.click(**events, api_name="caption")
     image.change(**events, api_visibility="private")
     beam.release(**events, api_visibility="private")
-    words.input(on_word, inputs=[state, words], outputs=[word_view, word_info], concurrency_limit=None,
-                api_visibility="private")
+    words.input(
+        on_word, inputs=[state, words], outputs=[word_view, word_info], concurrency_limit=None, api_visibility="private"
+    )
 
 
 def _text_page(gr: Any, demo: Demo) -> None:
@@ -129,8 +159,9 @@ def _text_page(gr: Any, demo: Demo) -> None:
         with gr.Column():
             status = gr.HTML("", elem_id="status")
             target = gr.Textbox(label="Translation", interactive=False, elem_id="translation")
-    heatmap = gr.Image(label="Attention: source (columns) x output (rows)", format="png", elem_id="heatmap",
-                       interactive=False)
+    heatmap = gr.Image(
+        label="Attention: source (columns) x output (rows)", format="png", elem_id="heatmap", interactive=False
+    )
     record = gr.File(label="Result JSON (as `captioning translate` writes it)", interactive=False)
 
     def on_translate(text: str, beam_size: Any) -> tuple:
@@ -156,8 +187,15 @@ def _upload_path(upload: Any) -> tuple[str | None, str | None]:
 
 
 def _empty_caption(status: str = "") -> dict:
-    return {"status": status, "words": [], "word_image": None, "word_html": "", "strip": None, "record": None,
-            "result": None}
+    return {
+        "status": status,
+        "words": [],
+        "word_image": None,
+        "word_html": "",
+        "strip": None,
+        "record": None,
+        "result": None,
+    }
 
 
 def caption_request(demo: Demo, upload: Any, beam_size: Any) -> dict:
@@ -176,8 +214,15 @@ def caption_request(demo: Demo, upload: Any, beam_size: Any) -> dict:
         return _empty_caption(_message(str(err)))
     note = f"{result.name}: captioned in {result.seconds:.2f} s (beam {result.beam_size}, score {result.score:.3f})"
     status = "".join(_message(w, "warning") for w in result.warnings) + _message(note, "ok")
-    page = {"status": status, "words": result.words, "word_image": None, "word_html": "",
-            "strip": str(result.strip), "record": str(result.record), "result": result}
+    page = {
+        "status": status,
+        "words": result.words,
+        "word_image": None,
+        "word_html": "",
+        "strip": str(result.strip),
+        "record": str(result.record),
+        "result": result,
+    }
     if result.words:
         view = demo.word(result, 0)
         page.update(word_image=view.image, word_html=view.html)
@@ -208,15 +253,33 @@ def translate_request(demo: Demo, text: str, beam_size: Any) -> dict:
     return {"status": status, "translation": tr.text, "heatmap": str(tr.heatmap), "record": str(tr.record)}
 
 
-def launch(app: Any, host: str = "127.0.0.1", port: int | None = 7860, concurrency: int = 4, share: bool = False,
-           allowed_paths: Sequence[str] = ()) -> Any:
+def launch(
+    app: Any,
+    host: str = "127.0.0.1",
+    port: int | None = 7860,
+    concurrency: int = 4,
+    share: bool = False,
+    allowed_paths: Sequence[str] = (),
+) -> Any:
     """Serve ``app`` (from :func:`build_app`) in background threads and return it (``app.local_url``;
     ``app.close()`` stops it). Requests are queued; ``concurrency`` of them run at the same time."""
     gr = require_gradio()
     app.queue(default_concurrency_limit=concurrency)
-    theme = gr.themes.Default(font=["ui-sans-serif", "system-ui", "sans-serif"],
-                              font_mono=["ui-monospace", "monospace"])  # system fonts: nothing to download
-    app.launch(server_name=host, server_port=port, share=share, quiet=True, prevent_thread_lock=True, ssr_mode=False,
-               theme=theme, css=CSS, run_history=False, footer_links=["api", "settings"],
-               allowed_paths=list(allowed_paths), max_file_size="200mb")
+    theme = gr.themes.Default(
+        font=["ui-sans-serif", "system-ui", "sans-serif"], font_mono=["ui-monospace", "monospace"]
+    )  # system fonts: nothing to download
+    app.launch(
+        server_name=host,
+        server_port=port,
+        share=share,
+        quiet=True,
+        prevent_thread_lock=True,
+        ssr_mode=False,
+        theme=theme,
+        css=CSS,
+        run_history=False,
+        footer_links=["api", "settings"],
+        allowed_paths=list(allowed_paths),
+        max_file_size="200mb",
+    )
     return app

@@ -79,17 +79,20 @@ def word_html(words: list[str], index: int, attention: np.ndarray, sentinel: lis
     h, w = a.shape
     r, c = divmod(int(a.argmax()), w)
     peak = float(a.max())
-    parts = [f"<b class='word'>{escape(words[index])}</b> &middot; word {index + 1} of {len(words)}",
-             f"attention peak: row {r + 1}, column {c + 1} of the {h}&times;{w} grid, weight {peak:.3f} "
-             f"({peak * h * w:.1f}&times; a uniform spread)"]
+    parts = [
+        f"<b class='word'>{escape(words[index])}</b> &middot; word {index + 1} of {len(words)}",
+        f"attention peak: row {r + 1}, column {c + 1} of the {h}&times;{w} grid, weight {peak:.3f} "
+        f"({peak * h * w:.1f}&times; a uniform spread)",
+    ]
     if sentinel is not None:
         beta = min(max(sentinel[index], 0.0), 1.0)
-        parts.append(f"<span class='sentinel'>sentinel weight &beta; = {beta:.2f}: {1 - beta:.0%} from the image, "
-                     f"{beta:.0%} from the language model</span>"
-                     f"<span class='sentinel-bar' title='image {1 - beta:.0%} | language model {beta:.0%}'>"
-                     f"<span style='width:{(1 - beta) * 100:.1f}%'></span></span>")
+        parts.append(
+            f"<span class='sentinel'>sentinel weight &beta; = {beta:.2f}: {1 - beta:.0%} from the image, "
+            f"{beta:.0%} from the language model</span>"
+            f"<span class='sentinel-bar' title='image {1 - beta:.0%} | language model {beta:.0%}'>"
+            f"<span style='width:{(1 - beta) * 100:.1f}%'></span></span>"
+        )
     return "<div class='word-info'>" + "<br>".join(parts) + "</div>"
-
 
 
 class Demo:
@@ -103,8 +106,9 @@ class Demo:
         beam_size: the beam size control's starting value (default: the model's own, at most ``MAX_BEAM``).
     """
 
-    def __init__(self, model: Any, name: str, work_dir: Path, max_pixels: int | None = None,
-                 beam_size: int | None = None) -> None:
+    def __init__(
+        self, model: Any, name: str, work_dir: Path, max_pixels: int | None = None, beam_size: int | None = None
+    ) -> None:
         from captioning.data.images import DEFAULT_MAX_PIXELS
         from captioning.models.protocols import Translator, is_captioner
 
@@ -112,8 +116,10 @@ class Demo:
         self.max_pixels = DEFAULT_MAX_PIXELS if max_pixels is None else max_pixels
         if is_captioner(model):
             if not model.encoder.sees_images:
-                raise DemoError(f"{name} was trained on precomputed features and has no image encoder, so it "
-                                "cannot caption photos: attach the extractor first (captioning attach-encoder --help)")
+                raise DemoError(
+                    f"{name} was trained on precomputed features and has no image encoder, so it "
+                    "cannot caption photos: attach the extractor first (captioning attach-encoder --help)"
+                )
             self.kind = "image"
         elif isinstance(model, Translator):
             self.kind = "text"
@@ -161,8 +167,8 @@ class Demo:
         """Caption the image file ``path`` (shown as ``name``); the CLI's PNG and JSON are written
         for it. Raises :class:`DemoError` with a one-line message for unusable files."""
         from captioning.data.images import ImageReadError, load_image, small_image_warning
-        from captioning.models.inference import caption_images
         from captioning.io.results import write_caption_result
+        from captioning.models.inference import caption_images
 
         if self.kind != "image":
             raise DemoError(f"{self.name} is a text model: type a sentence instead")
@@ -177,11 +183,29 @@ class Demo:
         result = caption_images(self.model, [image], beam_size=beam)[0]
         seconds = time.perf_counter() - start
         attention = result.attention.detach().float().cpu().numpy()
-        strip, record = write_caption_result(self._request_dir(), name, result.words, attention, image=image,
-                                             score=result.score, overwrite=True, remember=False,
-                                             sentinel=result.sentinel)
-        return CaptionResult(name, list(result.words), attention, float(result.score), strip, record, seconds, beam,
-                             result.sentinel, warnings)
+        strip, record = write_caption_result(
+            self._request_dir(),
+            name,
+            result.words,
+            attention,
+            image=image,
+            score=result.score,
+            overwrite=True,
+            remember=False,
+            sentinel=result.sentinel,
+        )
+        return CaptionResult(
+            name,
+            list(result.words),
+            attention,
+            float(result.score),
+            strip,
+            record,
+            seconds,
+            beam,
+            result.sentinel,
+            warnings,
+        )
 
     def word(self, result: CaptionResult, index: int) -> WordView:
         """Word ``index``'s heatmap: its panel cut out of the CLI's overlay (the same pixels)."""
@@ -190,8 +214,9 @@ class Demo:
             raise DemoError(f"no word {index + 1} in a caption of {len(result.words)} word(s)")
         with Image.open(result.strip) as strip:
             strip.load()
-            box = overlay_panel_boxes(strip.size, len(result.words), CLI_PANEL_SIZE,
-                                      sentinel=result.sentinel is not None)[index + 1]
+            box = overlay_panel_boxes(
+                strip.size, len(result.words), CLI_PANEL_SIZE, sentinel=result.sentinel is not None
+            )[index + 1]
             panel = strip.convert("RGB").crop(box)
         return WordView(panel, word_html(result.words, index, result.attention, result.sentinel))
 
@@ -214,16 +239,17 @@ class Demo:
         with torch.inference_mode():
             tr = self.model.translate([text], beam)[0]
         seconds = time.perf_counter() - start
-        png, record = write_translation_result(self._request_dir(), sentence_stem(text), tr, "demo", text,
-                                               overwrite=True, remember=False)
+        png, record = write_translation_result(
+            self._request_dir(), sentence_stem(text), tr, "demo", text, overwrite=True, remember=False
+        )
         return TranslationResult(tr.text, png, record, seconds, beam, warnings)
 
 
 def example_images(folder: Path, model: Any, count: int = 3) -> list[Path]:
     """A few scenes of the built-in shapes dataset (and the checkpoint's own example image, when
     it carries one) as PNG files in ``folder``: the page's examples."""
-    from captioning.io.model_card import unpack_example
     from captioning.data.shape_scenes import generate_scene
+    from captioning.io.model_card import unpack_example
 
     folder.mkdir(parents=True, exist_ok=True)
     paths = []

@@ -23,14 +23,14 @@ import contextlib
 import functools
 import importlib.util
 import os
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 
 _FORCED = False
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def triton_available() -> bool:
     """True when Triton can be imported (PyTorch's CUDA builds ship it)."""
     return importlib.util.find_spec("triton") is not None
@@ -50,8 +50,10 @@ def forced(on: bool = True) -> Iterator[None]:
     ``TRITON_INTERPRET=1`` before the first kernel is used). For tests."""
     global _FORCED
     if on and not interpreting() and not torch.cuda.is_available():
-        raise RuntimeError("the kernels run on CPU tensors only through Triton's interpreter: "
-                           "set TRITON_INTERPRET=1 before they are first used")
+        raise RuntimeError(
+            "the kernels run on CPU tensors only through Triton's interpreter: "
+            "set TRITON_INTERPRET=1 before they are first used"
+        )
     before, _FORCED = _FORCED, on
     try:
         yield

@@ -25,8 +25,23 @@ _BLOCK_A = 64
 
 
 @triton.jit
-def _scores(q_ptr, sq, k_ptr, skn, sks, v_ptr, vsum_ptr, out_ptr, so, K, S, A, COMPUTE: tl.constexpr,
-            BLOCK_S: tl.constexpr, BLOCK_A: tl.constexpr):
+def _scores(
+    q_ptr,
+    sq,
+    k_ptr,
+    skn,
+    sks,
+    v_ptr,
+    vsum_ptr,
+    out_ptr,
+    so,
+    K,
+    S,
+    A,
+    COMPUTE: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+    BLOCK_A: tl.constexpr,
+):
     row = tl.program_id(0).to(tl.int64)  # query row: item row // K
     pos = tl.program_id(1) * BLOCK_S + tl.arange(0, BLOCK_S)
     vs = pos < S
@@ -45,8 +60,29 @@ def _scores(q_ptr, sq, k_ptr, skn, sks, v_ptr, vsum_ptr, out_ptr, so, K, S, A, C
 
 
 @triton.jit
-def _backward(de_ptr, sde, q_ptr, sq, k_ptr, skn, sks, v_ptr, dpre_ptr, sdn, sds, dv_ptr, sdv, desum_ptr, dq_ptr,
-              sdq, S, A, COMPUTE: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_A: tl.constexpr):
+def _backward(
+    de_ptr,
+    sde,
+    q_ptr,
+    sq,
+    k_ptr,
+    skn,
+    sks,
+    v_ptr,
+    dpre_ptr,
+    sdn,
+    sds,
+    dv_ptr,
+    sdv,
+    desum_ptr,
+    dq_ptr,
+    sdq,
+    S,
+    A,
+    COMPUTE: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+    BLOCK_A: tl.constexpr,
+):
     n = tl.program_id(0).to(tl.int64)
     ab = tl.program_id(1)
     ca = ab * BLOCK_A + tl.arange(0, BLOCK_A)
@@ -95,13 +131,29 @@ def scores(qp: Tensor, keys: Tensor, v: Tensor, out: Tensor) -> Tensor:
     _check_rows(q, keys, o)
     vsum = v.sum().reshape(1)  # stays on the device: no host sync
     grid = (n * k, triton.cdiv(s, _BLOCK_S))
-    _scores[grid](q, q.stride(0), keys, keys.stride(0), keys.stride(1), v, vsum, o, o.stride(0), k, s, a,
-                  COMPUTE=compute_dtype(out), BLOCK_S=_BLOCK_S, BLOCK_A=min(block(a), _BLOCK_A))
+    _scores[grid](
+        q,
+        q.stride(0),
+        keys,
+        keys.stride(0),
+        keys.stride(1),
+        v,
+        vsum,
+        o,
+        o.stride(0),
+        k,
+        s,
+        a,
+        COMPUTE=compute_dtype(out),
+        BLOCK_S=_BLOCK_S,
+        BLOCK_A=min(block(a), _BLOCK_A),
+    )
     return out
 
 
-def backward_step(d_scores: Tensor, qp: Tensor, keys: Tensor, v: Tensor, d_pre: Tensor, d_v_rows: Tensor,
-                  d_sums: Tensor, d_qp: Tensor) -> None:
+def backward_step(
+    d_scores: Tensor, qp: Tensor, keys: Tensor, v: Tensor, d_pre: Tensor, d_v_rows: Tensor, d_sums: Tensor, d_qp: Tensor
+) -> None:
     """One step's backward for the first n items (one query each): d_scores (n, S), qp (n, A),
     keys (N, S, A) -> d_qp (n, A) written; adds into d_pre (N, S, A) (d pre-activation / v),
     d_v_rows (N, A) (d_e @ sigmoid) and d_sums (N,) (sum of d_e)."""
@@ -111,10 +163,29 @@ def backward_step(d_scores: Tensor, qp: Tensor, keys: Tensor, v: Tensor, d_pre: 
         return
     _check_rows(d_scores, qp, keys, d_pre, d_v_rows, d_qp)
     bl = min(block(a), _BLOCK_A)
-    _backward[(n, triton.cdiv(a, bl))](d_scores, d_scores.stride(0), qp, qp.stride(0), keys, keys.stride(0),
-                                       keys.stride(1), v, d_pre, d_pre.stride(0), d_pre.stride(1), d_v_rows,
-                                       d_v_rows.stride(0), d_sums, d_qp, d_qp.stride(0), s, a,
-                                       COMPUTE=compute_dtype(d_pre), BLOCK_S=_BLOCK_S, BLOCK_A=bl)
+    _backward[(n, triton.cdiv(a, bl))](
+        d_scores,
+        d_scores.stride(0),
+        qp,
+        qp.stride(0),
+        keys,
+        keys.stride(0),
+        keys.stride(1),
+        v,
+        d_pre,
+        d_pre.stride(0),
+        d_pre.stride(1),
+        d_v_rows,
+        d_v_rows.stride(0),
+        d_sums,
+        d_qp,
+        d_qp.stride(0),
+        s,
+        a,
+        COMPUTE=compute_dtype(d_pre),
+        BLOCK_S=_BLOCK_S,
+        BLOCK_A=bl,
+    )
 
 
 __all__ = ["backward_step", "scores"]

@@ -34,9 +34,32 @@ def _weights(e_ptr, mask_ptr, pos, valid, mx, total, NEG, HAS_MASK: tl.constexpr
 
 
 @triton.jit
-def _softmax_context(e_ptr, se, mask_ptr, smk, v_ptr, svn, svs, a_ptr, sa, ctx_ptr, sc, gp_ptr, sg, z_ptr, sz,
-                     S, DV, NEG, HAS_MASK: tl.constexpr, GATE: tl.constexpr, COMPUTE: tl.constexpr,
-                     BLOCK_S: tl.constexpr, CHUNK_S: tl.constexpr, BLOCK_DV: tl.constexpr):
+def _softmax_context(
+    e_ptr,
+    se,
+    mask_ptr,
+    smk,
+    v_ptr,
+    svn,
+    svs,
+    a_ptr,
+    sa,
+    ctx_ptr,
+    sc,
+    gp_ptr,
+    sg,
+    z_ptr,
+    sz,
+    S,
+    DV,
+    NEG,
+    HAS_MASK: tl.constexpr,
+    GATE: tl.constexpr,
+    COMPUTE: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+    CHUNK_S: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
+):
     n = tl.program_id(0).to(tl.int64)
     blk = tl.program_id(1)
     row_e = e_ptr + n * se
@@ -58,8 +81,9 @@ def _softmax_context(e_ptr, se, mask_ptr, smk, v_ptr, svn, svs, a_ptr, sa, ctx_p
         vp = p < S
         a = _weights(row_e, row_m, p, vp, mx, total, NEG, HAS_MASK, COMPUTE)
         tl.store(a_ptr + n * sa + p, a.to(a_ptr.dtype.element_ty), mask=vp & (blk == 0))
-        v = tl.load(v_ptr + n * svn + p[:, None] * svs + cols[None, :], mask=vp[:, None] & mc[None, :],
-                    other=0.0).to(COMPUTE)
+        v = tl.load(v_ptr + n * svn + p[:, None] * svs + cols[None, :], mask=vp[:, None] & mc[None, :], other=0.0).to(
+            COMPUTE
+        )
         acc += tl.sum(a[:, None] * v, 0)
     tl.store(ctx_ptr + n * sc + cols, acc.to(ctx_ptr.dtype.element_ty), mask=mc)
     if GATE:
@@ -68,8 +92,22 @@ def _softmax_context(e_ptr, se, mask_ptr, smk, v_ptr, svn, svs, a_ptr, sa, ctx_p
 
 
 @triton.jit
-def _softmax_backward(a_ptr, sa, dw_ptr, sdw, da_ptr, sda, de_ptr, sde, S, HEADS, INV_HEADS,
-                      HAS_DA: tl.constexpr, COMPUTE: tl.constexpr, BLOCK_S: tl.constexpr):
+def _softmax_backward(
+    a_ptr,
+    sa,
+    dw_ptr,
+    sdw,
+    da_ptr,
+    sda,
+    de_ptr,
+    sde,
+    S,
+    HEADS,
+    INV_HEADS,
+    HAS_DA: tl.constexpr,
+    COMPUTE: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+):
     n = tl.program_id(0).to(tl.int64)
     pos = tl.arange(0, BLOCK_S)
     valid = pos < S
@@ -82,8 +120,24 @@ def _softmax_backward(a_ptr, sa, dw_ptr, sdw, da_ptr, sda, de_ptr, sde, S, HEADS
 
 
 @triton.jit
-def _gate_backward(dz_ptr, sdz, dx_ptr, sdx, ctx_ptr, sc, gp_ptr, sg, dctx_ptr, sdc, dgp_ptr, sdg, C,
-                   HAS_DX: tl.constexpr, COMPUTE: tl.constexpr, BLOCK: tl.constexpr):
+def _gate_backward(
+    dz_ptr,
+    sdz,
+    dx_ptr,
+    sdx,
+    ctx_ptr,
+    sc,
+    gp_ptr,
+    sg,
+    dctx_ptr,
+    sdc,
+    dgp_ptr,
+    sdg,
+    C,
+    HAS_DX: tl.constexpr,
+    COMPUTE: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     m = cols < C
@@ -104,8 +158,15 @@ def _row_stride(t: Tensor | None) -> int:
     return t.stride(0)
 
 
-def softmax_context(e: Tensor, mask: Tensor | None, values: Tensor, alpha: Tensor, context: Tensor,
-                    gate_pre: Tensor | None = None, z: Tensor | None = None) -> None:
+def softmax_context(
+    e: Tensor,
+    mask: Tensor | None,
+    values: Tensor,
+    alpha: Tensor,
+    context: Tensor,
+    gate_pre: Tensor | None = None,
+    z: Tensor | None = None,
+) -> None:
     """e (n, S) scores, mask (n, S) bool or None, values (n, S, dv) -> writes alpha (n, S) and
     context (n, dv); with ``gate_pre`` (n, dv) also z = sigmoid(gate_pre) * context (n, dv)."""
     n, s = e.shape
@@ -116,12 +177,32 @@ def softmax_context(e: Tensor, mask: Tensor | None, values: Tensor, alpha: Tenso
         raise ValueError("values need contiguous rows")
     neg = torch.finfo(torch.float64 if context.dtype == torch.float64 else torch.float32).min
     grid = (n, triton.cdiv(dv, _BLOCK_DV))
-    _softmax_context[grid](e, _row_stride(e), e if mask is None else mask, _row_stride(mask), values,
-                           values.stride(0), values.stride(1), alpha, _row_stride(alpha), context,
-                           _row_stride(context), context if gate_pre is None else gate_pre, _row_stride(gate_pre),
-                           context if z is None else z, _row_stride(z), s, dv, neg, HAS_MASK=mask is not None,
-                           GATE=gate_pre is not None, COMPUTE=compute_dtype(context), BLOCK_S=block(s, 1 << 15),
-                           CHUNK_S=_CHUNK_S, BLOCK_DV=_BLOCK_DV)
+    _softmax_context[grid](
+        e,
+        _row_stride(e),
+        e if mask is None else mask,
+        _row_stride(mask),
+        values,
+        values.stride(0),
+        values.stride(1),
+        alpha,
+        _row_stride(alpha),
+        context,
+        _row_stride(context),
+        context if gate_pre is None else gate_pre,
+        _row_stride(gate_pre),
+        context if z is None else z,
+        _row_stride(z),
+        s,
+        dv,
+        neg,
+        HAS_MASK=mask is not None,
+        GATE=gate_pre is not None,
+        COMPUTE=compute_dtype(context),
+        BLOCK_S=block(s, 1 << 15),
+        CHUNK_S=_CHUNK_S,
+        BLOCK_DV=_BLOCK_DV,
+    )
 
 
 def softmax_backward(alpha: Tensor, d_weights: Tensor, d_alpha: Tensor | None, heads: int, d_scores: Tensor) -> None:
@@ -130,25 +211,51 @@ def softmax_backward(alpha: Tensor, d_weights: Tensor, d_alpha: Tensor | None, h
     n, s = alpha.shape
     if n == 0:
         return
-    _softmax_backward[(n,)](alpha, _row_stride(alpha), d_weights, _row_stride(d_weights),
-                            alpha if d_alpha is None else d_alpha, _row_stride(d_alpha), d_scores,
-                            _row_stride(d_scores), s, heads, 1.0 / heads, HAS_DA=d_alpha is not None,
-                            COMPUTE=compute_dtype(d_scores), BLOCK_S=block(s, 1 << 15))
+    _softmax_backward[(n,)](
+        alpha,
+        _row_stride(alpha),
+        d_weights,
+        _row_stride(d_weights),
+        alpha if d_alpha is None else d_alpha,
+        _row_stride(d_alpha),
+        d_scores,
+        _row_stride(d_scores),
+        s,
+        heads,
+        1.0 / heads,
+        HAS_DA=d_alpha is not None,
+        COMPUTE=compute_dtype(d_scores),
+        BLOCK_S=block(s, 1 << 15),
+    )
 
 
-def gate_backward(dz: Tensor, d_extra: Tensor | None, context: Tensor, gate_pre: Tensor, d_context: Tensor,
-                  d_gate_pre: Tensor) -> None:
+def gate_backward(
+    dz: Tensor, d_extra: Tensor | None, context: Tensor, gate_pre: Tensor, d_context: Tensor, d_gate_pre: Tensor
+) -> None:
     """z = sigmoid(gate_pre) * context: dz (m, C) (+ d_extra (m, C)) -> d_context (m, C) and
     d_gate_pre (m, C) (written into, e.g. a slice of a larger buffer)."""
     m, c = context.shape
     if m == 0:
         return
     bl = min(block(c), _BLOCK_DV)
-    _gate_backward[(m, triton.cdiv(c, bl))](dz, _row_stride(dz), dz if d_extra is None else d_extra,
-                                           _row_stride(d_extra), context, _row_stride(context), gate_pre,
-                                           _row_stride(gate_pre), d_context, _row_stride(d_context), d_gate_pre,
-                                           _row_stride(d_gate_pre), c, HAS_DX=d_extra is not None,
-                                           COMPUTE=compute_dtype(d_context), BLOCK=bl)
+    _gate_backward[(m, triton.cdiv(c, bl))](
+        dz,
+        _row_stride(dz),
+        dz if d_extra is None else d_extra,
+        _row_stride(d_extra),
+        context,
+        _row_stride(context),
+        gate_pre,
+        _row_stride(gate_pre),
+        d_context,
+        _row_stride(d_context),
+        d_gate_pre,
+        _row_stride(d_gate_pre),
+        c,
+        HAS_DX=d_extra is not None,
+        COMPUTE=compute_dtype(d_context),
+        BLOCK=bl,
+    )
 
 
 __all__ = ["gate_backward", "softmax_backward", "softmax_context"]

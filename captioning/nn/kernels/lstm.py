@@ -39,9 +39,33 @@ def _pre(x, r, z, k, D, m, HAS_R: tl.constexpr, HAS_Z: tl.constexpr, COMPUTE: tl
 
 
 @triton.jit
-def _cell_forward(x_ptr, sx, r_ptr, sr, z_ptr, sz, c_ptr, sc, act_ptr, sa, c_out_ptr, sco, h_ptr, sh, hmm_ptr, shm,
-                  s_ptr, ss, D, HAS_R: tl.constexpr, HAS_Z: tl.constexpr, SENTINEL: tl.constexpr,
-                  WRITE_HMM: tl.constexpr, COMPUTE: tl.constexpr, BLOCK: tl.constexpr):
+def _cell_forward(
+    x_ptr,
+    sx,
+    r_ptr,
+    sr,
+    z_ptr,
+    sz,
+    c_ptr,
+    sc,
+    act_ptr,
+    sa,
+    c_out_ptr,
+    sco,
+    h_ptr,
+    sh,
+    hmm_ptr,
+    shm,
+    s_ptr,
+    ss,
+    D,
+    HAS_R: tl.constexpr,
+    HAS_Z: tl.constexpr,
+    SENTINEL: tl.constexpr,
+    WRITE_HMM: tl.constexpr,
+    COMPUTE: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     m = cols < D
@@ -72,9 +96,31 @@ def _cell_forward(x_ptr, sx, r_ptr, sr, z_ptr, sz, c_ptr, sc, act_ptr, sa, c_out
 
 
 @triton.jit
-def _cell_backward(act_ptr, sa, c_ptr, sc, cp_ptr, scp, dh_ptr, sdh, dout_ptr, sdo, dc_ptr, sdc, ds_ptr, sds,
-                   dg_ptr, sdg, dcp_ptr, sdcp, D, HAS_DOUT: tl.constexpr, SENTINEL: tl.constexpr,
-                   COMPUTE: tl.constexpr, BLOCK: tl.constexpr):
+def _cell_backward(
+    act_ptr,
+    sa,
+    c_ptr,
+    sc,
+    cp_ptr,
+    scp,
+    dh_ptr,
+    sdh,
+    dout_ptr,
+    sdo,
+    dc_ptr,
+    sdc,
+    ds_ptr,
+    sds,
+    dg_ptr,
+    sdg,
+    dcp_ptr,
+    sdcp,
+    D,
+    HAS_DOUT: tl.constexpr,
+    SENTINEL: tl.constexpr,
+    COMPUTE: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     m = cols < D
@@ -110,13 +156,23 @@ def _rows(t: Tensor | None, like: Tensor) -> tuple[Tensor, int]:
     if t is None:
         return like, 0
     if t.dim() != 2 or t.stride(-1) != 1:
-        raise ValueError(f"kernel arguments are (rows, width) with contiguous rows, got shape {tuple(t.shape)} "
-                         f"strides {t.stride()}")
+        raise ValueError(
+            f"kernel arguments are (rows, width) with contiguous rows, got shape {tuple(t.shape)} strides {t.stride()}"
+        )
     return t, t.stride(0)
 
 
-def cell_forward(x: Tensor, r: Tensor | None, z: Tensor | None, c: Tensor, act: Tensor, c_out: Tensor,
-                 h_out: Tensor, h_mm: Tensor | None, s_out: Tensor | None) -> None:
+def cell_forward(
+    x: Tensor,
+    r: Tensor | None,
+    z: Tensor | None,
+    c: Tensor,
+    act: Tensor,
+    c_out: Tensor,
+    h_out: Tensor,
+    h_mm: Tensor | None,
+    s_out: Tensor | None,
+) -> None:
     """One LSTM update for m rows (module docstring): pre-activations x + r + z (each (m, G) or
     None but x), c (m, D) -> act (m, G), c_out, h_out (m, D), h_mm (m, D) in the GEMM dtype or
     None, s_out (m, D) the sentinel or None (then G = 4D)."""
@@ -126,13 +182,29 @@ def cell_forward(x: Tensor, r: Tensor | None, z: Tensor | None, c: Tensor, act: 
     sentinel = s_out is not None
     args = [_rows(t, x) for t in (x, r, z, c, act, c_out, h_out, h_mm, s_out)]
     grid = (m, triton.cdiv(d, min(block(d), _BLOCK_D)))
-    _cell_forward[grid](*[v for pair in args for v in pair], d, HAS_R=r is not None, HAS_Z=z is not None,
-                        SENTINEL=sentinel, WRITE_HMM=h_mm is not None, COMPUTE=compute_dtype(c_out),
-                        BLOCK=min(block(d), _BLOCK_D))
+    _cell_forward[grid](
+        *[v for pair in args for v in pair],
+        d,
+        HAS_R=r is not None,
+        HAS_Z=z is not None,
+        SENTINEL=sentinel,
+        WRITE_HMM=h_mm is not None,
+        COMPUTE=compute_dtype(c_out),
+        BLOCK=min(block(d), _BLOCK_D),
+    )
 
 
-def cell_backward(act: Tensor, c: Tensor, c_prev: Tensor, dh: Tensor, d_out: Tensor | None, dc: Tensor,
-                  ds: Tensor | None, d_gates: Tensor, dc_prev: Tensor) -> None:
+def cell_backward(
+    act: Tensor,
+    c: Tensor,
+    c_prev: Tensor,
+    dh: Tensor,
+    d_out: Tensor | None,
+    dc: Tensor,
+    ds: Tensor | None,
+    d_gates: Tensor,
+    dc_prev: Tensor,
+) -> None:
     """Gradients of one LSTM update for m rows: act (m, G), c and c_prev (m, D), dh (m, D) (+ d_out
     (m, D) when given), dc (m, D), ds (m, D) of the sentinel or None -> d_gates (m, G) (written
     into, e.g. a slice of a larger buffer) and dc_prev (m, D) (may be ``dc`` itself)."""
@@ -141,8 +213,14 @@ def cell_backward(act: Tensor, c: Tensor, c_prev: Tensor, dh: Tensor, d_out: Ten
         return
     args = [_rows(t, act) for t in (act, c, c_prev, dh, d_out, dc, ds, d_gates, dc_prev)]
     grid = (m, triton.cdiv(d, min(block(d), _BLOCK_D)))
-    _cell_backward[grid](*[v for pair in args for v in pair], d, HAS_DOUT=d_out is not None,
-                         SENTINEL=ds is not None, COMPUTE=compute_dtype(c), BLOCK=min(block(d), _BLOCK_D))
+    _cell_backward[grid](
+        *[v for pair in args for v in pair],
+        d,
+        HAS_DOUT=d_out is not None,
+        SENTINEL=ds is not None,
+        COMPUTE=compute_dtype(c),
+        BLOCK=min(block(d), _BLOCK_D),
+    )
 
 
 __all__ = ["cell_backward", "cell_forward"]

@@ -10,9 +10,27 @@
 """
 
 from captioning.nn.recurrence.fused import RecurrenceOutput, fused_recurrence
-from captioning.nn.recurrence.plan import (PADDING_MODES, QUERY_STYLES, RecurrencePlan, RecurrenceWeights, Schedule,
-                                           make_schedule, resolve_padding)
+from captioning.nn.recurrence.plan import (
+    PADDING_MODES,
+    QUERY_STYLES,
+    RecurrencePlan,
+    RecurrenceWeights,
+    Schedule,
+    make_schedule,
+    resolve_padding,
+)
 from captioning.nn.recurrence.reference import lstm_cell, plain_steps
 
-__all__ = ["PADDING_MODES", "QUERY_STYLES", "RecurrenceOutput", "RecurrencePlan", "RecurrenceWeights", "Schedule",
-           "fused_recurrence", "lstm_cell", "make_schedule", "plain_steps", "resolve_padding"]
+__all__ = [
+    "PADDING_MODES",
+    "QUERY_STYLES",
+    "RecurrenceOutput",
+    "RecurrencePlan",
+    "RecurrenceWeights",
+    "Schedule",
+    "fused_recurrence",
+    "lstm_cell",
+    "make_schedule",
+    "plain_steps",
+    "resolve_padding",
+]

@@ -27,9 +27,20 @@ def mm(a: Tensor, b: Tensor, out_dtype: torch.dtype) -> Tensor:
 class AttentionSteps:
     """One attention step per decoder step for the first b <= B rows (see module docstring)."""
 
-    def __init__(self, plan: RecurrencePlan, keys: Tensor, values: Tensor, mask: Tensor | None, steps: int,
-                 dtype: torch.dtype, mm_dtype: torch.dtype, out_w: Tensor | None, out_b: Tensor | None,
-                 zero_fill: bool, kernels: bool) -> None:
+    def __init__(
+        self,
+        plan: RecurrencePlan,
+        keys: Tensor,
+        values: Tensor,
+        mask: Tensor | None,
+        steps: int,
+        dtype: torch.dtype,
+        mm_dtype: torch.dtype,
+        out_w: Tensor | None,
+        out_b: Tensor | None,
+        zero_fill: bool,
+        kernels: bool,
+    ) -> None:
         b, h = keys.shape[0], plan.heads
         self.plan, self.b, self.h, self.n, self.steps = plan, b, h, b * h, steps
         self.dtype, self.mm = dtype, mm_dtype
@@ -42,6 +53,7 @@ class AttentionSteps:
         self.scores_into, self.paired = scorer.hook("scores_into"), scorer.hook("scores_paired")
         self.scratch = scorer.new_scratch(self.n, 1, self.keys) if scorer.offers("scores_into") else None
         self.sentinel = plan.sentinel_rows is not None
+        self.sentinel_rows = plan.sentinel_rows or _no_sentinel
         # The one-kernel step: a single head without a sentinel (the others run plain PyTorch ops).
         self.kernels = kernels and h == 1 and not self.sentinel and out_w is None
         # Zeros when rows sit out steps (padding): they must add nothing to the gradients formed at
@@ -50,7 +62,7 @@ class AttentionSteps:
         self.alpha_heads = self.new(steps, self.n, self.s)
         # What the recurrence outputs: the heads' average (the softmax itself for one head).
         self.alphas = self.alpha_heads if h == 1 else self.new(steps, b, self.s)
-        self.betas = self.new(steps, b) if self.sentinel else None
+        self.betas = self.new(steps, b) if self.sentinel else self.keys.new_empty(0)  # (T, B)
         if self.sentinel:
             self.joint = self.new(steps, self.n, self.s + 1)
             self.joint_mask = None if self.mask is None else torch.cat([self.mask, self.mask.new_ones(self.n, 1)], -1)
@@ -60,8 +72,9 @@ class AttentionSteps:
             self.ctx_heads = self.new(steps, b, h * self.dv)
 
     # ------------------------------------------------------------------ forward
-    def forward(self, t: int, qp: Tensor, s: Tensor | None, ctx_out: Tensor, gate_pre: Tensor | None,
-                z_out: Tensor) -> None:
+    def forward(
+        self, t: int, qp: Tensor, s: Tensor | None, ctx_out: Tensor, gate_pre: Tensor | None, z_out: Tensor
+    ) -> None:
         """Step t for the first b rows: projected queries qp (b, H*Q) [, sentinel s (b, D)] ->
         ctx_out (b, C) the context; z_out (b, C) = sigmoid(gate_pre) * context, or the context
         when gate_pre is None (then z_out may be ctx_out). Also records alphas/betas of step t."""
@@ -74,8 +87,15 @@ class AttentionSteps:
         if self.kernels:
             from captioning.nn.kernels.attention import softmax_context
 
-            softmax_context(e.view(n, s_len), mask, self.values[:n], self.alpha_heads[t, :n], ctx_out,
-                            gate_pre, None if gate_pre is None else z_out)
+            softmax_context(
+                e.view(n, s_len),
+                mask,
+                self.values[:n],
+                self.alpha_heads[t, :n],
+                ctx_out,
+                gate_pre,
+                None if gate_pre is None else z_out,
+            )
             if gate_pre is None and z_out is not ctx_out:
                 z_out.copy_(ctx_out)
             return
@@ -84,13 +104,14 @@ class AttentionSteps:
         if s is None:
             ctx = torch.bmm(a.to(self.mm), self.values[:n]).to(self.dtype)  # (n, 1, dv)
         else:
-            kx, vx = self.plan.sentinel_rows(s)  # (n, 1, A), (n, 1, dv)
+            kx, vx = self.sentinel_rows(s)  # (n, 1, A), (n, 1, dv)
             ex = self.paired(qh, kx.to(self.dtype), s_len).to(e.dtype)  # (n, 1)
             joint_mask = None if self.joint_mask is None else self.joint_mask[:n].unsqueeze(1)
             w = masked_softmax(torch.cat([e, ex.unsqueeze(-1)], -1), joint_mask)  # (n, 1, S + 1)
             self.joint[t, :n] = w[:, 0]
-            ctx = (torch.bmm(w[..., :s_len].to(self.mm), self.values[:n]).to(self.dtype)
-                   + w[..., s_len:] * vx.to(self.dtype))
+            ctx = torch.bmm(w[..., :s_len].to(self.mm), self.values[:n]).to(self.dtype) + w[..., s_len:] * vx.to(
+                self.dtype
+            )
             beta = w[:, 0, s_len].view(b, h).mean(1) if h > 1 else w[:, 0, s_len]
             self.betas[t, :b] = beta
         ctx = ctx.view(b, h * self.dv)
@@ -132,8 +153,9 @@ class AttentionSteps:
     def _per_head(self, grad: Tensor) -> Tensor:  # (B, ...) of a head average -> (N, ...) per head
         return grad if self.h == 1 else (grad / self.h).repeat_interleave(self.h, 0)
 
-    def backward(self, t: int, qp: Tensor, d_ctx: Tensor, d_alpha: Tensor | None, d_beta: Tensor | None,
-                 s: Tensor | None) -> tuple[Tensor, Tensor | None]:
+    def backward(
+        self, t: int, qp: Tensor, d_ctx: Tensor, d_alpha: Tensor | None, d_beta: Tensor | None, s: Tensor | None
+    ) -> tuple[Tensor, Tensor | None]:
         """Step t's gradients for its first b rows: d_ctx (b, C) (from :meth:`context_grad_buffer`),
         d_alpha (b, S), d_beta (b,) -> d_qp (b, H*Q), d_s (b, D) or None."""
         s_len, dtype, b = self.s, self.dtype, qp.shape[0]
@@ -161,7 +183,7 @@ class AttentionSteps:
         with torch.enable_grad():  # the sentinel position: a small map, autograd step by step
             q_, s_ = qh.detach().requires_grad_(True), s.detach().requires_grad_(True)
             # (views, not the leaves themselves: module hooks such as FlopCounterMode's refuse leaves here)
-            kx, vx = self.plan.sentinel_rows(s_.view_as(s_))
+            kx, vx = self.sentinel_rows(s_.view_as(s_))
             ex = self.paired(q_.view_as(q_), kx, s_len)  # (N, 1)
         d_wx = (d_ch * vx.detach().to(dtype)).sum(-1, keepdim=True)  # (N, 1, 1)
         if d_beta is not None:
@@ -176,14 +198,22 @@ class AttentionSteps:
             d_qh = d_qh + d_q
         return d_qh.reshape(b, -1), d_s
 
-    def finish(self, keys: Tensor, values: Tensor, need_values: bool, queries: Tensor, s_used: Tensor | None,
-               sentinel_params: tuple) -> tuple:
+    def finish(
+        self,
+        keys: Tensor,
+        values: Tensor,
+        need_values: bool,
+        queries: Tensor,
+        s_used: Tensor,
+        sentinel_params: tuple,
+    ) -> tuple:
         """After the last step: (d_keys, d_values, d_out_w, d_out_b, d_score_params,
         d_sentinel_params); queries (T, B, H*Q) and s_used (T, B, D) as the steps saw them."""
         d_keys, d_score = self.acc.finish()
         d_values = None
         if need_values:  # d V = sum_t w_t^T d ctx_t: one batched GEMM over the steps
-            w = self.joint[..., :self.s] if self.sentinel else self.alpha_heads  # (T, N, S)
+            w = self.joint[..., : self.s] if self.sentinel else self.alpha_heads  # (T, N, S)
+            assert self.d_ctx_heads is not None  # kept by begin_backward(need_values=True)
             d_values = torch.bmm(w.permute(1, 2, 0).to(self.mm), self.d_ctx_heads.transpose(0, 1).to(self.mm))
             d_values = d_values.reshape(self.value_shape).to(values.dtype)
         d_out_w = d_out_b = None
@@ -191,15 +221,23 @@ class AttentionSteps:
             flat = self.d_out.reshape(-1, self.d_out.shape[-1])
             d_out_w = mm(flat.t(), self.ctx_heads.reshape(-1, self.ctx_heads.shape[-1]).to(self.mm), self.dtype)
             d_out_b = None if self.out_b is None else flat.sum(0)
-        d_sentinel = (None,) * len(sentinel_params)
+        d_sentinel: tuple[Tensor | None, ...] = (None,) * len(sentinel_params)
         trained = [p for p in sentinel_params if p.requires_grad]
         if self.sentinel and trained:  # the sentinel map's parameters: one call over all B*T rows
             with torch.enable_grad():
-                kx, vx = self.plan.sentinel_rows(s_used.reshape(-1, s_used.shape[-1]))
+                kx, vx = self.sentinel_rows(s_used.reshape(-1, s_used.shape[-1]))
                 ex = self.paired(queries.reshape(vx.shape[0], 1, -1).to(self.dtype), kx, self.s)
-                pairs = [(o, d.reshape(o.shape).to(o.dtype)) for o, d in ((ex, self.d_ex), (vx, self.d_vx))
-                         if o.requires_grad]  # a location score reads no parameter here
-                grads = iter(torch.autograd.grad([o for o, _ in pairs], trained, [d for _, d in pairs],
-                                                 allow_unused=True))
+                pairs = [
+                    (o, d.reshape(o.shape).to(o.dtype))
+                    for o, d in ((ex, self.d_ex), (vx, self.d_vx))
+                    if o.requires_grad
+                ]  # a location score reads no parameter here
+                grads = iter(
+                    torch.autograd.grad([o for o, _ in pairs], trained, [d for _, d in pairs], allow_unused=True)
+                )
             d_sentinel = tuple(next(grads) if p.requires_grad else None for p in sentinel_params)
         return d_keys.reshape(self.key_shape).to(keys.dtype), d_values, d_out_w, d_out_b, d_score, d_sentinel
+
+
+def _no_sentinel(s: Tensor) -> tuple[Tensor, Tensor]:
+    raise AssertionError("no sentinel in this recurrence")

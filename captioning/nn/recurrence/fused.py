@@ -35,12 +35,18 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from captioning.nn.attention import PreparedMemory
 from captioning.nn import kernels
+from captioning.nn.attention import PreparedMemory
 from captioning.nn.recurrence.attention_steps import AttentionSteps, mm
 from captioning.nn.recurrence.cell import cell_backward, cell_forward
-from captioning.nn.recurrence.plan import (RecurrencePlan, RecurrenceWeights, Schedule, make_schedule, real_cells,
-                                           resolve_padding)
+from captioning.nn.recurrence.plan import (
+    RecurrencePlan,
+    RecurrenceWeights,
+    Schedule,
+    make_schedule,
+    real_cells,
+    resolve_padding,
+)
 
 
 class RecurrenceOutput(NamedTuple):
@@ -54,10 +60,19 @@ class RecurrenceOutput(NamedTuple):
     contexts: Tensor
 
 
-def fused_recurrence(plan: RecurrencePlan, xg: Tensor, memory: PreparedMemory, h0: Tensor, c0: Tensor,
-                     s0: Tensor | None, weights: RecurrenceWeights, score_params: tuple = (),
-                     sentinel_params: tuple = (), steps: Tensor | None = None,
-                     padding: str = "auto") -> RecurrenceOutput:
+def fused_recurrence(
+    plan: RecurrencePlan,
+    xg: Tensor,
+    memory: PreparedMemory,
+    h0: Tensor,
+    c0: Tensor,
+    s0: Tensor | None,
+    weights: RecurrenceWeights,
+    score_params: tuple = (),
+    sentinel_params: tuple = (),
+    steps: Tensor | None = None,
+    padding: str = "auto",
+) -> RecurrenceOutput:
     """Run the recurrence (module docstring) as one autograd node.
 
     Args:
@@ -79,9 +94,22 @@ def fused_recurrence(plan: RecurrencePlan, xg: Tensor, memory: PreparedMemory, h
     if order is not None:  # the recurrence wants the rows that run longest first
         xg, keys, values, h0, c0 = (x.index_select(0, order) for x in (xg, keys, values, h0, c0))
         mask, s0 = (None if x is None else x.index_select(0, order) for x in (mask, s0))
-    out, alphas, betas, contexts = _Recurrence.apply(plan, sched, len(score_params), kernels.usable(xg), xg, keys,
-                                                     values, mask, h0, c0, s0, *weights, *score_params,
-                                                     *sentinel_params)
+    out, alphas, betas, contexts = _Recurrence.apply(
+        plan,
+        sched,
+        len(score_params),
+        kernels.usable(xg),
+        xg,
+        keys,
+        values,
+        mask,
+        h0,
+        c0,
+        s0,
+        *weights,
+        *score_params,
+        *sentinel_params,
+    )
     if order is not None:
         back = torch.empty_like(order)
         back[order] = torch.arange(order.numel(), device=order.device)
@@ -120,10 +148,27 @@ class _Recurrence(torch.autograd.Function):
     """The time loop as one autograd node; see :func:`fused_recurrence` for the inputs."""
 
     @staticmethod
-    def forward(ctx, plan: RecurrencePlan, sched: Schedule, n_score: int, kern: bool, xg: Tensor, keys: Tensor,
-                values: Tensor, mask: Tensor | None, h0: Tensor, c0: Tensor, s0: Tensor | None, w_h: Tensor,
-                b_h: Tensor | None, w_x: Tensor, w_u: Tensor | None, out_w: Tensor | None, out_b: Tensor | None,
-                *params: Tensor):
+    def forward(
+        ctx,
+        plan: RecurrencePlan,
+        sched: Schedule,
+        n_score: int,
+        kern: bool,
+        xg: Tensor,
+        keys: Tensor,
+        values: Tensor,
+        mask: Tensor | None,
+        h0: Tensor,
+        c0: Tensor,
+        s0: Tensor | None,
+        w_h: Tensor,
+        b_h: Tensor | None,
+        w_x: Tensor,
+        w_u: Tensor | None,
+        out_w: Tensor | None,
+        out_b: Tensor | None,
+        *params: Tensor,
+    ):
         ctx.set_materialize_grads(False)
         with torch.autocast(xg.device.type, enabled=False):  # dtypes are chosen explicitly
             dtype = torch.promote_types(xg.dtype, torch.float32)  # states and elementwise maths
@@ -135,7 +180,8 @@ class _Recurrence(torch.autograd.Function):
             c_ctx = values.shape[-1] if out_w is None else out_w.shape[0]
             gs, qs, us = _layout(plan, w_h.shape[0], g, c_ctx, d)
             w_h_t, w_x_t = w_h.to(mmt).t(), w_x.to(mmt).t()  # cast once, not per step
-            w_u_t = w_u.to(mmt).t() if current else None
+            nothing = xg.new_empty(0)  # stands for the buffers a variant does not use
+            w_u_t = w_u.to(mmt).t() if w_u is not None else nothing
             bias = None if b_h is None else b_h.to(mmt)
             x_t = (xg if kern else xg.to(dtype)).transpose(0, 1)  # (T, B, G)
             # Cells a row sits out (padding) are not computed. Those returned (outputs, contexts)
@@ -146,15 +192,16 @@ class _Recurrence(torch.autograd.Function):
             hidden, cells = (new if current else out_new)(steps, b, d, dtype=dtype), new(steps, b, d, dtype=dtype)
             acts = new(steps, b, g, dtype=dtype)
             z_all = out_new(steps, b, c_ctx, dtype=mmt)  # the (gated) contexts
-            ctx_all = new(steps, b, c_ctx, dtype=dtype) if plan.gate else None
-            feeds = out_new(steps, b, d, dtype=dtype) if current else None
-            s_used = out_new(steps, b, d, dtype=dtype) if sentinel else None
+            ctx_all = new(steps, b, c_ctx, dtype=dtype) if plan.gate else nothing
+            feeds = out_new(steps, b, d, dtype=dtype) if current else nothing
+            s_used = out_new(steps, b, d, dtype=dtype) if sentinel else nothing
             h_mm = xg.new_empty(b, d, dtype=mmt) if mmt != dtype else None  # h in the GEMM dtype
             h0f, c0f = h0.to(dtype), c0.to(dtype)
             if sentinel and not current:
+                assert s0 is not None, "the previous-state query with a sentinel starts from s_0"
                 s_used[0] = s0.to(dtype)
-            s_spare = xg.new_empty(b, d, dtype=dtype) if sentinel and not current else None
-            p_init = torch.mm(h0.to(mmt), w_h_t[:, :g]) if current else None  # r of step 0
+            s_spare = xg.new_empty(b, d, dtype=dtype) if sentinel and not current else nothing
+            p_init = torch.mm(h0.to(mmt), w_h_t[:, :g]) if current else nothing  # r of step 0
             active = sched.active or (b,) * steps  # rows taking part in each step: the first ones
             for t in range(steps):
                 m = active[t]
@@ -167,11 +214,22 @@ class _Recurrence(torch.autograd.Function):
                 if current:  # LSTM first, then attend with h_t
                     r = p_init[:m] if t == 0 else p_all[t - 1, :m, :g]
                     zf = None if t == 0 else torch.mm(feeds[t - 1, :m].to(mmt), w_x_t)
-                    cell_forward(x_t[t, :m], r, zf, c_prev, acts[t, :m], cells[t, :m], hidden[t, :m], hm,
-                                 s_used[t, :m] if sentinel else None, kern)
+                    cell_forward(
+                        x_t[t, :m],
+                        r,
+                        zf,
+                        c_prev,
+                        acts[t, :m],
+                        cells[t, :m],
+                        hidden[t, :m],
+                        hm,
+                        s_used[t, :m] if sentinel else None,
+                        kern,
+                    )
                     _gemm(p_all[t, :m], bias, hidden[t, :m] if hm is None else hm, w_h_t)
-                    att.forward(t, p_all[t, :m, qs], s_used[t, :m] if sentinel else None, ctx_out, gate_pre,
-                                z_all[t, :m])
+                    att.forward(
+                        t, p_all[t, :m, qs], s_used[t, :m] if sentinel else None, ctx_out, gate_pre, z_all[t, :m]
+                    )
                     feeds[t, :m] = torch.tanh(p_all[t, :m, us].to(dtype) + mm(z_all[t, :m], w_u_t, dtype))
                 else:
                     if t == 0:
@@ -179,25 +237,41 @@ class _Recurrence(torch.autograd.Function):
                     else:
                         h_in = hidden[t - 1, :m] if hm is None else hm
                     _gemm(p_all[t, :m], bias, h_in, w_h_t)
-                    att.forward(t, p_all[t, :m, qs], s_used[t, :m] if sentinel else None, ctx_out, gate_pre,
-                                z_all[t, :m])
+                    att.forward(
+                        t, p_all[t, :m, qs], s_used[t, :m] if sentinel else None, ctx_out, gate_pre, z_all[t, :m]
+                    )
                     s_next = None
                     if sentinel:
                         s_next = s_used[t + 1, :m] if t + 1 < steps else s_spare[:m]
-                    cell_forward(x_t[t, :m], p_all[t, :m, :g], torch.mm(z_all[t, :m], w_x_t), c_prev, acts[t, :m],
-                                 cells[t, :m], hidden[t, :m], hm, s_next, kern)
+                    cell_forward(
+                        x_t[t, :m],
+                        p_all[t, :m, :g],
+                        torch.mm(z_all[t, :m], w_x_t),
+                        c_prev,
+                        acts[t, :m],
+                        cells[t, :m],
+                        hidden[t, :m],
+                        hm,
+                        s_next,
+                        kern,
+                    )
             out, alphas, betas, contexts = (feeds if current else hidden), att.alphas, att.betas, z_all
             if sched.real is not None:  # padding cells (computed, as every row runs) -> 0
                 real = sched.real.to(dtype)
                 out, alphas, contexts = (x * real.unsqueeze(-1).to(x.dtype) for x in (out, alphas, contexts))
-                betas = None if betas is None else betas * real
-        ctx.save_for_backward(keys, values, h0, c0, w_h, b_h, w_x, w_u, hidden, cells, acts, p_all, z_all, ctx_all,
-                              feeds, s_used)
+                betas = betas * real if sentinel else betas
+        ctx.save_for_backward(
+            keys, values, h0, c0, w_h, b_h, w_x, w_u, hidden, cells, acts, p_all, z_all, ctx_all, feeds, s_used
+        )
         ctx.plan, ctx.sched, ctx.att, ctx.mm, ctx.kern, ctx.n_score = plan, sched, att, mmt, kern, n_score
         ctx.xg_dtype, ctx.params, ctx.active = xg.dtype, params, active
         ctx.dtypes = (h0.dtype, c0.dtype, None if s0 is None else s0.dtype)
-        return (out.transpose(0, 1).to(xg.dtype), alphas.transpose(0, 1),
-                xg.new_empty(0) if betas is None else betas.transpose(0, 1), contexts.transpose(0, 1).to(xg.dtype))
+        return (
+            out.transpose(0, 1).to(xg.dtype),
+            alphas.transpose(0, 1),
+            betas.transpose(0, 1) if sentinel else betas,
+            contexts.transpose(0, 1).to(xg.dtype),
+        )
 
     @staticmethod
     def backward(ctx, d_out, d_alphas, d_betas, d_contexts):
@@ -207,16 +281,17 @@ class _Recurrence(torch.autograd.Function):
 
 def _backward(ctx, d_out, d_alphas, d_betas, d_contexts) -> tuple:
     """Reverse-time loop; one gradient (or None) per forward input from ``xg`` on."""
-    (keys, values, h0, c0, w_h, b_h, w_x, w_u, hidden, cells, acts, p_all, z_all, ctx_all, feeds,
-     s_used) = ctx.saved_tensors
+    (keys, values, h0, c0, w_h, b_h, w_x, w_u, hidden, cells, acts, p_all, z_all, ctx_all, feeds, s_used) = (
+        ctx.saved_tensors
+    )
     plan, sched, att, mmt, kern = ctx.plan, ctx.sched, ctx.att, ctx.mm, ctx.kern
     dtype = hidden.dtype
     steps, b, d = hidden.shape
     g, c_ctx = acts.shape[-1], z_all.shape[-1]
-    current, sentinel = plan.query == "current", s_used is not None
+    current, sentinel = plan.query == "current", plan.sentinel_rows is not None
     gs, qs, us = _layout(plan, w_h.shape[0], g, c_ctx, d)
     w_h_mm, w_x_mm = w_h.to(mmt), w_x.to(mmt)
-    w_u_mm = w_u.to(mmt) if current else None
+    w_u_mm = w_u.to(mmt) if w_u is not None else w_h_mm.new_empty(0)
     real = None if sched.real is None else sched.real.to(dtype)  # (T, B): incoming gradients of padding -> 0
 
     def time_major(x: Tensor | None) -> Tensor | None:
@@ -232,8 +307,9 @@ def _backward(ctx, d_out, d_alphas, d_betas, d_contexts) -> tuple:
     # of step t itself; "current": that of step t-1's state, row 0 = the initial state). Zeros
     # where a row sat out a step (padding), so the weight gradients below can take all rows.
     padded = sched.padded
-    d_p = (hidden.new_zeros if current or padded else hidden.new_empty)(steps + int(current), b, w_h.shape[0],
-                                                                       dtype=mmt)
+    d_p = (hidden.new_zeros if current or padded else hidden.new_empty)(
+        steps + int(current), b, w_h.shape[0], dtype=mmt
+    )
     # Carried gradients have a row per row still going: rows join (with zeros) at their last step.
     dh, dc = hidden.new_zeros(0, d), hidden.new_zeros(0, d)
     ds = hidden.new_zeros(0, d) if sentinel and not current else None
@@ -257,8 +333,14 @@ def _backward(ctx, d_out, d_alphas, d_betas, d_contexts) -> tuple:
                 d_p[row, :m, gs] = dz * ctx_all[t, :m] * gate * (1 - gate)
         else:
             d_context.copy_(dz if extra is None else dz.to(dtype) + extra)
-        d_qp, d_s = att.backward(t, p_all[t, :m, qs], d_context, None if d_alphas is None else d_alphas[t, :m],
-                                 None if d_betas is None else d_betas[t, :m], s_used[t, :m] if sentinel else None)
+        d_qp, d_s = att.backward(
+            t,
+            p_all[t, :m, qs],
+            d_context,
+            None if d_alphas is None else d_alphas[t, :m],
+            None if d_betas is None else d_betas[t, :m],
+            s_used[t, :m] if sentinel else None,
+        )
         d_p[row, :m, qs] = d_qp
         return d_s
 
@@ -278,14 +360,34 @@ def _backward(ctx, d_out, d_alphas, d_betas, d_contexts) -> tuple:
             d_p[t + 1, :m, us] = d_u
             d_s = attend_backward(t, t + 1, torch.mm(d_u.to(mmt), w_u_mm))
             dh = as_state(torch.mm(d_p[t + 1, :m], w_h_mm))
-            cell_backward(acts[t, :m], cells[t, :m], c_prev, dh, None, dc, None if d_s is None else d_s.to(dtype),
-                          d_p[t, :m, :g], dc, kern)
+            cell_backward(
+                acts[t, :m],
+                cells[t, :m],
+                c_prev,
+                dh,
+                None,
+                dc,
+                None if d_s is None else d_s.to(dtype),
+                d_p[t, :m, :g],
+                dc,
+                kern,
+            )
         else:
             dh = _rows(dh, m)
             if ds is not None:
                 ds = _rows(ds, m)
-            cell_backward(acts[t, :m], cells[t, :m], c_prev, dh, None if d_out is None else d_out[t, :m], dc, ds,
-                          d_p[t, :m, :g], dc, kern)
+            cell_backward(
+                acts[t, :m],
+                cells[t, :m],
+                c_prev,
+                dh,
+                None if d_out is None else d_out[t, :m],
+                dc,
+                ds,
+                d_p[t, :m, :g],
+                dc,
+                kern,
+            )
             d_s = attend_backward(t, t, as_state(torch.mm(d_p[t, :m, :g], w_x_mm)))
             dh = as_state(torch.mm(d_p[t, :m], w_h_mm))
             if sentinel:
@@ -309,16 +411,29 @@ def _backward(ctx, d_out, d_alphas, d_betas, d_contexts) -> tuple:
     d_b_h = None
     if b_h is not None:
         d_b_h = torch.cat([d_p.new_zeros(g, dtype=dtype), d_p[..., g:].to(dtype).sum((0, 1))]).to(b_h.dtype)
-    sentinel_params = ctx.params[ctx.n_score:]
-    d_keys, d_values, d_out_w, d_out_b, d_score, d_sentinel = att.finish(keys, values, need_values, p_all[..., qs],
-                                                                          s_used, sentinel_params)
+    sentinel_params = ctx.params[ctx.n_score :]
+    d_keys, d_values, d_out_w, d_out_b, d_score, d_sentinel = att.finish(
+        keys, values, need_values, p_all[..., qs], s_used, sentinel_params
+    )
     h_dt, c_dt, s_dt = ctx.dtypes
 
     def cast(grad: Tensor | None, like: Tensor | None) -> Tensor | None:
         return None if grad is None or like is None else grad.to(like.dtype)
 
-    return (d_gates.transpose(0, 1).to(ctx.xg_dtype), d_keys, d_values, None, dh.to(h_dt), dc.to(c_dt),
-            None if ds is None else ds.to(s_dt), d_w_h.to(w_h.dtype), d_b_h, d_w_x.to(w_x.dtype), cast(d_w_u, w_u),
-            cast(d_out_w, att.out_w), cast(d_out_b, att.out_b),
-            *(cast(gr, p) for gr, p in zip(d_score, ctx.params[:ctx.n_score])),
-            *(cast(gr, p) for gr, p in zip(d_sentinel, sentinel_params)))
+    return (
+        d_gates.transpose(0, 1).to(ctx.xg_dtype),
+        d_keys,
+        d_values,
+        None,
+        dh.to(h_dt),
+        dc.to(c_dt),
+        None if ds is None else ds.to(s_dt),
+        d_w_h.to(w_h.dtype),
+        d_b_h,
+        d_w_x.to(w_x.dtype),
+        cast(d_w_u, w_u),
+        cast(d_out_w, att.out_w),
+        cast(d_out_b, att.out_b),
+        *(cast(gr, p) for gr, p in zip(d_score, ctx.params[: ctx.n_score])),
+        *(cast(gr, p) for gr, p in zip(d_sentinel, sentinel_params)),
+    )

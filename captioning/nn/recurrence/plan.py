@@ -4,8 +4,9 @@ multiplies (:class:`RecurrenceWeights`) and which (row, step) cells are real
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, NamedTuple
+from typing import NamedTuple
 
 import torch
 from torch import Tensor

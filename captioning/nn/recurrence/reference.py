@@ -3,7 +3,7 @@ tested against, and what search runs one step at a time."""
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -22,8 +22,9 @@ def lstm_cell(gates: Tensor, c: Tensor, sentinel: bool) -> tuple[Tensor, Tensor,
     return torch.sigmoid(o) * tanh_c, c, torch.sigmoid(g_s) * tanh_c if sentinel else None
 
 
-def plain_steps(advance: Callable, x_gates: Tensor, state: object, memory: object,
-                sentinel: bool) -> tuple[Tensor, Tensor, Tensor | None]:
+def plain_steps(
+    advance: Callable, x_gates: Tensor, state: object, memory: object, sentinel: bool
+) -> tuple[Tensor, Tensor, Tensor | None]:
     """Teacher forcing step by step through autograd: ``advance(x_gates[:, t], state, memory)
     -> (out, alpha, beta, state)`` for every step t of x_gates (B, T, G) -> outputs (B, T, D),
     alphas (B, T, S), betas (B, T) or None."""
