@@ -89,7 +89,7 @@ def add_note(err: BaseException, note: str) -> None:
     if hasattr(err, "add_note"):
         err.add_note(note)
     else:  # pragma: no cover - Python 3.10
-        err.__notes__ = [*getattr(err, "__notes__", []), note]
+        err.__notes__ = [*getattr(err, "__notes__", []), note]  # type: ignore[attr-defined]
 
 
 def exception_chain(err: BaseException) -> Iterator[BaseException]:
@@ -117,7 +117,7 @@ def _raised_in(err: BaseException) -> str:
     ``Path(name).read_text()`` in our code raises FileNotFoundError inside ``pathlib``; the
     code that asked for the file is ours.
     """
-    stdlib = getattr(sys, "stdlib_module_names", frozenset())
+    stdlib: frozenset[str] = getattr(sys, "stdlib_module_names", frozenset())
     tb, found = err.__traceback__, ""
     while tb is not None:
         module = str(tb.tb_frame.f_globals.get("__name__", ""))
@@ -157,7 +157,8 @@ def _worker_original(message: str) -> tuple[str, str] | None:
     start = next((i for i, line in enumerate(rest) if line and not line[0].isspace()), None)
     if start is None:
         return None
-    return _FILE_LINE.match(lines[last_file])["file"], "\n".join(rest[start:])
+    found = _FILE_LINE.match(lines[last_file])
+    return (found["file"], "\n".join(rest[start:])) if found else None
 
 
 def _is_ours(err: BaseException) -> bool:

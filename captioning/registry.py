@@ -113,7 +113,7 @@ class _FormerNames(importlib.abc.MetaPathFinder, importlib.abc.Loader):
                 return getattr(importlib.import_module(home), cls)
             return getattr(importlib.import_module(successor), name)
 
-        module.__getattr__ = lookup  # type: ignore[attr-defined]
+        setattr(module, "__getattr__", lookup)  # noqa: B010 - a module-level __getattr__ (PEP 562)
         return module
 
     def exec_module(self, module):

@@ -42,7 +42,7 @@ def _colormap(name: str) -> np.ndarray:
 
 
 @functools.lru_cache(maxsize=16)
-def _font(size: int, bold: bool = False) -> ImageFont.ImageFont:
+def _font(size: int, bold: bool = False) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
     names = ["DejaVuSans-Bold.ttf", "DejaVuSans.ttf"] if bold else ["DejaVuSans.ttf"]
     for name in names:
         try:
@@ -55,11 +55,11 @@ def _font(size: int, bold: bool = False) -> ImageFont.ImageFont:
         return ImageFont.load_default()
 
 
-def _text_width(font: ImageFont.ImageFont, text: str) -> float:
+def _text_width(font: ImageFont.FreeTypeFont | ImageFont.ImageFont, text: str) -> float:
     return font.getlength(text)
 
 
-def _fit_text(font: ImageFont.ImageFont, text: str, width: int) -> str:
+def _fit_text(font: ImageFont.FreeTypeFont | ImageFont.ImageFont, text: str, width: int) -> str:
     """Shorten ``text`` with an ellipsis so it fits in ``width`` pixels."""
     if _text_width(font, text) <= width:
         return text
@@ -68,7 +68,7 @@ def _fit_text(font: ImageFont.ImageFont, text: str, width: int) -> str:
     return text + "…"
 
 
-def _wrap(font: ImageFont.ImageFont, text: str, width: int) -> list[str]:
+def _wrap(font: ImageFont.FreeTypeFont | ImageFont.ImageFont, text: str, width: int) -> list[str]:
     """Greedy word wrap to ``width`` pixels; a single over-long word is ellipsised."""
     lines: list[str] = []
     current = ""
@@ -122,7 +122,7 @@ def _fit_box(image: np.ndarray, box: int) -> np.ndarray:
     h, w = image.shape[:2]
     scale = box / max(h, w)
     size = (max(1, round(w * scale)), max(1, round(h * scale)))
-    return np.asarray(Image.fromarray(image).resize(size, Image.BILINEAR))
+    return np.asarray(Image.fromarray(image).resize(size, Image.Resampling.BILINEAR))
 
 
 def _resample_matrix(n_in: int, n_out: int) -> np.ndarray:
@@ -371,7 +371,7 @@ def seq2seq_heatmap(
     if a.size:
         norm = a / vmax if vmax > 0 else np.zeros_like(a)
         grid = (cmap[np.round(np.clip(norm, 0, 1) * 255).astype(np.int64)] * 255).astype(np.uint8)
-        cells = Image.fromarray(grid).resize((s * cell, t * cell), Image.NEAREST)
+        cells = Image.fromarray(grid).resize((s * cell, t * cell), Image.Resampling.NEAREST)
         canvas.paste(cells, (x0, y0))
     for i, word in enumerate(tgt):
         draw.text(

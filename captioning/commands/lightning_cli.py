@@ -28,6 +28,7 @@ from lightning.pytorch.cli import LightningArgumentParser
 from captioning import registry
 from captioning.commands.lightning_adapter import LightningCLIAdapter
 from captioning.errors import UserError, debug_mode, user_message
+from captioning.io.run_folders import callbacks_of
 
 SUBCOMMANDS = ("fit", "validate", "test", "predict")
 
@@ -97,8 +98,8 @@ class CaptioningCLI(LightningCLIAdapter):
         trainer = super().instantiate_trainer(**kwargs)
         use_atomic_checkpoint_io(trainer)  # unless a CheckpointIO was configured
         configured = (OnExceptionCheckpoint, FaultCheckpoint)
-        if self.subcommand == "fit" and not any(isinstance(cb, configured) for cb in trainer.callbacks):
-            trainer.callbacks.append(FaultCheckpoint())
+        if self.subcommand == "fit" and not any(isinstance(cb, configured) for cb in callbacks_of(trainer)):
+            callbacks_of(trainer).append(FaultCheckpoint())
         return trainer
 
     def resolve_ckpt_path(self, continue_run: bool = False) -> None:
@@ -132,7 +133,7 @@ class CaptioningCLI(LightningCLIAdapter):
 
         self.resolve_ckpt_path()
         self.evaluate_in_run()
-        self.trainer.callbacks.append(CocoResultsWriter(self._extra("predictions_path")))
+        callbacks_of(self.trainer).append(CocoResultsWriter(self._extra("predictions_path")))
 
 
 def nested_null_args(args: Sequence[str]) -> list[str]:
@@ -171,7 +172,7 @@ def with_model_for_nested_help(args: list[str]) -> list[str]:
     return args
 
 
-def lightning_cli(args: Sequence[str] | None, run: bool = True) -> CaptioningCLI:
+def lightning_cli(args: list[str] | None, run: bool = True) -> CaptioningCLI:
     """The LightningCLI of every training command; ``run=False`` only builds the model, data and
     trainer from the config (``cache-features`` uses that, so both parse configs alike)."""
     from captioning.io.run_folders import RunConfigSaver

@@ -22,6 +22,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -132,7 +133,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             continue
         for warning in model.source_report(text).warnings():
             print(f"warning: {label}: {warning}", file=sys.stderr)
-    results: dict[int, object] = {}
+    results: dict[int, Any] = {}
     for start in range(0, len(good), args.batch_size):
         chunk = good[start : start + args.batch_size]
         with torch.inference_mode():

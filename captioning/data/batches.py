@@ -12,9 +12,11 @@ Image captions (shapes, COCO, Karpathy, folder, feature cache, cache building) a
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any, TypedDict
 
 import torch
+from lightning.pytorch import LightningDataModule
 from torch import Tensor
 from torch.nn.utils.rnn import pad_sequence
 
@@ -62,7 +64,7 @@ class TextBatch(TypedDict, total=False):
 METADATA_KEYS = frozenset({"image_ids", "references", "boxes", "objects", "ids", "source_text", "alignments"})
 
 
-class MovesTensorsOnly:
+class MovesTensorsOnly(LightningDataModule):
     """Datamodule mixin: ``transfer_batch_to_device`` moves a batch's tensors and hands its
     metadata (:data:`METADATA_KEYS`) on as it is. Lightning's own mover walks every nested list
     and dict looking for tensors: ~10 ms for a batch of 64 shapes scenes, 4% of a CPU step."""
@@ -76,15 +78,15 @@ class MovesTensorsOnly:
         return {k: batch[k] if k in METADATA_KEYS else moved[k] for k in batch}
 
 
-def collate_captions(items: list[dict[str, Any] | None]) -> CaptionBatch:
+def collate_captions(items: Sequence[dict[str, Any] | None]) -> CaptionBatch:
     """Image-caption items -> a :class:`CaptionBatch`.
 
     Each item has ``image_id`` and any of ``image`` (3, H, W) uint8, ``caption`` (ids, tensor or
     list; absent = empty), ``references``, ``boxes``, ``objects``; a key is in the batch when
     the items have it. ``None`` items (images skipped as unreadable) are dropped.
     """
-    items = [it for it in items if it is not None]
-    caps = [torch.as_tensor(it.get("caption", ()), dtype=torch.long) for it in items]
+    kept = [it for it in items if it is not None]
+    caps = [torch.as_tensor(it.get("caption", ()), dtype=torch.long) for it in kept]
     batch: CaptionBatch = {
         "captions": (
             pad_sequence(caps, batch_first=True, padding_value=PAD_ID).view(len(caps), -1)
@@ -92,15 +94,15 @@ def collate_captions(items: list[dict[str, Any] | None]) -> CaptionBatch:
             else torch.zeros(0, 0, dtype=torch.long)
         ),
         "lengths": torch.tensor([len(c) for c in caps], dtype=torch.long),
-        "image_ids": [it["image_id"] for it in items],
+        "image_ids": [it["image_id"] for it in kept],
     }
-    if not items or "image" in items[0]:
+    if not kept or "image" in kept[0]:
         batch["images"] = (
-            torch.stack([it["image"] for it in items]) if items else torch.zeros(0, 3, 1, 1, dtype=torch.uint8)
+            torch.stack([it["image"] for it in kept]) if kept else torch.zeros(0, 3, 1, 1, dtype=torch.uint8)
         )
     for key in ("references", "boxes", "objects"):
-        if items and key in items[0]:
-            batch[key] = [it[key] for it in items]
+        if kept and key in kept[0]:
+            batch[key] = [it[key] for it in kept]
     return batch
 
 

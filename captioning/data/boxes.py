@@ -108,7 +108,7 @@ def read_instances(path: str | Path) -> dict[Any, list[dict]]:
     images, anns, cats = (
         (data.get(k) for k in ("images", "annotations", "categories")) if isinstance(data, dict) else (None, None, None)
     )
-    if not all(isinstance(x, list) for x in (images, anns, cats)):
+    if not (isinstance(images, list) and isinstance(anns, list) and isinstance(cats, list)):
         raise ValueError(f"{path}: needs 'images', 'annotations' and 'categories' lists (COCO instances format)")
     try:
         names = {c["id"]: _names(str(c["name"]).lower()) for c in cats}

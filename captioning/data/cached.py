@@ -153,8 +153,10 @@ class CachedFeaturesDataModule(TypedHyperparameters, MovesTensorsOnly, Lightning
         super().__init__()
         if captions_per_epoch not in ("all", "one"):
             raise ValueError(f"captions_per_epoch must be 'all' or 'one', got {captions_per_epoch!r}")
-        self.data, self.cache_dir, self.build = data, Path(cache_dir), build
-        self.batch_size = batch_size or getattr(data, "batch_size", 32)
+        # The wrapped image datamodule (shapes, COCO, folder): typed loosely, it is asked for what it has.
+        self.data: Any = data
+        self.cache_dir, self.build = Path(cache_dir), build
+        self.batch_size: int = batch_size or int(getattr(data, "batch_size", 32))
         self.num_workers, self.captions_per_epoch = num_workers, captions_per_epoch
         self.bucket_by_length, self.max_caption_length = bucket_by_length, max_caption_length
         self.build_batch_size, self.seed = build_batch_size, seed
@@ -229,7 +231,7 @@ class CachedFeaturesDataModule(TypedHyperparameters, MovesTensorsOnly, Lightning
 
     def _image_batches(self, split: str) -> tuple[DataLoader, int]:
         """One item per image of ``split`` from the wrapped datamodule, as image batches."""
-        kw = dict(batch_size=self.build_batch_size, shuffle=False, num_workers=self.num_workers)
+        kw: dict[str, Any] = dict(batch_size=self.build_batch_size, shuffle=False, num_workers=self.num_workers)
         if hasattr(self.data, "image_records"):  # COCO-style: files on disk
             dataset = _ImageFiles(
                 self.data.image_records(split), self.data.image_size, getattr(self.data, "max_pixels", None)
@@ -307,14 +309,15 @@ class CachedFeaturesDataModule(TypedHyperparameters, MovesTensorsOnly, Lightning
         if "train" not in self._items:
             self.setup()
         items = self._items["train"]
-        lengths = [len(items.encoded[i][j]) for i, j in items.index] if self.bucket_by_length else None
+        # (training items are one per caption: j is set)
+        lengths = [len(items.encoded[i][j or 0]) for i, j in items.index] if self.bucket_by_length else None
         if self.captions_per_epoch == "one":
             groups: list[list[int]] = [[] for _ in items.rows]
             for k, (i, _) in enumerate(items.index):
                 groups[i].append(k)
             # Shards itself under DDP (a DistributedSampler Lightning keeps) and buckets by length.
-            sampler = OneCaptionPerImageSampler(groups, seed=self.seed, lengths=lengths, batch_size=self.batch_size)
-            return self._loader("train", sampler=sampler, batch_size=self.batch_size)
+            per_image = OneCaptionPerImageSampler(groups, seed=self.seed, lengths=lengths, batch_size=self.batch_size)
+            return self._loader("train", sampler=per_image, batch_size=self.batch_size)
         sampler = RandomSampler(items, generator=torch.Generator().manual_seed(self.seed))
         if lengths is None:
             return self._loader("train", sampler=sampler, batch_size=self.batch_size)

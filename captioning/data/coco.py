@@ -81,8 +81,7 @@ def read_coco_captions(
         where = f"{path} images[{k}]"
         if not isinstance(img, dict):
             raise ValueError(f"{where}: expected an object with id and file_name, got {img!r}")
-        img_id = img.get("id")
-        _check_id(img_id, where)
+        img_id = _check_id(img.get("id"), where)
         if img_id in seen:
             raise ValueError(f"{where}: image id {img_id!r} appears twice")
         seen.add(img_id)
@@ -149,9 +148,11 @@ def _tokens(tokens: object) -> list[str]:
     return [t for t in tokenize(" ".join(tokens), keep_punctuation=True) if t.strip()]
 
 
-def _check_id(image_id: object, where: str) -> None:
+def _check_id(image_id: object, where: str) -> int | str:
+    """An image id as the files may give it: an integer or a string (returned), else a ValueError."""
     if isinstance(image_id, bool) or not isinstance(image_id, (int, str)):
         raise ValueError(f"{where}: image id must be an integer or a string, got {image_id!r}")
+    return image_id
 
 
 # ----------------------------------------------------------------------------- datamodule

@@ -114,8 +114,9 @@ class FeatureCache:
         """Features of these rows as (n, S, C) float16, each distinct row read from disk once."""
         if self._array is None:
             self._array = np.load(self.path / FEATURES_FILE, mmap_mode="r")
-        rows = np.asarray(rows, dtype=np.int64)
-        unique, inverse = np.unique(rows, return_inverse=True)  # sorted reads; shared rows read once
+        unique, inverse = np.unique(
+            np.asarray(rows, dtype=np.int64), return_inverse=True
+        )  # sorted reads; shared rows read once
         block = torch.from_numpy(np.ascontiguousarray(self._array[unique], dtype=np.float16))
         block = block.view(len(unique), -1, self.channels)  # (U, S, C), positions row-major
         return block if len(unique) == len(rows) and np.all(unique == rows) else block[torch.from_numpy(inverse)]
@@ -212,8 +213,8 @@ def build_feature_cache(
             f"{type(encoder).__name__} has trainable parameters: cached features would go stale "
             "as it trains; freeze it (ImageEncoder(trainable_from=None)) or encode on the fly"
         )
-    grid = int(encoder.grid_size)
-    channels = int(encoder.out_channels)
+    grid = int(getattr(encoder, "grid_size"))  # noqa: B009 - an Encoder's int attributes (nn.Module types them as modules)
+    channels = int(getattr(encoder, "out_channels"))  # noqa: B009
     was_training, old_device = encoder.training, next(encoder.parameters()).device
     device = torch.device(device) if device is not None else old_device
     encoder.eval().to(device)

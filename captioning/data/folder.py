@@ -89,10 +89,12 @@ def read_caption_rows(
 
 
 def _row(row: dict, columns: list[str], split_column: str | None, where: str) -> tuple[str, str, str | None, str]:
-    values = [row.get(c) for c in columns]
-    for column, value in zip(columns, values):
+    values: list[str] = []
+    for column in columns:
+        value = row.get(column)
         if not isinstance(value, str) or (column != columns[1] and not value.strip()):
             raise ValueError(f"{where}: column {column!r} must be non-empty text, got {value!r}")
+        values.append(value)
     split = None
     if split_column:
         split = SPLIT_NAMES.get(values[2].strip().lower())
@@ -177,7 +179,7 @@ class FolderCaptionsDataModule(ImageCaptionsDataModule):
             raise FileNotFoundError(f"{root}: no such directory; expected the image folder there")
         rows = read_caption_rows(hp.captions_file, hp.file_column, hp.caption_column, hp.split_column)
         by_file: dict[str, ImageRecord] = {}
-        split_of: dict[str, str | None] = {}
+        split_of: dict[str, str | None] = {}  # None: no split column
         for file, caption, split, where in rows:
             if file not in by_file:
                 by_file[file] = ImageRecord(file, image_path(root, file, where, self.allow_outside_paths), [])
@@ -185,11 +187,12 @@ class FolderCaptionsDataModule(ImageCaptionsDataModule):
             elif split != split_of[file]:
                 raise ValueError(f"{where}: {file} is in split {split_of[file]!r} on an earlier row and {split!r} here")
             by_file[file].captions.append(tokenize(caption))
-        if hp.split_column is None:
-            split_of = self._random_split(list(by_file))
+        assigned: dict[str, str] = (
+            self._random_split(list(by_file)) if hp.split_column is None else {f: str(s) for f, s in split_of.items()}
+        )
         out: dict[str, list[ImageRecord]] = {s: [] for s in SPLITS}
         for file, record in by_file.items():
-            out[split_of[file]].append(record)
+            out[assigned[file]].append(record)
         return out
 
     def _random_split(self, files: list[str]) -> dict[str, str]:
@@ -200,6 +203,6 @@ class FolderCaptionsDataModule(ImageCaptionsDataModule):
         n_val = max(1, round(n * hp.val_fraction)) if hp.val_fraction > 0 and n >= 3 else 0
         n_test = max(1, round(n * hp.test_fraction)) if hp.test_fraction > 0 and n >= 3 else 0
         split = dict.fromkeys(order[:n_val], "val")
-        split.update(dict.fromkeys(order[n_val:n_val + n_test], "test"))
-        split.update(dict.fromkeys(order[n_val + n_test:], "train"))
+        split.update(dict.fromkeys(order[n_val : n_val + n_test], "test"))
+        split.update(dict.fromkeys(order[n_val + n_test :], "train"))
         return split

@@ -46,7 +46,7 @@ IMAGE_CHECKS = ("none", "exists", "header", "full")
 
 def say(msg: str, level: int = logging.INFO) -> None:
     """Log once per job: every DDP rank builds its own datamodule."""
-    if rank_zero_only.rank == 0:
+    if getattr(rank_zero_only, "rank", 0) == 0:
         log.log(level, msg)
 
 
@@ -59,12 +59,12 @@ class ImageRecord:
     captions: list[list[str]]
 
 
-def image_path(root: str | os.PathLike, relative: str, where: str, allow_outside: bool = False) -> str:
+def image_path(root: str | os.PathLike, relative: object, where: str, allow_outside: bool = False) -> str:
     """``root/relative``, refusing paths that leave ``root`` (``../``, absolute paths, symlinks out).
 
     Args:
         root: the image folder the annotation file refers to.
-        relative: the file name the annotation file gives.
+        relative: the file name the annotation file gives (anything else is refused).
         where: names the entry in errors, e.g. "captions_train2017.json images[12]".
         allow_outside: accept any path (an explicit option of the datamodule).
     """
@@ -114,6 +114,7 @@ class CaptionDataset(Dataset):
         self.references = [[" ".join(c) for c in r.captions] for r in records]
         # Encode once here, not per __getitem__: cheap, and workers share it copy-on-write.
         self.encoded = [[vocab.encode(c[:max_len]) for c in r.captions] for r in records]
+        self.index: list[tuple[int, int | None]]  # (record, caption or None)
         if per_caption:
             self.index = [(i, j) for i, caps in enumerate(self.encoded) for j in range(len(caps))]
         else:
@@ -271,9 +272,9 @@ class ImageCaptionsDataModule(TypedHyperparameters, FollowsEncoder, MovesTensors
         if self._boxes is None:
             from captioning.data.boxes import read_boxes_json, read_instances
 
-            self._boxes = (
-                read_instances(self.instances_file) if self.instances_file else read_boxes_json(self.boxes_file)
-            )
+            source = self.instances_file or self.boxes_file
+            assert source is not None
+            self._boxes = read_instances(source) if self.instances_file else read_boxes_json(source)
         return self._boxes
 
     def example(self, split: str = "val") -> dict[str, Any] | None:
@@ -303,7 +304,7 @@ class ImageCaptionsDataModule(TypedHyperparameters, FollowsEncoder, MovesTensors
                     "Fix or remove them, or set skip_bad_images: true to train without them"
                 )
             records = [r for r in records if r.path not in bad]
-            self._records[split] = records
+            self._load_records()[split] = records
             say(f"{split} split: skipping {len(bad)} unusable image(s) (skip_bad_images): {shown}", logging.WARNING)
         self._checked.add(split)
         return records
@@ -340,9 +341,8 @@ class ImageCaptionsDataModule(TypedHyperparameters, FollowsEncoder, MovesTensors
     # ------------------------------------------------------------------ datasets and loaders
     def setup(self, stage: str | None = None) -> None:
         """Build the datasets needed for ``stage`` (fit/validate/test/predict; None = all)."""
-        wanted = {"fit": ["train", "val"], "validate": ["val"], "test": ["test"], "predict": ["predict"]}.get(
-            stage, ["train", "val", "test", "predict"]
-        )
+        by_stage = {"fit": ["train", "val"], "validate": ["val"], "test": ["test"], "predict": ["predict"]}
+        wanted = by_stage.get(stage or "", ["train", "val", "test", "predict"])
         for name in wanted:
             if name in self._datasets:
                 continue
@@ -385,7 +385,7 @@ class ImageCaptionsDataModule(TypedHyperparameters, FollowsEncoder, MovesTensors
         # init args of BatchSampler subclasses that exist when it calls this hook, which lets it
         # rebuild the sampler with a DistributedSampler underneath under DDP.
         data = self._dataset("train")
-        lengths = [len(data.encoded[i][j]) for i, j in data.index]
+        lengths = [len(data.encoded[i][j or 0]) for i, j in data.index]  # training items: one per caption
         sampler = RandomSampler(data, generator=torch.Generator().manual_seed(self.seed))
         batches = LengthBucketBatchSampler(sampler, self.batch_size, False, lengths=lengths, seed=self.seed)
         return DataLoader(

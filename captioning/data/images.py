@@ -19,7 +19,7 @@ import warnings
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -67,7 +67,7 @@ class Preprocessing:
     def from_dict(cls, data: dict[str, Any]) -> Preprocessing:
         if not isinstance(data, dict) or set(data) - {"image_size", "mean", "std"}:
             raise ValueError(f"preprocessing must be a dict with image_size, mean, std; got {data!r}")
-        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})  # type: ignore[arg-type]
 
 
 #: Default pixel limit (width * height) of :func:`load_image` and the file checks: 100
@@ -111,7 +111,7 @@ class ImageTooLargeError(ImageReadError):
     """An image has more pixels than allowed; refused from its header, before decoding."""
 
 
-def load_image(path: str | Path, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Image.Image:
+def load_image(path: str | os.PathLike, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Image.Image:
     """Read an image file as an upright 8-bit RGB picture, or fail with one clear message.
 
     * EXIF orientation is applied (a phone photo tagged "rotate 90" comes out upright); a
@@ -135,7 +135,7 @@ def load_image(path: str | Path, max_pixels: int | None = DEFAULT_MAX_PIXELS) ->
             starts with the path; the original exception is kept as ``__cause__``. Pillow's
             warnings about damaged files never reach the caller.
     """
-    image, _ = _read(path, max_pixels, decode=True)
+    image, _ = _read(path if isinstance(path, (str, Path)) else Path(path), max_pixels, decode=True)
     assert image is not None  # decode=True always gives an image or raises
     return image
 
@@ -208,8 +208,8 @@ def _read(path: str | Path, max_pixels: int | None, decode: bool) -> tuple[Image
         except Image.DecompressionBombError as err:  # Pillow's check at open, above 2x its limit
             found = re.search(r"\((\d+) pixels\)", str(err))  # Pillow's message has no width x height
             pixels = int(found[1]) if found else None
-            size = f"{pixels:,} pixels" if pixels else f"more than {2 * (Image.MAX_IMAGE_PIXELS or 0):,} pixels"
-            raise ImageTooLargeError(_too_large(path, size, pixels, max_pixels)) from err
+            count = f"{pixels:,} pixels" if pixels else f"more than {2 * (Image.MAX_IMAGE_PIXELS or 0):,} pixels"
+            raise ImageTooLargeError(_too_large(path, count, pixels, max_pixels)) from err
         except Exception as err:  # noqa: BLE001 - hostile files make Pillow raise nearly anything
             raise ImageReadError(f"{path}: not a readable image ({_one_line(err)})") from err
 
@@ -346,7 +346,7 @@ def _pillow_warnings_dropped() -> Iterator[None]:
     global _quiet_depth
     with _quiet_lock:
         if _quiet_depth == 0:
-            warnings.filters.insert(0, _QUIET_FILTER)
+            cast(list, warnings.filters).insert(0, _QUIET_FILTER)
         _quiet_depth += 1
     try:
         yield
@@ -354,14 +354,14 @@ def _pillow_warnings_dropped() -> Iterator[None]:
         with _quiet_lock:
             _quiet_depth -= 1
             if _quiet_depth == 0 and _QUIET_FILTER in warnings.filters:
-                warnings.filters.remove(_QUIET_FILTER)
+                cast(list, warnings.filters).remove(_QUIET_FILTER)
 
 
 def image_tensor(image: Image.Image, size: int) -> Tensor:
     """PIL RGB -> (3, size, size) uint8 tensor, resized with bilinear filtering (antialiased)."""
     image = image.convert("RGB")
     if image.size != (size, size):
-        image = image.resize((size, size), Image.BILINEAR)
+        image = image.resize((size, size), Image.Resampling.BILINEAR)
     x = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8).view(size, size, 3)
     return x.permute(2, 0, 1).contiguous()
 

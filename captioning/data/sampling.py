@@ -121,12 +121,15 @@ class OneCaptionPerImageSampler(DistributedSampler):
         return iter(self._bucketed(shard, generator))
 
     def _bucketed(self, shard: list[int], generator: torch.Generator) -> list[int]:
-        size, b = self.batch_size * self.pool, self.batch_size
+        assert self.lengths is not None and self.batch_size is not None  # checked in __init__
+        lengths, b = self.lengths, self.batch_size
+        size = b * self.pool
         order = torch.as_tensor(shard, dtype=torch.long)
-        full, short = [], []
+        full: list[list[int]] = []
+        short: list[list[int]] = []
         for start in range(0, len(order), size):
             chunk = order[start : start + size]
-            chunk = chunk[torch.argsort(self.lengths[chunk], stable=True)]
+            chunk = chunk[torch.argsort(lengths[chunk], stable=True)]
             for i in range(0, len(chunk), b):
                 (full if len(chunk[i : i + b]) == b else short).append(chunk[i : i + b].tolist())
         batches = [full[i] for i in torch.randperm(len(full), generator=generator).tolist()] + short

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 import numpy as np
@@ -80,7 +81,7 @@ class ShapesDataset(Dataset):
         scene = self.scene(index)
         pixels = scene.pixels
         if self.input_size != self.image_size:  # drawn at image_size, resized for the encoder
-            pixels = np.array(Image.fromarray(pixels).resize((self.input_size,) * 2, Image.BILINEAR))
+            pixels = np.array(Image.fromarray(pixels).resize((self.input_size,) * 2, Image.Resampling.BILINEAR))
         if self.kept is not None:
             self.kept[index] = (scene, pixels)
         return scene, pixels
@@ -260,9 +261,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         parser.error(f"--count must be >= 1 and --start >= 0, got {args.count} and {args.start}")
     indices = range(args.start, args.start + args.count)
     try:
-        dm = ShapesDataModule(
-            image_size=args.image_size, seed=args.seed, noise=args.noise, **{f"{args.split}_size": indices.stop}
-        )
+        sizes: dict[str, Any] = {f"{args.split}_size": indices.stop}
+        dm = ShapesDataModule(image_size=args.image_size, seed=args.seed, noise=args.noise, **sizes)
     except ValueError as err:
         parser.error(str(err))
     dataset = dm.dataset(args.split)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import random
 import warnings
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 import torch
@@ -64,6 +65,14 @@ class _TextDataModule(TypedHyperparameters, MovesTensorsOnly, L.LightningDataMod
 
     batch_size: int
     num_workers: int
+    seed: int
+
+    @property
+    def text_vocab(self) -> TextVocab:
+        raise NotImplementedError
+
+    def dataset(self, split: str) -> TextPairDataset:
+        raise NotImplementedError
 
     @property
     def vocab_data(self) -> dict:
@@ -72,7 +81,9 @@ class _TextDataModule(TypedHyperparameters, MovesTensorsOnly, L.LightningDataMod
 
     def _loader(self, split: str, shuffle: bool, by_length: bool = False) -> DataLoader:
         data = self.dataset(split)
-        common = dict(num_workers=self.num_workers, collate_fn=collate_text, persistent_workers=self.num_workers > 0)
+        common: dict[str, Any] = dict(
+            num_workers=self.num_workers, collate_fn=collate_text, persistent_workers=self.num_workers > 0
+        )
         lengths = self.source_lengths(split) if by_length else None
         if lengths is None:
             return DataLoader(data, batch_size=self.batch_size, shuffle=shuffle, **common)
@@ -302,7 +313,7 @@ class TsvTextDataModule(_TextDataModule):
     def source_lengths(self, split: str) -> list[int] | None:
         if split == "train" and not self.bucket_by_length:
             return None
-        return [len(item["source"]) for item in self.dataset(split).items]
+        return [len(self.dataset(split)[i]["source"]) for i in range(len(self.dataset(split)))]
 
     @property
     def text_vocab(self) -> TextVocab:

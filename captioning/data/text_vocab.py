@@ -37,6 +37,7 @@ import unicodedata
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from functools import cached_property
+from typing import Any
 
 from captioning.data.vocab import EOS, SPECIALS, UNK, Vocabulary
 
@@ -222,7 +223,11 @@ class TextVocab:
         return sum(t not in self.source or t in SPECIALS for t in tokens), len(tokens)
 
     def to_dict(self) -> dict:
-        data = {"source": self.source.to_dict(), "target": self.target.to_dict(), "tokenizer": self.tokenizer.to_dict()}
+        data: dict[str, Any] = {
+            "source": self.source.to_dict(),
+            "target": self.target.to_dict(),
+            "tokenizer": self.tokenizer.to_dict(),
+        }
         if self.source_words is not None:
             data["source_words"] = list(self.source_words)
         if self.longest_source is not None:

@@ -116,7 +116,7 @@ class _MeteorProcess(_meteor_module.Meteor):
     def __init__(self) -> None:  # not super().__init__: we choose the Popen arguments
         jar_dir = os.path.dirname(os.path.abspath(_meteor_module.__file__))
         self.meteor_cmd = ["java", "-jar", "-Xmx2G", _meteor_module.METEOR_JAR, "-", "-", "-stdio", "-l", "en", "-norm"]
-        self.meteor_p = subprocess.Popen(
+        self.meteor_p: subprocess.Popen | None = subprocess.Popen(
             self.meteor_cmd, cwd=jar_dir, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL
         )
         self.lock = threading.Lock()
@@ -313,18 +313,18 @@ def alignment_score(alphas: Sequence[Tensor], true_alignments: Sequence[Sequence
     correct = counted = 0
     for i, (alpha, truth) in enumerate(zip(alphas, true_alignments)):
         alpha = alpha.detach().float().cpu()
-        truth = torch.as_tensor(list(truth), dtype=torch.long)
-        if alpha.dim() != 2 or alpha.shape[0] != len(truth):
+        target = torch.as_tensor(list(truth), dtype=torch.long)
+        if alpha.dim() != 2 or alpha.shape[0] != len(target):
             raise ValueError(
                 f"alignment_score: sequence {i}: alpha shape {tuple(alpha.shape)} "
-                f"does not match {len(truth)} alignments (need (T, S))"
+                f"does not match {len(target)} alignments (need (T, S))"
             )
-        bad = (truth < -1) | (truth >= alpha.shape[1])
+        bad = (target < -1) | (target >= alpha.shape[1])
         if bad.any():
             raise ValueError(
-                f"alignment_score: sequence {i}: alignment {int(truth[bad][0])} outside [-1, {alpha.shape[1] - 1}]"
+                f"alignment_score: sequence {i}: alignment {int(target[bad][0])} outside [-1, {alpha.shape[1] - 1}]"
             )
-        keep = truth >= 0
+        keep = target >= 0
         counted += int(keep.sum())
-        correct += int((alpha.argmax(dim=1)[keep] == truth[keep]).sum())
+        correct += int((alpha.argmax(dim=1)[keep] == target[keep]).sum())
     return correct / counted if counted else 0.0

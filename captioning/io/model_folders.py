@@ -252,6 +252,7 @@ def load_any(
         return load_pretrained(model, trust_modules, map_location)
     from captioning.io.model_loading import load_model
 
+    assert ckpt_path is not None
     return load_model(ckpt_path, default_class=default_class, map_location=map_location, trust_modules=trust_modules)
 
 

@@ -11,6 +11,7 @@ when the ImageNet weights file is not on this machine.
 from __future__ import annotations
 
 import json
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -21,7 +22,7 @@ import torch
 from captioning.io.trust import build_model, trusted_modules
 
 
-def find_checkpoint(path: str | Path) -> Path:
+def find_checkpoint(path: str | os.PathLike) -> Path:
     """A checkpoint file as given, or for a run folder the checkpoint to use from it.
 
     In a folder: the newest *readable* ``best*.ckpt`` under it, else the newest readable

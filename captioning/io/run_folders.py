@@ -33,7 +33,7 @@ from __future__ import annotations
 import csv
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import lightning.pytorch as pl
 import torch
@@ -55,6 +55,11 @@ __all__ = [
 ]
 
 
+def callbacks_of(trainer: pl.Trainer) -> list[pl.Callback]:
+    """The trainer's callbacks (Lightning sets ``trainer.callbacks`` at run time, untyped)."""
+    return cast(Any, trainer).callbacks
+
+
 def _versioned(logger: Any) -> bool:
     return isinstance(logger, (CSVLogger, TensorBoardLogger))
 
@@ -65,7 +70,7 @@ def _runs_root(trainer: pl.Trainer) -> Path | None:
         return None
     logger = trainer.loggers[0]
     if _versioned(logger):
-        return Path(logger.root_dir)
+        return Path(logger.root_dir or trainer.default_root_dir)
     return Path(logger.save_dir or trainer.default_root_dir) / str(logger.name)
 
 
@@ -75,10 +80,10 @@ def run_dir(trainer: pl.Trainer) -> Path:
         return Path(trainer.default_root_dir)
     logger = trainer.loggers[0]
     if _versioned(logger):
-        return Path(logger.log_dir)
+        return Path(logger.log_dir or trainer.default_root_dir)
     version = logger.version
     version = version if isinstance(version, str) else f"version_{version}"  # as ModelCheckpoint does
-    return _runs_root(trainer) / version
+    return (_runs_root(trainer) or Path(trainer.default_root_dir)) / version
 
 
 def checkpoint_dir(trainer: pl.Trainer) -> Path:
@@ -171,7 +176,7 @@ def resolve_checkpoint(
         return None
     path: Path | None = None
     if str(ckpt_path) == "last":
-        fixed = any(isinstance(cb, ModelCheckpoint) and cb.dirpath for cb in trainer.callbacks)
+        fixed = any(isinstance(cb, ModelCheckpoint) and cb.dirpath for cb in callbacks_of(trainer))
         if not fixed:
             path = _last_checkpoint(trainer)
             if path is not None:

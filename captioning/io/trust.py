@@ -135,6 +135,7 @@ def build_encoder(spec: Any, trust: Sequence[str] = (), source: str = "a model f
     if not isinstance(spec, dict) or "class_path" not in spec:
         raise ValueError(f"{source}: the encoder must be a dict with class_path and init_args, got {spec!r}")
     cls = resolve_class(spec["class_path"], "encoder", trust, source)
+    assert issubclass(cls, Encoder)  # resolve_class checked it
     args = check_init_args(cls, spec.get("init_args") or {}, source)
     return _construct(cls, cls.restore_args(args) if restore else args, source)
 

@@ -138,7 +138,7 @@ class WandbLogger(_LightningWandbLogger):
             save_dir=save_dir,
             project=project or os.environ.get("WANDB_PROJECT") or DEFAULT_PROJECT,
             id=id,
-            log_model=log_model,
+            log_model=log_model,  # type: ignore[arg-type]  # "all" or a bool, as Lightning documents
             prefix=prefix,
             mode=mode,
             **kwargs,

@@ -99,7 +99,7 @@ class AttentionModel(TrainingStep):
         hp, v = self.hparams, self.target_vocab
         beam = hp.beam_size if beam_size is None else beam_size
         length = hp.max_length if max_length is None else max_length
-        common = dict(
+        common: dict[str, Any] = dict(
             bos_id=v.bos_id,
             eos_id=v.eos_id,
             pad_id=v.pad_id,
@@ -215,9 +215,10 @@ class AttentionModel(TrainingStep):
             sched = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
             return {"optimizer": optimizer, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
         if hp.scheduler == "plateau":
-            mode = "min" if self.plateau_monitor.endswith("loss") else "max"
-            sched = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode=mode, factor=0.5, patience=2)
-            return {"optimizer": optimizer, "lr_scheduler": {"scheduler": sched, "monitor": self.plateau_monitor}}
+            plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(
+                optimizer, mode="min" if self.plateau_monitor.endswith("loss") else "max", factor=0.5, patience=2
+            )
+            return {"optimizer": optimizer, "lr_scheduler": {"scheduler": plateau, "monitor": self.plateau_monitor}}
         return optimizer
 
     # ------------------------------------------------------------------ checkpoints

@@ -150,7 +150,7 @@ class AttentionOverlays(pl.Callback):
             pl_module.train(was_training)
         if not items:
             return
-        keyed = {str(k): v for k, v in references.items()}  # item keys are strings
+        keyed: dict[Any, Any] = {str(k): v for k, v in references.items()}  # item keys are strings
         for it in items:
             it["references"] = _as_list(it["references"])
             keyed.setdefault(it["key"], it["references"])
@@ -176,7 +176,7 @@ class AttentionOverlays(pl.Callback):
         n = min(self.num_images, len(dataset))
         if n == 0:
             return None
-        collate = loader.collate_fn or torch.utils.data.default_collate
+        collate = getattr(loader, "collate_fn", None) or torch.utils.data.default_collate
         return collate([dataset[i] for i in range(n)])
 
     def _figures(self, pl_module: pl.LightningModule, batch: dict) -> list[dict]:

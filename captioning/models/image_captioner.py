@@ -9,6 +9,8 @@ when batches carry named boxes (captioning/eval/localisation.py).
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 from torch import Tensor, nn
 
@@ -124,7 +126,10 @@ class ImageCaptioner(AttentionModel):
         """Batch -> features (B, S, C); uses cached features when the batch carries them.
         ``batch["images"]``: (B, 3, H, W) uint8 at the encoder's input size (it normalises)."""
         if "features" in batch:
-            return batch["features"].to(self.dtype if self.dtype.is_floating_point else torch.float32)
+            dtype = (
+                self.dtype if isinstance(self.dtype, torch.dtype) and self.dtype.is_floating_point else torch.float32
+            )
+            return batch["features"].to(dtype)
         return self.encoder(batch["images"])
 
     def loss(self, features: Tensor, captions: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -256,7 +261,8 @@ class ImageCaptioner(AttentionModel):
         n = min(max_items, len(batch["image_ids"]))
         sub = {k: (v[:n] if isinstance(v, (Tensor, list)) else v) for k, v in batch.items()}
         result = self.generate(self.encode(sub), beam_size=beam_size)
-        pixels = sub["images"].permute(0, 2, 3, 1).to("cpu", torch.uint8).numpy()  # (n, H, W, 3)
+        images = cast(Tensor, sub["images"])
+        pixels = images.permute(0, 2, 3, 1).to("cpu", torch.uint8).numpy()  # (n, H, W, 3)
         betas = self.sentinel_weights(result)
         items = []
         for i, (words, grid) in enumerate(zip(self.words(result), self.attention_grids(result))):
@@ -309,4 +315,4 @@ def compile_decoder_step(decoder: nn.Module) -> None:
         fn = getattr(decoder, name, None)
         if callable(fn):
             setattr(decoder, name, torch.compile(fn, dynamic=True))
-    decoder._step_compiled = True
+    setattr(decoder, "_step_compiled", True)  # noqa: B010 - a plain flag, not a submodule

@@ -42,8 +42,9 @@ class Captioner(Protocol):
 
 @runtime_checkable
 class Translator(Protocol):
-    """Translates raw sentences (``translate``) and says how a sentence reaches the model
-    (``source_report``: tokens, cuts, unknown words)."""
+    """Translates raw sentences (``translate``), says how a sentence reaches the model
+    (``source_report``: tokens, cuts, unknown words) and encodes sentences (``encode_texts``: a
+    ValueError for one that cannot be, e.g. empty)."""
 
     def translate(
         self,
@@ -54,6 +55,8 @@ class Translator(Protocol):
     ) -> list[Any]: ...
 
     def source_report(self, text: str) -> Any: ...
+
+    def encode_texts(self, texts: Sequence[str]) -> tuple[Tensor, Tensor]: ...
 
 
 def is_captioner(model: Any) -> bool:

@@ -38,7 +38,7 @@ Text batch (dict), produced by every datamodule of ``captioning/data/text.py``:
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 from lightning.pytorch.utilities import rank_zero_info
@@ -407,8 +407,10 @@ class Seq2SeqModel(AttentionModel):
     def eval_scores(self, items: list[dict]) -> dict[str, float]:
         from captioning.eval.metrics import alignment_score
 
-        scores = score_translations(
-            [v["prediction"] for v in items], [v["reference"] for v in items], self.text_vocab.tokenizer
+        scores: dict[str, Any] = dict(
+            score_translations(
+                [v["prediction"] for v in items], [v["reference"] for v in items], self.text_vocab.tokenizer
+            )
         )
         self._log_signature(str(scores.pop("bleu_signature")))
         with_alignment = [v for v in items if "alpha" in v]

@@ -30,6 +30,7 @@ import contextlib
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -43,7 +44,8 @@ class _Entry:
     """One input-shape key: its warm-up count, and once captured the graph, its static inputs and outputs."""
 
     warm: int = 0
-    graph: object | None = None
+    replay: Callable[[], Any] | None = None  # the captured step (a CUDA graph's replay)
+    graph: Any = None  # the CUDA graph itself (kept alive)
     inputs: Inputs = field(default_factory=dict)
     outputs: dict[str, Tensor] = field(default_factory=dict)
 
@@ -108,6 +110,7 @@ class StepGraphs:
         self.clip, self.warmup, self.max_graphs, self.backend = clip, max(1, warmup), max_graphs, backend
         self.entries: dict[tuple, _Entry] = {}
         self.trained: list[Tensor] | None = None  # parameters that get a gradient (known after one step)
+        self.grads: list[Tensor] = []  # their gradient buffers
         self.captures = self.eager_steps = self.replays = 0
         self._pool = torch.cuda.graph_pool_handle() if backend == "cuda" else None
         self._side = torch.cuda.Stream() if backend == "cuda" else None
@@ -125,7 +128,7 @@ class StepGraphs:
             if len(self.entries) >= self.max_graphs:
                 return self._eager(inputs)
             entry = self.entries[key] = _Entry()
-        if entry.graph is None:
+        if entry.replay is None:
             if entry.warm < self.warmup or self.trained is None:
                 entry.warm += 1
                 return self._eager(inputs)
@@ -144,9 +147,10 @@ class StepGraphs:
                 p.grad = None
             out = self.step(inputs)
             self.trained = [p for p in self.params if p.grad is not None]  # their buffers stay fixed from now on
+            self.grads = [p.grad for p in self.trained if p.grad is not None]
         else:
-            for p in self.trained:
-                p.grad.zero_()
+            for grad in self.grads:
+                grad.zero_()
             out = self.step(inputs)
         if self.clip is not None:
             value, algorithm = self.clip
@@ -169,20 +173,21 @@ class StepGraphs:
     def _capture(self, entry: _Entry, inputs: Inputs) -> None:
         entry.inputs = {name: t.detach().clone() for name, t in inputs.items()}
         if self.backend == "eager":
-            entry.graph = lambda: entry.outputs.update(self._full_step(entry.inputs))
+            entry.replay = lambda: entry.outputs.update(self._full_step(entry.inputs))
         else:
             graph = torch.cuda.CUDAGraph()
             with _uncached_autocast(), torch.cuda.graph(graph, pool=self._pool):
                 entry.outputs = self._full_step(entry.inputs)
-            entry.graph = graph
+            entry.graph, entry.replay = graph, graph.replay
         self.captures += 1
 
     def _replay(self, entry: _Entry) -> None:
+        assert entry.replay is not None
         if self.backend == "eager":
             with _uncached_autocast():
-                entry.graph()
+                entry.replay()
         else:
-            entry.graph.replay()
+            entry.replay()
 
     @contextlib.contextmanager
     def _side_stream(self) -> Iterator[None]:

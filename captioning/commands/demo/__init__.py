@@ -168,9 +168,5 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 2 if problem else 0
 
 
-def _stop(signum: int, frame: Any) -> None:
-    raise KeyboardInterrupt
-
-
 if __name__ == "__main__":
     sys.exit(main())

@@ -214,7 +214,7 @@ def caption_request(demo: Demo, upload: Any, beam_size: Any) -> dict:
         return _empty_caption(_message(str(err)))
     note = f"{result.name}: captioned in {result.seconds:.2f} s (beam {result.beam_size}, score {result.score:.3f})"
     status = "".join(_message(w, "warning") for w in result.warnings) + _message(note, "ok")
-    page = {
+    page: dict[str, Any] = {
         "status": status,
         "words": result.words,
         "word_image": None,
