@@ -14,7 +14,7 @@ split, by default 500 validation and 1,000 test pairs, the rest for training, wr
 configs/text_tsv.yaml`` with only the three paths (plus ``--trainer.max_time``) in a child
 process (its test numbers come from ``test_after_fit``); (4) ``captioning translate`` of the
 test sources from the best checkpoint, scored offline with
-:func:`captioning.models.seq2seq.score_translations` (the same definition as ``test``: the two
+:func:`captioning.models.translations.score_translations` (the same definition as ``test``: the two
 must agree); (5) the tutorial model (benchmarks/text_tutorial_model.py) trained in a child
 process for the same wall-clock budget, greedy on the test split.
 
@@ -150,7 +150,7 @@ def run_child(cmd: list[str], env: dict, log: Path) -> dict:
 def ours(args: argparse.Namespace, work: Path, env: dict) -> dict:
     from captioning.data.text_vocab import TextTokenizer
     from captioning.io.model_loading import find_checkpoint, read_checkpoint
-    from captioning.models.seq2seq import score_translations
+    from captioning.models.translations import score_translations
 
     root = work / "runs"
     cmd = [
@@ -250,7 +250,7 @@ def tutorial_child(work: Path, budget_s: float, seed: int) -> None:
     import torch
     from text_tutorial_model import Lang, TutorialModel, to_array
 
-    from captioning.models.seq2seq import score_translations
+    from captioning.models.translations import score_translations
 
     torch.manual_seed(seed)
     read = lambda name: [line.split("\t") for line in (work / name).read_text(encoding="utf-8").splitlines()]  # noqa

@@ -23,7 +23,7 @@ _API = {
     # models
     "ImageCaptioner": "captioning.models.image_captioner",
     "Seq2SeqModel": "captioning.models.seq2seq",
-    "Translation": "captioning.models.seq2seq",
+    "Translation": "captioning.models.translations",
     "Caption": "captioning.models.inference",
     "caption_images": "captioning.models.inference",
     # loading and sharing

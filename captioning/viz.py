@@ -1,4 +1,6 @@
 """Pictures of where the model looked: per-word attention overlays and seq2seq heatmaps.
+(Over 400 lines on purpose: both pictures share the layout, fonts, colour maps and resampling
+below; split apart they would have to agree across modules.)
 
 Everything is drawn with PIL + numpy (matplotlib only supplies colormap tables), so it runs
 headless and fast (a 15-word overlay takes well under 0.5 s on one core).

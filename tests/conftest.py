@@ -1,7 +1,6 @@
 """Shared test settings: small thread count (2-core CI machines), W&B never online."""
 
 import os
-from pathlib import Path
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch: no spinning threads on shared cores
 os.environ.setdefault("WANDB_MODE", "disabled")
@@ -15,6 +14,8 @@ if not any(os.path.exists(p) for p in ("/dev/nvidiactl", "/dev/nvidia0")):
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+from support import ROOT  # noqa: E402
+
 # Tiny models: one thread is as fast, and no OpenMP spin-waits between threads when other
 # processes share the 2 cores (several times slower). Subprocess tests set OMP_NUM_THREADS=1.
 torch.set_num_threads(1)
@@ -25,7 +26,6 @@ def _seed():
     torch.manual_seed(0)
 
 
-ROOT = Path(__file__).resolve().parents[1]
 # A tiny shapes run through the CLI: a few seconds of training, enough for every command that
 # needs a checkpoint of ours (caption, export, predict, ...).
 TINY_SHAPES = [
@@ -77,3 +77,24 @@ def shapes_run(tmp_path_factory):
         ]
     )
     return root
+
+
+# Where a run started from the checkout would write: no test may write there (tests use tmp_path).
+_RUN_OUTPUTS = ("runs", "lightning_logs", "wandb", "overlays", "samples")
+
+
+def _outputs_in_checkout() -> set[str]:
+    found = set()
+    for name in _RUN_OUTPUTS:
+        top = ROOT / name
+        if top.exists():
+            found |= {p.relative_to(ROOT).as_posix() for p in [top, *top.glob("*"), *top.glob("*/*")]}
+    return found
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _nothing_written_into_the_checkout():
+    before = _outputs_in_checkout()
+    yield
+    new = sorted(_outputs_in_checkout() - before)
+    assert not new, f"tests wrote into the checkout (use tmp_path): {new[:10]}"

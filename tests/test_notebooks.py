@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 
-NOTEBOOK = Path(__file__).resolve().parents[1] / "notebooks" / "quickstart.ipynb"
+from support import ROOT
+
+pytestmark = pytest.mark.e2e  # end to end: the whole notebook (run with -m e2e)
+
+NOTEBOOK = ROOT / "notebooks" / "quickstart.ipynb"
 
 
 def test_quickstart_notebook_trains_captions_and_shows_overlays(tmp_path, monkeypatch):

@@ -28,12 +28,10 @@ from pathlib import Path
 from captioning.data.image_captions import (  # noqa: F401  (CaptionDataset, collate_captions: re-exported)
     DEFAULT_MAX_PIXELS,
     SPLITS,
-    CaptionDataset,
     ImageCaptionsDataModule,
-    ImageRecord,
     collate_captions,
-    image_path,
 )
+from captioning.data.image_records import CaptionDataset, ImageRecord, image_path  # noqa: F401  (CaptionDataset: re-exported)
 from captioning.data.vocab import tokenize
 
 

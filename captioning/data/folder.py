@@ -31,9 +31,8 @@ from captioning.data.image_captions import (
     DEFAULT_MAX_PIXELS,
     SPLITS,
     ImageCaptionsDataModule,
-    ImageRecord,
-    image_path,
 )
+from captioning.data.image_records import ImageRecord, image_path
 from captioning.data.vocab import tokenize
 
 SPLIT_NAMES = {

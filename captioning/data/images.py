@@ -1,4 +1,6 @@
 """Image files in, model inputs out: one loading path for datamodules, ``caption`` and overlays.
+(Over 400 lines on purpose: every image file the package opens passes through this one module,
+so there is one place to audit against hostile files.)
 
 Batches carry images as ``uint8`` tensors (B, 3, H, W), already resized to the encoder's
 input size: a quarter of the bytes of float images between DataLoader workers and the model.

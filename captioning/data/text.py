@@ -192,7 +192,7 @@ class TsvTextDataModule(_TextDataModule):
 
     References (what BLEU, chrF and exact match compare against) are the target sentences
     normalised as the tokenizer does (Unicode NFC, whitespace collapsed, lowercased with
-    ``lowercase``): :func:`captioning.models.seq2seq.score_translations` scores ``translate``
+    ``lowercase``): :func:`captioning.models.translations.score_translations` scores ``translate``
     output against a file the same way.
     """
 

@@ -101,7 +101,7 @@ def write_caption_result(
 
 
 def translation_record(tr: Any, label: str, source: str) -> dict:
-    """The JSON record of one translation (:class:`captioning.models.seq2seq.Translation`)."""
+    """The JSON record of one translation (:class:`captioning.models.translations.Translation`)."""
     record = {
         "input": label,
         "source": source,

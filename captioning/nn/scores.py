@@ -23,7 +23,7 @@ score formula is written anywhere else:
 A fast hook counts only if it belongs with the maths: defined by the class that defines
 ``scores`` (or the base default, derived from ``scores``). A subclass that changes ``scores``
 alone therefore stays right on every path; one that wants its own fast path overrides the
-hooks next to its maths (tests/test_scorer_hooks.py shows both).
+hooks next to its maths (tests/nn/test_scores.py shows both).
 
 Adding a score: a subclass here plus its line in :data:`SCORERS` (docs/attention.md walks
 through one). :mod:`captioning.nn.attention` puts any scorer behind the one masked softmax.

@@ -16,6 +16,8 @@ from captioning.nn.recurrence.plan import (
     RecurrencePlan,
     RecurrenceWeights,
     Schedule,
+    autocast_matmul_dtype,
+    flat_rows,
     make_schedule,
     resolve_padding,
 )
@@ -28,6 +30,8 @@ __all__ = [
     "RecurrencePlan",
     "RecurrenceWeights",
     "Schedule",
+    "autocast_matmul_dtype",
+    "flat_rows",
     "fused_recurrence",
     "lstm_cell",
     "make_schedule",

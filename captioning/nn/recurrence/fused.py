@@ -1,4 +1,6 @@
 """The teacher-forced attention-LSTM recurrence as one autograd node with a hand-written backward.
+(Over 400 lines on purpose: the forward and the backward share one buffer layout and must be
+read side by side; their per-step pieces are already in .attention_steps and .cell.)
 
 Autograd through the T-step Python loop spends much of a training step on bookkeeping: every
 weight gradient becomes T thin products (inner size B), each added into a full-size gradient

@@ -11,6 +11,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from captioning.nn.attention import PreparedMemory
 from captioning.nn.scores import Scorer
 
 QUERY_STYLES = ("previous", "current")
@@ -116,3 +117,14 @@ def real_cells(active: tuple[int, ...], rows: int, device: torch.device) -> Tens
     first ``active[t]`` rows (rows are sorted longest first)."""
     going = torch.arange(rows).unsqueeze(0) < torch.tensor(active).unsqueeze(1)  # (T, rows)
     return going.reshape(-1).nonzero().squeeze(1).to(device)
+
+
+def autocast_matmul_dtype(device: torch.device) -> torch.dtype | None:
+    """The GEMM dtype of the fused recurrence: the autocast dtype when autocast is on, else None."""
+    return torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else None
+
+
+def flat_rows(rows: PreparedMemory) -> tuple[Tensor, Tensor]:
+    """(B, [H,] 1, .) per-item extra rows -> (B*H, 1, .) as the fused recurrence flattens heads."""
+    n = rows.values.shape[:-1].numel()  # explicit: location keys are (..., 0) wide
+    return rows.keys.reshape(n, 1, rows.keys.shape[-1]), rows.values.reshape(n, 1, rows.values.shape[-1])

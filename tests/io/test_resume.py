@@ -1,0 +1,158 @@
+"""Resume: ``--ckpt_path last`` finds the newest last.ckpt of earlier runs; a run killed with
+SIGKILL mid-epoch (bf16-mixed on CPU, W&B offline) resumes and finishes with its step count,
+vocabulary and W&B run."""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger
+
+from captioning.data.shapes import ShapesDataModule
+from captioning.io.run_folders import resolve_checkpoint
+from captioning.io.wandb_logging import WandbLogger
+
+from support.cli import ROOT, SMALL, cli_command, cli_env, probe_config, read_probe, run_cli
+
+
+def _touch(path: Path, mtime: float) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"x")
+    os.utime(path, (mtime, mtime))
+    return path
+
+
+def _trainer(tmp_path: Path, logger, callbacks=()) -> pl.Trainer:
+    return pl.Trainer(
+        default_root_dir=tmp_path,
+        logger=logger,
+        callbacks=list(callbacks),
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+
+
+def test_last_finds_newest_last_checkpoint_of_earlier_versions(tmp_path):
+    _touch(tmp_path / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt", 1000)
+    newest = _touch(tmp_path / "lightning_logs" / "version_1" / "checkpoints" / "last-v1.ckpt", 3000)
+    _touch(tmp_path / "lightning_logs" / "version_1" / "checkpoints" / "last.ckpt", 2000)
+    _touch(tmp_path / "lightning_logs" / "version_2" / "checkpoints" / "best.ckpt", 4000)  # not a last
+    trainer = _trainer(tmp_path, CSVLogger(tmp_path))
+    assert resolve_checkpoint(trainer, "last") == str(newest)
+
+
+def test_last_without_earlier_runs_or_with_fixed_dirpath_is_left_to_lightning(tmp_path):
+    assert resolve_checkpoint(_trainer(tmp_path, CSVLogger(tmp_path)), "last") == "last"
+    _touch(tmp_path / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt", 1000)
+    fixed = _trainer(tmp_path, CSVLogger(tmp_path), [ModelCheckpoint(dirpath=tmp_path / "fixed")])
+    assert resolve_checkpoint(fixed, "last") == "last"  # Lightning looks in the fixed dirpath
+    assert resolve_checkpoint(fixed, None) is None
+    assert resolve_checkpoint(fixed, "best") == "best"
+
+
+def test_explicit_missing_checkpoint_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope.ckpt"):
+        resolve_checkpoint(_trainer(tmp_path, CSVLogger(tmp_path)), tmp_path / "nope.ckpt")
+
+
+def test_resuming_a_wandb_run_folder_continues_that_wandb_run(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    ckpt = _touch(tmp_path / "proj" / "run123" / "checkpoints" / "last.ckpt", 1000)
+    logger = WandbLogger(project="proj", save_dir=str(tmp_path))
+    assert resolve_checkpoint(_trainer(tmp_path, logger), "last", continue_run=True) == str(ckpt)
+    assert logger._wandb_init["id"] == "run123" and logger.version == "run123"
+    # validate/test only read the checkpoint: they do not append to the training run.
+    other = WandbLogger(project="proj", save_dir=str(tmp_path))
+    resolve_checkpoint(_trainer(tmp_path, other), str(ckpt), continue_run=False)
+    assert other._wandb_init["id"] is None
+
+
+def test_checkpoint_with_another_vocabulary_is_refused(tmp_path):
+    ckpt = tmp_path / "run.ckpt"
+    torch.save({"state_dict": {}, "hyper_parameters": {"vocab": {"itos": ["<pad>", "a", "circle"]}}}, ckpt)
+    trainer = _trainer(tmp_path, CSVLogger(tmp_path))
+    same = SimpleNamespace(hparams={"vocab": {"itos": ["<pad>", "a", "circle"]}})
+    assert resolve_checkpoint(trainer, ckpt, model=same) == str(ckpt)
+    other = SimpleNamespace(hparams={"vocab": {"itos": ["<pad>", "circle", "a"]}})
+    with pytest.raises(ValueError, match="different vocabulary"):
+        resolve_checkpoint(trainer, ckpt, model=other)
+
+
+STEPS_PER_EPOCH = 16  # train_size 128 / batch_size 8
+
+
+@pytest.mark.e2e
+def test_sigkilled_bf16_run_resumes_from_last_and_finishes(tmp_path):
+    probe = tmp_path / "probe"
+    every_2_steps = (
+        "    - class_path: lightning.pytorch.callbacks.ModelCheckpoint\n      init_args:\n"
+        "        every_n_train_steps: 2\n        save_top_k: 0\n        save_last: true\n"
+    )
+    args = [
+        "fit",
+        *SMALL,
+        "--config",
+        str(ROOT / "configs" / "trainer" / "bf16.yaml"),
+        "--config",
+        str(ROOT / "configs" / "trainer" / "wandb.yaml"),
+        "--config",
+        str(ROOT / "configs" / "trainer" / "step_checkpoints.yaml"),
+        "--config",
+        str(probe_config(tmp_path / "probe.yaml", probe, every_2_steps)),
+        "--data.init_args.train_size",
+        "128",
+        "--data.init_args.val_size",
+        "4",
+        "--trainer.accelerator",
+        "cpu",
+        "--trainer.default_root_dir",
+        str(tmp_path / "root"),
+    ]
+    env = cli_env(tmp_path, WANDB_PROJECT="resume")
+    proc = subprocess.Popen(
+        cli_command(*args), env=env, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
+    deadline = time.monotonic() + 240
+    try:
+        while not list((tmp_path / "resume").glob("*/checkpoints/last*.ckpt")):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"no mid-epoch checkpoint before the run ended: {proc.stderr.read()[-3000:]}")
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.wait()
+        proc.stderr.close()
+    assert proc.returncode == -signal.SIGKILL
+    [killed_ckpt] = list((tmp_path / "resume").glob("*/checkpoints/last*.ckpt"))
+    saved = torch.load(killed_ckpt, map_location="cpu", weights_only=True)
+    start = saved["global_step"]
+    assert saved["epoch"] == 0 and 0 < start < STEPS_PER_EPOCH, "not a mid-epoch checkpoint"
+
+    run_cli([*args, "--ckpt_path", "last"], env, cwd=tmp_path)
+    records = read_probe(probe)[0]
+    starts = [r for r in records if r["event"] == "train_start"]
+    end = [r for r in records if r["event"] == "train_end"][-1]
+    assert [r["step"] for r in starts] == [0, start], "the resumed run must start at the checkpoint's step"
+    assert end["step"] == STEPS_PER_EPOCH and end["precision"] == "bf16-mixed"
+    assert math.isfinite(end["metrics"]["train/loss"]) and end["metrics"]["val/num_images"] == 4
+
+    run_dir = killed_ckpt.parent.parent  # <WANDB_DIR>/<project>/<run id>
+    final = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert final["global_step"] == STEPS_PER_EPOCH
+    assert final["hyper_parameters"]["vocab"] == ShapesDataModule().vocab.to_dict()
+    wandb_runs = sorted((tmp_path / "wandb").glob("offline-run-*"))
+    assert len(wandb_runs) == 2 and all(r.name.endswith(run_dir.name) for r in wandb_runs), (
+        "the resumed run must log to the same W&B run id"
+    )
+    assert sorted(p.name for p in run_dir.glob("config*.yaml")) == ["config-1.yaml", "config.yaml"]
