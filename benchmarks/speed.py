@@ -71,7 +71,10 @@ REFERENCE = {
     "train_step_ms": 4500.0,
     "beam_seconds_per_caption": 1.1,
     "beam_captions_per_s": 0.9,
-    "note": "best-known public implementation on this 2-core machine kind (shared/DESIGN.md)",
+    "note": (
+        "the best-known public Show-Attend-Tell implementation (fp32, its own training script) "
+        "on a 2-core AMD EPYC CPU: docs/performance.md"
+    ),
 }
 
 
