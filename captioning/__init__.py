@@ -18,11 +18,13 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-# name -> module that defines it
+from captioning import registry  # plain data: imports nothing heavy
+
+# name -> module that defines it: the shipped models, encoders and datamodules (one list, in
+# captioning/registry.py), then the rest of the public API.
 _API = {
+    **{name: module for classes in registry.SHIPPED.values() for name, module in classes.items()},
     # models
-    "ImageCaptioner": "captioning.models.image_captioner",
-    "Seq2SeqModel": "captioning.models.seq2seq",
     "Translation": "captioning.models.translations",
     "Caption": "captioning.models.inference",
     "caption_images": "captioning.models.inference",
@@ -39,19 +41,11 @@ _API = {
     "AttentionLSTMDecoder": "captioning.nn.text_decoder",
     "BiLSTMEncoder": "captioning.nn.text_encoder",
     "Encoder": "captioning.nn.encoders",
-    "SmallCNN": "captioning.nn.encoders",
-    "ImageEncoder": "captioning.nn.torchvision_encoder",
     "beam_search": "captioning.nn.search",
     "greedy_search": "captioning.nn.search",
     "fused_recurrence": "captioning.nn.recurrence",
     # data
     "Vocabulary": "captioning.data.vocab",
-    "ShapesDataModule": "captioning.data.shapes",
-    "CocoCaptionsDataModule": "captioning.data.coco",
-    "FolderCaptionsDataModule": "captioning.data.folder",
-    "CachedFeaturesDataModule": "captioning.data.cached",
-    "TsvTextDataModule": "captioning.data.text",
-    "SyntheticTextDataModule": "captioning.data.text_tasks",
     # evaluation and pictures
     "caption_scores": "captioning.eval.metrics",
     "attention_overlay": "captioning.viz",
