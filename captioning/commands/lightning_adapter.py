@@ -1,6 +1,9 @@
-"""Where we rely on Lightning's private API, in one place (tests/commands/test_lightning_adapter.py
-checks each against the installed Lightning, so an upgrade that changes one fails there, not in
-a user's run).
+"""Where we rely on Lightning's private API: every use listed here (:data:`PRIVATE_API`,
+:data:`PRIVATE_ATTRIBUTES`), and the command line's overrides defined here.
+tests/commands/test_lightning_adapter.py checks each against the installed Lightning, so an
+upgrade that changes one fails there, not in a user's run.
+
+The command line's overrides (this module):
 
 * ``LightningCLI._add_instantiators``: our instantiator (:class:`OwnHyperparameters`) instead of
   Lightning's, so a datamodule nested in another records its own hyper-parameters;
@@ -8,6 +11,13 @@ a user's run).
   ``torch.load`` before any hook runs; the file is checked first, with our messages;
 * ``lightning.pytorch.cli._InstantiatorFn`` / ``_get_module_type``, and the CLI's
   ``_dump_config`` / ``config_dump``, which the instantiator reads.
+
+Used where they act (the io layer sits below the commands, so it cannot call this module):
+
+* :mod:`captioning.io.checkpoint_files`: ``Trainer._checkpoint_connector.dump_checkpoint``, the
+  checkpoint written when a run fails;
+* :mod:`captioning.io.run_folders`: a CSV logger continuing an existing run folder sets the
+  logger's ``_version`` / ``_experiment`` and overrides ``ExperimentWriter._check_log_dir_exists``.
 """
 
 from __future__ import annotations
@@ -24,6 +34,16 @@ PRIVATE_API = {
         "(self, class_type, *args, applied_instantiation_links, **kwargs)"
     ),
     "lightning.pytorch.cli._get_module_type": "(value)",
+    "lightning.pytorch.trainer.connectors.checkpoint_connector._CheckpointConnector.dump_checkpoint": (
+        "(self, weights_only)"
+    ),
+    "lightning.pytorch.loggers.csv_logs.ExperimentWriter._check_log_dir_exists": "(self) -> None",
+}
+
+# Private attributes of Lightning objects we read or set: class -> attribute names.
+PRIVATE_ATTRIBUTES = {
+    "lightning.pytorch.Trainer": ("_checkpoint_connector",),
+    "lightning.pytorch.loggers.CSVLogger": ("_version", "_experiment"),
 }
 
 

@@ -275,6 +275,7 @@ class FaultCheckpoint(Callback):
         path = self._path(trainer)
         try:
             if trainer.world_size > 1:  # rank 0 alone: the others may be stuck in a collective or gone
+                # Private API (listed in captioning/commands/lightning_adapter.py, checked by its test).
                 strategy.checkpoint_io.save_checkpoint(trainer._checkpoint_connector.dump_checkpoint(False), path)
             else:
                 trainer.save_checkpoint(path)

@@ -8,7 +8,7 @@ import inspect
 import pytest
 
 from captioning.commands import lightning_adapter
-from captioning.commands.lightning_adapter import PRIVATE_API, LightningCLIAdapter
+from captioning.commands.lightning_adapter import PRIVATE_API, PRIVATE_ATTRIBUTES, LightningCLIAdapter
 
 
 def _resolve(path: str):
@@ -28,6 +28,20 @@ def test_the_private_api_we_use_is_still_there(path, signature):
     params = list(inspect.signature(obj).parameters.values())
     want = [p.strip().split(":")[0].split("=")[0].strip() for p in signature.split("->")[0].strip("() ").split(",")]
     assert [("*" * (p.kind == p.VAR_POSITIONAL) + "**" * (p.kind == p.VAR_KEYWORD)) + p.name for p in params] == want
+
+
+def test_the_private_attributes_we_use_are_still_there(tmp_path):
+    from lightning.pytorch import Trainer
+    from lightning.pytorch.loggers import CSVLogger
+
+    instances = {
+        "lightning.pytorch.Trainer": Trainer(logger=False, enable_checkpointing=False, default_root_dir=tmp_path),
+        "lightning.pytorch.loggers.CSVLogger": CSVLogger(tmp_path),
+    }
+    assert instances.keys() == PRIVATE_ATTRIBUTES.keys()
+    for cls, names in PRIVATE_ATTRIBUTES.items():
+        for name in names:
+            assert hasattr(instances[cls], name), f"{cls}.{name}"
 
 
 def test_the_command_line_overrides_private_methods_only_in_the_adapter():
