@@ -48,3 +48,24 @@ def test_every_pinned_version_is_inside_the_allowed_range():
     assert not outside, f"constraints.txt pins versions pyproject.toml does not allow: {outside}"
     unpinned = sorted(n for n in ranges if n not in pins and n != "attention-captioning")
     assert not unpinned, f"dependencies without an exact version in constraints.txt: {unpinned}"
+
+
+# Releases with known security holes that our use reaches (or that were malicious): a dependency
+# range admitting one of them lets pip keep or pick it in a user's environment.
+KNOWN_BAD_RELEASES = {
+    "pillow": ["10.0.0", "10.2.0"],  # libwebp CVE-2023-4863 (fixed 10.0.1); CVE-2024-28219 (fixed 10.3.0)
+    "gradio": ["5.0.0", "6.15.2", "6.19.0"],  # path traversal (fixed 6.16.0); /gradio_api/file=<url> redirect (6.20.0)
+    "lightning": ["2.6.2", "2.6.3"],  # malicious releases, withdrawn
+}
+
+
+def test_dependency_floors_refuse_releases_with_known_holes():
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]
+    specs = project["dependencies"] + [d for ds in project["optional-dependencies"].values() for d in ds]
+    ranges = {}
+    for spec in specs:
+        req = Requirement(spec)
+        ranges[req.name.lower()] = req.specifier
+    assert KNOWN_BAD_RELEASES.keys() <= ranges.keys()
+    admitted = {name: v for name, bad in KNOWN_BAD_RELEASES.items() for v in bad if ranges[name].contains(v)}
+    assert not admitted, f"pyproject.toml admits releases with known holes: {admitted}"

@@ -2,22 +2,27 @@
 
 Captions image files (folders are searched recursively for image extensions) in batches
 (beam search over all images of a batch at once) and prints one record per image:
-``<image>\\t<caption>`` (``--format tsv``; tabs, newlines and backslashes in file names are
-escaped as ``\\t``, ``\\n``, ``\\\\``) or one JSON object per line (``--format jsonl``). Into DIR
-it writes ``<stem>.png`` (the image plus one attention panel per word) and ``<stem>.json``
-(caption, per-word attention maps, grid size); existing files are kept (new names get ``-1``,
-``-2``, ...) unless ``--overwrite``. Files that cannot be read (not an image, too many pixels)
-are reported by name on stderr and the others are still captioned; the exit status is 1 if
-any image failed, 2 when nothing could start (no model, output not writable).
+``<image>\\t<caption>`` (``--format tsv``; backslashes, tabs, line breaks and every other
+control character in file names are escaped: ``\\\\``, ``\\t``, ``\\n``, ``\\x1b``) or one JSON
+object per line (``--format jsonl``). Into DIR it writes ``<stem>.png`` (the image plus one
+attention panel per word) and ``<stem>.json`` (caption, per-word attention maps, grid size),
+each through a temporary file renamed into place (a failed write leaves the earlier pair whole;
+a symbolic link in DIR is replaced, never followed); existing files are kept (new names get
+``-1``, ``-2``, ...) unless ``--overwrite``. Files that cannot be read (not an image, too many
+pixels) or whose results cannot be written (a full disk) are reported by name, one line each,
+on stderr and the others are still captioned; the exit status is 1 if any image failed, 2 when
+nothing could start (no model, output not writable). Only the records go to stdout: whatever
+else prints while the model loads or runs (a third-party encoder) goes to stderr.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
+import contextlib
 import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import TextIO
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
 
@@ -75,21 +80,29 @@ def find_images(inputs: Sequence[str]) -> Iterator[Path]:
 
 
 def tsv_field(text: str) -> str:
-    """One TSV field on one line: backslash, tab, CR and LF escaped."""
-    return text.replace("\\", "\\\\").replace("\t", "\\t").replace("\n", "\\n").replace("\r", "\\r")
+    """One TSV field on one terminal line (:func:`captioning.io.outputs.terminal_text`)."""
+    from captioning.io.outputs import terminal_text
+
+    return terminal_text(text)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    records = sys.stdout  # the records' stream; anything else printed meanwhile goes to stderr
+    with contextlib.redirect_stdout(sys.stderr):
+        return _caption(args, records)
+
+
+def _caption(args: argparse.Namespace, records: TextIO) -> int:
     from captioning.data.images import ImageReadError, load_image, small_image_warning
     from captioning.io.model_folders import load_any
-    from captioning.io.outputs import check_writable
+    from captioning.io.outputs import check_writable, json_line, terminal_text
     from captioning.io.results import write_caption_result
     from captioning.models.inference import caption_images
     from captioning.models.protocols import is_captioner
 
     def fail(message: str) -> int:
-        print(f"error: {message}", file=sys.stderr)
+        print(f"error: {terminal_text(message)}", file=sys.stderr)
         return 2
 
     if args.output is None and not args.no_overlays:
@@ -132,12 +145,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             try:
                 image = load_image(path, max_pixels=max_pixels)
             except ImageReadError as err:
-                print(f"error: {err}", file=sys.stderr)
+                print(f"error: {terminal_text(str(err))}", file=sys.stderr)
                 failed += 1
                 continue
             warning = small_image_warning(image, path)
             if warning:
-                print(f"warning: {warning}", file=sys.stderr)
+                print(f"warning: {terminal_text(warning)}", file=sys.stderr)
             chunk.append((path, image))
         results = caption_images(
             model,
@@ -149,31 +162,37 @@ def main(argv: Sequence[str] | None = None) -> int:
         for (path, image), result in zip(chunk, results):
             written = None
             if out_dir is not None:  # an empty caption still gets its (image-only) overlay and JSON
-                written = write_caption_result(
-                    out_dir,
-                    path,
-                    result.words,
-                    result.attention,
-                    image=image,
-                    score=result.score,
-                    overwrite=args.overwrite,
-                    sentinel=result.sentinel,
-                    scale=args.overlay_scale,
-                )
+                try:
+                    written = write_caption_result(
+                        out_dir,
+                        path,
+                        result.words,
+                        result.attention,
+                        image=image,
+                        score=result.score,
+                        overwrite=args.overwrite,
+                        sentinel=result.sentinel,
+                        scale=args.overlay_scale,
+                    )
+                except OSError as err:  # a full disk, a folder made read-only meanwhile: this image only
+                    reason = err.strerror or str(err)
+                    where = terminal_text(f"{path}: results not written to {out_dir}")
+                    print(f"error: {where}: {reason}", file=sys.stderr)
+                    failed += 1
             if args.format == "jsonl":
                 record = {"image": str(path), "caption": result.text, "score": result.score}
                 if written:
                     record.update(overlay=str(written[0]), json=str(written[1]))
-                print(json.dumps(record, ensure_ascii=False), flush=True)
+                print(json_line(record), file=records, flush=True)
             else:
-                print(f"{tsv_field(str(path))}\t{result.text}", flush=True)
-            done += 1
+                print(f"{tsv_field(str(path))}\t{tsv_field(result.text)}", file=records, flush=True)
+            done += written is not None or out_dir is None
         progress(len(files[start : start + args.batch_size]))
     progress(0, close=True)
     if out_dir is not None and done:
         print(f"wrote {done} overlay(s) and JSON file(s) to {out_dir}", file=sys.stderr)
     if failed:
-        print(f"{failed} of {len(files)} image(s) could not be read", file=sys.stderr)
+        print(f"{failed} of {len(files)} image(s) could not be read or written", file=sys.stderr)
     return 1 if failed else 0
 
 

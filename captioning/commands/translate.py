@@ -19,10 +19,11 @@ output unless ``--allow_unk`` (or the model was trained with ``allow_unk: true``
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import torch
 
@@ -85,6 +86,12 @@ def one_line(text: str) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    records = sys.stdout  # one line per input; anything else printed meanwhile goes to stderr
+    with contextlib.redirect_stdout(sys.stderr):
+        return _translate(args, records)
+
+
+def _translate(args: argparse.Namespace, records: TextIO) -> int:
     if bool(args.texts) == bool(args.input):
         print("error: give the sentences either as TEXT arguments or with --input FILE (not both)", file=sys.stderr)
         return 2
@@ -144,7 +151,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     for i, (label, text) in enumerate(inputs):
         tr = results.get(i)
-        print(one_line(tr.text) if tr is not None else "", flush=True)
+        print(one_line(tr.text) if tr is not None else "", file=records, flush=True)
         if tr is None or out_dir is None:
             continue
         png, _ = write_translation_result(

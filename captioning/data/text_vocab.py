@@ -64,6 +64,72 @@ def words(text: str) -> list[str]:
     return _WORD_RE.findall(text)
 
 
+# The one subword pipeline :meth:`TextTokenizer.train` writes. A tokenizer read from a file is
+# refused unless it is exactly this: the tokenizers library would otherwise run whatever the
+# file names (regular-expression splits that backtrack for minutes, normalisers, templates).
+_BPE_PIPELINE = {
+    "truncation": None,
+    "padding": None,
+    "normalizer": None,
+    "post_processor": None,
+    "decoder": None,
+    "pre_tokenizer": {
+        "type": "Sequence",
+        "pretokenizers": [
+            {"type": "Metaspace", "replacement": SPACE, "prepend_scheme": "always", "split": True},
+            {"type": "Punctuation", "behavior": "Isolated"},
+        ],
+    },
+}
+_BPE_MODEL = {
+    "type": "BPE",
+    "dropout": None,
+    "unk_token": UNK,
+    "continuing_subword_prefix": None,
+    "end_of_word_suffix": None,
+    "fuse_unk": False,
+    "byte_fallback": False,
+    "ignore_merges": False,
+}
+MAX_SUBWORD_PIECES = 1_000_000
+
+
+def check_subword_model(model: Any) -> None:
+    """Refuse a stored BPE model that is not the pipeline :meth:`TextTokenizer.train` writes.
+
+    Raises:
+        ValueError: naming the first part that differs.
+    """
+    if not isinstance(model, dict):
+        raise ValueError(f"the stored subword tokenizer is not a mapping ({type(model).__name__})")
+    for key, expected in _BPE_PIPELINE.items():
+        if model.get(key) != expected:
+            raise ValueError(
+                f"the stored subword tokenizer's {key} is not the one this package trains ({_brief(model.get(key))}); "
+                "refused: a tokenizer from a file may only be the package's own BPE pipeline"
+            )
+    body = model.get("model")
+    if not isinstance(body, dict):
+        raise ValueError("the stored subword tokenizer has no BPE model")
+    for key, expected in _BPE_MODEL.items():
+        if body.get(key) != expected:
+            raise ValueError(
+                f"the stored subword tokenizer's model.{key} is {_brief(body.get(key))}, not the package's {expected!r}"
+            )
+    vocab, merges, added = body.get("vocab"), body.get("merges"), model.get("added_tokens")
+    if not isinstance(vocab, dict) or not isinstance(merges, list) or not isinstance(added, list):
+        raise ValueError("the stored subword tokenizer's vocab, merges or added_tokens are malformed")
+    if len(vocab) > MAX_SUBWORD_PIECES or len(merges) > MAX_SUBWORD_PIECES or len(added) > 16:
+        raise ValueError(f"the stored subword tokenizer is too large ({len(vocab):,} pieces, {len(merges):,} merges)")
+    if any(not isinstance(t, dict) or t.get("content") != UNK for t in added):
+        raise ValueError("the stored subword tokenizer adds tokens other than <unk>")
+
+
+def _brief(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
 class TextTokenizer:
     """``word``, ``char`` or ``bpe`` tokenisation (module docstring); ``model``: the trained BPE
     model (Hugging Face tokenizer JSON as a dict), only for ``bpe``; see :meth:`train`."""
@@ -76,6 +142,8 @@ class TextTokenizer:
                 f"tokenizer {kind!r}: "
                 + ("needs a trained model (TextTokenizer.train)" if model is None else "takes no model")
             )
+        if model is not None:
+            check_subword_model(model)
         self.kind, self.lowercase, self.model = kind, bool(lowercase), model
 
     # ------------------------------------------------------------------ training
@@ -116,7 +184,14 @@ class TextTokenizer:
             return [SPACE if ch == " " else ch for ch in text]
         if self.kind == "word":
             return words(text)
-        return self._subword.encode(text).tokens if text else []
+        if not text:
+            return []
+        try:
+            return self._subword.encode(text).tokens
+        except BaseException as err:  # the Rust library panics (pyo3's PanicException is a BaseException)
+            if isinstance(err, (KeyboardInterrupt, SystemExit)):
+                raise
+            raise ValueError(f"the subword tokenizer failed on this text ({type(err).__name__})") from None
 
     def detokenize(self, tokens: Sequence[str]) -> str:
         """Tokens -> text (exact inverse for ``char`` and ``bpe``; ``word`` guesses the spacing)."""

@@ -8,13 +8,59 @@ free, else ``<stem>-1``, ``<stem>-2``, ... Nothing is ever overwritten unless th
 from __future__ import annotations
 
 import json
+import math
 import os
+import re
 import tempfile
 import threading
 from pathlib import Path
 from typing import Any
 
-__all__ = ["free_path", "claim_output_pair", "check_writable", "write_result_pair"]
+__all__ = [
+    "free_path",
+    "claim_output_pair",
+    "check_writable",
+    "write_result_pair",
+    "terminal_text",
+    "safe_stem",
+    "json_line",
+]
+
+# C0 and C1 control characters and DEL: a terminal acts on them (ESC [ ... moves the cursor,
+# rewrites the title, ...), so a file name holding them must never be printed raw.
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")
+_NAMED = {"\t": "\\t", "\n": "\\n", "\r": "\\r"}
+
+
+def terminal_text(text: str) -> str:
+    r"""``text`` safe to print on one terminal line: backslash, tab, CR and LF as ``\\``, ``\t``,
+    ``\r``, ``\n``; every other control character (ESC, BEL, DEL, the C1 range) as ``\xNN``."""
+    text = text.replace("\\", "\\\\")
+    return _CONTROL.sub(lambda m: _NAMED.get(m.group(), f"\\x{ord(m.group()):02x}"), text)
+
+
+def json_line(record: Any) -> str:
+    """One JSON object on one line that is valid JSON (non-finite numbers become null) and safe
+    on a terminal (DEL and the C1 controls escaped too; ``json`` escapes only C0)."""
+    text = json.dumps(_finite(record), ensure_ascii=False, allow_nan=False)
+    return re.sub("[\x7f-\x9f]", lambda m: f"\\u{ord(m.group()):04x}", text)
+
+
+def _finite(value: Any) -> Any:
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
+
+
+def safe_stem(path: str | os.PathLike) -> str:
+    """The output-file stem for an input ``path``: its stem, or ``image`` when that is made of
+    dots only (``..png``, ``...png``), which would give hidden or special names."""
+    stem = Path(path).stem
+    return stem if stem.strip(".") else "image"
 
 
 def free_path(path: str | os.PathLike) -> Path:

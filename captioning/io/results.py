@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from captioning.io.outputs import write_result_pair
+from captioning.io.outputs import safe_stem, write_result_pair
 
 
 def _plain(x: Any, what: str) -> np.ndarray:
@@ -96,7 +96,7 @@ def write_caption_result(
         image, record["words"], alphas, title=Path(image_path).name, scale=scale, sentinel=sentinel
     )
     return write_result_pair(
-        output_dir, Path(image_path).stem, str(Path(image_path).resolve()), overlay, record, overwrite, remember
+        output_dir, safe_stem(image_path), str(Path(image_path).resolve()), overlay, record, overwrite, remember
     )
 
 

@@ -138,3 +138,93 @@ def test_unk_is_never_emitted_unless_allowed(ckpt, scenes, tmp_path, capsys):
         assert main(["caption", "--ckpt_path", str(biased), "--no_overlays", *flags, *map(str, scenes)]) == 0
         captions = [line.split("\t")[1] for line in capsys.readouterr().out.splitlines()]
         assert len(captions) == 3 and any("<unk>" in c for c in captions) == expect_unk, captions
+
+
+def test_file_names_with_terminal_escapes_are_printed_escaped(ckpt, scenes, tmp_path, capsys):
+    odd = tmp_path / "evil\x1b]0;owned\x07\x1b[2J\x9b31m.png"
+    odd.write_bytes(scenes[0].read_bytes())
+    broken = tmp_path / "\x1b[31mbroken.png"
+    broken.write_bytes(b"not an image")
+    assert main(["caption", "--ckpt_path", str(ckpt), "--no_overlays", str(odd), str(broken)]) == 1
+    captured = capsys.readouterr()
+    for stream in (captured.out, captured.err):
+        assert not any(c in stream for c in "\x1b\x07\x9b"), stream
+    assert "evil\\x1b]0;owned\\x07\\x1b[2J\\x9b31m.png\t" in captured.out
+    assert "\\x1b[31mbroken.png" in captured.err
+
+
+@pytest.mark.parametrize("name", ["...png", "..png"])
+def test_dot_only_file_names_are_captioned_into_ordinary_names(ckpt, scenes, tmp_path, capsys, name):
+    odd = tmp_path / "in" / name
+    odd.parent.mkdir()
+    odd.write_bytes(scenes[0].read_bytes())
+    out = tmp_path / "out"
+    assert main(["caption", "--ckpt_path", str(ckpt), "--output", str(out), "--format", "jsonl", str(odd)]) == 0
+    record = json.loads(capsys.readouterr().out)
+    assert Path(record["overlay"]).name == "image.png" and Path(record["json"]).name == "image.json"
+    assert sorted(p.name for p in out.iterdir()) == ["image.json", "image.png"]
+
+
+def test_a_failed_write_is_one_line_and_the_other_images_are_still_captioned(
+    ckpt, scenes, tmp_path, capsys, monkeypatch
+):
+    import captioning.io.outputs as outputs
+
+    out = tmp_path / "out"
+    assert main(["caption", "--ckpt_path", str(ckpt), "--output", str(out), str(scenes[1])]) == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    capsys.readouterr()
+    real_fdopen, calls = outputs.os.fdopen, []
+
+    def disk_fills_up(fd, *args, **kwargs):  # the 2nd image's PNG and everything after it fail
+        calls.append(fd)
+        if len(calls) >= 3:
+            import errno
+            import os
+
+            os.close(fd)
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_fdopen(fd, *args, **kwargs)
+
+    monkeypatch.setattr(outputs.os, "fdopen", disk_fills_up)
+    args = ["caption", "--ckpt_path", str(ckpt), "--output", str(out), "--overwrite", "--batch_size", "1"]
+    assert main([*args, *map(str, scenes)]) == 1
+    captured = capsys.readouterr()
+    assert len(captured.out.splitlines()) == 3  # every image captioned
+    errors = [line for line in captured.err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 2 and all("No space left on device" in e for e in errors)
+    assert scenes[1].name in errors[0] and "Traceback" not in captured.err
+    after = {p.name: p.read_bytes() for p in out.iterdir()}
+    stem = scenes[1].stem
+    assert after[f"{stem}.png"] == before[f"{stem}.png"] and after[f"{stem}.json"] == before[f"{stem}.json"]
+    assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]  # no partial file left
+
+
+def test_symbolic_links_in_the_output_folder_are_replaced_never_followed(ckpt, scenes, tmp_path, capsys):
+    out, elsewhere = tmp_path / "out", tmp_path / "elsewhere"
+    out.mkdir()
+    elsewhere.mkdir()
+    precious = elsewhere / "precious.txt"
+    precious.write_text("keep me")
+    stem = scenes[0].stem
+    (out / f"{stem}.png").symlink_to(precious)
+    (out / f"{stem}.json").symlink_to(elsewhere / "created.json")  # dangling
+    assert main(["caption", "--ckpt_path", str(ckpt), "--output", str(out), "--overwrite", str(scenes[0])]) == 0
+    assert precious.read_text() == "keep me" and not (elsewhere / "created.json").exists()
+    assert not (out / f"{stem}.png").is_symlink() and (out / f"{stem}.png").stat().st_size > 0
+
+
+def test_what_a_third_party_encoder_prints_stays_off_the_records(ckpt, scenes, monkeypatch, capsys):
+    import captioning.io.model_folders as model_folders
+
+    real = model_folders.load_any
+
+    def chatty_load(*args, **kwargs):
+        print("Loading weights from the vendor's cache ... done")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(model_folders, "load_any", chatty_load)
+    assert main(["caption", "--ckpt_path", str(ckpt), "--no_overlays", "--format", "jsonl", str(scenes[0])]) == 0
+    captured = capsys.readouterr()
+    assert [json.loads(line)["image"] for line in captured.out.splitlines()] == [str(scenes[0])]
+    assert "vendor's cache" in captured.err

@@ -153,3 +153,22 @@ def test_exported_text_model_translates_like_its_checkpoint(checkpoint, tmp_path
             (capsys.readouterr().out, sorted(json.loads(p.read_text())["attention"] for p in heat.glob("*.json")))
         )
     assert outputs[0] == outputs[1]
+
+
+def test_a_stored_tokenizer_that_would_run_a_backtracking_regex_is_refused(checkpoint, tmp_path, capsys):
+    from captioning.data.text_vocab import TextTokenizer
+
+    hostile = TextTokenizer.train("bpe", ["aaaa bbb aaaa!"] * 4, vocab_size=40).model
+    hostile["pre_tokenizer"] = {
+        "type": "Split",
+        "pattern": {"Regex": "(a+)+$"},
+        "behavior": "Isolated",
+        "invert": False,
+    }
+    state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    state["hyper_parameters"]["vocab"]["tokenizer"] = {"kind": "bpe", "lowercase": True, "model": hostile}
+    bad = tmp_path / "regex.ckpt"
+    torch.save(state, bad)
+    assert cli_main(["translate", "--ckpt_path", str(bad), "a" * 5000 + "!"]) == 2
+    err = capsys.readouterr().err
+    assert "pre_tokenizer" in err and "refused" in err and "Traceback" not in err and "panic" not in err.lower()
