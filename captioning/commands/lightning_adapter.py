@@ -15,7 +15,9 @@ The command line's overrides (this module):
 Used where they act (the io layer sits below the commands, so it cannot call this module):
 
 * :mod:`captioning.io.checkpoint_files`: ``Trainer._checkpoint_connector.dump_checkpoint``, the
-  checkpoint written when a run fails;
+  checkpoint written when a run fails; ``ModelCheckpoint``'s ``_should_save_on_train_epoch_end``,
+  ``_should_skip_saving_checkpoint``, ``_save_last_checkpoint``, ``_monitor_candidates`` and
+  ``_every_n_epochs``, to write ``last.ckpt`` on schedule (``LastOnSchedule``);
 * :mod:`captioning.io.run_folders`: a CSV logger continuing an existing run folder sets the
   logger's ``_version`` / ``_experiment`` and overrides ``ExperimentWriter._check_log_dir_exists``.
 """
@@ -38,12 +40,17 @@ PRIVATE_API = {
         "(self, weights_only)"
     ),
     "lightning.pytorch.loggers.csv_logs.ExperimentWriter._check_log_dir_exists": "(self) -> None",
+    "lightning.pytorch.callbacks.ModelCheckpoint._should_save_on_train_epoch_end": "(self, trainer) -> bool",
+    "lightning.pytorch.callbacks.ModelCheckpoint._should_skip_saving_checkpoint": "(self, trainer) -> bool",
+    "lightning.pytorch.callbacks.ModelCheckpoint._save_last_checkpoint": "(self, trainer, monitor_candidates) -> None",
+    "lightning.pytorch.callbacks.ModelCheckpoint._monitor_candidates": "(self, trainer)",
 }
 
 # Private attributes of Lightning objects we read or set: class -> attribute names.
 PRIVATE_ATTRIBUTES = {
     "lightning.pytorch.Trainer": ("_checkpoint_connector",),
     "lightning.pytorch.loggers.CSVLogger": ("_version", "_experiment"),
+    "lightning.pytorch.callbacks.ModelCheckpoint": ("_every_n_epochs",),
 }
 
 

@@ -91,15 +91,19 @@ class CaptioningCLI(LightningCLIAdapter):
             load_checkpoint_file(path)
 
     def instantiate_trainer(self, **kwargs: Any) -> pl.Trainer:
-        from lightning.pytorch.callbacks import OnExceptionCheckpoint
+        from lightning.pytorch.callbacks import ModelCheckpoint, OnExceptionCheckpoint
 
-        from captioning.io.checkpoint_files import FaultCheckpoint, use_atomic_checkpoint_io
+        from captioning.io.checkpoint_files import FaultCheckpoint, LastOnSchedule, use_atomic_checkpoint_io
 
         trainer = super().instantiate_trainer(**kwargs)
         use_atomic_checkpoint_io(trainer)  # unless a CheckpointIO was configured
+        callbacks = callbacks_of(trainer)
         configured = (OnExceptionCheckpoint, FaultCheckpoint)
-        if self.subcommand == "fit" and not any(isinstance(cb, configured) for cb in callbacks_of(trainer)):
-            callbacks_of(trainer).append(FaultCheckpoint())
+        if self.subcommand == "fit" and not any(isinstance(cb, configured) for cb in callbacks):
+            callbacks.append(FaultCheckpoint())
+        saves_last = any(isinstance(cb, ModelCheckpoint) and cb.save_last for cb in callbacks)
+        if self.subcommand == "fit" and saves_last and not any(isinstance(cb, LastOnSchedule) for cb in callbacks):
+            callbacks.append(LastOnSchedule())  # last.ckpt at every validation, not only on improvement
         return trainer
 
     def resolve_ckpt_path(self, continue_run: bool = False) -> None:

@@ -11,8 +11,9 @@ Run folder (:func:`run_dir`), the same one Lightning's ModelCheckpoint uses (its
 ... when a resumed run or a second run without logger finds one: nothing is overwritten and
 nothing fails) and pushes it to W&B.
 
-:func:`resolve_checkpoint` turns ``last`` into the newest ``last*.ckpt`` of any earlier run of
-the same experiment (Lightning alone only looks in the *new* run's folder, so ``last`` would
+:func:`resolve_checkpoint` turns ``last`` into the newest complete ``last*.ckpt`` or
+``on_exception*.ckpt`` of any earlier run of the same experiment, and prints its epoch and
+step (Lightning alone only looks in the *new* run's folder, so ``last`` would
 silently start from scratch) and, for W&B, makes the resumed run log to the same W&B run.
 
 ``captioning test --ckpt_path CKPT`` gives the numbers ``fit`` printed, in the checkpoint's own
@@ -41,7 +42,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import SaveConfigCallback
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger, WandbLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
-from lightning.pytorch.utilities.rank_zero import rank_zero_info
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
 from captioning.io.outputs import free_path
 
@@ -134,11 +135,37 @@ class RunConfigSaver(SaveConfigCallback):
 
 
 def _last_checkpoint(trainer: pl.Trainer) -> Path | None:
+    """The newest complete ``last*.ckpt`` or ``on_exception*.ckpt`` of any run of this experiment.
+
+    ``on_exception.ckpt`` (Ctrl-C, SIGTERM, an error) is often newer than the last scheduled
+    ``last.ckpt``; a damaged file (a crash mid-write of a foreign writer) is skipped with a warning.
+    """
+    from captioning.io.checkpoint_files import checkpoint_problem
+
     root = _runs_root(trainer)
     if root is None or not root.is_dir():
         return None
-    found = [p for p in root.glob("*/checkpoints/last*.ckpt") if p.is_file()]
-    return max(found, key=lambda p: p.stat().st_mtime) if found else None
+    found = [
+        p
+        for pattern in ("*/checkpoints/last*.ckpt", "*/checkpoints/on_exception*.ckpt")
+        for p in root.glob(pattern)
+        if p.is_file()
+    ]
+    for path in sorted(found, key=lambda p: p.stat().st_mtime, reverse=True):
+        problem = checkpoint_problem(path)
+        if problem is None:
+            return path
+        rank_zero_warn(f"--ckpt_path last: skipping {path}: {problem}")
+    return None
+
+
+def _progress(path: Path) -> str:
+    """ "epoch E, step S" saved in checkpoint ``path`` (as the resumed run counts them), or ""."""
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        return f" (epoch {int(checkpoint['epoch'])}, step {int(checkpoint['global_step'])})"
+    except Exception:  # Lightning reports an unreadable checkpoint itself
+        return ""
 
 
 def check_vocabulary(model: Any, path: str | os.PathLike) -> None:
@@ -165,7 +192,8 @@ def resolve_checkpoint(
 ) -> str | None:
     """The checkpoint a CLI subcommand should load; ``continue_run``: log to its W&B run.
 
-    ``last`` -> the newest ``<runs root>/*/checkpoints/last*.ckpt`` (see module docstring);
+    ``last`` -> the newest complete ``<runs root>/*/checkpoints/{last,on_exception}*.ckpt`` (see
+    module docstring);
     unchanged when a ModelCheckpoint has a fixed ``dirpath`` or there is no logger (Lightning
     then finds it itself), or when no earlier run has one (Lightning warns and starts fresh).
     A checkpoint inside ``<save_dir>/<project>/<run id>/checkpoints/`` of our W&B logger makes
@@ -180,7 +208,7 @@ def resolve_checkpoint(
         if not fixed:
             path = _last_checkpoint(trainer)
             if path is not None:
-                rank_zero_info(f"--ckpt_path last: resuming from {path}")
+                rank_zero_info(f"--ckpt_path last: resuming from {path}{_progress(path)}")
     elif str(ckpt_path) not in ("best", "hpc", "registry") and not str(ckpt_path).startswith("registry:"):
         path = Path(ckpt_path)
         if not path.is_file():

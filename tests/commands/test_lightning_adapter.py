@@ -32,11 +32,13 @@ def test_the_private_api_we_use_is_still_there(path, signature):
 
 def test_the_private_attributes_we_use_are_still_there(tmp_path):
     from lightning.pytorch import Trainer
+    from lightning.pytorch.callbacks import ModelCheckpoint
     from lightning.pytorch.loggers import CSVLogger
 
     instances = {
         "lightning.pytorch.Trainer": Trainer(logger=False, enable_checkpointing=False, default_root_dir=tmp_path),
         "lightning.pytorch.loggers.CSVLogger": CSVLogger(tmp_path),
+        "lightning.pytorch.callbacks.ModelCheckpoint": ModelCheckpoint(),
     }
     assert instances.keys() == PRIVATE_ATTRIBUTES.keys()
     for cls, names in PRIVATE_ATTRIBUTES.items():

@@ -31,7 +31,7 @@ from support import ROOT
 
 ENOSPC_LINE = (
     "no space left on device while writing checkpoint {path}; nothing was written there, the previous "
-    "checkpoint is intact; free space and resume with --ckpt_path last"
+    "checkpoint is intact; free space and run again (no checkpoint to resume from yet)"
 )
 
 
@@ -85,6 +85,17 @@ def test_enospc_mid_write_keeps_previous_checkpoint_and_leaves_no_temp_file(tmp_
     assert torch.load(target, weights_only=True)["global_step"] == 3
     # The CLI prints it as one line (it is a user error: free space, resume).
     assert user_message(caught.value) == ENOSPC_LINE.format(path=target)
+
+
+def test_the_disk_full_line_says_resume_only_when_there_is_a_checkpoint_to_resume_from(tmp_path, monkeypatch):
+    _save(tmp_path / "last.ckpt", step=3)
+    _full_disk_after(monkeypatch, limit=5000)
+    with pytest.raises(CheckpointWriteError, match=r"free space and resume with --ckpt_path last$"):
+        AtomicCheckpointIO().save_checkpoint(_checkpoint(size=100_000), tmp_path / "best-epoch04.ckpt")
+    _full_disk_after(monkeypatch, limit=5000)
+    (tmp_path / "last.ckpt").unlink()
+    with pytest.raises(CheckpointWriteError, match=r"free space and run again \(no checkpoint to resume from yet\)$"):
+        AtomicCheckpointIO().save_checkpoint(_checkpoint(size=100_000), tmp_path / "best-epoch04.ckpt")
 
 
 def test_enospc_without_previous_checkpoint_leaves_nothing(tmp_path, monkeypatch):

@@ -25,9 +25,13 @@ from captioning.io.wandb_logging import WandbLogger
 from support.cli import ROOT, SMALL, cli_command, cli_env, probe_config, read_probe, run_cli
 
 
-def _touch(path: Path, mtime: float) -> Path:
+def _touch(path: Path, mtime: float, content: bytes | None = None) -> Path:
+    """A checkpoint file (a complete one unless ``content``) with modification time ``mtime``."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(b"x")
+    if content is None:
+        torch.save({"epoch": 0, "global_step": 1, "state_dict": {}}, path)
+    else:
+        path.write_bytes(content)
     os.utime(path, (mtime, mtime))
     return path
 
@@ -156,3 +160,81 @@ def test_sigkilled_bf16_run_resumes_from_last_and_finishes(tmp_path):
         "the resumed run must log to the same W&B run id"
     )
     assert sorted(p.name for p in run_dir.glob("config*.yaml")) == ["config-1.yaml", "config.yaml"]
+
+
+@pytest.mark.e2e
+def test_a_killed_run_resumes_from_its_last_validation_even_when_the_metric_did_not_improve(tmp_path):
+    """kill -9 of a real `captioning fit` after several validations whose val/cider never
+    improved (learning rate 0: the metric is constant), then `--ckpt_path last`: the run resumes
+    at the newest validation's step, not at the first (the only improvement)."""
+    probe = tmp_path / "probe"
+    args = [
+        "fit",
+        *SMALL,
+        "--config",
+        str(probe_config(tmp_path / "probe.yaml", probe)),
+        "--data.init_args.train_size",
+        "128",
+        "--data.init_args.val_size",
+        "4",
+        "--trainer.val_check_interval",
+        "4",
+        "--trainer.max_epochs",
+        "50",
+        "--model.init_args.lr",
+        "0",
+        "--model.init_args.encoder_lr",
+        "0",
+        "--trainer.accelerator",
+        "cpu",
+        "--trainer.default_root_dir",
+        str(tmp_path / "root"),
+        "--trainer.logger.init_args.save_dir",
+        str(tmp_path / "runs"),
+    ]
+    env = cli_env(tmp_path)
+    proc = subprocess.Popen(
+        cli_command(*args), env=env, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
+    deadline = time.monotonic() + 240
+
+    def after_fourth_validation() -> list[dict]:
+        records = read_probe(probe).get(0, []) if probe.exists() else []
+        vals = [i for i, r in enumerate(records) if r["event"] == "val_end"]
+        # Two training steps after the 4th validation: its checkpoint callbacks are done.
+        return records if len(vals) >= 4 and len(records) - 1 - vals[3] >= 2 else []
+
+    try:
+        while not (seen := after_fourth_validation()):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"the run ended before 4 validations: {proc.stderr.read()[-3000:]}")
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    finally:
+        proc.kill()
+        proc.wait()
+        proc.stderr.close()
+    seen = read_probe(probe)[0]
+    validations = [r["step"] for r in seen if r["event"] == "val_end"]
+    assert validations[:4] == [4, 8, 12, 16]
+    assert len({r["metrics"]["val/cider"] for r in seen if r["event"] == "val_end"}) == 1  # never improved
+
+    more = ["--trainer.max_epochs", str(validations[-1] // 16 + 2), "--ckpt_path", "last"]
+    resumed = run_cli([*args, *more], env, cwd=tmp_path)
+    starts = [r["step"] for r in read_probe(probe)[0] if r["event"] == "train_start"]
+    assert starts == [0, validations[-1]], "resume must start at the newest validation's last.ckpt"
+    assert f"step {validations[-1]})" in resumed.stdout + resumed.stderr  # the resume point is printed
+
+
+def test_last_takes_the_newest_of_last_and_on_exception_and_skips_damaged_files(tmp_path):
+    runs = tmp_path / "lightning_logs"
+    _touch(runs / "version_0" / "checkpoints" / "last.ckpt", 1000)
+    on_exception = runs / "version_0" / "checkpoints" / "on_exception.ckpt"
+    on_exception.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"epoch": 1, "global_step": 19, "state_dict": {}}, on_exception)
+    os.utime(on_exception, (2000, 2000))
+    _touch(runs / "version_1" / "checkpoints" / "last.ckpt", 3000, b"x")  # newest, but damaged
+    trainer = _trainer(tmp_path, CSVLogger(tmp_path))
+    with pytest.warns(UserWarning, match="skipping .*version_1.*not a PyTorch checkpoint"):
+        assert resolve_checkpoint(trainer, "last") == str(on_exception)
