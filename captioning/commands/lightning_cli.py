@@ -17,6 +17,8 @@ import importlib.util
 import json
 import operator
 import os
+import signal
+import sys
 import warnings
 from collections.abc import Sequence
 from typing import Any
@@ -211,5 +213,12 @@ def main(args: Sequence[str]) -> int:
     warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
     # Lightning 2.6's own use of torch's pytree warns on every fit: nothing a user can act on.
     warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
-    lightning_cli(with_model_for_nested_help(nested_null_args(list(args))))
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    try:
+        lightning_cli(with_model_for_nested_help(nested_null_args(list(args))))
+    except SIGTERMException as stopped:  # a SystemExit without a code: the run would "succeed" with 0
+        notes = " ".join(getattr(stopped, "__notes__", [])) or "no checkpoint was written"
+        print(f"error: {args[0] if args else 'the run'} stopped by SIGTERM; {notes}", file=sys.stderr, flush=True)
+        return 128 + signal.SIGTERM  # what a shell reports for a process the signal ended
     return 0

@@ -238,3 +238,41 @@ def test_last_takes_the_newest_of_last_and_on_exception_and_skips_damaged_files(
     trainer = _trainer(tmp_path, CSVLogger(tmp_path))
     with pytest.warns(UserWarning, match="skipping .*version_1.*not a PyTorch checkpoint"):
         assert resolve_checkpoint(trainer, "last") == str(on_exception)
+
+
+@pytest.mark.e2e
+def test_sigterm_during_fit_exits_with_a_failure_status_after_saving_a_checkpoint(tmp_path):
+    probe = tmp_path / "probe"
+    args = [
+        "fit",
+        *SMALL,
+        "--config",
+        str(probe_config(tmp_path / "probe.yaml", probe)),
+        "--data.init_args.train_size",
+        "128",
+        "--trainer.max_epochs",
+        "50",
+        "--trainer.accelerator",
+        "cpu",
+        "--trainer.default_root_dir",
+        str(tmp_path / "root"),
+        "--trainer.logger.init_args.save_dir",
+        str(tmp_path / "runs"),
+    ]
+    proc = subprocess.Popen(
+        cli_command(*args), env=cli_env(tmp_path), cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
+    deadline = time.monotonic() + 240
+    try:
+        while not (probe.exists() and sum(r["event"] == "train_batch" for r in read_probe(probe).get(0, [])) >= 3):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"the run ended before training: {proc.stderr.read().decode()[-3000:]}")
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert proc.returncode == 128 + signal.SIGTERM, err.decode()[-3000:]
+    [saved] = list((tmp_path / "runs").glob("*/version_0/checkpoints/on_exception.ckpt"))
+    assert "stopped by SIGTERM" in err.decode() and f"--ckpt_path {saved}" in err.decode()
