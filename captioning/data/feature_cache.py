@@ -45,6 +45,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from captioning.io.outputs import current_umask
 from captioning.nn.encoders import encoder_config
 
 FORMAT = "captioning-features/1"
@@ -92,7 +93,14 @@ class FeatureCache:
             raise ValueError(f"{index_file}: image ids are not unique")
         self.grid, self.channels = (int(array.shape[1]), int(array.shape[2])), int(array.shape[3])
         captions_file = self.path / CAPTIONS_FILE
-        self.captions = json.loads(captions_file.read_text()) if captions_file.is_file() else None
+        self.captions = None
+        if captions_file.is_file():
+            try:
+                self.captions = json.loads(captions_file.read_text(encoding="utf-8"))
+            except (json.JSONDecodeError, UnicodeDecodeError) as err:
+                raise ValueError(f"{captions_file}: not valid JSON ({err})") from err
+            if not isinstance(self.captions, dict):
+                raise ValueError(f"{captions_file}: expected an object with 'references' (and 'objects')")
         self._array: np.ndarray | None = None  # opened on first read, in the reading process
 
     def __len__(self) -> int:
@@ -118,6 +126,13 @@ class FeatureCache:
             np.asarray(rows, dtype=np.int64), return_inverse=True
         )  # sorted reads; shared rows read once
         block = torch.from_numpy(np.ascontiguousarray(self._array[unique], dtype=np.float16))
+        finite = torch.isfinite(block).flatten(1).all(1)
+        if not bool(finite.all()):
+            bad = int(unique[int((~finite).nonzero()[0])])
+            raise ValueError(
+                f"{self.path / FEATURES_FILE}: the features of image id {self.image_ids[bad]!r} (row {bad}) are "
+                "NaN or infinite (or too large for float16); rebuild the cache from finite features"
+            )
         block = block.view(len(unique), -1, self.channels)  # (U, S, C), positions row-major
         return block if len(unique) == len(rows) and np.all(unique == rows) else block[torch.from_numpy(inverse)]
 
@@ -134,10 +149,33 @@ def write_feature_cache(
     array = features.detach().cpu().numpy() if isinstance(features, Tensor) else np.asarray(features)
     if array.ndim != 4 or array.shape[0] != len(image_ids):
         raise ValueError(f"features must be (N, H, W, C) with N = len(image_ids) = {len(image_ids)}, got {array.shape}")
+    check_storable(array, image_ids, 0, str(path))
     with _atomic_dir(Path(path)) as tmp:
         np.save(tmp / FEATURES_FILE, array.astype(np.float16))
         _write_index(tmp, list(image_ids), array.shape, meta, captions)
     return FeatureCache(path)
+
+
+FLOAT16_MAX = float(np.finfo(np.float16).max)  # 65504: larger values would be stored as inf
+
+
+def check_storable(features: Any, image_ids: Sequence[Any], offset: int, where: str) -> None:
+    """Refuse features that are NaN, infinite or beyond float16's range, naming the image id.
+
+    ``features`` (n, ...) NumPy array or tensor holding rows ``offset .. offset + n`` of ``image_ids``.
+    """
+    rows = torch.as_tensor(features).reshape(len(features), -1)
+    finite = torch.isfinite(rows).all(1)
+    in_range = rows.abs().amax(1) <= FLOAT16_MAX if rows.numel() else finite
+    ok = finite & in_range
+    if bool(ok.all()):
+        return
+    bad = int((~ok).nonzero()[0])
+    what = "NaN or infinite values" if not bool(finite[bad]) else f"values beyond float16's range (|x| > {FLOAT16_MAX:g})"
+    raise ValueError(
+        f"feature cache {where}: the features of image id {image_ids[offset + bad]!r} hold {what}; "
+        "the cache stores float16: fix or rescale the features (e.g. normalise them) first"
+    )
 
 
 def _write_index(folder: Path, ids: list, shape: tuple, meta: dict, captions: dict | None) -> None:
@@ -163,6 +201,7 @@ def _atomic_dir(path: Path) -> Iterator[Path]:
     """Write into a temporary sibling folder, then rename it into place (never a half cache)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp makes it private; a cache is shared like any folder
     try:
         yield tmp
     except BaseException:
@@ -230,6 +269,7 @@ def build_feature_cache(
                 n = feats.shape[0]
                 if len(ids) + n > num_images:
                     raise ValueError(f"the loader yields more than num_images={num_images} images")
+                check_storable(feats.float(), [_jsonable_id(i) for i in batch["image_ids"]], 0, str(path))
                 array[len(ids) : len(ids) + n] = feats.reshape(n, grid, grid, channels).to(torch.float16).cpu().numpy()
                 for j, image_id in enumerate(batch["image_ids"]):
                     key = str(_jsonable_id(image_id))

@@ -262,6 +262,8 @@ class FaultCheckpoint(Callback):
             return
         if any(isinstance(e, CheckpointWriteError) for e in exception_chain(exception)):
             return
+        if any(type(e).__name__ == "NonFiniteTrainingError" for e in exception_chain(exception)):
+            return  # the weights are NaN: a checkpoint of them would only be resumed into the same failure
         strategy = trainer.strategy
         rank_zero_alone = (
             isinstance(strategy, (DDPStrategy, SingleDeviceStrategy))

@@ -98,6 +98,7 @@ def export_model(
 
         card = model_card(name or output.name, config, example_png, example, caption)
         (tmp / CARD_FILE).write_text(card, encoding="utf-8")
+        _shareable(tmp)
         if output.exists():
             shutil.rmtree(output) if output.is_dir() else output.unlink()
         os.replace(tmp, output)
@@ -105,6 +106,17 @@ def export_model(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return output
+
+
+def _shareable(folder: Path) -> None:
+    """The permissions a plain ``mkdir``/``open`` give under the umask (``mkdtemp`` makes the folder
+    private, some writers their files): an exported model is meant to be shared."""
+    from captioning.io.outputs import current_umask
+
+    umask = current_umask()
+    os.chmod(folder, 0o777 & ~umask)
+    for path in folder.rglob("*"):
+        os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~umask)
 
 
 def _write_example(model: Any, folder: Path, beam_size: int | None) -> tuple[str | None, dict | None, str | None]:

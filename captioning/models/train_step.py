@@ -30,8 +30,13 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
+from captioning.errors import UserError
 from captioning.hyperparameters import TypedHyperparameters
 from captioning.models.step_graphs import StepGraphs, portable_optimizer_state
+
+
+class NonFiniteTrainingError(UserError):
+    """The training loss or the weights stopped being finite numbers; training stops there."""
 
 
 class TrainingStep(TypedHyperparameters, pl.LightningModule):
@@ -40,6 +45,7 @@ class TrainingStep(TypedHyperparameters, pl.LightningModule):
     length_bucket = 4  # caption/sentence lengths are padded to a multiple of this under graphs
     graph_backend = "cuda"  # "eager" in tests: everything but the CUDA graph itself, on a CPU
     _step_graphs: StepGraphs | None = None
+    _first_non_finite: Tensor | None = None  # global step of the first non-finite loss, -1 = none yet
 
     # ------------------------------------------------------------------ what a model provides
     def train_inputs(self, batch: dict) -> dict[str, Tensor]:
@@ -64,6 +70,7 @@ class TrainingStep(TypedHyperparameters, pl.LightningModule):
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
         inputs = self.train_inputs(batch)
         out = self._step_graphs(inputs) if self._step_graphs is not None else self.train_losses(inputs)
+        self._watch_loss(out["loss"])
         size = next(iter(inputs.values())).shape[0]
         self.log("train/loss", out["loss"], prog_bar=True, batch_size=size)
         for name, value in out.items():
@@ -135,8 +142,47 @@ class TrainingStep(TypedHyperparameters, pl.LightningModule):
             super().backward(loss, *args, **kwargs)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
+        if self._trainer is not None and self.trainer.state.fn == "fit":
+            self.check_finite(weights=True)  # never a checkpoint of non-finite weights (as best or any other)
         for state in checkpoint.get("optimizer_states", []):
             portable_optimizer_state(state)
+
+    # ------------------------------------------------------------------ a non-finite loss stops training
+    # The loss is checked on the device (no host synchronisation per step): the step of the first
+    # non-finite loss is kept in a device scalar, read every step on a CPU, every log interval on a
+    # GPU, and always before validation and before any checkpoint is written, so a NaN never
+    # reaches a saved checkpoint and training stops with one line naming the step.
+    def _watch_loss(self, loss: Tensor) -> None:
+        if self._first_non_finite is None or self._first_non_finite.device != loss.device:
+            self._first_non_finite = torch.full((), -1, dtype=torch.long, device=loss.device)
+        bad = ~torch.isfinite(loss.detach()) & (self._first_non_finite < 0)
+        self._first_non_finite = torch.where(bad, self.trainer.global_step, self._first_non_finite)
+
+    def check_finite(self, weights: bool = False) -> None:
+        """Raise :class:`NonFiniteTrainingError` if a training loss so far (or, with ``weights``, a
+        parameter) is NaN or infinite; reads the device."""
+        first = -1 if self._first_non_finite is None else int(self._first_non_finite)
+        if first < 0 and weights:
+            params = [p.detach() for p in self.parameters()]
+            if params and not bool(torch.stack([torch.isfinite(p).all() for p in params]).all()):
+                first = self.trainer.global_step
+        if first < 0:
+            return
+        raise NonFiniteTrainingError(
+            f"training stopped: the loss (or the weights) became NaN or infinite at global step {first}"
+            f" (epoch {self.trainer.current_epoch}); no checkpoint of these weights was written. Look for "
+            "non-finite inputs or features, a learning rate too high (lower lr, set gradient_clip_val), "
+            "or fp16 overflow (use bf16-mixed)"
+        )
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        every = 1 if self.device.type == "cpu" else max(1, int(self.trainer.log_every_n_steps or 1))
+        if self.trainer.global_step % every == 0:
+            self.check_finite()
+
+    def on_validation_start(self) -> None:
+        if self._trainer is not None and self.trainer.state.fn == "fit":
+            self.check_finite()
 
 
 def pad_length(x: Tensor, bucket: int, pad_id: int) -> Tensor:

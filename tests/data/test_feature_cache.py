@@ -108,3 +108,54 @@ def test_writing_a_cache_never_replaces_a_folder_that_is_not_a_cache(tmp_path):
         0,
         1,
     ]  # a cache: replaced
+
+
+@pytest.mark.parametrize(
+    "value, what", [(float("nan"), "NaN or infinite"), (float("inf"), "NaN or infinite"), (70000.0, "values beyond float16's range")]
+)
+def test_non_finite_or_float16_overflowing_features_are_refused_when_written_naming_the_id(tmp_path, value, what):
+    features = np.random.default_rng(0).normal(size=(3, 2, 2, 4)).astype(np.float32)
+    features[1, 0, 1, 2] = value
+    with pytest.raises(ValueError, match=rf"image id 'img-b' hold {what}"):
+        write_feature_cache(tmp_path / "c", ["img-a", "img-b", "img-c"], features)
+    assert not (tmp_path / "c").exists()
+
+
+def test_an_encoder_giving_nan_for_one_image_stops_the_build_naming_it(tmp_path):
+    enc = _frozen_cnn()
+    images = torch.randn(4, 3, 64, 64)
+    images[2] = float("nan")
+    batches = [{"images": images[:2], "image_ids": [10, 11]}, {"images": images[2:], "image_ids": [12, 13]}]
+    with pytest.raises(ValueError, match="image id 12 hold NaN"):
+        build_feature_cache(enc, batches, 4, tmp_path / "train")
+    assert not (tmp_path / "train").exists()
+
+
+def test_a_cache_written_by_hand_with_nan_is_refused_when_read_naming_the_id(tmp_path):
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    features = np.ones((3, 2, 2, 4), dtype=np.float16)
+    features[2, 1, 1, 0] = np.nan
+    np.save(folder / "features.npy", features)
+    (folder / "index.json").write_text(json.dumps({"image_ids": ["a", "b", "c"]}))
+    cache = FeatureCache(folder)
+    assert cache.read([0, 1]).shape == (2, 4, 4)
+    with pytest.raises(ValueError, match=r"image id 'c' \(row 2\) are NaN or infinite"):
+        cache.read([1, 2])
+
+
+def test_a_malformed_captions_file_is_named(tmp_path):
+    cache = write_feature_cache(tmp_path / "c", [0], np.zeros((1, 2, 2, 4)))
+    (cache.path / "captions.json").write_text("{'references': oops")
+    with pytest.raises(ValueError, match=r"c/captions.json: not valid JSON"):
+        FeatureCache(cache.path)
+
+
+def test_cache_folders_get_the_usual_permissions(tmp_path):
+    import os
+
+    old = os.umask(0o022)
+    os.umask(old)
+    cache = write_feature_cache(tmp_path / "c", [0], np.zeros((1, 2, 2, 4)))
+    assert (cache.path.stat().st_mode & 0o777) == 0o777 & ~old
+    assert ((cache.path / "features.npy").stat().st_mode & 0o777) == 0o666 & ~old
