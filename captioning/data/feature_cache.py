@@ -171,7 +171,9 @@ def check_storable(features: Any, image_ids: Sequence[Any], offset: int, where: 
     if bool(ok.all()):
         return
     bad = int((~ok).nonzero()[0])
-    what = "NaN or infinite values" if not bool(finite[bad]) else f"values beyond float16's range (|x| > {FLOAT16_MAX:g})"
+    what = (
+        "NaN or infinite values" if not bool(finite[bad]) else f"values beyond float16's range (|x| > {FLOAT16_MAX:g})"
+    )
     raise ValueError(
         f"feature cache {where}: the features of image id {image_ids[offset + bad]!r} hold {what}; "
         "the cache stores float16: fix or rescale the features (e.g. normalise them) first"

@@ -390,7 +390,7 @@ def load_checkpoint_file(path: str | os.PathLike, check: bool = True) -> Any:
     if problem is not None:
         raise CheckpointReadError(f"checkpoint {path} is damaged or incomplete: {problem}")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        loaded = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except pickle.UnpicklingError as err:
         name = _unsupported_global(str(err))
         if name is not None or "WeightsUnpickler" in str(err):
@@ -402,6 +402,13 @@ def load_checkpoint_file(path: str | os.PathLike, check: bool = True) -> Any:
         raise CheckpointReadError(f"checkpoint {path} is damaged: {_reason(err)}") from None
     except (RuntimeError, OSError, EOFError, ValueError, KeyError, zipfile.BadZipFile) as err:
         raise CheckpointReadError(f"checkpoint {path} is damaged: {_reason(err)}") from None
+    from captioning.io.plain_data import PlainDataError, check_plain_data
+
+    try:  # shared references make a small file a huge tree for whatever walks it next
+        check_plain_data(loaded, f"checkpoint {path}")
+    except PlainDataError as err:
+        raise CheckpointReadError(str(err)) from None
+    return loaded
 
 
 def _reason(err: BaseException) -> str:

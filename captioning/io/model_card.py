@@ -86,12 +86,46 @@ def unpack_example(example: Any) -> dict | None:
     }
 
 
+def user_module_imports(module: str) -> list[str]:
+    """Third-party packages the source of ``module`` imports (not the standard library, not
+    itself, not this package), read from its file without running it; [] when not found."""
+    import ast
+    import importlib.util
+    import sys
+
+    try:
+        spec = importlib.util.find_spec(module)
+    except (ImportError, ValueError):
+        return []
+    origin = spec.origin if spec is not None else None
+    if not origin or not origin.endswith(".py"):
+        return []
+    try:
+        with open(origin, encoding="utf-8") as f:
+            tree = ast.parse(f.read())
+    except (OSError, SyntaxError, UnicodeDecodeError):
+        return []
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names.update(a.name.split(".")[0] for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            names.add(node.module.split(".")[0])
+    skip = set(sys.stdlib_module_names) | {module, "captioning", "__future__"}
+    return sorted(names - skip)
+
+
 def model_card(
     name: str, config: dict, example_png: str | None, example: dict | None, example_caption: str | None
 ) -> str:
     """The README.md of an exported model folder."""
+    from captioning.io.trust import user_modules
+
     info = config.get("training") or {}
     scores = info.get("scores") or {}
+    modules = user_modules(config)
+    trust_flags = "".join(f" --trust_module {m}" for m in modules)
+    trust_arg = f", trust_modules={modules!r}" if modules else ""
     kind = "image captioner" if config["class_path"].endswith("ImageCaptioner") else "text seq2seq model"
     encoder = (config.get("init_args") or {}).get("encoder") or {}
     lines = [
@@ -110,18 +144,30 @@ def model_card(
         "",
         "```bash",
         "pip install 'attention-captioning[hub]'",
-        f"captioning caption --model {name} --output overlays photo.jpg"
+        f"captioning caption --model {name}{trust_flags} --output overlays photo.jpg"
         if "image" in kind
-        else f'captioning translate --model {name} "a sentence"',
+        else f'captioning translate --model {name}{trust_flags} "a sentence"',
         "```",
         "",
         "```python",
         "from captioning.io.model_folders import load_pretrained",
         "",
-        f'model = load_pretrained("{name}")',
+        f'model = load_pretrained("{name}"{trust_arg})',
         "```",
         "",
     ]
+    if modules:
+        lines += ["## Code this model needs", ""]
+        for module in modules:
+            needs = user_module_imports(module)
+            lines += [
+                f"This model uses code from `{module}`, which is not part of attention-captioning. "
+                f"Loading the model imports and runs it, so it loads only when you trust it "
+                f"(`--trust_module {module}` above) and `{module}` is installed, or lies in the current folder, "
+                "or in a folder on `PYTHONPATH`."
+                + (f" It imports: {', '.join(f'`{n}`' for n in needs)}." if needs else ""),
+                "",
+            ]
     if encoder:
         pre = config.get("preprocessing") or {}
         lines += [

@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from captioning.io.trust import build_model, trusted_modules
+from captioning.io.trust import trusted_modules
 
 FORMAT = "attention-captioning/1"
 CONFIG_FILE, WEIGHTS_FILE, CARD_FILE = "config.json", "model.safetensors", "README.md"
@@ -195,10 +195,15 @@ def read_model_config(folder: Path) -> dict:
     path = folder / CONFIG_FILE
     if not path.is_file():
         raise ModelNotFoundError(f"{folder} has no {CONFIG_FILE}: not a model folder written by `captioning export`")
+    from captioning.io.plain_data import check_plain_data
+
     try:
         config = json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
         raise ValueError(f"{path}: not valid JSON ({err})") from err
+    except RecursionError:
+        raise ValueError(f"{path}: nested too deeply to be a model config") from None
+    check_plain_data(config, str(path), tensors=False)
     if not isinstance(config, dict) or config.get("format") != FORMAT:
         raise ValueError(f"{path}: not an attention-captioning model config (format {FORMAT!r} expected)")
     if not isinstance(config.get("init_args"), dict):
@@ -220,17 +225,25 @@ def load_pretrained(
             :mod:`captioning.io.trust`).
         revision: Hub branch, tag or commit (default: main).
     """
-    from safetensors import SafetensorError
+    from safetensors import SafetensorError, safe_open
     from safetensors.torch import load_file
+
+    from captioning.io.model_loading import build_for_weights, check_finite_weights
 
     folder = resolve_model_dir(name_or_path, revision)
     config = read_model_config(folder)
-    model = build_model(
-        config.get("class_path"), config["init_args"], trusted_modules(trust_modules), source=str(folder / CONFIG_FILE)
-    )
     weights = folder / WEIGHTS_FILE
     if not weights.is_file():
         raise ModelNotFoundError(f"{folder} has no {WEIGHTS_FILE}")
+    try:  # the header only: every tensor's shape, nothing allocated
+        with safe_open(str(weights), "pt") as f:
+            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118 - safe_open is not a dict
+    except (SafetensorError, OSError, ValueError) as err:
+        raise ValueError(f"{weights}: not a readable safetensors file ({err})") from err
+    source = f"{folder / CONFIG_FILE} with {WEIGHTS_FILE}"
+    model = build_for_weights(
+        config.get("class_path"), config["init_args"], trusted_modules(trust_modules), source, shapes
+    )
     try:
         state = load_file(str(weights))
     except (SafetensorError, OSError, ValueError) as err:
@@ -243,6 +256,7 @@ def load_pretrained(
         raise ValueError(
             f"{weights} does not match the model {CONFIG_FILE} describes: {state_dict_problem(err)}"
         ) from err
+    check_finite_weights(model, str(weights))
     model.checkpoint_info = config.get("training") or {}
     return model.to(map_location).eval()
 

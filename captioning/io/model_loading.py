@@ -10,11 +10,14 @@ when the ImageNet weights file is not on this machine.
 
 from __future__ import annotations
 
+import copy
 import json
+import math
 import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import lightning.pytorch as pl
 import torch
@@ -82,6 +85,53 @@ def state_dict_problem(err: RuntimeError) -> str:
     return problems[0].rstrip(".") + more
 
 
+def build_for_weights(
+    class_path: Any, init_args: dict, trust: Sequence[str], source: str, shapes: dict[str, tuple[int, ...]]
+) -> pl.LightningModule:
+    """Build the model a file describes, after checking on the meta device (no memory) that the
+    sizes it declares are the sizes of the weights it holds.
+
+    A model file is a few numbers (grid 866, channels 1000, ...) and the weights; the numbers
+    alone decide how much memory building the model takes. Building it first on PyTorch's meta
+    device costs nothing and gives every tensor's shape: each must be the stored one, and the
+    whole model (buffers included) may not be much larger than what is stored.
+
+    Raises:
+        ValueError: naming ``source`` and the first tensor that differs.
+    """
+    with torch.device("meta"):
+        skeleton = build_model(class_path, copy.deepcopy(init_args), trust, source)
+    # The model's own load hooks run (checkpoints of earlier releases name some tensors differently).
+    stored = {k: torch.empty(shape, device="meta") for k, shape in shapes.items()}
+    try:
+        missing, unexpected = skeleton.load_state_dict(stored, strict=False)
+    except RuntimeError as err:  # size mismatches
+        raise ValueError(
+            f"{source}: the sizes it declares do not match its weights: {state_dict_problem(err)}"
+        ) from None
+    if missing or unexpected:
+        raise ValueError(
+            f"{source} does not match {type(skeleton).__name__}: missing {missing[:5]}, unexpected {unexpected[:5]}"
+        )
+    needed = sum(t.numel() for t in [*skeleton.parameters(), *skeleton.buffers()])
+    held = sum(math.prod(shape) for shape in shapes.values())
+    if needed > 2 * held + 50_000_000:  # non-persistent buffers sized by a declared number
+        raise ValueError(
+            f"{source}: the model it declares needs {needed:,} numbers but the file stores {held:,}; refused"
+        )
+    return build_model(class_path, init_args, trust, source)
+
+
+def check_finite_weights(model: torch.nn.Module, source: str) -> None:
+    """Refuse weights holding NaN or infinite values (they caption nothing but padding)."""
+    for name, tensor in model.state_dict().items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise ValueError(
+                f"{source}: the weights hold NaN or infinite values (first: {name}); the training that wrote "
+                "them diverged: use an earlier checkpoint or train again"
+            )
+
+
 def load_model(
     path: str | Path,
     default_class: str = "captioning.models.image_captioner.ImageCaptioner",
@@ -103,10 +153,11 @@ def load_model(
         raise ValueError(f"checkpoint {path}: hyper_parameters must be a dict, got {type(hparams).__name__}")
     hparams = dict(hparams)
     class_path = hparams.pop("_class_path", None) or default_class
-    model = build_model(class_path, hparams, trusted_modules(trust_modules), source=f"checkpoint {path}")
     state = ckpt["state_dict"]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ValueError(f"checkpoint {path}: state_dict must map names to tensors")
+    shapes = {k: tuple(v.shape) for k, v in state.items()}
+    model = build_for_weights(class_path, hparams, trusted_modules(trust_modules), f"checkpoint {path}", shapes)
     try:
         missing, unexpected = model.load_state_dict(state, strict=False)
     except RuntimeError as err:  # shape mismatches
@@ -116,6 +167,7 @@ def load_model(
             f"checkpoint {path} does not match {type(model).__name__}: missing {missing[:5]}, "
             f"unexpected {unexpected[:5]}"
         )
+    check_finite_weights(model, f"checkpoint {path}")
     model.checkpoint_info = ckpt.get("captioning") if isinstance(ckpt.get("captioning"), dict) else {}
     return model.to(map_location).eval()
 
@@ -132,6 +184,12 @@ def attach_encoder(ckpt_path: str, encoder_file: str, output: str, trust_modules
     out = Path(output)
     if out.exists():
         raise FileExistsError(f"{out} exists; choose another --output (nothing is overwritten)")
+    from captioning.io.plain_data import load_yaml_text
+
+    try:
+        spec = load_yaml_text(Path(encoder_file).read_text(encoding="utf-8"), str(encoder_file))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError, RecursionError) as err:
+        raise ValueError(f"{encoder_file}: cannot read it as YAML/JSON ({type(err).__name__}: {err})") from err
     source = find_checkpoint(ckpt_path)
     ckpt = read_checkpoint(source)
     hparams = ckpt["hyper_parameters"]
@@ -141,10 +199,6 @@ def attach_encoder(ckpt_path: str, encoder_file: str, output: str, trust_modules
             f"{source} was not trained on precomputed features (its encoder is "
             f"{(old or {}).get('class_path')!r}); it can caption images as it is"
         )
-    try:
-        spec = yaml.safe_load(Path(encoder_file).read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as err:
-        raise ValueError(f"{encoder_file}: cannot read it as YAML/JSON ({err})") from err
     if isinstance(spec, dict) and "encoder" in spec and "class_path" not in spec:
         spec = spec["encoder"]  # a config fragment `encoder: {class_path, init_args}`
     encoder = build_encoder(spec, trusted_modules(trust_modules), source=str(encoder_file), restore=False)

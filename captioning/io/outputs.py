@@ -83,6 +83,7 @@ def current_umask() -> int:
     """The process's umask (read once at import; reading it means setting it, not thread-safe later)."""
     return _UMASK
 
+
 # Output files written by this process -> the image they describe. With overwrite=True a
 # file is only replaced when it came from the same image, so two inputs sharing a stem
 # (a/cat.jpg, b/cat.jpg) in one run never overwrite each other.

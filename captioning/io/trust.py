@@ -23,6 +23,7 @@ import importlib
 import inspect
 import os
 import re
+import sys
 from collections.abc import Sequence
 from typing import Any
 
@@ -51,6 +52,36 @@ def _is_trusted(module: str, trust: Sequence[str]) -> bool:
     return any(module == t or module.startswith(t + ".") for t in trust)
 
 
+def _import_trusted(module_name: str, ours: bool) -> Any:
+    """Import ``module_name``; a user module the user trusted is also looked for in the current
+    folder, as ``python -m`` and ``python script.py`` would (the ``captioning`` console script's
+    own folder is not the user's)."""
+    try:
+        return importlib.import_module(module_name)
+    except ModuleNotFoundError as err:
+        top = module_name.split(".")[0]
+        cwd = os.getcwd()
+        if ours or err.name != top or cwd in sys.path:
+            raise
+        if not (os.path.isfile(os.path.join(cwd, top + ".py")) or os.path.isdir(os.path.join(cwd, top))):
+            raise
+        sys.path.append(cwd)  # after everything installed: never shadows an installed module
+        return importlib.import_module(module_name)
+
+
+def user_modules(config: Any) -> list[str]:
+    """Top-level modules outside this package that a model config names (its class, its encoder):
+    what a reader must have, and trust, to load it."""
+    found = []
+    for spec in (config, (config.get("init_args") or {}).get("encoder") if isinstance(config, dict) else None):
+        path = spec.get("class_path") if isinstance(spec, dict) else None
+        if isinstance(path, str) and "." in path:
+            top = registry.current_class_path(path).split(".")[0]
+            if top != "captioning" and top not in found:
+                found.append(top)
+    return found
+
+
 def resolve_class(class_path: Any, kind: str, trust: Sequence[str] = (), source: str = "a model file") -> type:
     """The class ``class_path`` names, if it may be built as a ``kind`` ("model" or "encoder")."""
     if not isinstance(class_path, str) or not _CLASS_PATH.match(class_path):
@@ -72,10 +103,11 @@ def resolve_class(class_path: Any, kind: str, trust: Sequence[str] = (), source:
                 f"trust_modules=['{top}']; or {TRUST_ENV}={top}); importing it runs it."
             )
     try:
-        obj = getattr(importlib.import_module(module_name), name)
+        obj = getattr(_import_trusted(module_name, class_path in ours), name)
     except (ImportError, AttributeError) as err:
         raise ValueError(
-            f"{source}: cannot import {class_path!r} ({err}); is its module installed and on PYTHONPATH?"
+            f"{source}: cannot import {class_path!r} ({err}); install its module, or run from the folder "
+            "that holds it, or add that folder to PYTHONPATH"
         ) from err
     if not (inspect.isclass(obj) and issubclass(obj, base)):
         raise UntrustedClassError(
@@ -86,23 +118,11 @@ def resolve_class(class_path: Any, kind: str, trust: Sequence[str] = (), source:
 
 
 def check_plain(value: Any, where: str) -> None:
-    """Raise unless ``value`` is plain data: None, bool, int, float, str, list/tuple, dict[str, ...]."""
-    if value is None or isinstance(value, (bool, int, float, str)):
-        return
-    if isinstance(value, (list, tuple)):
-        for i, v in enumerate(value):
-            check_plain(v, f"{where}[{i}]")
-        return
-    if isinstance(value, dict):
-        for k, v in value.items():
-            if not isinstance(k, str):
-                raise ValueError(f"{where}: key {k!r} is not a string")
-            check_plain(v, f"{where}.{k}")
-        return
-    raise ValueError(
-        f"{where}: {type(value).__name__} is not plain data (only None, bool, numbers, strings, "
-        "lists and dicts are accepted from a model file)"
-    )
+    """Raise unless ``value`` is plain data: None, bool, int, finite float, str, list/tuple,
+    dict[str, ...], within :mod:`captioning.io.plain_data`'s limits (size, depth, no cycles)."""
+    from captioning.io.plain_data import check_plain_data
+
+    check_plain_data(value, where, finite=True, tensors=False, str_keys=True)
 
 
 def check_init_args(cls: type, args: dict, source: str) -> dict:
@@ -123,8 +143,7 @@ def check_init_args(cls: type, args: dict, source: str) -> dict:
     missing = sorted(n for n in named if params[n].default is inspect.Parameter.empty and n not in args)
     if missing:
         raise ValueError(f"{source}: required argument(s) {missing} of {cls.__name__} are missing")
-    for key, value in args.items():
-        check_plain(value, f"{source}: {cls.__name__}.{key}")
+    check_plain(args, f"{source}: {cls.__name__} arguments")  # one walk, one budget for all of them
     return args
 
 

@@ -111,7 +111,8 @@ def test_writing_a_cache_never_replaces_a_folder_that_is_not_a_cache(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "value, what", [(float("nan"), "NaN or infinite"), (float("inf"), "NaN or infinite"), (70000.0, "values beyond float16's range")]
+    "value, what",
+    [(float("nan"), "NaN or infinite"), (float("inf"), "NaN or infinite"), (70000.0, "values beyond float16's range")],
 )
 def test_non_finite_or_float16_overflowing_features_are_refused_when_written_naming_the_id(tmp_path, value, what):
     features = np.random.default_rng(0).normal(size=(3, 2, 2, 4)).astype(np.float32)

@@ -204,3 +204,132 @@ def test_folders_and_checkpoints_written_before_the_decoder_core_still_load(shap
     torch.testing.assert_close(
         load_model(tmp_path / "old.ckpt").decoder.input_extra.weight, new.decoder.input_extra.weight
     )
+
+
+def _copy(exported: Path, tmp_path: Path) -> Path:
+    import shutil
+
+    folder = tmp_path / "copy"
+    shutil.copytree(exported, folder)
+    return folder
+
+
+def _count_builds(monkeypatch) -> list[str]:
+    """Record the device of every model built while loading (meta = free, cpu = allocated)."""
+    import captioning.io.model_loading as model_loading
+
+    devices, real = [], model_loading.build_model
+
+    def build(*args, **kwargs):
+        model = real(*args, **kwargs)
+        devices.append(next(model.parameters()).device.type)
+        return model
+
+    monkeypatch.setattr(model_loading, "build_model", build)
+    return devices
+
+
+def test_a_config_declaring_sizes_its_weights_do_not_have_is_refused_before_allocating(exported, tmp_path, monkeypatch):
+    folder = _copy(exported, tmp_path)
+    config = json.loads((folder / CONFIG_FILE).read_text())
+    config["init_args"]["encoder"]["init_args"].update(grid_size=866, channels=1000)
+    (folder / CONFIG_FILE).write_text(json.dumps(config))
+    builds = _count_builds(monkeypatch)
+    with pytest.raises(ValueError, match=r"the sizes it declares do not match its weights: size mismatch"):
+        load_pretrained(folder)
+    assert builds == ["meta"]  # nothing was built for real
+
+
+def test_a_checkpoint_declaring_sizes_its_weights_do_not_have_is_refused_before_allocating(
+    shapes_run, tmp_path, monkeypatch
+):
+    from captioning.io.model_loading import find_checkpoint, load_model
+
+    state = torch.load(find_checkpoint(shapes_run), map_location="cpu", weights_only=True)
+    state["hyper_parameters"]["encoder"]["init_args"].update(grid_size=866, channels=1000)
+    hostile = tmp_path / "sizes.ckpt"
+    torch.save(state, hostile)
+    builds = _count_builds(monkeypatch)
+    with pytest.raises(ValueError, match=r"sizes.ckpt: the sizes it declares do not match its weights"):
+        load_model(hostile)
+    assert builds == ["meta"]
+
+
+def _laughs(depth: int) -> list:
+    level: list = ["lol"]
+    for _ in range(depth):
+        level = [level] * 10  # ten references to the same list: 10**depth leaves, a few bytes each level
+    return level
+
+
+@pytest.mark.parametrize("depth", [7, 40])
+def test_shared_reference_bombs_in_hyper_parameters_are_refused(shapes_run, tmp_path, capsys, depth):
+    from captioning.io.model_loading import find_checkpoint
+
+    state = torch.load(find_checkpoint(shapes_run), map_location="cpu", weights_only=True)
+    state["hyper_parameters"]["notes"] = _laughs(depth)
+    hostile = tmp_path / "laughs.ckpt"
+    torch.save(state, hostile)
+    assert hostile.stat().st_size < 10_000_000
+    assert main(["caption", "--ckpt_path", str(hostile), "--no_overlays", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "laughs.ckpt" in err and "more than 2,000,000 entries" in err and "Traceback" not in err
+
+
+def test_hyper_parameters_that_contain_themselves_are_one_line(shapes_run, tmp_path, capsys):
+    from captioning.io.model_loading import find_checkpoint
+
+    state = torch.load(find_checkpoint(shapes_run), map_location="cpu", weights_only=True)
+    loop: list = ["a"]
+    loop.append(loop)
+    state["hyper_parameters"]["notes"] = loop
+    hostile = tmp_path / "loop.ckpt"
+    torch.save(state, hostile)
+    assert main(["caption", "--ckpt_path", str(hostile), "--no_overlays", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "loop.ckpt" in err and "contains itself" in err and "Traceback" not in err
+
+
+def test_a_yaml_alias_bomb_given_to_attach_encoder_is_refused(shapes_run, tmp_path, capsys):
+    lines = ['a0: &a0 ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]']
+    lines += [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 9)}]" for i in range(1, 30)]
+    lines += ["class_path: captioning.nn.encoders.SmallCNN", "init_args: {notes: *a29}"]
+    bomb = tmp_path / "encoder.yaml"
+    bomb.write_text("\n".join(lines) + "\n")
+    assert bomb.stat().st_size < 3000
+    args = ["attach-encoder", "--ckpt_path", str(shapes_run), "--encoder", str(bomb)]
+    assert main([*args, "--output", str(tmp_path / "out.ckpt")]) == 2
+    err = capsys.readouterr().err
+    assert "encoder.yaml" in err and "aliases" in err and not (tmp_path / "out.ckpt").exists()
+
+
+def test_nan_weights_in_a_model_folder_are_refused_with_one_line(exported, images, tmp_path, capsys):
+    from safetensors.torch import load_file, save_file
+
+    folder = _copy(exported, tmp_path)
+    state = load_file(str(folder / WEIGHTS_FILE))
+    state["decoder.output.weight"][0, 0] = float("nan")
+    save_file(state, str(folder / WEIGHTS_FILE), metadata={"format": "attention-captioning/1"})
+    assert main(["caption", "--model", str(folder), "--no_overlays", "--format", "jsonl", str(images[0])]) == 2
+    err = capsys.readouterr().err
+    assert "NaN or infinite" in err and "decoder.output.weight" in err and "Traceback" not in err
+
+
+def test_a_non_finite_hyper_parameter_is_one_line(exported, images, tmp_path, capsys):
+    folder = _copy(exported, tmp_path)
+    config = json.loads((folder / CONFIG_FILE).read_text())
+    config["init_args"]["dropout"] = float("nan")
+    (folder / CONFIG_FILE).write_text(json.dumps(config))  # json writes NaN, and reads it back
+    assert main(["caption", "--model", str(folder), "--no_overlays", str(images[0])]) == 2
+    err = capsys.readouterr().err
+    assert "dropout is nan, not a finite number" in err and "Traceback" not in err
+
+
+def test_an_exported_folder_gets_the_usual_permissions(exported):
+    import os
+
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert exported.stat().st_mode & 0o777 == 0o777 & ~umask
+    for path in exported.iterdir():
+        assert path.stat().st_mode & 0o777 == 0o666 & ~umask, path.name

@@ -3,9 +3,11 @@ the user trusts explicitly; nothing else a file names is imported or called."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -107,7 +109,7 @@ def test_checkpoint_encoder_naming_a_non_encoder_is_refused(tmp_path):
     ("override", "message"),
     [
         ({"surprise": 1}, r"has no argument\(s\) \['surprise'\]"),
-        ({"beam_size": torch.ones(2)}, "Tensor is not plain data"),
+        ({"beam_size": torch.ones(2)}, "is a Tensor, not plain data"),
         ({"encoder": None, "vocab": None}, None),
     ],
 )
@@ -201,3 +203,39 @@ def test_checkpoints_and_configs_naming_former_modules_still_load(tmp_path):
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "ok"
+
+
+def test_a_trusted_user_module_in_the_current_folder_is_found_by_the_console_script(tmp_path, user_module):
+    """The installed `captioning` script does not put the current folder on sys.path (python -m
+    does); a module the user trusted explicitly is looked for there as well."""
+    script = Path(sys.executable).with_name("captioning")
+    assert script.is_file(), "pip install -e . installs the console script next to the interpreter"
+    model = ImageCaptioner(user_module.TinyUserEncoder(), VOCAB, embed_dim=8, decoder_dim=8, attention_dim=8)
+    path = _save(model, tmp_path / "user.ckpt")
+    image = tmp_path / "photo.jpg"
+    __import__("PIL.Image").Image.new("RGB", (50, 40), (200, 10, 10)).save(image)
+    env = cli_env(tmp_path)  # PYTHONPATH without tmp_path, which holds my_extractors.py
+    assert str(tmp_path) not in env["PYTHONPATH"].split(os.pathsep)
+    args = [str(script), "caption", "--ckpt_path", str(path), "--no_overlays", str(image)]
+    run = subprocess.run(
+        [*args, "--trust_module", "my_extractors"], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300
+    )
+    assert run.returncode == 0, run.stderr
+    untrusted = subprocess.run(args, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert untrusted.returncode == 2 and "--trust_module my_extractors" in untrusted.stderr
+
+
+def test_the_model_card_of_a_user_encoder_model_says_what_to_trust_and_install(tmp_path, user_module):
+    from captioning.io.model_card import model_card, user_module_imports
+
+    config = {
+        "class_path": "captioning.models.image_captioner.ImageCaptioner",
+        "init_args": {"encoder": {"class_path": "my_extractors.TinyUserEncoder", "init_args": {}}},
+    }
+    card = model_card("me/mine", config, None, None, None)
+    assert "captioning caption --model me/mine --trust_module my_extractors --output" in card
+    assert "load_pretrained(\"me/mine\", trust_modules=['my_extractors'])" in card
+    assert "## Code this model needs" in card and "It imports: `torch`." in card
+    assert user_module_imports("my_extractors") == ["torch"]
+    plain = model_card("me/ours", {**config, "init_args": {}}, None, None, None)
+    assert "--trust_module" not in plain and "Code this model needs" not in plain
