@@ -29,6 +29,7 @@ from lightning.pytorch.cli import LightningArgumentParser
 
 from captioning import registry
 from captioning.commands.lightning_adapter import LightningCLIAdapter
+from captioning.commands.openmp import ContentionWatch, watch_needed
 from captioning.errors import UserError, debug_mode, user_message
 from captioning.io.run_folders import callbacks_of
 
@@ -49,6 +50,24 @@ class OneLineErrorsParser(LightningArgumentParser):
             if line is not None:
                 raise UserError(line) from ex
         return super().error(message, ex)
+
+
+class SpinContention(pl.Callback):
+    """:class:`captioning.commands.openmp.ContentionWatch` between CPU training steps (rank 0 says it)."""
+
+    def __init__(self) -> None:
+        self.watch: ContentionWatch | None = None
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.strategy.root_device.type == "cpu":
+            import torch
+            from lightning.pytorch.utilities.rank_zero import rank_zero_warn
+
+            self.watch = ContentionWatch(set_threads=torch.set_num_threads, say=rank_zero_warn)
+
+    def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
+        if self.watch is not None:
+            self.watch.check()
 
 
 class CaptioningCLI(LightningCLIAdapter):
@@ -103,6 +122,8 @@ class CaptioningCLI(LightningCLIAdapter):
         configured = (OnExceptionCheckpoint, FaultCheckpoint)
         if self.subcommand == "fit" and not any(isinstance(cb, configured) for cb in callbacks):
             callbacks.append(FaultCheckpoint())
+        if self.subcommand == "fit" and watch_needed():
+            callbacks.append(SpinContention())
         saves_last = any(isinstance(cb, ModelCheckpoint) and cb.save_last for cb in callbacks)
         if self.subcommand == "fit" and saves_last and not any(isinstance(cb, LastOnSchedule) for cb in callbacks):
             callbacks.append(LastOnSchedule())  # last.ckpt at every validation, not only on improvement

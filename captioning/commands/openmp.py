@@ -67,3 +67,75 @@ def choose_wait_policy(
         return "spin"
     environ["OMP_WAIT_POLICY"] = "PASSIVE"
     return "PASSIVE"
+
+
+def process_cpu_ticks() -> int:
+    """This process's CPU time (all threads) in /proc/stat ticks."""
+    times = os.times()
+    return round((times.user + times.system) * os.sysconf("SC_CLK_TCK"))
+
+
+class ContentionWatch:
+    """Notices, while training, that other programs started using the CPU the spinning OpenMP
+    threads share (the wait policy cannot change once torch runs: a step then slows ~9x and
+    stays there), and drops torch to one thread, which spins against nobody.
+
+    :meth:`check` is called between training steps; every ``interval`` seconds it compares the
+    CPU time all programs used with this process's own: ``patience`` windows in a row where
+    others kept more than :data:`IDLE_BELOW_CORES` cores busy trigger the fall-back (once; a
+    line on stderr says what happened and how to avoid it). Only the standard library here.
+    """
+
+    def __init__(
+        self,
+        interval: float = 10.0,
+        patience: int = 2,
+        read: Callable[[], tuple[int, int]] = cpu_times,
+        own: Callable[[], int] = process_cpu_ticks,
+        clock: Callable[[], float] = time.monotonic,
+        set_threads: Callable[[int], None] | None = None,
+        say: Callable[[str], None] | None = None,
+    ) -> None:
+        self.interval, self.patience = interval, patience
+        self.read, self.own, self.clock = read, own, clock
+        self.set_threads, self.say = set_threads, say
+        self.busy_windows, self.done = 0, False
+        self._last: tuple[float, int, int, int] | None = None
+
+    def check(self) -> None:
+        if self.done:
+            return
+        now = self.clock()
+        try:
+            total, idle = self.read()
+            own = self.own()
+        except (OSError, ValueError, IndexError):
+            self.done = True  # nothing to measure here (no /proc/stat)
+            return
+        if self._last is None or now - self._last[0] < self.interval:
+            if self._last is None:
+                self._last = (now, total, idle, own)
+            return
+        _, total0, idle0, own0 = self._last
+        self._last = (now, total, idle, own)
+        if total <= total0:
+            return
+        cores = os.cpu_count() or 1
+        busy_ticks = (total - total0) - (idle - idle0)
+        others = max(0.0, (busy_ticks - (own - own0)) / (total - total0) * cores)
+        self.busy_windows = self.busy_windows + 1 if others >= IDLE_BELOW_CORES else 0
+        if self.busy_windows >= self.patience:
+            self.done = True
+            if self.set_threads is not None:
+                self.set_threads(1)
+            if self.say is not None:
+                self.say(
+                    f"other programs now keep {others:.1f} core(s) busy: training goes on with 1 thread, since "
+                    "OpenMP threads chosen to spin-wait (the machine was idle at start) would slow each step "
+                    "several times over. On a shared machine set OMP_WAIT_POLICY=PASSIVE before starting"
+                )
+
+
+def watch_needed(environ: MutableMapping[str, str] = os.environ) -> bool:
+    """True when this process chose spinning threads (the case :class:`ContentionWatch` guards)."""
+    return "OMP_WAIT_POLICY" not in environ and environ.get(DECIDED) == "spin"

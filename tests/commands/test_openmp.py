@@ -78,3 +78,68 @@ def test_the_command_decides_before_torch_is_imported():
     out = subprocess.run([sys.executable, "-c", CHILD], capture_output=True, text=True, timeout=120)
     # decided once, torch not yet loaded; a busy machine (5 cores busy) -> PASSIVE; then fit imported torch
     assert "DECIDED [False] PASSIVE True" in out.stdout, out.stdout[-2000:] + out.stderr[-2000:]
+
+
+class _FakeMachine:
+    """/proc/stat-like counters: ``cores`` cores, this process using ``own`` cores, others ``others``."""
+
+    def __init__(self, cores: int) -> None:
+        self.cores, self.t, self.total, self.idle, self.mine = cores, 0.0, 0, 0, 0
+        self.own, self.others = 1.0, 0.0
+
+    def advance(self, seconds: float) -> None:
+        ticks = round(seconds * 100)
+        self.t += seconds
+        self.total += ticks * self.cores
+        busy = round(ticks * min(self.cores, self.own + self.others))
+        self.idle += ticks * self.cores - busy
+        self.mine += round(ticks * self.own)
+
+
+def _watch(machine, threads, lines):
+    from captioning.commands.openmp import ContentionWatch
+
+    return ContentionWatch(
+        interval=10,
+        read=lambda: (machine.total, machine.idle),
+        own=lambda: machine.mine,
+        clock=lambda: machine.t,
+        set_threads=threads.append,
+        say=lines.append,
+    )
+
+
+def test_training_drops_to_one_thread_when_another_program_starts_competing(monkeypatch):
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    machine, threads, lines = _FakeMachine(cores=2), [], []
+    watch = _watch(machine, threads, lines)
+    machine.own = 2.0  # our two spinning threads on an idle machine
+    for _ in range(10):  # 50 s of steps, nobody else
+        machine.advance(5)
+        watch.check()
+    assert threads == [] and lines == []
+    machine.own, machine.others = 1.0, 1.0  # another program starts: a core each
+    for _ in range(10):
+        machine.advance(5)
+        watch.check()
+    assert threads == [1] and len(lines) == 1 and "OMP_WAIT_POLICY=PASSIVE" in lines[0]
+
+
+def test_a_short_burst_of_other_work_does_not_change_the_threads(monkeypatch):
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    machine, threads, lines = _FakeMachine(cores=2), [], []
+    watch = _watch(machine, threads, lines)
+    for others in (0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0):  # two 5 s bursts of other work, far apart
+        machine.others = others
+        machine.advance(5)
+        watch.check()
+    assert threads == [] and lines == []
+
+
+def test_the_watch_runs_only_when_this_process_chose_to_spin():
+    from captioning.commands.openmp import watch_needed
+
+    assert watch_needed({DECIDED: "spin"})
+    assert not watch_needed({"OMP_WAIT_POLICY": "PASSIVE"})
+    assert not watch_needed({DECIDED: "spin", "OMP_WAIT_POLICY": "ACTIVE"})  # the user's choice stands
+    assert not watch_needed({})
