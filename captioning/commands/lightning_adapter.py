@@ -17,7 +17,7 @@ Used where they act (the io layer sits below the commands, so it cannot call thi
 * :mod:`captioning.io.checkpoint_files`: ``Trainer._checkpoint_connector.dump_checkpoint``, the
   checkpoint written when a run fails; ``ModelCheckpoint``'s ``_should_save_on_train_epoch_end``,
   ``_should_skip_saving_checkpoint``, ``_save_last_checkpoint``, ``_monitor_candidates`` and
-  ``_every_n_epochs``, to write ``last.ckpt`` on schedule (``LastOnSchedule``);
+  ``_every_n_epochs``, to write ``last.ckpt`` on schedule (:mod:`captioning.io.run_folders` ``LastOnSchedule``);
 * :mod:`captioning.io.run_folders`: a CSV logger continuing an existing run folder sets the
   logger's ``_version`` / ``_experiment`` and overrides ``ExperimentWriter._check_log_dir_exists``.
 """

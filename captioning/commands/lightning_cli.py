@@ -114,7 +114,8 @@ class CaptioningCLI(LightningCLIAdapter):
     def instantiate_trainer(self, **kwargs: Any) -> pl.Trainer:
         from lightning.pytorch.callbacks import ModelCheckpoint, OnExceptionCheckpoint
 
-        from captioning.io.checkpoint_files import FaultCheckpoint, LastOnSchedule, use_atomic_checkpoint_io
+        from captioning.io.checkpoint_files import FaultCheckpoint, use_atomic_checkpoint_io
+        from captioning.io.run_folders import LastOnSchedule
 
         trainer = super().instantiate_trainer(**kwargs)
         use_atomic_checkpoint_io(trainer)  # unless a CheckpointIO was configured

@@ -67,7 +67,7 @@ def words(text: str) -> list[str]:
 # The one subword pipeline :meth:`TextTokenizer.train` writes. A tokenizer read from a file is
 # refused unless it is exactly this: the tokenizers library would otherwise run whatever the
 # file names (regular-expression splits that backtrack for minutes, normalisers, templates).
-_BPE_PIPELINE = {
+_BPE_PIPELINE: dict[str, Any] = {
     "truncation": None,
     "padding": None,
     "normalizer": None,
@@ -81,7 +81,7 @@ _BPE_PIPELINE = {
         ],
     },
 }
-_BPE_MODEL = {
+_BPE_MODEL: dict[str, Any] = {
     "type": "BPE",
     "dropout": None,
     "unk_token": UNK,

@@ -51,11 +51,12 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.fabric.utilities.cloud_io import get_filesystem
-from lightning.pytorch.callbacks import Callback, Checkpoint, ModelCheckpoint
+from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 
 from captioning.errors import UserError, add_note, exception_chain
+from captioning.io.checkpoint_integrity import checkpoint_problem
 
 __all__ = [
     "AtomicCheckpointIO",
@@ -64,7 +65,6 @@ __all__ = [
     "atomic_save",
     "use_atomic_checkpoint_io",
     "FaultCheckpoint",
-    "LastOnSchedule",
     "checkpoint_problem",
     "load_checkpoint_file",
 ]
@@ -292,80 +292,6 @@ class FaultCheckpoint(Callback):
         add_note(exception, note)
         if isinstance(exception, KeyboardInterrupt):  # Lightning exits without re-raising it
             print(note, file=sys.stderr, flush=True)
-
-
-class LastOnSchedule(Checkpoint):
-    """Makes every ``ModelCheckpoint(save_last=True)`` write ``last.ckpt`` on its schedule.
-
-    Lightning 2.6's ModelCheckpoint writes ``last.ckpt`` at a validation (or epoch end) only
-    when it also saved a top-k checkpoint there, that is when the monitored metric improved:
-    a run killed after validations that did not improve resumed from the last improvement,
-    losing everything since. This runs after each ModelCheckpoint (Lightning orders
-    checkpoint callbacks last, in their order) and, where one with ``save_last`` was due to
-    save (its ``every_n_epochs``, at validation or train-epoch end as it is configured) but
-    wrote nothing at this step, has it write ``last.ckpt`` now, whatever the metric did.
-    Saves at ``every_n_train_steps`` already write ``last.ckpt`` every time. The CLI adds it to
-    ``fit`` when a ModelCheckpoint has ``save_last``.
-    """
-
-    def _catch_up(self, trainer: pl.Trainer, at_train_epoch_end: bool) -> None:
-        for callback in trainer.checkpoint_callbacks:
-            # Private API (listed in captioning/commands/lightning_adapter.py, checked by its test).
-            if not isinstance(callback, ModelCheckpoint) or not callback.save_last:
-                continue
-            if callback._should_save_on_train_epoch_end(trainer) != at_train_epoch_end:
-                continue
-            every = callback._every_n_epochs
-            if every < 1 or (trainer.current_epoch + 1) % every != 0:
-                continue
-            if callback._should_skip_saving_checkpoint(trainer):  # also: it saved at this step already
-                continue
-            callback._save_last_checkpoint(trainer, callback._monitor_candidates(trainer))
-
-    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if not trainer.sanity_checking:
-            self._catch_up(trainer, at_train_epoch_end=False)
-
-    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._catch_up(trainer, at_train_epoch_end=True)
-
-
-_ZIP_MAGIC = b"PK\x03\x04"
-
-
-def checkpoint_problem(path: str | os.PathLike) -> str | None:
-    """Why ``path`` is not a complete PyTorch checkpoint file, or None; cheap for any size.
-
-    Reads the zip central directory (at the end of the file: a truncated file has none),
-    checks every record lies inside the file, and reads the pickle record (``*/data.pkl``,
-    CRC-checked, small); tensor data is not read.
-    """
-    path = Path(path)
-    try:
-        size = path.stat().st_size
-        with open(path, "rb") as f:
-            head = f.read(4)
-    except OSError as err:
-        return f"cannot read it ({err.strerror or err})"
-    if size == 0:
-        return "empty file (0 bytes)"
-    if head != _ZIP_MAGIC:
-        return f"not a PyTorch checkpoint (no zip archive, {size} bytes)"
-    try:
-        with zipfile.ZipFile(path) as archive:
-            records = archive.infolist()
-            pickles = [r for r in records if r.filename == "data.pkl" or r.filename.endswith("/data.pkl")]
-            if not pickles:
-                return "a zip archive without PyTorch's data.pkl record"
-            end = max(r.header_offset + 30 + len(r.filename.encode()) + r.compress_size for r in records)
-            if end > size:
-                return f"truncated ({size} bytes, its records need at least {end})"
-            archive.read(pickles[0])
-    except zipfile.BadZipFile as err:
-        return f"truncated or damaged ({size} bytes; {err})"
-    except (OSError, EOFError, ValueError, NotImplementedError) as err:
-        return f"damaged ({type(err).__name__}: {err})"
-    return None
 
 
 def _unsupported_global(message: str) -> str | None:

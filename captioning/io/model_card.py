@@ -105,7 +105,7 @@ def user_module_imports(module: str) -> list[str]:
             tree = ast.parse(f.read())
     except (OSError, SyntaxError, UnicodeDecodeError):
         return []
-    names = set()
+    names: set[str] = set()
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             names.update(a.name.split(".")[0] for a in node.names)

@@ -87,7 +87,7 @@ def state_dict_problem(err: RuntimeError) -> str:
 
 def build_for_weights(
     class_path: Any, init_args: dict, trust: Sequence[str], source: str, shapes: dict[str, tuple[int, ...]]
-) -> pl.LightningModule:
+) -> Any:
     """Build the model a file describes, after checking on the meta device (no memory) that the
     sizes it declares are the sizes of the weights it holds.
 

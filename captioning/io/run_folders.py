@@ -38,7 +38,7 @@ from typing import Any, cast
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import Checkpoint, ModelCheckpoint
 from lightning.pytorch.cli import SaveConfigCallback
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger, WandbLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
@@ -53,6 +53,7 @@ __all__ = [
     "resolve_checkpoint",
     "check_vocabulary",
     "restore_for_evaluation",
+    "LastOnSchedule",
 ]
 
 
@@ -140,7 +141,7 @@ def _last_checkpoint(trainer: pl.Trainer) -> Path | None:
     ``on_exception.ckpt`` (Ctrl-C, SIGTERM, an error) is often newer than the last scheduled
     ``last.ckpt``; a damaged file (a crash mid-write of a foreign writer) is skipped with a warning.
     """
-    from captioning.io.checkpoint_files import checkpoint_problem
+    from captioning.io.checkpoint_integrity import checkpoint_problem
 
     root = _runs_root(trainer)
     if root is None or not root.is_dir():
@@ -285,3 +286,39 @@ class _AppendingWriter(ExperimentWriter):
     # Private API (listed in captioning/commands/lightning_adapter.py, checked by its test).
     def _check_log_dir_exists(self) -> None:  # the run's own folder: keep its files
         return
+
+
+class LastOnSchedule(Checkpoint):
+    """Makes every ``ModelCheckpoint(save_last=True)`` write ``last.ckpt`` on its schedule.
+
+    Lightning 2.6's ModelCheckpoint writes ``last.ckpt`` at a validation (or epoch end) only
+    when it also saved a top-k checkpoint there, that is when the monitored metric improved:
+    a run killed after validations that did not improve resumed from the last improvement,
+    losing everything since. This runs after each ModelCheckpoint (Lightning orders
+    checkpoint callbacks last, in their order) and, where one with ``save_last`` was due to
+    save (its ``every_n_epochs``, at validation or train-epoch end as it is configured) but
+    wrote nothing at this step, has it write ``last.ckpt`` now, whatever the metric did.
+    Saves at ``every_n_train_steps`` already write ``last.ckpt`` every time. The CLI adds it to
+    ``fit`` when a ModelCheckpoint has ``save_last``.
+    """
+
+    def _catch_up(self, trainer: pl.Trainer, at_train_epoch_end: bool) -> None:
+        for callback in trainer.checkpoint_callbacks:
+            # Private API (listed in captioning/commands/lightning_adapter.py, checked by its test).
+            if not isinstance(callback, ModelCheckpoint) or not callback.save_last:
+                continue
+            if callback._should_save_on_train_epoch_end(trainer) != at_train_epoch_end:
+                continue
+            every = callback._every_n_epochs
+            if every < 1 or (trainer.current_epoch + 1) % every != 0:
+                continue
+            if callback._should_skip_saving_checkpoint(trainer):  # also: it saved at this step already
+                continue
+            callback._save_last_checkpoint(trainer, callback._monitor_candidates(trainer))
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not trainer.sanity_checking:
+            self._catch_up(trainer, at_train_epoch_end=False)
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._catch_up(trainer, at_train_epoch_end=True)

@@ -176,7 +176,7 @@ class TrainingStep(TypedHyperparameters, pl.LightningModule):
         )
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        every = 1 if self.device.type == "cpu" else max(1, int(self.trainer.log_every_n_steps or 1))
+        every = 1 if self.device.type == "cpu" else max(1, int(getattr(self.trainer, "log_every_n_steps", 1) or 1))
         if self.trainer.global_step % every == 0:
             self.check_finite()
 

@@ -10,7 +10,8 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from captioning.data.shapes import ShapesDataModule
-from captioning.io.checkpoint_files import FaultCheckpoint, LastOnSchedule
+from captioning.io.checkpoint_files import FaultCheckpoint
+from captioning.io.run_folders import LastOnSchedule
 from captioning.models.image_captioner import ImageCaptioner
 from captioning.models.train_step import NonFiniteTrainingError
 from captioning.nn.encoders import SmallCNN
