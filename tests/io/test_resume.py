@@ -276,3 +276,63 @@ def test_sigterm_during_fit_exits_with_a_failure_status_after_saving_a_checkpoin
     assert proc.returncode == 128 + signal.SIGTERM, err.decode()[-3000:]
     [saved] = list((tmp_path / "runs").glob("*/version_0/checkpoints/on_exception.ckpt"))
     assert "stopped by SIGTERM" in err.decode() and f"--ckpt_path {saved}" in err.decode()
+
+
+class _FirstBatch(pl.Callback):
+    """Where a run's first training batch falls: (epoch, batch index in the epoch, global step)."""
+
+    seen: tuple[int, int, int] | None = None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if self.seen is None:
+            self.seen = (trainer.current_epoch, batch_idx, trainer.global_step)
+
+
+def _time_limited_fit(tmp_path: Path, ckpt_path=None, **trainer_args):
+    from captioning.io.run_folders import LastOnSchedule
+    from captioning.models.image_captioner import ImageCaptioner
+    from captioning.nn.encoders import SmallCNN
+
+    pl.seed_everything(0)
+    dm = ShapesDataModule(train_size=4000, val_size=2, test_size=2, batch_size=2, num_workers=0)
+    model = ImageCaptioner(
+        SmallCNN(channels=8, grid_size=4, image_size=64),
+        vocab=dm.vocab.to_dict(),
+        embed_dim=8,
+        decoder_dim=16,
+        attention_dim=8,
+        scheduler="none",
+    )
+    trainer = pl.Trainer(
+        default_root_dir=tmp_path,
+        accelerator="cpu",
+        logger=False,
+        callbacks=[
+            ModelCheckpoint(dirpath=tmp_path / "ckpt", monitor="val/cider", mode="max", save_last=True),
+            LastOnSchedule(),
+            _FirstBatch(),
+        ],
+        val_check_interval=7,  # last.ckpt at steps 7, 14, ...: the stop must not fall back to one of them
+        limit_val_batches=1,
+        num_sanity_val_steps=0,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        **trainer_args,
+    )
+    trainer.fit(model, datamodule=dm, ckpt_path=ckpt_path)
+    return trainer
+
+
+def test_a_run_stopped_by_max_time_mid_epoch_resumes_in_that_epoch_with_a_fresh_time_budget(tmp_path):
+    steps_per_epoch = 2000
+    first = _time_limited_fit(tmp_path, max_time={"seconds": 1}, max_epochs=1)
+    stopped = first.global_step
+    assert 7 < stopped < steps_per_epoch, "the time limit must stop the run inside the epoch"
+    saved = torch.load(tmp_path / "ckpt" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert saved["global_step"] == stopped and saved["epoch"] == 0
+    assert not any(str(k).startswith("Timer") for k in saved["callbacks"]), "no elapsed time carried over"
+
+    resumed = _time_limited_fit(tmp_path, ckpt_path=tmp_path / "ckpt" / "last.ckpt", max_steps=stopped + 3)
+    assert resumed.global_step == stopped + 3
+    first_batch = next(cb for cb in resumed.callbacks if isinstance(cb, _FirstBatch)).seen
+    assert first_batch == (0, stopped, stopped), "the stopped epoch must continue, not count as finished"
