@@ -328,9 +328,10 @@ class LastOnSchedule(Checkpoint):
             return
         for callback in trainer.checkpoint_callbacks:
             # Private API (listed in captioning/commands/lightning_adapter.py, checked by its test).
-            if isinstance(callback, ModelCheckpoint) and callback.save_last:
-                if not callback._should_skip_saving_checkpoint(trainer):
-                    callback._save_last_checkpoint(trainer, callback._monitor_candidates(trainer))
+            if not isinstance(callback, ModelCheckpoint) or not callback.save_last:
+                continue
+            if not callback._should_skip_saving_checkpoint(trainer):
+                callback._save_last_checkpoint(trainer, callback._monitor_candidates(trainer))
 
     def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
         """No ``Timer`` state in checkpoints: ``max_time`` limits each run, so a resumed run gets the

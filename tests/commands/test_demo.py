@@ -298,3 +298,41 @@ def test_a_port_in_use_is_one_line(ckpt, capsys):
     assert line.startswith(f"error: cannot serve on 127.0.0.1:{port} (") and line.endswith(
         "): choose another --port or --host"
     )
+
+
+def test_an_example_id_with_slashes_stays_inside_the_examples_folder(image_demo, tmp_path):
+    from captioning.commands.demo import example_images
+    from captioning.io.model_card import pack_example
+
+    model = image_demo.model
+    saved = getattr(model, "checkpoint_info", None)
+    image = Image.new("RGB", (40, 30), (10, 200, 10))
+    model.checkpoint_info = {"example": pack_example({"image": image, "image_id": "../../etc/x/y", "references": []})}
+    try:
+        paths = example_images(tmp_path / "examples", model)
+    finally:
+        model.checkpoint_info = saved
+    assert all(p.parent == tmp_path / "examples" and p.is_file() for p in paths)
+    assert paths[0].name.startswith("example_") and "/" not in paths[0].name[len("example_") :]
+
+
+def test_an_upload_named_with_dots_only_is_captioned(image_demo, scene):
+    result = image_demo.caption(scene, "...png")
+    assert result.strip.name == "image.png" and result.record.name == "image.json"
+
+
+def test_a_tokenizer_that_fails_on_a_sentence_answers_with_a_message(text_demo, monkeypatch):
+    from captioning.data.text_vocab import TextTokenizer
+
+    class Panic(BaseException):  # what pyo3 raises for a Rust panic: not an Exception
+        pass
+
+    class Exploding:
+        def encode(self, text):
+            raise Panic("regex backtracking limit")
+
+    bpe = TextTokenizer("bpe", True, TextTokenizer.train("bpe", ["aaa bbb"] * 3, vocab_size=30).model)
+    bpe.__dict__["_subword"] = Exploding()  # the cached tokenizers.Tokenizer
+    monkeypatch.setattr(text_demo.model.text_vocab, "tokenizer", bpe)
+    page = translate_request(text_demo, "a" * 3000 + "!", 1)
+    assert "the subword tokenizer failed on this text" in page["status"] and page["translation"] == ""

@@ -20,6 +20,7 @@ be loaded are shown on the page as one clear message; the server keeps serving.
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import signal
 import sys
@@ -30,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from captioning.commands.demo.page import (
+    allowed_hosts,
     build_app,
     caption_request,
     launch,
@@ -54,6 +56,7 @@ __all__ = [
     "DemoError",
     "TranslationResult",
     "WordView",
+    "allowed_hosts",
     "build_app",
     "build_parser",
     "caption_request",
@@ -65,6 +68,10 @@ __all__ = [
     "word_html",
     "word_request",
 ]
+
+
+# A shared page decodes strangers' uploads, several at once: a tighter limit than the CLI's.
+DEMO_MAX_PIXELS = 16_000_000
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -96,8 +103,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--max_pixels",
         type=int,
-        default=DEFAULT_MAX_PIXELS,
-        help=f"refuse images with more pixels than this (default {DEFAULT_MAX_PIXELS:,})",
+        default=DEMO_MAX_PIXELS,
+        help=f"refuse images with more pixels than this (default {DEMO_MAX_PIXELS:,}: a large phone photo; "
+        f"each request holds its decoded pixels, 3 bytes each, several times over; the CLI allows "
+        f"{DEFAULT_MAX_PIXELS:,})",
+    )
+    p.add_argument(
+        "--allowed_hosts",
+        nargs="+",
+        default=(),
+        metavar="NAME",
+        help="host names the page answers to besides localhost (default: localhost names, and the "
+        "--host address; any name with --host 0.0.0.0 or --share unless this lists them)",
     )
     p.add_argument("--no_examples", action="store_true", help="do not offer the built-in example scenes")
     return p
@@ -137,9 +154,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise UserError("--concurrency and --max_pixels must be positive")
     if args.beam_size is not None and not 1 <= args.beam_size <= MAX_BEAM:
         raise UserError(f"--beam_size must be between 1 and {MAX_BEAM}, got {args.beam_size}")
-    require_gradio()  # before the (slow) model load: say at once what is missing
-    work_dir = Path(tempfile.mkdtemp(prefix="captioning-demo-"))
+    work_dir = Path(tempfile.mkdtemp(prefix="captioning-demo-"))  # private (0700), removed on exit
+    # Gradio's cache (uploads, served copies of results: users' photos) inside it, not in the
+    # world-readable /tmp/gradio that outlives the server. Read by gradio when the app is built.
+    previous_cache = os.environ.get("GRADIO_TEMP_DIR")
+    os.environ["GRADIO_TEMP_DIR"] = str(work_dir / "gradio")
     try:
+        require_gradio()  # before the (slow) model load: say at once what is missing
         demo, problem = load_demo(args, work_dir)
         if problem:
             print(f"error: {problem} (the page shows this message)", file=sys.stderr)
@@ -147,8 +168,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         if demo is not None and demo.kind == "image" and not args.no_examples:
             examples = example_images(work_dir / "examples", demo.model)
         try:
+            hosts = allowed_hosts(args.host, args.share, args.allowed_hosts)
             app = launch(
-                build_app(demo, problem, examples), args.host, args.port, args.concurrency, args.share, [str(work_dir)]
+                build_app(demo, problem, examples),
+                args.host,
+                args.port,
+                args.concurrency,
+                args.share,
+                [str(work_dir)],
+                hosts,
             )
         except OSError as err:  # port taken, address not on this machine
             reason = " ".join(str(err).split(". ")[0].split()) or type(err).__name__
@@ -165,6 +193,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         app.block_thread()  # until Ctrl-C
     finally:
         shutil.rmtree(work_dir, ignore_errors=True)
+        if previous_cache is None:
+            os.environ.pop("GRADIO_TEMP_DIR", None)
+        else:
+            os.environ["GRADIO_TEMP_DIR"] = previous_cache
     return 2 if problem else 0
 
 

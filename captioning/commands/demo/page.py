@@ -5,9 +5,11 @@ serving it. Gradio is imported only here, and only when the page is built."""
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote
 
 from captioning.commands.demo.service import MAX_BEAM, CaptionResult, Demo, DemoError, escape
 
@@ -253,6 +255,86 @@ def translate_request(demo: Demo, text: str, beam_size: Any) -> dict:
     return {"status": status, "translation": tr.text, "heatmap": str(tr.heatmap), "record": str(tr.record)}
 
 
+LOCAL_NAMES = ("localhost", "127.0.0.1", "::1")
+_FILE_ROUTES = ("/gradio_api/file=", "/file=", "/gradio_api/file/", "/file/")
+_PROXY_ROUTES = ("/gradio_api/proxy=", "/proxy=")
+_URL_LIKE = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]+:|//|\\\\|/\\|\\/)")
+
+
+def allowed_hosts(host: str, share: bool = False, extra: Sequence[str] = ()) -> tuple[str, ...] | None:
+    """Host names the page answers to (the ``Host`` header, port left out); None = any.
+
+    Listening on this machine only (the default): its local names, so a web page elsewhere
+    cannot reach the demo through a name of its own that resolves to 127.0.0.1 (DNS
+    rebinding). A specific address or name: that one too. All interfaces (``0.0.0.0``, ``::``)
+    or a share link: any name, unless ``extra`` (``--allowed_hosts``) lists them.
+    """
+    if extra:
+        return tuple(dict.fromkeys([*LOCAL_NAMES, *(h.strip().lower() for h in extra if h.strip())]))
+    if share or host in ("0.0.0.0", "::", ""):
+        return None
+    return tuple(dict.fromkeys([*LOCAL_NAMES, host.lower()]))
+
+
+def _host_name(header: str) -> str:
+    header = header.strip().lower()
+    if header.startswith("["):  # [::1]:7860
+        return header[1:].split("]", 1)[0]
+    return header.rsplit(":", 1)[0] if header.count(":") == 1 else header
+
+
+def _names_a_url(path: str) -> bool:
+    """A Gradio file route whose file is a URL (Gradio would fetch it server-side) or any proxy route."""
+    if path.startswith(_PROXY_ROUTES):
+        return True
+    for prefix in _FILE_ROUTES:
+        if path.startswith(prefix):
+            rest = path[len(prefix) :]
+            for _ in range(3):  # encoded once or twice over
+                rest = unquote(rest)
+            return bool(_URL_LIKE.match(rest.lstrip()))
+    return False
+
+
+class RequestGuard:
+    """ASGI middleware in front of the page: refuses requests for other host names (400) and
+    file routes naming a URL (403: the page is offline by design; Gradio would fetch any URL
+    for any visitor)."""
+
+    def __init__(self, app: Any, hosts: Sequence[str] | None = LOCAL_NAMES) -> None:
+        self.app, self.hosts = app, (None if hosts is None else frozenset(hosts))
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] in ("http", "websocket"):
+            headers = dict(scope.get("headers") or [])
+            host = _host_name(headers.get(b"host", b"").decode("latin-1"))
+            raw = scope.get("raw_path")
+            paths = [scope.get("path", ""), raw.decode("latin-1") if isinstance(raw, bytes) else ""]
+            status, text = None, ""
+            if self.hosts is not None and host not in self.hosts:
+                status, text = 400, f"host {host!r} is not served here (allowed: {', '.join(sorted(self.hosts))})"
+            elif any(_names_a_url(p) for p in paths):
+                status, text = 403, "this page serves its own files only, never a URL"
+            if status is not None:
+                if scope["type"] == "websocket":
+                    await send({"type": "websocket.close", "code": 1008})
+                    return
+                body = text.encode()
+                await send(
+                    {
+                        "type": "http.response.start",
+                        "status": status,
+                        "headers": [
+                            (b"content-type", b"text/plain; charset=utf-8"),
+                            (b"content-length", str(len(body)).encode()),
+                        ],
+                    }
+                )
+                await send({"type": "http.response.body", "body": body})
+                return
+        await self.app(scope, receive, send)
+
+
 def launch(
     app: Any,
     host: str = "127.0.0.1",
@@ -260,9 +342,13 @@ def launch(
     concurrency: int = 4,
     share: bool = False,
     allowed_paths: Sequence[str] = (),
+    hosts: Sequence[str] | None = LOCAL_NAMES,
 ) -> Any:
     """Serve ``app`` (from :func:`build_app`) in background threads and return it (``app.local_url``;
-    ``app.close()`` stops it). Requests are queued; ``concurrency`` of them run at the same time."""
+    ``app.close()`` stops it). Requests are queued; ``concurrency`` of them run at the same time.
+    ``hosts``: the host names answered (:func:`allowed_hosts`; None = any)."""
+    from starlette.middleware import Middleware
+
     gr = require_gradio()
     app.queue(default_concurrency_limit=concurrency)
     theme = gr.themes.Default(
@@ -281,5 +367,6 @@ def launch(
         footer_links=["api", "settings"],
         allowed_paths=list(allowed_paths),
         max_file_size="200mb",
+        app_kwargs={"middleware": [Middleware(RequestGuard, hosts=hosts)]},
     )
     return app

@@ -6,6 +6,7 @@ view out of the overlay, and say where the word's attention peaks."""
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import threading
 import time
@@ -51,9 +52,9 @@ class CaptionResult:
 
 @dataclass
 class WordView:
-    """One word's heatmap (the CLI panel's pixels, P x P) and its description (HTML)."""
+    """One word's heatmap (a PNG file of the CLI panel's pixels, P x P) and its description (HTML)."""
 
-    image: Image.Image
+    image: Path
     html: str
 
 
@@ -166,9 +167,7 @@ class Demo:
     def caption(self, path: str | os.PathLike, name: str | None = None, beam_size: Any = None) -> CaptionResult:
         """Caption the image file ``path`` (shown as ``name``); the CLI's PNG and JSON are written
         for it. Raises :class:`DemoError` with a one-line message for unusable files."""
-        from captioning.data.images import ImageReadError, load_image, small_image_warning
-        from captioning.io.results import write_caption_result
-        from captioning.models.inference import caption_images
+        from captioning.data.images import ImageReadError, load_image
 
         if self.kind != "image":
             raise DemoError(f"{self.name} is a text model: type a sentence instead")
@@ -178,6 +177,17 @@ class Demo:
             image = load_image(path, max_pixels=self.max_pixels)
         except ImageReadError as err:  # the message starts with the server-side path: show the user's name
             raise DemoError(str(err).replace(str(path), name, 1)) from err
+        try:
+            return self._caption(image, name, beam)
+        finally:
+            del image
+            release_memory()  # a large photo's pixels go back to the system, not to this process's heap
+
+    def _caption(self, image: Image.Image, name: str, beam: int) -> CaptionResult:
+        from captioning.data.images import small_image_warning
+        from captioning.io.results import write_caption_result
+        from captioning.models.inference import caption_images
+
         warnings = [w for w in [small_image_warning(image, name)] if w]
         start = time.perf_counter()
         result = caption_images(self.model, [image], beam_size=beam)[0]
@@ -208,17 +218,25 @@ class Demo:
         )
 
     def word(self, result: CaptionResult, index: int) -> WordView:
-        """Word ``index``'s heatmap: its panel cut out of the CLI's overlay (the same pixels)."""
+        """Word ``index``'s heatmap: its panel cut out of the CLI's overlay (the same pixels), as a
+        PNG file of the request's own folder (Gradio serves files by their path; a picture handed
+        to it instead is written into its shared cache under a content hash, rewritten in place
+        when two requests draw the same one, which truncated downloads)."""
         index = int(index)
         if not 0 <= index < len(result.words):
             raise DemoError(f"no word {index + 1} in a caption of {len(result.words)} word(s)")
-        with Image.open(result.strip) as strip:
-            strip.load()
-            box = overlay_panel_boxes(
-                strip.size, len(result.words), CLI_PANEL_SIZE, sentinel=result.sentinel is not None
-            )[index + 1]
-            panel = strip.convert("RGB").crop(box)
-        return WordView(panel, word_html(result.words, index, result.attention, result.sentinel))
+        path = result.strip.parent / f"word-{index + 1:03d}.png"
+        if not path.is_file():
+            with Image.open(result.strip) as strip:
+                strip.load()
+                box = overlay_panel_boxes(
+                    strip.size, len(result.words), CLI_PANEL_SIZE, sentinel=result.sentinel is not None
+                )[index + 1]
+                panel = strip.convert("RGB").crop(box)
+            tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+            panel.save(tmp, format="PNG")
+            os.replace(tmp, path)  # whole or absent: a second click may read it at once
+        return WordView(path, word_html(result.words, index, result.attention, result.sentinel))
 
     def translate(self, text: str, beam_size: Any = None) -> TranslationResult:
         """Translate one sentence; writes the heatmap PNG and JSON ``captioning translate`` writes."""
@@ -245,6 +263,24 @@ class Demo:
         return TranslationResult(tr.text, png, record, seconds, beam, warnings)
 
 
+def release_memory() -> None:
+    """Hand freed memory back to the operating system (glibc keeps freed blocks of large images
+    in its heap otherwise: a few requests with big photos left the server gigabytes larger)."""
+    import ctypes
+    import ctypes.util
+    import gc
+
+    gc.collect()
+    name = ctypes.util.find_library("c")
+    if name is None:
+        return
+    try:
+        trim = ctypes.CDLL(name).malloc_trim
+    except (OSError, AttributeError):  # not glibc
+        return
+    trim(0)
+
+
 def example_images(folder: Path, model: Any, count: int = 3) -> list[Path]:
     """A few scenes of the built-in shapes dataset (and the checkpoint's own example image, when
     it carries one) as PNG files in ``folder``: the page's examples."""
@@ -254,8 +290,9 @@ def example_images(folder: Path, model: Any, count: int = 3) -> list[Path]:
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
     example = unpack_example((getattr(model, "checkpoint_info", None) or {}).get("example"))
-    if example is not None:
-        path = folder / f"example_{example['image_id']}.png"
+    if example is not None:  # the id comes from the model file: any characters, "/" and ".." included
+        safe_id = re.sub(r"[^A-Za-z0-9_-]+", "_", str(example["image_id"]))[:60].strip("_") or "image"
+        path = folder / f"example_{safe_id}.png"
         example["image"].save(path)
         paths.append(path)
     size = int(min(256, max(64, 2 * model.encoder.preprocessing.image_size)))
