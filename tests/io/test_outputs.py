@@ -86,3 +86,17 @@ def test_an_unwritable_folder_is_refused_before_any_work(tmp_path):
     blocker.write_text("")
     with pytest.raises(PermissionError, match=r"cannot write into the --output folder .*file"):
         check_writable(blocker / "sub")
+
+
+def test_json_lines_are_valid_json_and_terminal_safe():
+    import json
+    import math
+
+    from captioning.io.outputs import json_line, terminal_text
+
+    line = json_line({"score": float("nan"), "inf": [float("inf"), 1.5], "image": "a\x1b[2J\x9bb\u00e9"})
+    assert "NaN" not in line and "Infinity" not in line and "\x1b" not in line and "\x9b" not in line
+    back = json.loads(line)
+    assert back["score"] is None and back["inf"] == [None, 1.5] and back["image"] == "a\x1b[2J\x9bb\u00e9"
+    assert terminal_text("tab\there\\ and\nline\x07") == "tab\\there\\\\ and\\nline\\x07"
+    assert math.isfinite(json.loads(json_line({"x": 2.0}))["x"])
