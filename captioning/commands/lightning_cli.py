@@ -15,10 +15,13 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import json
+import logging
+import math
 import operator
 import os
 import signal
 import sys
+import time
 import warnings
 from collections.abc import Sequence
 from typing import Any
@@ -70,6 +73,42 @@ class SpinContention(pl.Callback):
             self.watch.check()
 
 
+class ProgressLines(pl.Callback):
+    """One line on stderr every ``every_s`` seconds of training and after each validation, for
+    output that is not a terminal (a log file, a scheduler's capture), where the progress bar
+    only shows once training ends. The CLI adds it to ``fit`` when stderr is not a terminal."""
+
+    def __init__(self, every_s: float = 30.0, stream: Any = None, clock: Any = time.monotonic) -> None:
+        self.every_s, self.stream, self.clock = every_s, stream, clock
+        self.start = self.last = 0.0
+
+    def _say(self, trainer: pl.Trainer, what: str) -> None:
+        if not trainer.is_global_zero:
+            return
+        total = trainer.estimated_stepping_batches
+        steps = f"step {trainer.global_step:,}" + (f"/{int(total):,}" if math.isfinite(total) else "")
+        epochs = f"epoch {trainer.current_epoch + 1}" + (f"/{trainer.max_epochs}" if trainer.max_epochs else "")
+        metrics = ", ".join(
+            f"{k} {float(v):.4g}"
+            for k, v in sorted(trainer.callback_metrics.items())
+            if k.startswith(what) and getattr(v, "numel", lambda: 1)() == 1
+        )
+        line = f"{epochs}, {steps}, {self.clock() - self.start:.0f} s" + (f": {metrics}" if metrics else "")
+        print(line, file=self.stream or sys.stderr, flush=True)
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.start = self.last = self.clock()
+
+    def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
+        if self.clock() - self.last >= self.every_s:
+            self.last = self.clock()
+            self._say(trainer, "train/")
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not trainer.sanity_checking and trainer.state.fn == "fit":
+            self._say(trainer, "val/")
+
+
 class CaptioningCLI(LightningCLIAdapter):
     """The training commands' CLI (module docstring); public LightningCLI hooks only."""
 
@@ -89,6 +128,22 @@ class CaptioningCLI(LightningCLIAdapter):
             default=None,
             help="predict only: COCO results JSON (default <log_dir>/predictions.json)",
         )
+
+    def before_instantiate_classes(self) -> None:
+        """A logger whose ``save_dir`` is ``""`` (our configs) logs under ``trainer.default_root_dir``,
+        so ``--trainer.default_root_dir`` moves the whole run (logs, checkpoints, config); a
+        ``save_dir`` given explicitly keeps the logs apart."""
+        if not self.subcommand:
+            return
+        trainer = self.config[self.subcommand].get("trainer")
+        if trainer is None:
+            return
+        root = trainer.get("default_root_dir") or os.getcwd()
+        loggers = trainer.get("logger")
+        for logger in loggers if isinstance(loggers, list) else [loggers]:
+            init = logger.get("init_args") if hasattr(logger, "get") else None
+            if init is not None and init.get("save_dir", None) == "":
+                init["save_dir"] = str(root)
 
     def _extra(self, key: str) -> Any:
         return self.config[self.subcommand].get(key) if self.subcommand else None
@@ -125,6 +180,8 @@ class CaptioningCLI(LightningCLIAdapter):
             callbacks.append(FaultCheckpoint())
         if self.subcommand == "fit" and watch_needed():
             callbacks.append(SpinContention())
+        if self.subcommand == "fit" and trainer.progress_bar_callback is not None and not sys.stderr.isatty():
+            callbacks.append(ProgressLines())  # the bar shows only at the end when not on a terminal
         saves_last = any(isinstance(cb, ModelCheckpoint) and cb.save_last for cb in callbacks)
         if self.subcommand == "fit" and saves_last and not any(isinstance(cb, LastOnSchedule) for cb in callbacks):
             callbacks.append(LastOnSchedule())  # last.ckpt at every validation, not only on improvement
@@ -228,11 +285,18 @@ def _has_omegaconf() -> bool:
     return importlib.util.find_spec("omegaconf") is not None
 
 
+class _NoProductTips(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "litlogger" not in str(record.msg)
+
+
 def main(args: Sequence[str]) -> int:
     """``captioning <fit|validate|test|predict> [options]`` (args include the subcommand)."""
     # main() always hands LightningCLI its (rewritten) arguments; Lightning warns when
     # sys.argv has arguments too, which is every console run.
     warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
+    # Lightning's advertisement for another product on every fit: not ours to print.
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_NoProductTips())
     # Lightning 2.6's own use of torch's pytree warns on every fit: nothing a user can act on.
     warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
     from lightning.pytorch.utilities.exceptions import SIGTERMException

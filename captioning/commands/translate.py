@@ -96,7 +96,7 @@ def _translate(args: argparse.Namespace, records: TextIO) -> int:
         print("error: give the sentences either as TEXT arguments or with --input FILE (not both)", file=sys.stderr)
         return 2
     from captioning.io.model_folders import load_any
-    from captioning.io.outputs import check_writable
+    from captioning.io.outputs import check_writable, terminal_text
     from captioning.io.results import sentence_stem, write_translation_result
 
     out_dir = Path(args.heatmap_dir) if args.heatmap_dir else None
@@ -130,16 +130,20 @@ def _translate(args: argparse.Namespace, records: TextIO) -> int:
     failed = 0
     for i, (label, text) in enumerate(inputs):
         if not text.strip():
+            print(
+                f"warning: {terminal_text(label)}: empty line, nothing to translate (its output line is empty)",
+                file=sys.stderr,
+            )
             continue
         try:
             model.encode_texts([text])
             good.append(i)
         except ValueError as err:
-            print(f"error: {label}: {str(err).replace('input 1', 'sentence')}", file=sys.stderr)
+            print(f"error: {terminal_text(label)}: {str(err).replace('input 1', 'sentence')}", file=sys.stderr)
             failed += 1
             continue
         for warning in model.source_report(text).warnings():
-            print(f"warning: {label}: {warning}", file=sys.stderr)
+            print(f"warning: {terminal_text(label)}: {warning}", file=sys.stderr)
     results: dict[int, Any] = {}
     for start in range(0, len(good), args.batch_size):
         chunk = good[start : start + args.batch_size]

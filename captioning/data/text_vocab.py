@@ -287,6 +287,24 @@ class TextVocab:
     def _known_words(self) -> frozenset[str] | None:
         return None if self.source_words is None else frozenset(self.source_words)
 
+    @cached_property
+    def _seen_letters(self) -> frozenset[str]:
+        """Letters of the training sources (from the known-word list, else the source vocabulary)."""
+        pieces = self.source_words if self.source_words is not None else self.source.itos
+        return frozenset(ch for piece in pieces if piece not in SPECIALS for ch in piece if ch.isalpha())
+
+    def unseen_letters(self, text: str) -> list[str]:
+        """Letters beyond ASCII in ``text`` (as the tokenizer normalises it) that no training source
+        had, in order of appearance: an accent the training text was stripped of (é, ç), another
+        script. (A plain ASCII letter missing from a toy corpus is not worth a warning.)"""
+        seen, out = self._seen_letters, list[str]()
+        if not seen:
+            return out
+        for ch in self.tokenizer.normalize(text):
+            if ord(ch) > 127 and ch.isalpha() and ch not in seen and ch not in out:
+                out.append(ch)
+        return out
+
     def unknown_share(self, text: str) -> tuple[int, int]:
         """(unknown, total) of a source text's words (characters for ``char``; punctuation marks
         not counted): never seen in the training sources (subword models), else out of the

@@ -56,7 +56,7 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 
 from captioning.errors import UserError, add_note, exception_chain
-from captioning.io.checkpoint_integrity import checkpoint_problem
+from captioning.io.checkpoint_integrity import CheckpointReadError, checkpoint_problem
 
 __all__ = [
     "AtomicCheckpointIO",
@@ -75,10 +75,6 @@ _BUFFER = 1 << 20  # bytes buffered before a write system call (torch writes rec
 
 class CheckpointWriteError(UserError, OSError):
     """A checkpoint could not be written; the message says why and that nothing was replaced."""
-
-
-class CheckpointReadError(UserError, ValueError):
-    """A checkpoint file is damaged, foreign, or holds pickled Python objects; the message says which."""
 
 
 def _write(fd: int, data: Any) -> int:

@@ -3,7 +3,8 @@
 A crash or a full disk in the middle of a foreign writer's save leaves a truncated file under a
 checkpoint's name; :func:`checkpoint_problem` tells it from a complete one cheaply (the zip
 central directory, record bounds, the CRC-checked pickle record; no tensor data is read), so
-a run folder's damaged checkpoints are skipped with a warning instead of crashing a load.
+a run folder's damaged checkpoints are skipped with a warning instead of crashing a load
+(:func:`find_checkpoint`, which picks a run folder's checkpoint).
 Only the standard library: everything that reads checkpoints may import it.
 """
 
@@ -13,7 +14,14 @@ import os
 import zipfile
 from pathlib import Path
 
-__all__ = ["checkpoint_problem"]
+from captioning.errors import UserError
+
+__all__ = ["checkpoint_problem", "find_checkpoint", "CheckpointReadError"]
+
+
+class CheckpointReadError(UserError, ValueError):
+    """A checkpoint file is damaged, foreign, or holds pickled Python objects; the message says which."""
+
 
 _ZIP_MAGIC = b"PK\x03\x04"
 
@@ -51,3 +59,30 @@ def checkpoint_problem(path: str | os.PathLike) -> str | None:
     except (OSError, EOFError, ValueError, NotImplementedError) as err:
         return f"damaged ({type(err).__name__}: {err})"
     return None
+
+
+def find_checkpoint(path: str | os.PathLike) -> Path:
+    """A checkpoint file as given, or for a run folder the checkpoint to use from it.
+
+    In a folder: the newest *readable* ``best*.ckpt`` under it, else the newest readable
+    ``last*.ckpt``. Unreadable ones (truncated, empty, not a PyTorch file; see
+    :func:`captioning.io.checkpoint_files.checkpoint_problem`) are skipped with a warning naming
+    each; if none is readable, a :class:`CheckpointReadError` lists what was found.
+    """
+    import warnings
+
+    path = Path(path)
+    if not path.is_dir():
+        return path
+    rejected: list[str] = []
+    for pattern in ("best*.ckpt", "last*.ckpt"):
+        found = [p for p in path.rglob(pattern) if p.is_file()]
+        for candidate in sorted(found, key=lambda p: p.stat().st_mtime, reverse=True):
+            problem = checkpoint_problem(candidate)
+            if problem is None:
+                return candidate
+            warnings.warn(f"skipping unreadable checkpoint {candidate}: {problem}", stacklevel=2)
+            rejected.append(f"{candidate.relative_to(path)} ({problem})")
+    if not rejected:
+        raise FileNotFoundError(f"no best*.ckpt or last*.ckpt under {path}")
+    raise CheckpointReadError(f"no readable checkpoint under {path}; found: {'; '.join(rejected)}")

@@ -13,7 +13,6 @@ from __future__ import annotations
 import copy
 import json
 import math
-import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -22,36 +21,17 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 
+from captioning.io.checkpoint_integrity import find_checkpoint
 from captioning.io.trust import build_model, trusted_modules
 
-
-def find_checkpoint(path: str | os.PathLike) -> Path:
-    """A checkpoint file as given, or for a run folder the checkpoint to use from it.
-
-    In a folder: the newest *readable* ``best*.ckpt`` under it, else the newest readable
-    ``last*.ckpt``. Unreadable ones (truncated, empty, not a PyTorch file; see
-    :func:`captioning.io.checkpoint_files.checkpoint_problem`) are skipped with a warning naming
-    each; if none is readable, a :class:`CheckpointReadError` lists what was found.
-    """
-    import warnings
-
-    from captioning.io.checkpoint_files import CheckpointReadError, checkpoint_problem
-
-    path = Path(path)
-    if not path.is_dir():
-        return path
-    rejected: list[str] = []
-    for pattern in ("best*.ckpt", "last*.ckpt"):
-        found = [p for p in path.rglob(pattern) if p.is_file()]
-        for candidate in sorted(found, key=lambda p: p.stat().st_mtime, reverse=True):
-            problem = checkpoint_problem(candidate)
-            if problem is None:
-                return candidate
-            warnings.warn(f"skipping unreadable checkpoint {candidate}: {problem}", stacklevel=2)
-            rejected.append(f"{candidate.relative_to(path)} ({problem})")
-    if not rejected:
-        raise FileNotFoundError(f"no best*.ckpt or last*.ckpt under {path}")
-    raise CheckpointReadError(f"no readable checkpoint under {path}; found: {'; '.join(rejected)}")
+__all__ = [
+    "find_checkpoint",
+    "read_checkpoint",
+    "load_model",
+    "build_for_weights",
+    "check_finite_weights",
+    "attach_encoder",
+]
 
 
 def read_checkpoint(path: str | Path) -> dict:

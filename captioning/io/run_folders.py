@@ -160,6 +160,23 @@ def _last_checkpoint(trainer: pl.Trainer) -> Path | None:
     return None
 
 
+def _checkpoint_in_folder(folder: Path, resume: bool) -> Path:
+    """The checkpoint a run folder stands for: to resume (``fit``), its newest complete
+    ``last*``/``on_exception*`` checkpoint; to evaluate, its best (as ``caption`` and ``translate``
+    pick it: newest readable ``best*``, else ``last*``)."""
+    from captioning.io.checkpoint_integrity import checkpoint_problem, find_checkpoint
+
+    if not resume:
+        return find_checkpoint(folder)
+    found = [p for pattern in ("last*.ckpt", "on_exception*.ckpt") for p in folder.rglob(pattern) if p.is_file()]
+    for path in sorted(found, key=lambda p: p.stat().st_mtime, reverse=True):
+        if checkpoint_problem(path) is None:
+            return path
+    raise FileNotFoundError(
+        f"--ckpt_path {folder}: no complete last*.ckpt or on_exception*.ckpt under it to resume from"
+    )
+
+
 def _progress(path: Path) -> str:
     """ "epoch E, step S" saved in checkpoint ``path`` (as the resumed run counts them), or ""."""
     try:
@@ -212,8 +229,11 @@ def resolve_checkpoint(
                 rank_zero_info(f"--ckpt_path last: resuming from {path}{_progress(path)}")
     elif str(ckpt_path) not in ("best", "hpc", "registry") and not str(ckpt_path).startswith("registry:"):
         path = Path(ckpt_path)
-        if not path.is_file():
-            raise FileNotFoundError(f"--ckpt_path {ckpt_path}: no such checkpoint file")
+        if path.is_dir():
+            path = _checkpoint_in_folder(path, continue_run)
+            rank_zero_info(f"--ckpt_path {ckpt_path}: using {path}{_progress(path)}")
+        elif not path.is_file():
+            raise FileNotFoundError(f"--ckpt_path {ckpt_path}: no such checkpoint file or run folder")
     if path is None:
         return str(ckpt_path)
     if model is not None:

@@ -221,6 +221,17 @@ class AttentionModel(TrainingStep):
             return {"optimizer": optimizer, "lr_scheduler": {"scheduler": plateau, "monitor": self.plateau_monitor}}
         return optimizer
 
+    # ------------------------------------------------------------------ what loggers record
+    @property
+    def hparams_initial(self) -> Any:
+        """The hyper-parameters loggers record (``hparams.yaml``, the W&B run config): long lists
+        and tables (the vocabulary, a trained tokenizer) as their size, not written out.
+        Checkpoints keep everything (``hparams``)."""
+        initial = super().hparams_initial
+        for key in list(initial):
+            initial[key] = _summarised(initial[key])
+        return initial
+
     # ------------------------------------------------------------------ checkpoints
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         """Scores, data and (image models) one example with the weights (captioning.io.model_card)."""
@@ -233,6 +244,17 @@ class AttentionModel(TrainingStep):
             )
             self._example = summary.get("example")
             checkpoint["captioning"] = summary
+
+
+def _summarised(value: Any, limit: int = 20) -> Any:
+    """``value`` with every list or dict of more than ``limit`` entries replaced by its size."""
+    if isinstance(value, (list, tuple)):
+        return f"[{len(value):,} entries]" if len(value) > limit else [_summarised(v, limit) for v in value]
+    if isinstance(value, dict):
+        if len(value) > limit:
+            return f"{{{len(value):,} entries}}"
+        return {k: _summarised(v, limit) for k, v in value.items()}
+    return value
 
 
 def check_scheduler(owner: str, scheduler: str, allowed: Sequence[str] = SCHEDULERS) -> None:

@@ -10,7 +10,8 @@ Items are ``{"key", "figure", "prediction", "references", "input"}``.
 
 With a W&B logger the pictures go to ``val/attention/<key>`` and a ``val/attention_table``
 (key, input, prediction, references, per-item CIDEr-D, overlay). With any other logger, or
-none, the same pictures are written as PNG files (plus ``captions.json``) under
+none, the same pictures are written as PNG files (plus ``captions.json``; ``translations.json``
+for a text model) under
 ``<run dir>/attention/epoch<E>-step<S>/``. Only global rank 0 draws and logs; all ranks
 take part in gathering the references (the CIDEr document frequencies come from the whole
 validation set, as for ``val/cider``).
@@ -164,7 +165,10 @@ class AttentionOverlays(pl.Callback):
         if wandb_logger is not None:
             self._log_wandb(wandb_logger, items, trainer.global_step)
         else:
-            self.last_dir = self._write_files(trainer, items)
+            from captioning.models.protocols import Translator
+
+            records = "translations.json" if isinstance(pl_module, Translator) else "captions.json"
+            self.last_dir = self._write_files(trainer, items, records)
 
     def _fixed_batch(self, trainer: pl.Trainer) -> dict | None:
         """The first ``num_images`` validation items, collated like the validation loader does."""
@@ -218,7 +222,7 @@ class AttentionOverlays(pl.Callback):
         data["trainer/global_step"] = step  # the x axis Lightning's WandbLogger defines
         logger.experiment.log(data)
 
-    def _write_files(self, trainer: pl.Trainer, items: list[dict]) -> Path:
+    def _write_files(self, trainer: pl.Trainer, items: list[dict], records: str = "captions.json") -> Path:
         from captioning.io.outputs import free_path
         from captioning.io.run_folders import run_dir
 
@@ -240,5 +244,5 @@ class AttentionOverlays(pl.Callback):
                     "figure": png.name,
                 }
             )
-        (folder / "captions.json").write_text(json.dumps(rows, indent=1) + "\n", encoding="utf-8")
+        (folder / records).write_text(json.dumps(rows, indent=1) + "\n", encoding="utf-8")
         return folder

@@ -250,7 +250,13 @@ class Seq2SeqModel(AttentionModel):
         unknown, units = v.unknown_share(text)
         unit = "characters" if v.tokenizer.kind == "char" else "words"
         return SourceReport(
-            tokens, min(len(tokens), self.hparams.max_source_length - 1), unknown, units, unit, v.longest_source
+            tokens,
+            min(len(tokens), self.hparams.max_source_length - 1),
+            unknown,
+            units,
+            unit,
+            v.longest_source,
+            tuple(v.unseen_letters(text)),
         )
 
     def encode_texts(self, texts: Sequence[str]) -> tuple[Tensor, Tensor]:

@@ -40,6 +40,7 @@ class SourceReport(NamedTuple):
     units: int
     unit: str
     longest_source: int | None
+    unseen_letters: tuple[str, ...] = ()
 
     @property
     def cut(self) -> bool:
@@ -59,9 +60,21 @@ class SourceReport(NamedTuple):
                 f"input has {n} tokens, more than any training source ({self.longest_source - 1}): "
                 "expect a poor or shortened translation"
             )
-        if self.units and self.unknown * 2 >= self.units:
+        if self.mostly_unknown:
             out.append(f"{self.unknown} of {self.units} {self.unit} never seen in training: the translation is a guess")
+        if self.unseen_letters:
+            letters = ", ".join(self.unseen_letters[:8])
+            out.append(
+                f"letters never seen in training ({letters}): if the training text was written without them "
+                "(accents stripped, another script), write the input the same way"
+            )
         return out
+
+    @property
+    def mostly_unknown(self) -> bool:
+        """Every word unknown, or at least 3 and more than half of them: a rare name or two in an
+        ordinary sentence is not worth a warning."""
+        return self.units > 0 and (self.unknown == self.units or (self.unknown >= 3 and 2 * self.unknown > self.units))
 
 
 class Translation(NamedTuple):

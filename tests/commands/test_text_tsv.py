@@ -268,3 +268,107 @@ def test_translate_output_stays_one_line_per_input_and_heatmap_dir_is_checked_fi
         and "cannot write into the --heatmap_dir folder" in captured.err
     )
     assert len(captured.err.strip().splitlines()) == 1
+
+
+def test_a_run_folder_is_accepted_wherever_a_checkpoint_is(fitted):
+    folder, runs, run, best = fitted
+    common = [
+        "--config",
+        str(ROOT / "configs" / "text_tsv.yaml"),
+        *data_args(folder),
+        *TINY,
+        "--trainer.default_root_dir",
+        str(runs),
+        "--trainer.logger.init_args.save_dir",
+        str(runs),
+    ]
+    cli_main(["test", *common, "--ckpt_path", str(run)])  # as the config's header says
+    rows = test_metrics(run)
+    assert rows[-1] == rows[0]  # the best checkpoint's numbers, as at the end of fit
+
+
+def _strip_accents(text: str) -> str:
+    import unicodedata
+
+    return "".join(c for c in unicodedata.normalize("NFD", text) if unicodedata.category(c) != "Mn")
+
+
+@pytest.fixture(scope="module")
+def plain_run(tmp_path_factory):
+    """A run on accent-stripped text, moved by --trainer.default_root_dir alone, launched from an
+    empty folder with the progress bar on (stderr is not a terminal here)."""
+    import contextlib
+    import io
+    import os
+
+    folder = tmp_path_factory.mktemp("plain")
+    for name, n, seed in (("train", 160, 0), ("val", 24, 1), ("test", 30, 2)):
+        write_tsv(folder / f"{name}.tsv", [(_strip_accents(s), t) for s, t in corpus(n, seed)])
+    cwd = folder / "cwd"
+    cwd.mkdir()
+    args = [
+        "fit",
+        "--config",
+        str(ROOT / "configs" / "text_tsv.yaml"),
+        *data_args(folder),
+        *TINY,
+        "--trainer.enable_progress_bar",
+        "true",
+        "--trainer.default_root_dir",
+        str(folder / "moved"),
+    ]
+    err = io.StringIO()
+    old = os.getcwd()
+    os.chdir(cwd)
+    try:
+        with contextlib.redirect_stderr(err):
+            cli_main(args)
+    finally:
+        os.chdir(old)
+    return folder, cwd, folder / "moved" / "lightning_logs" / "version_0", err.getvalue()
+
+
+def test_default_root_dir_alone_moves_the_whole_run(plain_run):
+    folder, cwd, run, _ = plain_run
+    assert list(cwd.iterdir()) == []  # nothing in the folder it was started from
+    assert (run / "metrics.csv").is_file() and (run / "config.yaml").is_file()
+    assert list(run.glob("checkpoints/best*.ckpt")) and (run / "checkpoints" / "last.ckpt").is_file()
+
+
+def test_progress_lines_when_output_is_not_a_terminal(plain_run):
+    *_, err = plain_run
+    lines = [line for line in err.splitlines() if line.startswith("epoch ")]
+    assert lines and all(", step " in line for line in lines), err[-2000:]
+    assert any("val/" in line for line in lines)  # one line after each validation
+    assert "litlogger" not in err
+
+
+def test_hyper_parameters_file_is_small_and_holds_no_vocabulary(plain_run):
+    _, _, run, _ = plain_run
+    text = (run / "hparams.yaml").read_text()
+    assert len(text) < 5_000, len(text)
+    assert "entries]" in text and "fatigue" not in text  # the vocabulary is summarised, not written out
+    best = next(run.glob("checkpoints/best*.ckpt"))
+    assert "fatigue" in str(torch.load(best, weights_only=True)["hyper_parameters"]["vocab"])  # kept in checkpoints
+
+
+def test_the_text_run_writes_no_captions_file(plain_run):
+    _, _, run, _ = plain_run
+    assert list(run.rglob("translations.json")) and not list(run.rglob("captions.json"))
+
+
+def test_empty_accented_and_ordinary_inputs_get_the_right_messages(plain_run, tmp_path, capsys):
+    _, _, run, _ = plain_run
+    inputs = tmp_path / "in.txt"
+    lines = ["je suis pret.", "", "je suis très fatigué.", "je suis Zorglub.", "qwx zzv."]
+    inputs.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    assert cli_main(["translate", "--ckpt_path", str(run), "--input", str(inputs)]) == 0
+    captured = capsys.readouterr()
+    assert len(captured.out.splitlines()) == 5
+    warned = {
+        int(line.split(f"{inputs}:")[1].split(":")[0]): line for line in captured.err.splitlines() if "warning" in line
+    }
+    assert set(warned) == {2, 3, 5}, captured.err
+    assert "empty line" in warned[2]
+    assert "letters never seen in training (è, é)" in warned[3]
+    assert "2 of 2 words never seen in training" in warned[5]  # a rare name alone (line 4) is no warning
