@@ -32,7 +32,6 @@ import csv
 import json
 import os
 import random
-import resource
 import subprocess
 import sys
 import time
@@ -131,19 +130,17 @@ def prepare(lines: list[str], work_dir: Path, n_val: int, n_test: int, seed: int
 
 
 # ---------------------------------------------------------------------------- runs
-def _child_cpu() -> float:
-    r = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return r.ru_utime + r.ru_stime
-
-
 def run_child(cmd: list[str], env: dict, log: Path) -> dict:
-    """Run a child process; wall seconds, its CPU seconds, CPU utilisation (%)."""
-    cpu0, t0 = _child_cpu(), time.perf_counter()
+    """Run a child process; wall seconds, its own CPU seconds (``wait4``: this child's alone, also
+    when another runs beside it), CPU utilisation (%)."""
+    t0 = time.perf_counter()
     with open(log, "w", encoding="utf-8") as out:
-        rc = subprocess.call(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT)
-    wall, cpu = time.perf_counter() - t0, _child_cpu() - cpu0
-    if rc != 0:
-        raise RuntimeError(f"{' '.join(cmd[:4])} ... failed (exit {rc}); see {log}")
+        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT)
+        _, status, usage = os.wait4(proc.pid, 0)
+        proc.returncode = os.waitstatus_to_exitcode(status)
+    wall, cpu = time.perf_counter() - t0, usage.ru_utime + usage.ru_stime
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd[:4])} ... failed (exit {proc.returncode}); see {log}")
     return {"wall_s": round(wall, 1), "cpu_s": round(cpu, 1), "cpu_percent": round(100 * cpu / wall)}
 
 
@@ -209,7 +206,10 @@ def ours(args: argparse.Namespace, work: Path, env: dict) -> dict:
     common = score_translations([normalize(h) for h in hyps], [normalize(r) for r in refs])
     with open(work / "train.tsv", encoding="utf-8") as f:
         n_train = sum(1 for _ in f)
-    batch = 64  # text_tsv.yaml's batch_size unless overridden in --ours_args
+    import yaml
+
+    config = yaml.safe_load((ROOT / "configs" / "text_tsv.yaml").read_text(encoding="utf-8"))
+    batch = int(config["data"]["init_args"]["batch_size"])  # unless overridden in --ours_args
     for i, a in enumerate(args.ours_args[:-1]):
         if a.endswith("batch_size"):
             batch = int(args.ours_args[i + 1])
@@ -288,16 +288,32 @@ def _round(scores: dict) -> dict:
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--fra", help="fra.txt of manythings.org/anki (English<TAB>French<TAB>attribution)")
-    p.add_argument("--synthetic", action="store_true", help="use a generated stand-in instead of --fra")
+    p.add_argument(
+        "--fra",
+        "--pairs",
+        dest="fra",
+        help="an Anki/Tatoeba file of manythings.org/anki (English<TAB>other language<TAB>attribution): "
+        "fra.txt, deu.txt, ...; the other language is translated into English",
+    )
+    p.add_argument("--synthetic", action="store_true", help="use a generated stand-in instead of --pairs")
     p.add_argument("--work_dir", default="runs/text_corpus", help="split files, runs and logs go here")
     p.add_argument("--n_val", type=int, default=500)
     p.add_argument("--n_test", type=int, default=1000)
     p.add_argument("--budget_min", type=float, default=12.0, help="training wall-clock minutes, each system")
+    p.add_argument(
+        "--budgets",
+        help="several budgets in minutes, comma-separated (e.g. 2,5,10): one run of each system per budget",
+    )
+    p.add_argument(
+        "--concurrent",
+        action="store_true",
+        help="train ours and the tutorial's model at the same time (one core each with --threads 1)",
+    )
     p.add_argument("--threads", type=int, default=2, help="OMP_NUM_THREADS of both children")
     p.add_argument("--skip_tutorial", action="store_true")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", help="also write the JSON here")
+    p.add_argument("--plot", help="with --budgets: quality against budget as a PNG")
     p.add_argument(
         "--ours_args",
         nargs=argparse.REMAINDER,
@@ -309,10 +325,8 @@ def main(argv: list[str] | None = None) -> None:
     if args._tutorial_child:
         return tutorial_child(Path(args._tutorial_child), args.budget_min * 60, args.seed)
     if bool(args.fra) == args.synthetic:
-        p.error("give --fra FILE (the real corpus) or --synthetic (a generated stand-in)")
+        p.error("give --pairs FILE (the real corpus) or --synthetic (a generated stand-in)")
     lines = synthetic_fra(seed=args.seed) if args.synthetic else Path(args.fra).read_text(encoding="utf-8").splitlines()
-    work = Path(args.work_dir)
-    sizes = prepare(lines, work, args.n_val, args.n_test, args.seed)
     env = dict(
         os.environ,
         OMP_NUM_THREADS=str(args.threads),
@@ -320,23 +334,68 @@ def main(argv: list[str] | None = None) -> None:
         WANDB_MODE=os.environ.get("WANDB_MODE", "disabled"),
         PYTHONPATH=str(ROOT),
     )
-    result = {
-        "corpus": "synthetic stand-in (NOT French: develops the script only)" if args.synthetic else str(args.fra),
-        "pairs": sizes,
-        "budget_min": args.budget_min,
-        "threads": {"OMP_NUM_THREADS": args.threads, "OMP_WAIT_POLICY": "PASSIVE"},
-        "cpu_count": os.cpu_count(),
-        "load_avg_1min_before": round(os.getloadavg()[0], 2),
-        "ours": ours(args, work, env),
-    }
-    if not args.skip_tutorial:
-        result["tutorial"] = tutorial(args, work, env)
-    result["load_avg_1min_after"] = round(os.getloadavg()[0], 2)
-    text = json.dumps(result, indent=1, ensure_ascii=False)
+    budgets = [float(b) for b in args.budgets.split(",")] if args.budgets else [args.budget_min]
+    runs = []
+    for budget in budgets:
+        args.budget_min = budget
+        work = Path(args.work_dir) / (f"{budget:g}min" if args.budgets else "")
+        sizes = prepare(lines, work, args.n_val, args.n_test, args.seed)
+        result = {
+            "corpus": "synthetic stand-in (NOT French: develops the script only)" if args.synthetic else str(args.fra),
+            "pairs": sizes,
+            "budget_min": budget,
+            "concurrent": args.concurrent,
+            "threads": {"OMP_NUM_THREADS": args.threads, "OMP_WAIT_POLICY": "PASSIVE"},
+            "cpu_count": os.cpu_count(),
+            "load_avg_1min_before": round(os.getloadavg()[0], 2),
+        }
+        if args.concurrent and not args.skip_tutorial:
+            from concurrent.futures import ThreadPoolExecutor
+
+            with ThreadPoolExecutor(2) as pool:
+                mine, theirs = pool.submit(ours, args, work, env), pool.submit(tutorial, args, work, env)
+                result["ours"], result["tutorial"] = mine.result(), theirs.result()
+        else:
+            result["ours"] = ours(args, work, env)
+            if not args.skip_tutorial:
+                result["tutorial"] = tutorial(args, work, env)
+        result["load_avg_1min_after"] = round(os.getloadavg()[0], 2)
+        runs.append(result)
+        print(json.dumps(result, ensure_ascii=False), file=sys.stderr, flush=True)
+    output = runs[0] if not args.budgets else {"runs": runs}
+    text = json.dumps(output, indent=1, ensure_ascii=False)
     print(text)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(text + "\n", encoding="utf-8")
+    if args.plot and args.budgets:
+        plot_budgets(runs, Path(args.plot))
+
+
+def plot_budgets(runs: list[dict], path: Path) -> None:
+    """BLEU and chrF (tutorial normalisation, the common ground) against the training budget."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
+    budgets = [r["budget_min"] for r in runs]
+    for ax, metric in zip(axes, ("bleu", "chrf")):
+        for system, style in (("ours", "o-"), ("tutorial", "s--")):
+            values = [r[system]["tutorial_normalised"][metric] for r in runs if system in r]
+            if values:
+                ax.plot(budgets[: len(values)], values, style, label=system)
+        ax.set_xlabel("training budget (minutes)")
+        ax.set_ylabel(metric.upper() if metric == "bleu" else "chrF")
+        ax.set_xticks(budgets)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle(Path(str(runs[0]["corpus"])).name, fontsize=10)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 if __name__ == "__main__":

@@ -372,3 +372,47 @@ def test_empty_accented_and_ordinary_inputs_get_the_right_messages(plain_run, tm
     assert "empty line" in warned[2]
     assert "letters never seen in training (è, é)" in warned[3]
     assert "2 of 2 words never seen in training" in warned[5]  # a rare name alone (line 4) is no warning
+
+
+def test_the_large_preset_stacks_on_text_tsv_and_trains(tmp_path):
+    """configs/text/large.yaml: the sizes for big corpora or a GPU, on generated pairs (a few steps)."""
+    for name, n, seed in (("train", 96, 0), ("val", 16, 1), ("test", 16, 2)):
+        write_tsv(tmp_path / f"{name}.tsv", corpus(n, seed))
+    runs = tmp_path / "runs"
+    cli_main(
+        [
+            "fit",
+            "--config",
+            str(ROOT / "configs" / "text_tsv.yaml"),
+            "--config",
+            str(ROOT / "configs" / "text" / "large.yaml"),
+            *data_args(tmp_path),
+            "--trainer.max_steps",
+            "3",
+            "--trainer.enable_progress_bar",
+            "false",
+            "--model.init_args.beam_size",
+            "1",
+            "--trainer.default_root_dir",
+            str(runs),
+        ]
+    )
+    best = next(runs.rglob("best*.ckpt"))
+    hp = torch.load(best, weights_only=True)["hyper_parameters"]
+    assert (hp["embed_dim"], hp["encoder_dim"], hp["decoder_dim"], hp["attention_dim"]) == (256, 256, 512, 256)
+    (fit_end,) = test_metrics(best.parents[1])
+    assert fit_end["test/num_sentences"] == 16
+
+
+def test_the_default_sizes_are_the_small_ones_for_minutes_on_a_cpu():
+    import yaml
+
+    config = yaml.safe_load((ROOT / "configs" / "text_tsv.yaml").read_text())
+    model, data = config["model"]["init_args"], config["data"]["init_args"]
+    assert (model["embed_dim"], model["encoder_dim"], model["decoder_dim"], model["attention_dim"]) == (
+        128,
+        64,
+        128,
+        128,
+    )
+    assert data["batch_size"] == 32
