@@ -26,6 +26,7 @@ plus its loss through :meth:`train_inputs` and :meth:`train_losses`.
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -205,9 +206,11 @@ class AttentionModel(TrainingStep):
         optimizer = torch.optim.AdamW(groups, lr=hp.lr, weight_decay=hp.weight_decay, fused=fused or None)
         if hp.scheduler == "cosine":
             total = max(1, int(self.trainer.estimated_stepping_batches))
-            warm = min(hp.warmup_steps, total - 1)
+            self._schedule = {"epochs_total": total, "total": total, "fitted_at": 0, "start": None}
 
             def factor(step: int) -> float:
+                total = self._schedule["total"]  # shortened to what max_time allows (fit_schedule_to_time)
+                warm = min(hp.warmup_steps, total - 1)
                 if step < warm:
                     return (step + 1) / (warm + 1)
                 return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warm) / max(1, total - warm))))
@@ -220,6 +223,48 @@ class AttentionModel(TrainingStep):
             )
             return {"optimizer": optimizer, "lr_scheduler": {"scheduler": plateau, "monitor": self.plateau_monitor}}
         return optimizer
+
+    # ------------------------------------------------------------------ a schedule that fits max_time
+    _schedule: dict | None = None
+    SCHEDULE_FIT_FROM_STEP = 50
+
+    def on_train_start(self) -> None:
+        super().on_train_start()
+        if self._schedule is not None:
+            self._schedule["start"] = (self.trainer.global_step, time.monotonic())
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        super().on_train_batch_end(outputs, batch, batch_idx)
+        self.fit_schedule_to_time()
+
+    def fit_schedule_to_time(self, now: float | None = None) -> None:
+        """With ``trainer.max_time``, end the cosine schedule where the time will run out.
+
+        The schedule's length is the step count of ``max_epochs`` (or ``max_steps``); when
+        ``max_time`` stops training first, the learning rate would still be high at the stop
+        and the last (best) weights never get the low-rate end of the schedule. From step 50 on,
+        and again at 100, 200, 400, ... steps of this run, the steps that fit into the time left
+        are estimated from this run's pace so far (validation included) and the schedule ends
+        there (never later than the epochs allow)."""
+        schedule, timer = self._schedule, self._timer()
+        if schedule is None or timer is None or schedule["start"] is None:
+            return
+        remaining = timer.time_remaining()
+        start_step, start_time = schedule["start"]
+        done = self.trainer.global_step - start_step
+        if remaining is None or done < self.SCHEDULE_FIT_FROM_STEP or done < 2 * schedule["fitted_at"]:
+            return
+        pace = ((time.monotonic() if now is None else now) - start_time) / done  # seconds a step
+        fits = self.trainer.global_step + int(max(0.0, remaining) / max(pace, 1e-9))
+        schedule["total"] = max(self.trainer.global_step + 1, min(schedule["epochs_total"], fits))
+        schedule["fitted_at"] = done
+
+    def _timer(self) -> Any:
+        from lightning.pytorch.callbacks import Timer
+
+        if self._trainer is None:
+            return None
+        return next((cb for cb in self.trainer.callbacks if isinstance(cb, Timer)), None)
 
     # ------------------------------------------------------------------ what loggers record
     @property
