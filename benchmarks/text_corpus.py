@@ -320,8 +320,22 @@ def main(argv: list[str] | None = None) -> None:
         default=[],
         help="further `captioning fit` options (last on the command line)",
     )
+    p.add_argument(
+        "--plot_from",
+        nargs="+",
+        metavar="TITLE=JSON",
+        help="only draw --plot from earlier --budgets results, one row per corpus (e.g. 'German->English=deu.json')",
+    )
     p.add_argument("--_tutorial_child", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.plot_from:
+        if not args.plot:
+            p.error("--plot_from needs --plot PNG")
+        corpora = [
+            (t, json.loads(Path(f).read_text(encoding="utf-8"))["runs"])
+            for t, f in (a.split("=", 1) for a in args.plot_from)
+        ]
+        return plot_budgets(corpora, Path(args.plot))
     if args._tutorial_child:
         return tutorial_child(Path(args._tutorial_child), args.budget_min * 60, args.seed)
     if bool(args.fra) == args.synthetic:
@@ -369,29 +383,31 @@ def main(argv: list[str] | None = None) -> None:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(text + "\n", encoding="utf-8")
     if args.plot and args.budgets:
-        plot_budgets(runs, Path(args.plot))
+        plot_budgets([(Path(str(runs[0]["corpus"])).name, runs)], Path(args.plot))
 
 
-def plot_budgets(runs: list[dict], path: Path) -> None:
-    """BLEU and chrF (tutorial normalisation, the common ground) against the training budget."""
+def plot_budgets(corpora: list[tuple[str, list[dict]]], path: Path) -> None:
+    """BLEU and chrF (tutorial normalisation, the common ground) against the training budget:
+    one row per corpus (title, its runs)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
-    budgets = [r["budget_min"] for r in runs]
-    for ax, metric in zip(axes, ("bleu", "chrf")):
-        for system, style in (("ours", "o-"), ("tutorial", "s--")):
-            values = [r[system]["tutorial_normalised"][metric] for r in runs if system in r]
-            if values:
-                ax.plot(budgets[: len(values)], values, style, label=system)
-        ax.set_xlabel("training budget (minutes)")
-        ax.set_ylabel(metric.upper() if metric == "bleu" else "chrF")
-        ax.set_xticks(budgets)
-        ax.grid(alpha=0.3)
-        ax.legend()
-    fig.suptitle(Path(str(runs[0]["corpus"])).name, fontsize=10)
+    fig, grid = plt.subplots(len(corpora), 2, figsize=(9, 3.4 * len(corpora)), squeeze=False)
+    for axes, (title, runs) in zip(grid, corpora):
+        budgets = [r["budget_min"] for r in runs]
+        for ax, metric in zip(axes, ("bleu", "chrf")):
+            for system, style in (("ours", "o-"), ("tutorial", "s--")):
+                values = [r[system]["tutorial_normalised"][metric] for r in runs if system in r]
+                if values:
+                    ax.plot(budgets[: len(values)], values, style, label=system)
+            ax.set_xlabel("training budget (minutes)")
+            ax.set_ylabel(metric.upper() if metric == "bleu" else "chrF")
+            ax.set_title(f"{title}: {'BLEU' if metric == 'bleu' else 'chrF'}", fontsize=10)
+            ax.set_xticks(budgets)
+            ax.grid(alpha=0.3)
+            ax.legend()
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)

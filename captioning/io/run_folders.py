@@ -341,6 +341,9 @@ class LastOnSchedule(Checkpoint):
         if not trainer.sanity_checking:
             self._catch_up(trainer, at_train_epoch_end=False)
 
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._catch_up(trainer, at_train_epoch_end=True)
+
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
         """``max_time`` ran out after this step: write ``last.ckpt`` here, mid-epoch, so a resume
         continues this epoch (a checkpoint written once training ended counts it as finished)."""
@@ -370,6 +373,3 @@ def _time_is_up(trainer: pl.Trainer) -> bool:
             remaining = callback.time_remaining()
             return remaining is not None and remaining <= 0
     return False
-
-    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._catch_up(trainer, at_train_epoch_end=True)

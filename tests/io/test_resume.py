@@ -336,3 +336,39 @@ def test_a_run_stopped_by_max_time_mid_epoch_resumes_in_that_epoch_with_a_fresh_
     assert resumed.global_step == stopped + 3
     first_batch = next(cb for cb in resumed.callbacks if isinstance(cb, _FirstBatch)).seen
     assert first_batch == (0, stopped, stopped), "the stopped epoch must continue, not count as finished"
+
+
+def test_last_follows_every_epoch_end_validation_when_the_metric_does_not_improve(tmp_path):
+    """Validation at each epoch's end (ModelCheckpoint then saves at train-epoch end), learning
+    rate 0 so val/cider never improves: last.ckpt must still move on with every epoch."""
+    from captioning.io.run_folders import LastOnSchedule
+    from captioning.models.image_captioner import ImageCaptioner
+    from captioning.nn.encoders import SmallCNN
+
+    pl.seed_everything(0)
+    dm = ShapesDataModule(train_size=16, val_size=2, test_size=2, batch_size=8, num_workers=0)
+    model = ImageCaptioner(
+        SmallCNN(channels=8, grid_size=4, image_size=64),
+        vocab=dm.vocab.to_dict(),
+        embed_dim=8,
+        decoder_dim=16,
+        attention_dim=8,
+        scheduler="none",
+        lr=0.0,
+        encoder_lr=0.0,
+    )
+    checkpoints = ModelCheckpoint(dirpath=tmp_path / "ckpt", monitor="val/cider", mode="max", save_last=True)
+    trainer = pl.Trainer(
+        max_epochs=3,
+        accelerator="cpu",
+        logger=False,
+        callbacks=[checkpoints, LastOnSchedule()],
+        num_sanity_val_steps=0,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(model, datamodule=dm)
+    assert checkpoints._should_save_on_train_epoch_end(trainer)  # the mode this test is about
+    saved = torch.load(tmp_path / "ckpt" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert (saved["epoch"], saved["global_step"]) == (2, 6)
+    assert len(list((tmp_path / "ckpt").glob("best*.ckpt")) or list((tmp_path / "ckpt").glob("epoch*.ckpt"))) == 1

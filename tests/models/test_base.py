@@ -13,7 +13,11 @@ from captioning.models.seq2seq import Seq2SeqModel
 
 def _model() -> Seq2SeqModel:
     return Seq2SeqModel(
-        vocab=SyntheticTextDataModule(task="dates").vocab_data, embed_dim=8, encoder_dim=8, decoder_dim=8, attention_dim=8
+        vocab=SyntheticTextDataModule(task="dates").vocab_data,
+        embed_dim=8,
+        encoder_dim=8,
+        decoder_dim=8,
+        attention_dim=8,
     )
 
 
