@@ -176,6 +176,7 @@ def ours(args: argparse.Namespace, work: Path, env: dict) -> dict:
     fit = run_child(cmd, env, work / "ours_fit.log")
     with open(next(root.rglob("metrics.csv")), encoding="utf-8") as f:
         metrics = list(csv.DictReader(f))
+    epochs_done = 1 + max((int(row["epoch"]) for row in metrics if row.get("val/bleu")), default=-1)
     test = {k.split("/", 1)[1]: float(v) for row in metrics for k, v in row.items() if k.startswith("test/") and v}
     last = read_checkpoint(next(root.rglob("last.ckpt")))
     steps, hp = int(last["global_step"]), last["hyper_parameters"]
@@ -206,13 +207,6 @@ def ours(args: argparse.Namespace, work: Path, env: dict) -> dict:
     common = score_translations([normalize(h) for h in hyps], [normalize(r) for r in refs])
     with open(work / "train.tsv", encoding="utf-8") as f:
         n_train = sum(1 for _ in f)
-    import yaml
-
-    config = yaml.safe_load((ROOT / "configs" / "text_tsv.yaml").read_text(encoding="utf-8"))
-    batch = int(config["data"]["init_args"]["batch_size"])  # unless overridden in --ours_args
-    for i, a in enumerate(args.ours_args[:-1]):
-        if a.endswith("batch_size"):
-            batch = int(args.ours_args[i + 1])
     params = sum(v.numel() for v in last["state_dict"].values())
     return {
         "test_after_fit": test,
@@ -220,8 +214,9 @@ def ours(args: argparse.Namespace, work: Path, env: dict) -> dict:
         "tutorial_normalised": _round(common),
         "fit": fit,
         "steps": steps,
-        "epochs": round(steps * batch / n_train, 2),
-        "train_pairs_per_s_wall": round(steps * batch / fit["wall_s"], 1),
+        "epochs": epochs_done,  # validated epochs (a time-limited stop may add part of one)
+        "train_pairs_per_s_wall": round(epochs_done * n_train / fit["wall_s"], 1),
+        "train_pairs_per_cpu_s": round(epochs_done * n_train / fit["cpu_s"], 1),
         "params": params,
         "examples": list(zip(sources[:5], hyps[:5], refs[:5])),
     }
