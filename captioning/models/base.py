@@ -206,10 +206,11 @@ class AttentionModel(TrainingStep):
         optimizer = torch.optim.AdamW(groups, lr=hp.lr, weight_decay=hp.weight_decay, fused=fused or None)
         if hp.scheduler == "cosine":
             total = max(1, int(self.trainer.estimated_stepping_batches))
-            self._schedule = {"epochs_total": total, "total": total, "fitted_at": 0, "start": None}
+            schedule: dict[str, Any] = {"epochs_total": total, "total": total, "fitted_at": 0, "start": None}
+            self._schedule = schedule
 
             def factor(step: int) -> float:
-                total = self._schedule["total"]  # shortened to what max_time allows (fit_schedule_to_time)
+                total = schedule["total"]  # shortened to what max_time allows (fit_schedule_to_time)
                 warm = min(hp.warmup_steps, total - 1)
                 if step < warm:
                     return (step + 1) / (warm + 1)
@@ -264,7 +265,7 @@ class AttentionModel(TrainingStep):
 
         if self._trainer is None:
             return None
-        return next((cb for cb in self.trainer.callbacks if isinstance(cb, Timer)), None)
+        return next((cb for cb in getattr(self.trainer, "callbacks", []) if isinstance(cb, Timer)), None)
 
     # ------------------------------------------------------------------ what loggers record
     @property
