@@ -288,21 +288,27 @@ class _FirstBatch(pl.Callback):
             self.seen = (trainer.current_epoch, batch_idx, trainer.global_step)
 
 
-def _time_limited_fit(tmp_path: Path, ckpt_path=None, **trainer_args):
-    from captioning.io.run_folders import LastOnSchedule
+def _tiny_captioner(dm: ShapesDataModule, **kwargs):
     from captioning.models.image_captioner import ImageCaptioner
     from captioning.nn.encoders import SmallCNN
 
-    pl.seed_everything(0)
-    dm = ShapesDataModule(train_size=4000, val_size=2, test_size=2, batch_size=2, num_workers=0)
-    model = ImageCaptioner(
+    return ImageCaptioner(
         SmallCNN(channels=8, grid_size=4, image_size=64),
         vocab=dm.vocab.to_dict(),
         embed_dim=8,
         decoder_dim=16,
         attention_dim=8,
         scheduler="none",
+        **kwargs,
     )
+
+
+def _time_limited_fit(tmp_path: Path, ckpt_path=None, **trainer_args):
+    from captioning.io.run_folders import LastOnSchedule
+
+    pl.seed_everything(0)
+    dm = ShapesDataModule(train_size=4000, val_size=2, test_size=2, batch_size=2, num_workers=0)
+    model = _tiny_captioner(dm)
     trainer = pl.Trainer(
         default_root_dir=tmp_path,
         accelerator="cpu",
@@ -342,21 +348,10 @@ def test_last_follows_every_epoch_end_validation_when_the_metric_does_not_improv
     """Validation at each epoch's end (ModelCheckpoint then saves at train-epoch end), learning
     rate 0 so val/cider never improves: last.ckpt must still move on with every epoch."""
     from captioning.io.run_folders import LastOnSchedule
-    from captioning.models.image_captioner import ImageCaptioner
-    from captioning.nn.encoders import SmallCNN
 
     pl.seed_everything(0)
     dm = ShapesDataModule(train_size=16, val_size=2, test_size=2, batch_size=8, num_workers=0)
-    model = ImageCaptioner(
-        SmallCNN(channels=8, grid_size=4, image_size=64),
-        vocab=dm.vocab.to_dict(),
-        embed_dim=8,
-        decoder_dim=16,
-        attention_dim=8,
-        scheduler="none",
-        lr=0.0,
-        encoder_lr=0.0,
-    )
+    model = _tiny_captioner(dm, lr=0.0, encoder_lr=0.0)
     checkpoints = ModelCheckpoint(dirpath=tmp_path / "ckpt", monitor="val/cider", mode="max", save_last=True)
     trainer = pl.Trainer(
         max_epochs=3,
