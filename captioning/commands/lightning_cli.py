@@ -150,8 +150,10 @@ class CaptioningCLI(LightningCLIAdapter):
 
     def after_fit(self) -> None:
         if self._extra("test_after_fit") and not self.trainer.interrupted:
-            has_best = bool(getattr(self.trainer.checkpoint_callback, "best_model_path", ""))
-            self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path="best" if has_best else None)
+            # The path itself, not "best": Lightning warns about "several ModelCheckpoint callbacks"
+            # when LastOnSchedule (a Checkpoint too) is among them.
+            best = getattr(self.trainer.checkpoint_callback, "best_model_path", "") or None
+            self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=best)
 
     def check_checkpoint(self, path: Any, weights_only: bool | None) -> None:
         """Our errors for a damaged or pickled-objects checkpoint file, not torch's."""
