@@ -241,7 +241,10 @@ class ImageCaptioner(AttentionModel):
             {v["image_id"]: v["prediction"] for v in items}, {v["image_id"]: v["references"] for v in items}
         )
         boxed = [v for v in items if "boxes" in v]
-        if boxed:  # the pointing game (captioning/eval/localisation.py)
+        # The pointing game (captioning/eval/localisation.py). Not for the no-attention baseline:
+        # its "map" is a uniform mean, whose peak is an arbitrary cell (a score below chance that
+        # means nothing); its tables show n/a instead.
+        if boxed and self.hparams.attention != "none":
             loc = pointing_game([v["words"] for v in boxed], [v["alpha"] for v in boxed], [v["boxes"] for v in boxed])
             scores.update({k: v for k, v in loc.items() if not k.endswith(("_hits", "_total"))})
         return scores

@@ -148,3 +148,24 @@ def test_sentinel_model_reports_beta_per_word_in_captions_json_and_overlay_table
         SmallCNN(channels=8, grid_size=2, width=4), VOCAB.to_dict(), embed_dim=8, decoder_dim=16, attention_dim=8
     ).eval()
     assert caption_images(plain, [image])[0].sentinel is None
+
+
+@pytest.mark.parametrize("attention", ["additive", "none"])
+def test_localisation_is_scored_only_for_a_model_that_attends(attention):
+    model = _model(attention=attention)
+    grid = model.grid_size
+    alpha = torch.full((2, grid, grid), 1.0 / grid**2)
+    alpha[:, 0, 0] = 1.0  # peaks in the top-left cell
+    item = {
+        "image_id": 0,
+        "prediction": "a red circle",
+        "references": ["a red circle"],
+        "words": ["a", "red", "circle"],
+        "alpha": torch.cat([alpha[:1], alpha]),
+        "boxes": [{"box": [0.0, 0.0, 0.5, 0.5], "nouns": ["circle"]}],
+    }
+    scores = model.eval_scores([item])
+    assert ("localisation" in scores) == (attention != "none")
+    if attention != "none":
+        assert scores["localisation_nouns"] == 1.0  # "circle" peaks inside its box
+    assert any(k.lower().startswith("bleu") for k in scores)  # the caption metrics either way
