@@ -292,13 +292,16 @@ class _NoProductTips(logging.Filter):
         return "litlogger" not in str(record.msg)
 
 
+NO_PRODUCT_TIPS = _NoProductTips()
+
+
 def main(args: Sequence[str]) -> int:
     """``captioning <fit|validate|test|predict> [options]`` (args include the subcommand)."""
     # main() always hands LightningCLI its (rewritten) arguments; Lightning warns when
     # sys.argv has arguments too, which is every console run.
     warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
     # Lightning's advertisement for another product on every fit: not ours to print.
-    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_NoProductTips())
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(NO_PRODUCT_TIPS)  # once: the same object
     # Lightning 2.6's own use of torch's pytree warns on every fit: nothing a user can act on.
     warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
     from lightning.pytorch.utilities.exceptions import SIGTERMException

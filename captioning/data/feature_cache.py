@@ -102,12 +102,31 @@ class FeatureCache:
             if not isinstance(self.captions, dict):
                 raise ValueError(f"{captions_file}: expected an object with 'references' (and 'objects')")
         self._array: np.ndarray | None = None  # opened on first read, in the reading process
+        self._checked: np.ndarray | None = None  # rows this process found finite (FeatureCache._check_finite)
 
     def __len__(self) -> int:
         return len(self.image_ids)
 
     def __getstate__(self) -> dict:  # DataLoader workers re-open the memory map themselves
         return {**self.__dict__, "_array": None}
+
+    def _check_finite(self, block: Tensor, rows: np.ndarray) -> None:
+        """Refuse rows holding NaN or inf, naming the image id; each row is checked the first time
+        this process reads it only (the check costs about as much as the read itself)."""
+        if self._checked is None:
+            self._checked = np.zeros(len(self.image_ids), dtype=bool)
+        new = ~self._checked[rows]
+        if not new.any():
+            return
+        fresh = torch.from_numpy(np.flatnonzero(new))
+        finite = torch.isfinite(block[fresh]).flatten(1).all(1)
+        if not bool(finite.all()):
+            bad = int(rows[int(fresh[int((~finite).nonzero()[0])])])
+            raise ValueError(
+                f"{self.path / FEATURES_FILE}: the features of image id {self.image_ids[bad]!r} (row {bad}) are "
+                "NaN or infinite (or too large for float16); rebuild the cache from finite features"
+            )
+        self._checked[rows[new]] = True
 
     def rows_of(self, image_ids: Iterable[Any]) -> list[int]:
         """Rows of these image ids; a missing id raises KeyError naming it and the cache."""
@@ -126,13 +145,7 @@ class FeatureCache:
             np.asarray(rows, dtype=np.int64), return_inverse=True
         )  # sorted reads; shared rows read once
         block = torch.from_numpy(np.ascontiguousarray(self._array[unique], dtype=np.float16))
-        finite = torch.isfinite(block).flatten(1).all(1)
-        if not bool(finite.all()):
-            bad = int(unique[int((~finite).nonzero()[0])])
-            raise ValueError(
-                f"{self.path / FEATURES_FILE}: the features of image id {self.image_ids[bad]!r} (row {bad}) are "
-                "NaN or infinite (or too large for float16); rebuild the cache from finite features"
-            )
+        self._check_finite(block, unique)
         block = block.view(len(unique), -1, self.channels)  # (U, S, C), positions row-major
         return block if len(unique) == len(rows) and np.all(unique == rows) else block[torch.from_numpy(inverse)]
 

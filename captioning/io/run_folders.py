@@ -135,46 +135,48 @@ class RunConfigSaver(SaveConfigCallback):
                 run.save(str(self.saved_path), base_path=str(self.saved_path.parent), policy="now")
 
 
-def _last_checkpoint(trainer: pl.Trainer) -> Path | None:
-    """The newest complete ``last*.ckpt`` or ``on_exception*.ckpt`` of any run of this experiment.
+RESUMABLE = ("last*.ckpt", "on_exception*.ckpt")
+
+
+def _newest_resumable(paths: list[Path], label: str) -> Path | None:
+    """The newest complete checkpoint of ``paths``; damaged ones skipped with a warning.
 
     ``on_exception.ckpt`` (Ctrl-C, SIGTERM, an error) is often newer than the last scheduled
-    ``last.ckpt``; a damaged file (a crash mid-write of a foreign writer) is skipped with a warning.
-    """
+    ``last.ckpt``; a damaged file (a crash mid-write of a foreign writer) is never resumed."""
     from captioning.io.checkpoint_integrity import checkpoint_problem
 
-    root = _runs_root(trainer)
-    if root is None or not root.is_dir():
-        return None
-    found = [
-        p
-        for pattern in ("*/checkpoints/last*.ckpt", "*/checkpoints/on_exception*.ckpt")
-        for p in root.glob(pattern)
-        if p.is_file()
-    ]
-    for path in sorted(found, key=lambda p: p.stat().st_mtime, reverse=True):
+    for path in sorted((p for p in paths if p.is_file()), key=lambda p: p.stat().st_mtime, reverse=True):
         problem = checkpoint_problem(path)
         if problem is None:
             return path
-        rank_zero_warn(f"--ckpt_path last: skipping {path}: {problem}")
+        rank_zero_warn(f"{label}: skipping {path}: {problem}")
     return None
+
+
+def _last_checkpoint(trainer: pl.Trainer) -> Path | None:
+    """The newest complete ``last*.ckpt`` or ``on_exception*.ckpt`` of any run of this experiment."""
+    root = _runs_root(trainer)
+    if root is None or not root.is_dir():
+        return None
+    return _newest_resumable(
+        [p for pattern in RESUMABLE for p in root.glob(f"*/checkpoints/{pattern}")], "--ckpt_path last"
+    )
 
 
 def _checkpoint_in_folder(folder: Path, resume: bool) -> Path:
     """The checkpoint a run folder stands for: to resume (``fit``), its newest complete
     ``last*``/``on_exception*`` checkpoint; to evaluate, its best (as ``caption`` and ``translate``
     pick it: newest readable ``best*``, else ``last*``)."""
-    from captioning.io.checkpoint_integrity import checkpoint_problem, find_checkpoint
+    from captioning.io.checkpoint_integrity import find_checkpoint
 
     if not resume:
         return find_checkpoint(folder)
-    found = [p for pattern in ("last*.ckpt", "on_exception*.ckpt") for p in folder.rglob(pattern) if p.is_file()]
-    for path in sorted(found, key=lambda p: p.stat().st_mtime, reverse=True):
-        if checkpoint_problem(path) is None:
-            return path
-    raise FileNotFoundError(
-        f"--ckpt_path {folder}: no complete last*.ckpt or on_exception*.ckpt under it to resume from"
-    )
+    path = _newest_resumable([p for pattern in RESUMABLE for p in folder.rglob(pattern)], f"--ckpt_path {folder}")
+    if path is None:
+        raise FileNotFoundError(
+            f"--ckpt_path {folder}: no complete last*.ckpt or on_exception*.ckpt under it to resume from"
+        )
+    return path
 
 
 def _progress(path: Path) -> str:
@@ -323,19 +325,23 @@ class LastOnSchedule(Checkpoint):
     ``fit`` when a ModelCheckpoint has ``save_last``.
     """
 
+    @staticmethod
+    def _savers(trainer: pl.Trainer) -> list[ModelCheckpoint]:
+        """The ModelCheckpoints with ``save_last`` that have not saved at this step yet."""
+        # Private API (listed in captioning/commands/lightning_adapter.py, checked by its test).
+        return [
+            cb
+            for cb in trainer.checkpoint_callbacks
+            if isinstance(cb, ModelCheckpoint) and cb.save_last and not cb._should_skip_saving_checkpoint(trainer)
+        ]
+
     def _catch_up(self, trainer: pl.Trainer, at_train_epoch_end: bool) -> None:
-        for callback in trainer.checkpoint_callbacks:
-            # Private API (listed in captioning/commands/lightning_adapter.py, checked by its test).
-            if not isinstance(callback, ModelCheckpoint) or not callback.save_last:
-                continue
+        for callback in self._savers(trainer):
             if callback._should_save_on_train_epoch_end(trainer) != at_train_epoch_end:
                 continue
             every = callback._every_n_epochs
-            if every < 1 or (trainer.current_epoch + 1) % every != 0:
-                continue
-            if callback._should_skip_saving_checkpoint(trainer):  # also: it saved at this step already
-                continue
-            callback._save_last_checkpoint(trainer, callback._monitor_candidates(trainer))
+            if every >= 1 and (trainer.current_epoch + 1) % every == 0:
+                callback._save_last_checkpoint(trainer, callback._monitor_candidates(trainer))
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not trainer.sanity_checking:
@@ -347,13 +353,8 @@ class LastOnSchedule(Checkpoint):
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
         """``max_time`` ran out after this step: write ``last.ckpt`` here, mid-epoch, so a resume
         continues this epoch (a checkpoint written once training ended counts it as finished)."""
-        if not trainer.should_stop or not _time_is_up(trainer):
-            return
-        for callback in trainer.checkpoint_callbacks:
-            # Private API (listed in captioning/commands/lightning_adapter.py, checked by its test).
-            if not isinstance(callback, ModelCheckpoint) or not callback.save_last:
-                continue
-            if not callback._should_skip_saving_checkpoint(trainer):
+        if trainer.should_stop and _time_is_up(trainer):
+            for callback in self._savers(trainer):
                 callback._save_last_checkpoint(trainer, callback._monitor_candidates(trainer))
 
     def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
