@@ -107,6 +107,7 @@ class AttentionModel(TrainingStep):
             max_length=length,
             banned_ids=self.banned_ids(allow_unk),
             max_lengths=max_lengths,
+            no_repeat_ngram=int(hp.get("no_repeat_ngram", 0) or 0),
         )
         if beam <= 1:
             return greedy_search(decoder, memory, batch_size, **common)
@@ -133,6 +134,17 @@ class AttentionModel(TrainingStep):
             )
         logits = decoder.output(decoder.dropout(out[real]))  # (N, V), N real tokens
         return F.cross_entropy(logits.float(), targets[real], label_smoothing=smoothing)
+
+    def token_log_probs(
+        self, decoder: Any, out: torch.Tensor, targets: torch.Tensor, real: torch.Tensor
+    ) -> torch.Tensor:
+        """log p of each real target token (N,), in ``targets[real]`` order (self-critical
+        training): out (B, T, D) teacher-forced output vectors, targets (B, T), real (B, T) bool."""
+        if decoder.padding_mode(out.device) == "mask":
+            logits = decoder.output(decoder.dropout(out)).float()  # (B, T, V)
+            return torch.log_softmax(logits, -1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)[real]
+        logits = decoder.output(decoder.dropout(out[real])).float()  # (N, V)
+        return torch.log_softmax(logits, -1).gather(-1, targets[real].unsqueeze(-1)).squeeze(-1)
 
     # ------------------------------------------------------------------ evaluation
     def eval_items(self, batch: dict, stage: str) -> list[dict]:

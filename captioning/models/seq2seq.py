@@ -75,6 +75,8 @@ class Seq2SeqModel(AttentionModel):
         max_length, max_length_ratio: decode at most ``min(max_length, ratio * S + 10)`` tokens
             per sentence (S: its own source length).
         length_penalty: GNMT alpha for beam search. label_smoothing: cross-entropy smoothing.
+        no_repeat_ngram: n > 0: decoding never repeats an n-gram within a sentence (0: off; off by
+            default for text: a translation may repeat words its source repeats).
         max_source_length: longest source the model reads (tokens incl. EOS); longer ones are
             cut to their first tokens (also the positions the ``location`` score has).
         allow_unk: let decoding emit ``<unk>`` (default: never; see the module docstring).
@@ -107,6 +109,7 @@ class Seq2SeqModel(AttentionModel):
         max_length: int = 200,
         max_length_ratio: float = 2.0,
         length_penalty: float = 0.0,
+        no_repeat_ngram: int = 0,
         label_smoothing: float = 0.0,
         max_source_length: int = 256,
         val_beam_size: int | None = None,

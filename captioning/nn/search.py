@@ -1,4 +1,6 @@
-"""Greedy and batched beam search, shared by the image captioner and the text seq2seq model.
+"""Greedy, batched beam and sampled search, shared by the image captioner and the text seq2seq model.
+(Over 400 lines on purpose: the three searches share one step machinery, the CUDA-graph runner,
+state copies, per-step histories, length caps and repetition blocking, and are read together.)
 
 Both drive any decoder with the step interface, :class:`StepDecoder`::
 
@@ -145,8 +147,42 @@ def _cap(logits: Tensor, step: Tensor, limits: Tensor | None, eos_id: int) -> Te
     return torch.where((limits <= step + 1).unsqueeze(1), only_eos, logits)
 
 
+def _block_repeats(logits: Tensor, seq: Tensor, t: Tensor, n: int, eos_id: int) -> Tensor:
+    """Forbid every word that would repeat an n-gram the row has already produced.
+
+    logits (N, V); seq (N, L) each row's words so far (positions < ``t`` are real); t: 0-dim step
+    counter on the device; n >= 1. A word w is banned when the row's last n-1 words followed by w
+    already occur in it. Fixed shapes and no host sync (CUDA-graph safe): every window of
+    ``seq`` is compared with the row's current prefix and windows at or past ``t - n`` ignored.
+    A row left with no word at all (a tiny vocabulary) may still end: EOS.
+    """
+    length = seq.shape[1]
+    if length < n:
+        return logits
+    starts = torch.arange(length - n + 1, device=seq.device)  # window j covers j .. j+n-1
+    usable = starts <= t - n  # the whole window, its last word included, was produced
+    if n == 1:
+        hit = usable.unsqueeze(0).expand(seq.shape[0], -1)
+    else:
+        prefix_pos = (t - (n - 1) + torch.arange(n - 1, device=seq.device)).clamp(min=0)
+        prefix = seq.index_select(1, prefix_pos)  # (N, n-1): the row's last n-1 words
+        windows = seq.unfold(1, n - 1, 1)[:, : length - n + 1]  # (N, L-n+1, n-1)
+        hit = (windows == prefix.unsqueeze(1)).all(-1) & usable
+    following = seq[:, n - 1 :]  # (N, L-n+1): the word after each window's first n-1
+    penalty = torch.zeros_like(following, dtype=logits.dtype).masked_fill_(hit, float("-inf"))
+    blocked = logits.scatter_add(1, following, penalty)
+    only_eos = torch.full_like(logits[:1], float("-inf"))
+    only_eos[0, eos_id] = 0.0
+    return torch.where(torch.isneginf(blocked).all(1, keepdim=True), only_eos, blocked)
+
+
 def _banned(ids: Sequence[int], device: torch.device) -> Tensor | None:
     return torch.tensor(sorted({int(i) for i in ids}), dtype=torch.long, device=device) if len(ids) else None
+
+
+def _check_ngram(n: int) -> None:
+    if not isinstance(n, int) or isinstance(n, bool) or n < 0:
+        raise ValueError(f"no_repeat_ngram must be a whole number >= 0 (0 = off), got {n!r}")
 
 
 def length_normaliser(lengths: Tensor, length_penalty: float) -> Tensor:
@@ -217,6 +253,7 @@ def greedy_search(
     banned_ids: Sequence[int] = (),
     max_lengths: Tensor | None = None,
     graphs: str | None = None,
+    no_repeat_ngram: int = 0,
 ) -> SearchResult:
     """Pick the most likely word at every step, for the whole batch at once.
 
@@ -224,7 +261,9 @@ def greedy_search(
     the others renormalised, at every step. ``max_lengths`` (B,): each item's own cap (tokens
     incl. EOS; once reached only EOS may follow), so an item's output does not depend on its batch.
     ``graphs``: see the module docstring (None: CUDA graphs on CUDA devices).
+    ``no_repeat_ngram``: n > 0 never emits an n-gram an item has already produced (0: off).
     """
+    _check_ngram(no_repeat_ngram)
     expand = getattr(decoder, "expand_memory", None)
     memory = expand(memory, 1) if expand is not None else memory
     state = decoder.init_state(memory)
@@ -244,6 +283,8 @@ def greedy_search(
         logits = logits.float()
         if banned is not None:
             logits.index_fill_(-1, banned, float("-inf"))
+        if no_repeat_ngram:
+            logits = _block_repeats(logits, out_tokens.t(), t, no_repeat_ngram, eos_id)
         logits = _cap(logits, t, limits, eos_id)
         best, chosen = logits.max(-1)
         best_logp = best - torch.logsumexp(logits, -1)  # log_softmax of the best word only
@@ -287,6 +328,7 @@ def beam_search(
     banned_ids: Sequence[int] = (),
     max_lengths: Tensor | None = None,
     graphs: str | None = None,
+    no_repeat_ngram: int = 0,
 ) -> SearchResult:
     """Batched beam search: all B images and K beams advance together.
 
@@ -299,12 +341,15 @@ def beam_search(
         banned_ids: tokens never emitted (e.g. ``<unk>``): probability 0, the rest renormalised.
         max_lengths: (B,) each item's own cap (tokens incl. EOS), or None: ``max_length`` for all.
         graphs: see the module docstring (None: CUDA graphs on CUDA devices).
+        no_repeat_ngram: n > 0: no hypothesis ever holds the same n-gram twice (0: off). Each
+            slot's words are kept in a (B*K, max_length) buffer reordered with the beams.
     Returns:
         the best hypothesis per item (see :class:`SearchResult`), with the attention (and the
         sentinel weight) that produced each of its words.
     """
     if beam_size < 1:
         raise ValueError(f"beam_size must be >= 1, got {beam_size}")
+    _check_ngram(no_repeat_ngram)
     b, k = batch_size, beam_size
     expand = getattr(decoder, "expand_memory", None)
     memory = expand(memory, k) if expand is not None else map_tensors(lambda x: x.repeat_interleave(k, 0), memory)
@@ -323,12 +368,15 @@ def beam_search(
     # attention of every slot. Hypotheses are read back once at the end, so no step copies
     # the whole history.
     history: dict[str, Tensor] = {}
+    words_so_far = torch.full((b * k, max_length), pad_id, dtype=torch.long, device=device) if no_repeat_ngram else None
 
     def step() -> None:
         logits, alpha, new_state, beta = _step(decoder, tokens, state, memory)
         logits = logits.float()
         if banned is not None:
             logits.index_fill_(-1, banned, float("-inf"))
+        if words_so_far is not None:
+            logits = _block_repeats(logits, words_so_far, t, no_repeat_ngram, eos_id)
         logits = _cap(logits, t, limits, eos_id)
         logp = torch.log_softmax(logits, -1).view(b, k, -1)  # (B, K, V); then in place
         vocab = logp.shape[-1]
@@ -349,6 +397,9 @@ def beam_search(
             alpha=alpha.float().view(b, k, -1),
             beta=None if beta is None else beta.float().view(b, k),
         )
+        if words_so_far is not None:  # each slot now holds the hypothesis it extended, plus its word
+            words_so_far.copy_(words_so_far.index_select(0, (base + origin).view(-1)))
+            words_so_far.index_copy_(1, t.view(1), chosen.view(-1, 1))
         finished.copy_(finished.gather(1, origin) | (chosen == eos_id))
         scores.copy_(best)
         tokens.copy_(chosen.view(-1))
@@ -385,3 +436,67 @@ def _backtrack(step_tokens: Tensor, step_origins: Tensor) -> tuple[Tensor, Tenso
         slot = origin.gather(1, slot)
         parents.append(slot)
     return torch.stack(words[::-1], 2), torch.stack(parents[::-1], 2)
+
+
+@torch.no_grad()
+def sample_search(
+    decoder: StepDecoder,
+    memory: Any,
+    batch_size: int,
+    bos_id: int,
+    eos_id: int,
+    pad_id: int = 0,
+    num_samples: int = 5,
+    max_length: int = 50,
+    banned_ids: Sequence[int] = (),
+    temperature: float = 1.0,
+    generator: torch.Generator | None = None,
+) -> SearchResult:
+    """``num_samples`` captions per item drawn from the model's own distribution, word by word
+    (self-critical training): rows ``i*K .. i*K+K-1`` of the result are item i's K samples.
+
+    ``scores`` are the samples' log-probabilities (sum over their words, EOS included); the
+    gradient-carrying log-probabilities come from a teacher-forced pass over the samples (the
+    caller's), so this runs without autograd. Every step reads the device once every 4 steps,
+    like the other searches; no CUDA graph (the sampler's random state advances on the host).
+    """
+    if num_samples < 1:
+        raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    b, k = batch_size, num_samples
+    expand = getattr(decoder, "expand_memory", None)
+    memory = expand(memory, k) if expand is not None else map_tensors(lambda x: x.repeat_interleave(k, 0), memory)
+    state = decoder.init_state(memory)
+    device = next(x for x in _leaves(state)).device
+    banned = _banned(banned_ids, device)
+    n = b * k
+    tokens = torch.full((n,), bos_id, dtype=torch.long, device=device)
+    finished = torch.zeros(n, dtype=torch.bool, device=device)
+    scores = torch.zeros(n, device=device)
+    t = torch.zeros((), dtype=torch.long, device=device)
+    out_tokens = torch.full((max_length, n), pad_id, dtype=torch.long, device=device)
+    history: dict[str, Tensor] = {}
+
+    def step() -> None:
+        logits, alpha, new_state, beta = _step(decoder, tokens, state, memory)
+        logits = logits.float() / temperature
+        if banned is not None:
+            logits.index_fill_(-1, banned, float("-inf"))
+        logits = _cap(logits, t, None, eos_id)
+        logp = torch.log_softmax(logits, -1)
+        chosen = torch.multinomial(logp.exp(), 1, generator=generator).squeeze(1)
+        picked = logp.gather(1, chosen.unsqueeze(1)).squeeze(1)
+        chosen = chosen.masked_fill(finished, pad_id)
+        scores.add_(picked.masked_fill(finished, 0.0))
+        _record(history, t, max_length, alpha=alpha.float(), beta=None if beta is None else beta.float())
+        out_tokens.index_copy_(0, t.view(1), chosen.unsqueeze(0))
+        finished.logical_or_(chosen == eos_id)
+        tokens.copy_(chosen)
+        _copy_state(state, new_state)
+        t.add_(1)
+
+    steps = _run(step, finished, max_length, "off")
+    toks = out_tokens[:steps].t()
+    betas = history["beta"][:steps].transpose(0, 1) if "beta" in history else None
+    return SearchResult(toks, _lengths(toks, eos_id), scores, history["alpha"][:steps].transpose(0, 1), betas)

@@ -1,12 +1,13 @@
 """Greedy and batched beam search, on a toy decoder whose best sequence we can enumerate."""
 
+import functools
 import itertools
 
 import pytest
 import torch
 
 from captioning.nn.image_decoder import ShowAttendTellDecoder
-from captioning.nn.search import beam_search, greedy_search
+from captioning.nn.search import beam_search, greedy_search, sample_search
 
 PAD, BOS, EOS = 0, 1, 2
 
@@ -193,3 +194,80 @@ def test_betas_belong_to_the_words_of_the_returned_hypothesis(search):
         torch.testing.assert_close(res.betas[row, :n], previous[row, :n].float() / 100)
     plain = MarkovDecoder(table)  # a (logits, alpha, state) step: no betas
     assert greedy_search(plain, plain.prepare_memory(), 3, BOS, EOS, PAD, max_length=6).betas is None
+
+
+def _looping_table(items=3, vocab=9):
+    """A Markov chain that prefers the loop 3 -> 4 -> 5 -> 3 ... and ends late (EOS unlikely)."""
+    table = torch.full((items, vocab, vocab), -4.0)
+    for prev, nxt in ((BOS, 3), (3, 4), (4, 5), (5, 3)):
+        table[:, prev, nxt] = 3.0
+    table[:, :, EOS] = -1.0
+    table += 0.3 * torch.randn(items, vocab, vocab, generator=torch.Generator().manual_seed(0))
+    return table
+
+
+def _ngrams(seq, n):
+    return [tuple(seq[i : i + n]) for i in range(len(seq) - n + 1)]
+
+
+@pytest.mark.parametrize("n", [1, 2, 3])
+@pytest.mark.parametrize("beam", [1, 3])
+def test_repetition_blocking_never_emits_a_repeated_ngram(n, beam):
+    dec = MarkovDecoder(_looping_table())
+    search = greedy_search if beam == 1 else functools.partial(beam_search, beam_size=beam)
+    loose = search(dec, dec.prepare_memory(), 3, BOS, EOS, PAD, max_length=12)
+    assert any(len(set(_ngrams(r, n))) < len(_ngrams(r, n)) for r in loose.tokens.tolist())  # it loops unblocked
+    result = search(dec, dec.prepare_memory(), 3, BOS, EOS, PAD, max_length=12, no_repeat_ngram=n)
+    for row, length in zip(result.tokens.tolist(), result.lengths.tolist()):
+        words = row[:length]
+        assert len(set(_ngrams(words, n))) == len(_ngrams(words, n)), words
+        assert PAD not in words
+
+
+def test_repetition_blocking_leaves_a_caption_without_repeats_unchanged():
+    table = torch.full((2, 8, 8), -5.0)
+    for prev, nxt in ((BOS, 3), (3, 4), (4, 5), (5, 6), (6, EOS)):
+        table[:, prev, nxt] = 4.0
+    dec = MarkovDecoder(table)
+    for beam in (1, 3):
+        plain = beam_search(dec, dec.prepare_memory(), 2, BOS, EOS, PAD, beam_size=beam, max_length=10)
+        blocked = beam_search(
+            dec, dec.prepare_memory(), 2, BOS, EOS, PAD, beam_size=beam, max_length=10, no_repeat_ngram=2
+        )
+        assert torch.equal(plain.tokens, blocked.tokens)
+        torch.testing.assert_close(plain.scores, blocked.scores)
+
+
+def test_a_row_with_every_word_blocked_ends_instead_of_failing():
+    table = torch.zeros(1, 4, 4)  # words: PAD BOS EOS 3; only one real word
+    table[:, :, EOS] = -50.0
+    dec = MarkovDecoder(table)
+    result = greedy_search(
+        dec, dec.prepare_memory(), 1, BOS, EOS, PAD, max_length=6, banned_ids=[BOS, PAD], no_repeat_ngram=1
+    )
+    assert result.tokens[0, :2].tolist() == [3, EOS]
+    assert torch.isfinite(result.scores).all()
+
+
+def test_invalid_no_repeat_ngram_is_refused():
+    dec = MarkovDecoder(_looping_table())
+    with pytest.raises(ValueError, match="no_repeat_ngram"):
+        greedy_search(dec, dec.prepare_memory(), 3, BOS, EOS, PAD, no_repeat_ngram=-1)
+
+
+def test_sampling_draws_from_the_model_distribution_k_captions_per_item():
+    torch.manual_seed(0)
+    table = torch.full((2, 6, 6), -30.0)
+    table[0, BOS, 3] = table[0, BOS, 4] = 0.0  # item 0: word 3 or 4 with equal odds, then EOS
+    table[1, BOS, 5] = 0.0  # item 1: always word 5
+    table[:, 3:, EOS] = 0.0
+    dec = MarkovDecoder(table)
+    result = sample_search(dec, dec.prepare_memory(), 2, BOS, EOS, PAD, num_samples=400, max_length=5)
+    assert result.tokens.shape[0] == 800
+    first = result.tokens[:, 0].view(2, 400)
+    share_3 = (first[0] == 3).float().mean().item()
+    assert 0.4 < share_3 < 0.6 and set(first[0].tolist()) == {3, 4}
+    assert (first[1] == 5).all()
+    assert (result.tokens[:, 1] == EOS).all() and (result.lengths == 2).all()
+    torch.testing.assert_close(result.scores.view(2, 400)[1], torch.zeros(400), atol=1e-6, rtol=0)
+    torch.testing.assert_close(result.scores.view(2, 400)[0], torch.full((400,), -0.6931), atol=1e-3, rtol=0)
