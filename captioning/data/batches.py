@@ -122,3 +122,24 @@ def collate_text(items: list[dict[str, Any]]) -> TextBatch:
     if all(it.get("alignment") is not None for it in items):
         batch["alignments"] = [list(it["alignment"]) for it in items]
     return batch
+
+
+def usable_workers(requested: int) -> int:
+    """DataLoader workers that do not starve training: at most one fewer than the cores this
+    process may use (``os.sched_getaffinity``), with a warning when the request is cut. Four
+    JPEG-decoding workers on a 2-core machine take the cores the training step needs."""
+    import os
+    import warnings
+
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cores = os.cpu_count() or 1
+    usable = min(requested, max(cores - 1, 0))
+    if usable < requested:
+        warnings.warn(
+            f"num_workers {requested} on a machine with {cores} usable cores: using {usable} "
+            "(the training process needs a core of its own)",
+            stacklevel=3,
+        )
+    return usable

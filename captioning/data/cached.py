@@ -26,7 +26,7 @@ from lightning.pytorch import LightningDataModule
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader, Dataset, RandomSampler
 
-from captioning.data.batches import CaptionBatch, MovesTensorsOnly, collate_captions
+from captioning.data.batches import CaptionBatch, MovesTensorsOnly, collate_captions, usable_workers
 from captioning.data.feature_cache import FeatureCache, build_feature_cache, encoder_fingerprint
 from captioning.data.images import image_tensor, load_image
 from captioning.data.sampling import LengthBucketBatchSampler, OneCaptionPerImageSampler
@@ -157,7 +157,7 @@ class CachedFeaturesDataModule(TypedHyperparameters, MovesTensorsOnly, Lightning
         self.data: Any = data
         self.cache_dir, self.build = Path(cache_dir), build
         self.batch_size: int = batch_size or int(getattr(data, "batch_size", 32))
-        self.num_workers, self.captions_per_epoch = num_workers, captions_per_epoch
+        self.num_workers, self.captions_per_epoch = usable_workers(num_workers), captions_per_epoch
         self.bucket_by_length, self.max_caption_length = bucket_by_length, max_caption_length
         self.build_batch_size, self.seed = build_batch_size, seed
         self._items: dict[str, _Items] = {}
@@ -292,6 +292,14 @@ class CachedFeaturesDataModule(TypedHyperparameters, MovesTensorsOnly, Lightning
         vocab, n = self.vocab, self.max_caption_length
         encoded = [[vocab.encode(r.split()[:n]) for r in rs] for rs in refs]
         return _Items(cache.rows_of(ids), ids, refs, boxes, encoded, pairs=split == "train")
+
+    def caption_references(self, split: str) -> dict:
+        """``{image_id: [reference, ...]}`` of the images of ``split`` that the cache holds
+        (self-critical training's reward corpus)."""
+        if split not in self._items:
+            self.setup()
+        items = self._items[split]
+        return dict(zip(items.ids, items.refs))
 
     def _loader(self, split: str, **kw: Any) -> DataLoader:
         if split not in self._items:

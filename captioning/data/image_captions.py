@@ -31,7 +31,7 @@ import torch
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, RandomSampler
 
-from captioning.data.batches import MovesTensorsOnly, collate_captions
+from captioning.data.batches import MovesTensorsOnly, collate_captions, usable_workers
 from captioning.data.image_records import CaptionDataset, ImageRecord, say
 from captioning.data.images import DEFAULT_MAX_PIXELS, FollowsEncoder, ImageReadError, load_image
 from captioning.data.sampling import LengthBucketBatchSampler
@@ -106,7 +106,7 @@ class ImageCaptionsDataModule(TypedHyperparameters, FollowsEncoder, MovesTensors
         self.max_caption_length, self.random_flip = max_caption_length, random_flip
         self.check_images, self.skip_bad_images = check_images, skip_bad_images
         self.allow_outside_paths, self.max_pixels = allow_outside_paths, max_pixels
-        self.batch_size, self.num_workers, self.seed = batch_size, num_workers, seed
+        self.batch_size, self.num_workers, self.seed = batch_size, usable_workers(num_workers), seed
         self.bucket_by_length = bucket_by_length
         self._records: dict[str, list[ImageRecord]] | None = None
         self._checked: set[str] = set()
@@ -161,6 +161,10 @@ class ImageCaptionsDataModule(TypedHyperparameters, FollowsEncoder, MovesTensors
         """``{image_id: [reference caption, ...]}`` of a split; captions are space-joined tokens.
         No image is opened (a feature cache needs only the captions)."""
         return {r.image_id: [" ".join(c) for c in r.captions] for r in self._split(split)}
+
+    def caption_references(self, split: str) -> dict[int | str, list[str]]:
+        """The references of every image of ``split`` (self-critical training's reward corpus)."""
+        return self.references(split)
 
     def boxes(self, split: str) -> dict | None:
         """Named boxes per image id for the localisation metric, or None without a boxes source."""

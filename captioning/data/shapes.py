@@ -202,6 +202,12 @@ class ShapesDataModule(TypedHyperparameters, FollowsEncoder, MovesTensorsOnly, L
             keep_scenes=self.keep_scenes,
         )
 
+    def caption_references(self, split: str) -> dict[int, list[str]]:
+        """``{index: [reference, ...]}`` of every scene of ``split`` (self-critical training's
+        reward corpus; the scenes are generated, about a millisecond each)."""
+        data = self.dataset(split)
+        return {i: list(data.scene(i).captions) for i in range(len(data))}
+
     def describe(self) -> str:
         return (
             f"built-in shapes (seed {self.seed}; {self.sizes['train']} train, {self.sizes['val']} val, "

@@ -15,14 +15,18 @@ import torch
 from torch import Tensor, nn
 
 from captioning.data.vocab import Vocabulary
+from captioning.eval.reward import SelfCriticalReward
 from captioning.models.base import AttentionModel, check_scheduler
+from captioning.models.self_critical import SelfCriticalTraining
 from captioning.models.train_step import pad_length
 from captioning.nn.encoders import Encoder, encoder_config
 from captioning.nn.image_decoder import ShowAttendTellDecoder
 from captioning.nn.search import SearchResult
 
+SCST_BASELINES = ("mean", "greedy")
 
-class ImageCaptioner(AttentionModel):
+
+class ImageCaptioner(SelfCriticalTraining, AttentionModel):
     """Show, Attend and Tell captioner.
 
     Args:
@@ -33,11 +37,28 @@ class ImageCaptioner(AttentionModel):
         attention: score function or ``"none"`` (mean-feature baseline); num_heads > 1 for
             multi-head. embed_dim, decoder_dim, attention_dim, dropout, gate: decoder sizes.
         alpha_c: weight of the doubly stochastic attention regulariser.
-        lr, encoder_lr, weight_decay: AdamW; encoder_lr applies to trainable encoder params.
+        lr, encoder_lr, weight_decay: AdamW; encoder_lr applies to trainable encoder parameters.
+            ``encoder_lr: null`` (the default) picks it from the encoder: ``lr / 4`` for pretrained
+            weights being fine-tuned, ``lr`` for an encoder trained from scratch (e.g. SmallCNN), which
+            learns next to nothing at a fine-tuning rate.
         scheduler: "none", "cosine" (linear warmup then cosine decay per step) or "plateau"
             (halve the learning rate when val/cider stops improving).
         beam_size: 1 = greedy; used for validation, test and predict.
-        max_length, length_penalty: decoding limits.
+        max_length, length_penalty: decoding limits (GNMT alpha for beam search).
+        no_repeat_ngram: n > 0: decoding (validation, test, predict, ``caption``, the demo) never
+            emits an n-gram a caption already holds, which stops loops like "a man in a man in a";
+            0 (the default) turns it off. The photo configs set 2, chosen on a real validation split
+            (docs/results.md); the shapes configs keep 0 (their captions repeat "a small" legitimately).
+        self_critical: train by self-critical sequence training (Rennie et al. 2017) instead of
+            cross-entropy: ``scst_samples`` captions sampled per image, rewarded by their CIDEr-D
+            against the image's references (document frequencies of the training references,
+            :class:`captioning.eval.cider.CiderD`), minus a baseline. Start it from a
+            cross-entropy model with ``init_from``; configs/scst.yaml.
+        scst_samples: captions sampled per image (>= 2 for ``scst_baseline: mean``).
+        scst_baseline: ``"mean"``: an image's baseline is the mean reward of its other samples
+            (no extra decoding); ``"greedy"``: the reward of its greedy caption (the paper's).
+        init_from: a checkpoint (or run folder: its best) whose weights this model starts from
+            when ``fit`` is not resuming; its vocabulary must be this model's.
         label_smoothing: cross-entropy label smoothing.
         compile_decoder: torch.compile the decoder step (GPU speed option).
         allow_unk: let decoding emit ``<unk>`` (default: never; the next likeliest word is
@@ -64,13 +85,14 @@ class ImageCaptioner(AttentionModel):
         gate: bool = True,
         alpha_c: float = 1.0,
         lr: float = 4e-4,
-        encoder_lr: float = 1e-4,
+        encoder_lr: float | None = None,
         weight_decay: float = 0.0,
         scheduler: str = "none",
         warmup_steps: int = 0,
         beam_size: int = 3,
         max_length: int = 30,
         length_penalty: float = 0.0,
+        no_repeat_ngram: int = 0,
         label_smoothing: float = 0.0,
         compile_decoder: bool = False,
         allow_unk: bool = False,
@@ -78,8 +100,19 @@ class ImageCaptioner(AttentionModel):
         sentinel: bool = False,
         cuda_graphs: bool = True,
         tf32: bool = True,
+        self_critical: bool = False,
+        scst_samples: int = 5,
+        scst_baseline: str = "mean",
+        init_from: str | None = None,
     ) -> None:
         super().__init__()
+        if scst_baseline not in SCST_BASELINES:
+            raise ValueError(f"scst_baseline must be one of {SCST_BASELINES}, got {scst_baseline!r}")
+        if scst_samples < 1 or (scst_baseline == "mean" and scst_samples < 2):
+            raise ValueError(
+                f"scst_samples must be >= 1 (>= 2 with scst_baseline: mean, whose baseline is the other "
+                f"samples), got {scst_samples}"
+            )
         if vocab is None:
             raise ValueError(
                 "ImageCaptioner needs a vocabulary: the CLI links it from the datamodule "
@@ -120,6 +153,12 @@ class ImageCaptioner(AttentionModel):
         super().setup(stage)
         if self.hparams.compile_decoder:
             compile_decoder_step(self.decoder)
+        init_from = self.hparams.get("init_from")
+        if stage == "fit" and init_from and self._trainer is not None:
+            # Loaded before Lightning restores a resumed run, whose checkpoint then replaces these weights.
+            self._initial_weights = self.load_initial_weights(init_from)
+        if stage == "fit" and self.hparams.get("self_critical") and self._trainer is not None:
+            self._reward = SelfCriticalReward.for_model(self, getattr(self.trainer, "datamodule", None))
 
     # ------------------------------------------------------------------ core
     def encode(self, batch: dict) -> Tensor:
@@ -201,21 +240,27 @@ class ImageCaptioner(AttentionModel):
 
     # ------------------------------------------------------------------ training
     def train_inputs(self, batch: dict) -> dict[str, Tensor]:
-        """Features (or images) and captions; captions padded to a length bucket under CUDA graphs."""
+        """Features (or images) and captions; captions padded to a length bucket under CUDA graphs.
+        Self-critical training adds ``image_index`` (B,): each image's row in the reward's references."""
         captions = batch["captions"]
         if self.graphed:
             captions = pad_length(captions, self.length_bucket, self.vocab.pad_id)
         key = "features" if "features" in batch else "images"
-        return {key: batch[key], "captions": captions}
+        inputs = {key: batch[key], "captions": captions}
+        if self._reward is not None:
+            inputs["image_index"] = self._reward.rows(batch["image_ids"])
+        return inputs
 
     def train_losses(self, inputs: dict[str, Tensor]) -> dict[str, Tensor]:
+        if self._reward is not None:
+            return self.self_critical_losses(self.encode(inputs), inputs["image_index"])
         total, ce, reg = self.loss(self.encode(inputs), inputs["captions"])
         return {"loss": total, "ce": ce, "doubly_stochastic": reg}
 
     def can_run_step_graphs(self) -> str | None:
         if self.hparams.get("compile_decoder", False):
             return "compile_decoder is on"
-        return None
+        return self.self_critical_graph_problem()
 
     def eval_items(self, batch: dict, stage: str) -> list[dict]:
         features = self.encode(batch)
@@ -295,12 +340,20 @@ class ImageCaptioner(AttentionModel):
         return [{"image_id": i, "caption": " ".join(w)} for i, w in zip(batch["image_ids"], self.words(result))]
 
     # ------------------------------------------------------------------ optimisation
+    @property
+    def encoder_learning_rate(self) -> float:
+        """``encoder_lr``, or when None: ``lr / 4`` for a pretrained encoder, ``lr`` for one trained from scratch."""
+        hp = self.hparams
+        if hp.get("encoder_lr") is not None:
+            return float(hp.encoder_lr)
+        return float(hp.lr) / 4 if getattr(self.encoder, "starts_pretrained", False) else float(hp.lr)
+
     def param_groups(self) -> list[dict]:
-        """The decoder at ``lr``; trainable encoder parameters at ``encoder_lr``."""
+        """The decoder at ``lr``; trainable encoder parameters at :attr:`encoder_learning_rate`."""
         hp = self.hparams
         return [
             {"params": [p for p in self.decoder.parameters() if p.requires_grad], "lr": hp.lr},
-            {"params": [p for p in self.encoder.parameters() if p.requires_grad], "lr": hp.encoder_lr},
+            {"params": [p for p in self.encoder.parameters() if p.requires_grad], "lr": self.encoder_learning_rate},
         ]
 
 

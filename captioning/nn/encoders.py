@@ -108,6 +108,12 @@ class Encoder(nn.Module):
         return self.encode(self.normalize(images))
 
     @property
+    def starts_pretrained(self) -> bool:
+        """True when the weights come from pretraining (fine-tuned gently, at ``encoder_lr``);
+        False when they start random (trained at the decoder's ``lr`` unless ``encoder_lr`` is set)."""
+        return bool(self.config.get("weights") or self.config.get("weights_path") or self.config.get("pretrained"))
+
+    @property
     def frozen(self) -> bool:
         """True when no parameter is trained (its features can be cached)."""
         return not any(p.requires_grad for p in self.parameters())

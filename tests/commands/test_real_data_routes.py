@@ -253,6 +253,40 @@ def test_external_features_route_then_attached_extractor_captions_photos(photos,
         *_data("--data.init_args.data.init_args", run),
     )
 
+    # Self-critical training on top, from the shipped config, starting from that run (same vocabulary).
+    scst_run = tmp_path / "scst"
+    scst_ckpt = _fit(
+        "features_external.yaml",
+        scst_run,
+        "--config",
+        str(ROOT / "configs" / "scst.yaml"),
+        "--model.init_args.init_from",
+        str(run),
+        "--model.init_args.scst_samples",
+        "3",
+        f"{pre}.grid_size",
+        "2",
+        f"{pre}.channels",
+        "512",
+        f"{pre}.image_size",
+        "64",
+        "--data.init_args.cache_dir",
+        str(tmp_path / "features"),
+        "--data.init_args.num_workers",
+        "0",
+        "--data.init_args.captions_per_epoch",
+        "one",
+        "--data.init_args.data.init_args.karpathy_json",
+        str(karpathy(root, items)),
+        "--data.init_args.data.init_args.image_root",
+        str(root),
+        *_data("--data.init_args.data.init_args", run),  # the cross-entropy run's vocab.json
+    )
+    metrics = next(scst_run.rglob("metrics.csv")).read_text().splitlines()[0]
+    assert "train/reward" in metrics and "train/sample_diversity" in metrics and "test/cider" in metrics
+    scst_hparams = torch.load(scst_ckpt, map_location="cpu", weights_only=True)["hyper_parameters"]
+    assert scst_hparams["self_critical"] and scst_hparams["init_from"] == str(run)
+
     photo = _new_photo(tmp_path)
     refused = subprocess.run(
         cli_command("caption", "--ckpt_path", str(ckpt), "--output", str(tmp_path / "o"), str(photo)),

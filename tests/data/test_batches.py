@@ -4,6 +4,7 @@ of :class:`TextBatch`."""
 
 import typing
 
+import pytest
 import torch
 
 from captioning.data.batches import METADATA_KEYS, CaptionBatch, TextBatch, collate_captions, collate_text
@@ -116,3 +117,17 @@ def test_datamodules_move_tensors_and_hand_metadata_on_untouched():
     tb = next(iter(text.val_dataloader()))
     moved = text.transfer_batch_to_device(tb, torch.device("meta"), 0)
     assert moved["source"].device.type == "meta" and moved["ids"] is tb["ids"]
+
+
+def test_more_workers_than_spare_cores_are_cut_with_a_warning(monkeypatch):
+    import os
+    import warnings
+
+    from captioning.data.batches import usable_workers
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
+    with pytest.warns(UserWarning, match="num_workers 4 on a machine with 2 usable cores: using 1"):
+        assert usable_workers(4) == 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert usable_workers(1) == 1 and usable_workers(0) == 0

@@ -169,3 +169,20 @@ def test_localisation_is_scored_only_for_a_model_that_attends(attention):
     if attention != "none":
         assert scores["localisation_nouns"] == 1.0  # "circle" peaks inside its box
     assert any(k.lower().startswith("bleu") for k in scores)  # the caption metrics either way
+
+
+def test_encoder_lr_null_trains_a_scratch_encoder_at_lr_and_a_pretrained_one_at_a_quarter(tmp_path):
+    """The digit-scenes regression: a config's fine-tuning rate (1e-4) must not drive an encoder
+    trained from scratch. ``encoder_lr: null`` picks lr for SmallCNN, lr / 4 for pretrained weights."""
+    from captioning.nn.encoders import SmallCNN
+    from captioning.nn.torchvision_encoder import ImageEncoder
+
+    vocab = Vocabulary(["a", "b"]).to_dict()
+    scratch = ImageCaptioner(SmallCNN(channels=8, grid_size=4, image_size=64), vocab, lr=4e-4, encoder_lr=None)
+    assert [g["lr"] for g in scratch.param_groups()] == [4e-4, 4e-4]
+    weights = tmp_path / "r18.pth"
+    torch.save(ImageEncoder("resnet18", weights=None, grid_size=2, image_size=64).backbone.state_dict(), weights)
+    tuned = ImageEncoder("resnet18", weights=None, weights_path=str(weights), grid_size=2, trainable_from="layer4")
+    pretrained = ImageCaptioner(tuned, vocab, lr=4e-4, encoder_lr=None)
+    assert [g["lr"] for g in pretrained.param_groups()] == [4e-4, 1e-4]
+    assert ImageCaptioner(tuned, vocab, lr=4e-4, encoder_lr=3e-5).param_groups()[1]["lr"] == 3e-5  # explicit wins
