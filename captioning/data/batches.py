@@ -126,10 +126,10 @@ def collate_text(items: list[dict[str, Any]]) -> TextBatch:
 
 def usable_workers(requested: int) -> int:
     """DataLoader workers that do not starve training: at most one fewer than the cores this
-    process may use (``os.sched_getaffinity``), with a warning when the request is cut. Four
-    JPEG-decoding workers on a 2-core machine take the cores the training step needs."""
+    process may use (``os.sched_getaffinity``), with one line on stderr when the request is cut.
+    Four JPEG-decoding workers on a 2-core machine take the cores the training step needs."""
     import os
-    import warnings
+    import sys
 
     try:
         cores = len(os.sched_getaffinity(0))
@@ -137,9 +137,9 @@ def usable_workers(requested: int) -> int:
         cores = os.cpu_count() or 1
     usable = min(requested, max(cores - 1, 0))
     if usable < requested:
-        warnings.warn(
-            f"num_workers {requested} on a machine with {cores} usable cores: using {usable} "
+        print(
+            f"note: num_workers {requested} on a machine with {cores} usable cores: using {usable} "
             "(the training process needs a core of its own)",
-            stacklevel=3,
+            file=sys.stderr,
         )
     return usable
