@@ -266,16 +266,42 @@ def greedy_search(
     _check_ngram(no_repeat_ngram)
     expand = getattr(decoder, "expand_memory", None)
     memory = expand(memory, 1) if expand is not None else memory
+
+    def most_likely(logits: Tensor) -> tuple[Tensor, Tensor]:
+        best, chosen = logits.max(-1)
+        return chosen, best - torch.logsumexp(logits, -1)  # log_softmax of the best word only
+
+    return _word_by_word(
+        decoder, memory, batch_size, bos_id, eos_id, pad_id, max_length, banned_ids, max_lengths,
+        no_repeat_ngram, most_likely, graphs,
+    )  # fmt: skip
+
+
+def _word_by_word(
+    decoder: StepDecoder,
+    memory: Any,
+    rows: int,
+    bos_id: int,
+    eos_id: int,
+    pad_id: int,
+    max_length: int,
+    banned_ids: Sequence[int],
+    max_lengths: Tensor | None,
+    no_repeat_ngram: int,
+    pick: Callable[[Tensor], tuple[Tensor, Tensor]],
+    graphs: str | None,
+) -> SearchResult:
+    """One hypothesis per row (greedy, sampling): ``pick(logits (N, V))`` -> (word (N,), its
+    log-probability (N,)) chooses each row's next word; ``memory`` already has ``rows`` rows."""
     state = decoder.init_state(memory)
     device = next(t for t in _leaves(state)).device
     banned = _banned(banned_ids, device)
     limits = None if max_lengths is None else max_lengths.to(device)
-    b = batch_size
-    tokens = torch.full((b,), bos_id, dtype=torch.long, device=device)
-    finished = torch.zeros(b, dtype=torch.bool, device=device)
-    scores = torch.zeros(b, device=device)
+    tokens = torch.full((rows,), bos_id, dtype=torch.long, device=device)
+    finished = torch.zeros(rows, dtype=torch.bool, device=device)
+    scores = torch.zeros(rows, device=device)
     t = torch.zeros((), dtype=torch.long, device=device)
-    out_tokens = torch.full((max_length, b), pad_id, dtype=torch.long, device=device)
+    out_tokens = torch.full((max_length, rows), pad_id, dtype=torch.long, device=device)
     history: dict[str, Tensor] = {}
 
     def step() -> None:
@@ -285,11 +311,9 @@ def greedy_search(
             logits.index_fill_(-1, banned, float("-inf"))
         if no_repeat_ngram:
             logits = _block_repeats(logits, out_tokens.t(), t, no_repeat_ngram, eos_id)
-        logits = _cap(logits, t, limits, eos_id)
-        best, chosen = logits.max(-1)
-        best_logp = best - torch.logsumexp(logits, -1)  # log_softmax of the best word only
+        chosen, logp = pick(_cap(logits, t, limits, eos_id))
         chosen = chosen.masked_fill(finished, pad_id)
-        scores.add_(best_logp.masked_fill(finished, 0.0))
+        scores.add_(logp.masked_fill(finished, 0.0))
         _record(history, t, max_length, alpha=alpha.float(), beta=None if beta is None else beta.float())
         out_tokens.index_copy_(0, t.view(1), chosen.unsqueeze(0))
         finished.logical_or_(chosen == eos_id)
@@ -464,39 +488,15 @@ def sample_search(
         raise ValueError(f"num_samples must be >= 1, got {num_samples}")
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
-    b, k = batch_size, num_samples
+    k = num_samples
     expand = getattr(decoder, "expand_memory", None)
     memory = expand(memory, k) if expand is not None else map_tensors(lambda x: x.repeat_interleave(k, 0), memory)
-    state = decoder.init_state(memory)
-    device = next(x for x in _leaves(state)).device
-    banned = _banned(banned_ids, device)
-    n = b * k
-    tokens = torch.full((n,), bos_id, dtype=torch.long, device=device)
-    finished = torch.zeros(n, dtype=torch.bool, device=device)
-    scores = torch.zeros(n, device=device)
-    t = torch.zeros((), dtype=torch.long, device=device)
-    out_tokens = torch.full((max_length, n), pad_id, dtype=torch.long, device=device)
-    history: dict[str, Tensor] = {}
 
-    def step() -> None:
-        logits, alpha, new_state, beta = _step(decoder, tokens, state, memory)
-        logits = logits.float() / temperature
-        if banned is not None:
-            logits.index_fill_(-1, banned, float("-inf"))
-        logits = _cap(logits, t, None, eos_id)
-        logp = torch.log_softmax(logits, -1)
+    def draw(logits: Tensor) -> tuple[Tensor, Tensor]:
+        logp = torch.log_softmax(logits / temperature, -1)
         chosen = torch.multinomial(logp.exp(), 1, generator=generator).squeeze(1)
-        picked = logp.gather(1, chosen.unsqueeze(1)).squeeze(1)
-        chosen = chosen.masked_fill(finished, pad_id)
-        scores.add_(picked.masked_fill(finished, 0.0))
-        _record(history, t, max_length, alpha=alpha.float(), beta=None if beta is None else beta.float())
-        out_tokens.index_copy_(0, t.view(1), chosen.unsqueeze(0))
-        finished.logical_or_(chosen == eos_id)
-        tokens.copy_(chosen)
-        _copy_state(state, new_state)
-        t.add_(1)
+        return chosen, logp.gather(1, chosen.unsqueeze(1)).squeeze(1)
 
-    steps = _run(step, finished, max_length, "off")
-    toks = out_tokens[:steps].t()
-    betas = history["beta"][:steps].transpose(0, 1) if "beta" in history else None
-    return SearchResult(toks, _lengths(toks, eos_id), scores, history["alpha"][:steps].transpose(0, 1), betas)
+    return _word_by_word(
+        decoder, memory, batch_size * k, bos_id, eos_id, pad_id, max_length, banned_ids, None, 0, draw, "off"
+    )

@@ -233,9 +233,7 @@ def test_external_features_route_then_attached_extractor_captions_photos(photos,
 
     run = tmp_path / "run"
     pre = "--model.init_args.encoder.init_args"
-    ckpt = _fit(
-        "features_external.yaml",
-        run,
+    features_route = [
         f"{pre}.grid_size",
         "2",
         f"{pre}.channels",
@@ -250,8 +248,9 @@ def test_external_features_route_then_attached_extractor_captions_photos(photos,
         str(karpathy(root, items)),
         "--data.init_args.data.init_args.image_root",
         str(root),
-        *_data("--data.init_args.data.init_args", run),
-    )
+        *_data("--data.init_args.data.init_args", run),  # the SCST run below reuses this vocab.json
+    ]
+    ckpt = _fit("features_external.yaml", run, *features_route)
 
     # Self-critical training on top, from the shipped config, starting from that run (same vocabulary).
     scst_run = tmp_path / "scst"
@@ -264,23 +263,9 @@ def test_external_features_route_then_attached_extractor_captions_photos(photos,
         str(run),
         "--model.init_args.scst_samples",
         "3",
-        f"{pre}.grid_size",
-        "2",
-        f"{pre}.channels",
-        "512",
-        f"{pre}.image_size",
-        "64",
-        "--data.init_args.cache_dir",
-        str(tmp_path / "features"),
-        "--data.init_args.num_workers",
-        "0",
         "--data.init_args.captions_per_epoch",
         "one",
-        "--data.init_args.data.init_args.karpathy_json",
-        str(karpathy(root, items)),
-        "--data.init_args.data.init_args.image_root",
-        str(root),
-        *_data("--data.init_args.data.init_args", run),  # the cross-entropy run's vocab.json
+        *features_route,
     )
     metrics = next(scst_run.rglob("metrics.csv")).read_text().splitlines()[0]
     assert "train/reward" in metrics and "train/sample_diversity" in metrics and "test/cider" in metrics
