@@ -9,7 +9,8 @@ Two sources (see :mod:`captioning.eval.localisation` for what a named box is and
   category name itself and its plural are accepted too;
 * a simple boxes JSON of your own: ``{"<image_id>": [{"word": "dog", "box": [x0, y0, x1, y1]},
   ...]}`` with boxes as fractions of the image width and height (``"words": [...]`` for
-  several names of one thing).
+  several names of one thing, ``"attributes": ["brown", "small"]`` for the words that describe
+  it, which are then scored too).
 
 Ids are those of the caption datamodule (COCO ``images[].id`` / Karpathy ``cocoid``; the file
 path for the folder route).
@@ -138,7 +139,7 @@ def read_instances(path: str | Path) -> dict[Any, list[dict]]:
 
 
 def read_boxes_json(path: str | Path) -> dict[Any, list[dict]]:
-    """``{image_id: [{"word" or "words", "box": [x0, y0, x1, y1] fractions}]}`` -> named boxes.
+    """``{image_id: [{"word" or "words", "box": [x0, y0, x1, y1] fractions, "attributes"?}]}`` -> named boxes.
 
     JSON object keys are strings: an id that looks like an integer is looked up as one too.
     """
@@ -156,7 +157,16 @@ def read_boxes_json(path: str | Path) -> dict[Any, list[dict]]:
             words = e.get("words", [e.get("word")]) if isinstance(e, dict) else None
             if not isinstance(words, list) or not all(isinstance(w, str) and w.strip() for w in words):
                 raise ValueError(f"{path} [{key!r}][{k}]: needs 'word' (text) or 'words' (list of text)")
-            named.append({"box": e.get("box"), "nouns": [w.strip().lower() for w in words]})
+            entry = {"box": e.get("box"), "nouns": [w.strip().lower() for w in words]}
+            attributes = e.get("attributes", [])
+            if not isinstance(attributes, list) or not all(isinstance(w, str) and w.strip() for w in attributes):
+                raise ValueError(
+                    f"{path} [{key!r}][{k}]: 'attributes' must be a list of words that describe the thing "
+                    f'(e.g. ["brown", "small"]), got {attributes!r}'
+                )
+            if attributes:
+                entry["attributes"] = [w.strip().lower() for w in attributes]
+            named.append(entry)
         check_boxes(named, f"{path} [{key!r}]")
         out[key] = named
         if key.lstrip("-").isdigit():

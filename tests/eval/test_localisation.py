@@ -206,3 +206,23 @@ def test_localisation_is_measured_on_coco_format_data_with_an_instances_file(tmp
     assert 0.0 < float(metrics["val/localisation_nouns_chance"]) < 1.0  # the boxes cover part of the grid
     batch = next(iter(dm.val_dataloader()))
     assert batch["boxes"][0][0]["box"] == pytest.approx([0.3, 0.3, 0.7, 0.7])
+
+
+def test_boxes_json_attributes_make_the_describing_words_scored(tmp_path):
+    from captioning.data.boxes import read_boxes_json
+
+    path = tmp_path / "boxes.json"
+    path.write_text(json.dumps({"5": [{"word": "dog", "attributes": ["Brown", "small"], "box": [0.0, 0.0, 0.5, 0.5]}]}))
+    boxes = read_boxes_json(path)[5]
+    assert boxes == [{"box": [0.0, 0.0, 0.5, 0.5], "nouns": ["dog"], "attributes": ["brown", "small"]}]
+    # "a small brown dog": all three words look at the dog (top-left) -> 3 scored words, 3 hits;
+    # without attributes only "dog" would count.
+    out = pointing_game([["a", "small", "brown", "dog"]], [_peaks([(3, 3), (0, 0), (0, 0), (1, 1)])], [boxes])
+    assert (out["localisation_hits"], out["localisation_total"]) == (3, 3)
+    assert (out["localisation_nouns_hits"], out["localisation_nouns_total"]) == (1, 1)
+    plain = [{k: v for k, v in boxes[0].items() if k != "attributes"}]
+    out = pointing_game([["a", "small", "brown", "dog"]], [_peaks([(3, 3), (0, 0), (0, 0), (1, 1)])], [plain])
+    assert out["localisation_total"] == 1
+    path.write_text(json.dumps({"5": [{"word": "dog", "attributes": "brown", "box": [0, 0, 1, 1]}]}))
+    with pytest.raises(ValueError, match=r"boxes.json \['5'\]\[0\]: 'attributes' must be a list"):
+        read_boxes_json(path)
