@@ -177,3 +177,35 @@ def test_validate_scores_equal_on_one_and_two_processes(ddp_run):
 
 def test_gather_objects_is_identity_on_one_process():
     assert gather_objects([1, {"a": 2}]) == [1, {"a": 2}]
+
+
+def test_self_critical_training_runs_on_two_processes_in_bf16(ddp_run):
+    """configs/scst.yaml from the DDP run's checkpoint, two processes, bf16 autocast on CPU: each
+    rank samples, scores and back-propagates its own shard; rewards are logged once."""
+    tmp = ddp_run["tmp"]
+    run = tmp / "scst"
+    args = [
+        "fit",
+        *SMALL,
+        *DDP_CPU,
+        "--config",
+        str(ROOT / "configs" / "scst.yaml"),
+        "--test_after_fit",
+        "false",
+        "--model.init_args.init_from",
+        str(tmp / "ddp-test"),  # the W&B-named run folder of the DDP run: its best checkpoint
+        "--model.init_args.scst_samples",
+        "3",
+        "--trainer.precision",
+        "bf16-mixed",
+        "--trainer.default_root_dir",
+        str(run),
+    ]
+    run_cli(args, cli_env(tmp), cwd=tmp)
+    metrics = next(run.rglob("metrics.csv")).read_text().splitlines()
+    header = metrics[0].split(",")
+    assert "train/reward" in header and "train/baseline" in header and "val/cider" in header
+    reward = header.index("train/reward")
+    values = [float(r.split(",")[reward]) for r in metrics[1:] if r.split(",")[reward]]
+    assert values and all(math.isfinite(v) and v >= 0 for v in values)
+    assert len(list(run.rglob("best*.ckpt"))) == 1
