@@ -57,6 +57,9 @@ class ImageCaptioner(SelfCriticalTraining, AttentionModel):
         scst_samples: captions sampled per image (>= 2 for ``scst_baseline: mean``).
         scst_baseline: ``"mean"``: an image's baseline is the mean reward of its other samples
             (no extra decoding); ``"greedy"``: the reward of its greedy caption (the paper's).
+        scst_xe_weight: > 0 adds this times the cross-entropy of the batch's reference captions to
+            the self-critical loss, which keeps a model trained on few images close to its
+            references (0: pure SCST).
         init_from: a checkpoint (or run folder: its best) whose weights this model starts from
             when ``fit`` is not resuming; its vocabulary must be this model's.
         label_smoothing: cross-entropy label smoothing.
@@ -103,11 +106,14 @@ class ImageCaptioner(SelfCriticalTraining, AttentionModel):
         self_critical: bool = False,
         scst_samples: int = 5,
         scst_baseline: str = "mean",
+        scst_xe_weight: float = 0.0,
         init_from: str | None = None,
     ) -> None:
         super().__init__()
         if scst_baseline not in SCST_BASELINES:
             raise ValueError(f"scst_baseline must be one of {SCST_BASELINES}, got {scst_baseline!r}")
+        if not scst_xe_weight >= 0:
+            raise ValueError(f"scst_xe_weight must be >= 0, got {scst_xe_weight}")
         if scst_samples < 1 or (scst_baseline == "mean" and scst_samples < 2):
             raise ValueError(
                 f"scst_samples must be >= 1 (>= 2 with scst_baseline: mean, whose baseline is the other "
@@ -253,7 +259,7 @@ class ImageCaptioner(SelfCriticalTraining, AttentionModel):
 
     def train_losses(self, inputs: dict[str, Tensor]) -> dict[str, Tensor]:
         if self._reward is not None:
-            return self.self_critical_losses(self.encode(inputs), inputs["image_index"])
+            return self.self_critical_losses(self.encode(inputs), inputs["image_index"], inputs["captions"])
         total, ce, reg = self.loss(self.encode(inputs), inputs["captions"])
         return {"loss": total, "ce": ce, "doubly_stochastic": reg}
 

@@ -10,6 +10,7 @@ the samples in proportion to that advantage through one teacher-forced pass over
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -34,6 +35,7 @@ class SelfCriticalTraining(_ModelBase):
     _reward: SelfCriticalReward | None = None
     decoder: Any  # the ImageCaptioner's
     vocab: Any
+    loss: Callable[[Tensor, Tensor], tuple[Tensor, Tensor, Tensor]]  # its cross-entropy (features, captions)
     _initial_weights: Path | None = None
     _resumed = False
 
@@ -75,14 +77,17 @@ class SelfCriticalTraining(_ModelBase):
         """Why a self-critical step cannot be a CUDA graph (its rewards are computed on the CPU), or None."""
         return "self-critical training scores its samples on the CPU" if self.hparams.get("self_critical") else None
 
-    def self_critical_losses(self, features: Tensor, image_index: Tensor) -> dict[str, Tensor]:
+    def self_critical_losses(
+        self, features: Tensor, image_index: Tensor, captions: Tensor | None = None
+    ) -> dict[str, Tensor]:
         """Self-critical sequence training on features (B, S, C) of the images at rows ``image_index`` (B,).
 
         K captions per image are sampled (no autograd), rewarded by CIDEr-D, and their
         log-probabilities raised in proportion to reward minus baseline through one teacher-forced
         pass over the samples: loss = -sum_t (r - b) log p(w_t) / number of words (EOS included).
         Returns ``loss`` and, logged as ``train/*``: ``reward`` (mean sample CIDEr-D), ``baseline``,
-        ``greedy_reward`` (baseline greedy), ``sample_diversity`` (distinct samples per image / K).
+        ``greedy_reward`` (baseline greedy), ``sample_diversity`` (distinct samples per image / K),
+        and with ``scst_xe_weight`` > 0 ``ce``, the cross-entropy of ``captions`` (B, L) added to the loss.
         """
         assert self._reward is not None
         k, b = int(self.hparams.scst_samples), features.shape[0]
@@ -92,7 +97,12 @@ class SelfCriticalTraining(_ModelBase):
         was_training = self.decoder.training
         self.decoder.eval()
         try:
-            return self._self_critical_losses(features, image_index, k, b)
+            out = self._self_critical_losses(features, image_index, k, b)
+            weight = float(self.hparams.get("scst_xe_weight", 0.0) or 0.0)
+            if weight > 0 and captions is not None:
+                _, out["ce"], _ = self.loss(features, captions)
+                out["loss"] = out["loss"] + weight * out["ce"]
+            return out
         finally:
             self.decoder.train(was_training)
 

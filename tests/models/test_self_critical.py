@@ -173,3 +173,28 @@ def test_self_critical_options_are_checked():
         _captioner(vocab, scst_baseline="best")
     with pytest.raises(ValueError, match="scst_samples"):
         _captioner(vocab, scst_samples=1, scst_baseline="mean")
+
+
+def test_the_cross_entropy_share_is_added_to_the_self_critical_loss():
+    torch.manual_seed(0)
+    dm = _shapes()
+    model = _captioner(
+        dm.vocab.to_dict(),
+        encoder=PrecomputedFeatures(grid_size=3, channels=12),
+        dropout=0.0,
+        self_critical=True,
+        scst_samples=3,
+    )
+    model._reward = _WordReward(5)
+    features, captions = torch.randn(2, 9, 12), torch.tensor([[1, 5, 6, 2], [1, 7, 2, 0]])
+    losses = {}
+    for weight in (0.0, 0.5):
+        model.hparams.scst_xe_weight = weight
+        torch.manual_seed(1)  # the same samples both times
+        losses[weight] = model.self_critical_losses(features, torch.arange(2), captions)
+    assert "ce" not in losses[0.0]
+    torch.testing.assert_close(losses[0.5]["loss"], losses[0.0]["loss"] + 0.5 * losses[0.5]["ce"])
+    _, ce, _ = model.loss(features, captions)
+    torch.testing.assert_close(losses[0.5]["ce"], ce)
+    with pytest.raises(ValueError, match="scst_xe_weight"):
+        _captioner(dm.vocab.to_dict(), scst_xe_weight=-1.0)
