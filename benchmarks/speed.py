@@ -121,6 +121,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--beam-images", type=int, default=64)
     p.add_argument("--beam-size", type=int, default=3)
     p.add_argument("--max-length", type=int, default=50)
+    p.add_argument(
+        "--no-repeat-ngram", type=int, default=0, help="repetition block of beam/greedy search (photo configs: 2)"
+    )
     p.add_argument("--e2e-batch", type=int, default=8, help="images per end-to-end step (0 skips e2e)")
     p.add_argument("--e2e-repeats", type=int, default=3)
     p.add_argument("--image-size", type=int, default=256)
@@ -243,6 +246,7 @@ def build_model(a: argparse.Namespace, encoder: torch.nn.Module | None = None) -
         alpha_c=1.0,
         attention=a.attention,
         num_heads=a.heads,
+        no_repeat_ngram=a.no_repeat_ngram,
     )
     if a.query != "previous" or a.sentinel:  # decoder options the captioner does not take (yet)
         model.decoder = ShowAttendTellDecoder(
@@ -439,6 +443,7 @@ def decode_phase(a: argparse.Namespace, run: Runner, beam: int) -> dict:
             beam_size=beam,
             steps_run=steps,
             max_length=a.max_length,
+            no_repeat_ngram=a.no_repeat_ngram,
             seconds=[round(x, 2) for x in times],
         ),
         f"peak_memory_{name}": run.peak_mb(),
