@@ -31,3 +31,14 @@ def test_the_table_replaces_its_own_block_and_keeps_the_rest(tmp_path):
     text = doc.read_text()
     assert "second" in text and "first" not in text and "kept above" in text and "kept below" in text
     assert text.count(rp.BEGIN) == 1
+
+
+def test_decoding_is_the_best_one_whose_captions_do_not_loop():
+    rp = _module()
+
+    def row(n, cider, repeats):
+        return {"no_repeat_ngram": n, "length_penalty": 0.0, "cider": cider, "repeated_trigram_share": repeats}
+
+    grid = [row(0, 0.389, 0.104), row(2, 0.375, 0.048), row(3, 0.387, 0.0), row(4, 0.386, 0.112)]
+    assert rp.pick_decoding(grid)["no_repeat_ngram"] == 3
+    assert rp.pick_decoding([row(0, 0.3, 0.2), row(2, 0.2, 0.1)])["no_repeat_ngram"] == 0  # none is clean

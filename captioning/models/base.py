@@ -32,6 +32,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.utilities import rank_zero_info
 
 from captioning.data.vocab import Vocabulary
 from captioning.models.distributed import gather_unique
@@ -84,6 +85,58 @@ class AttentionModel(TrainingStep):
         allow = self.hparams.get("allow_unk", False) if allow_unk is None else allow_unk
         return [v.bos_id, v.pad_id] + ([] if allow else [v.unk_id])
 
+    # A model with a ``repeatable`` (captioning.nn.repeats.RepeatableNgrams) lets its repetition
+    # block allow what its training captions repeat: learnt when ``fit`` starts (after any
+    # init_from or resumed weights were loaded), and by ``test`` or ``validate`` for weights that
+    # came without them.
+    def repeatable_ngram_keys(self, n: int) -> torch.Tensor | None:
+        """Sorted keys of the n-grams of size ``n`` that decoding may repeat despite
+        ``no_repeat_ngram`` (those the training captions repeat, captioning.nn.repeats), or None."""
+        holder = getattr(self, "repeatable", None)
+        return holder.keys(n, len(self.target_vocab)) if holder is not None and n > 0 else None
+
+    def learn_repeatable_ngrams(self, datamodule: Any) -> None:
+        """Let the repetition block allow what the training captions of ``datamodule`` repeat
+        ("a small" in "a small red square and a small blue circle")."""
+        holder = getattr(self, "repeatable", None)
+        if holder is None:
+            return
+        refs_of = getattr(datamodule, "caption_references", None)
+        if refs_of is None:
+            rank_zero_info(
+                "no_repeat_ngram: the datamodule cannot list its training captions; decoding blocks every repeat"
+            )
+            return
+        holder.learn((c.split() for caps in refs_of("train").values() for c in caps), self.target_vocab.stoi)
+        n = int(self.hparams.no_repeat_ngram)
+        keys = self.repeatable_ngram_keys(n)
+        rank_zero_info(
+            f"no_repeat_ngram {n}: decoding may repeat the {0 if keys is None else len(keys)} {n}-gram(s) "
+            "that training captions repeat; it blocks every other repeat"
+        )
+
+    def _learn_missing_repeats(self) -> None:
+        """Weights that came without the repeats of their training captions (fitted with the block
+        off, or by an earlier version), tested or validated with the block on: learn them now, from
+        the datamodule's training captions (the checkpoint has been restored by then)."""
+        holder = getattr(self, "repeatable", None)
+        if holder is not None and self.hparams.get("no_repeat_ngram") and not holder.ngrams.numel():
+            self.learn_repeatable_ngrams(getattr(self.trainer, "datamodule", None))
+
+    def on_fit_start(self) -> None:
+        super().on_fit_start()
+        if self.hparams.get("no_repeat_ngram"):
+            self.learn_repeatable_ngrams(getattr(self.trainer, "datamodule", None))
+
+    def on_test_start(self) -> None:
+        super().on_test_start()
+        self._learn_missing_repeats()
+
+    def on_validation_start(self) -> None:
+        super().on_validation_start()
+        if self.trainer.state.fn != "fit":
+            self._learn_missing_repeats()
+
     def search(
         self,
         decoder: Any,
@@ -98,6 +151,7 @@ class AttentionModel(TrainingStep):
         defaults for unset options; ``max_lengths`` (B,): each item's own cap (tokens incl. EOS),
         within ``max_length``; tokens per :meth:`banned_ids`."""
         hp, v = self.hparams, self.target_vocab
+        no_repeat = int(hp.get("no_repeat_ngram", 0) or 0)
         beam = hp.beam_size if beam_size is None else beam_size
         length = hp.max_length if max_length is None else max_length
         common: dict[str, Any] = dict(
@@ -107,7 +161,8 @@ class AttentionModel(TrainingStep):
             max_length=length,
             banned_ids=self.banned_ids(allow_unk),
             max_lengths=max_lengths,
-            no_repeat_ngram=int(hp.get("no_repeat_ngram", 0) or 0),
+            no_repeat_ngram=no_repeat,
+            repeatable=self.repeatable_ngram_keys(no_repeat),
         )
         if beam <= 1:
             return greedy_search(decoder, memory, batch_size, **common)

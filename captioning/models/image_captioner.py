@@ -21,6 +21,7 @@ from captioning.models.self_critical import SelfCriticalTraining
 from captioning.models.train_step import pad_length
 from captioning.nn.encoders import Encoder, encoder_config
 from captioning.nn.image_decoder import ShowAttendTellDecoder
+from captioning.nn.repeats import RepeatableNgrams
 from captioning.nn.search import SearchResult
 
 SCST_BASELINES = ("mean", "greedy")
@@ -46,9 +47,11 @@ class ImageCaptioner(SelfCriticalTraining, AttentionModel):
         beam_size: 1 = greedy; used for validation, test and predict.
         max_length, length_penalty: decoding limits (GNMT alpha for beam search).
         no_repeat_ngram: n > 0: decoding (validation, test, predict, ``caption``, the demo) never
-            emits an n-gram a caption already holds, which stops loops like "a man in a man in a";
-            0 (the default) turns it off. The photo configs set 2, chosen on a real validation split
-            (docs/results.md); the shapes configs keep 0 (their captions repeat "a small" legitimately).
+            emits an n-gram a caption already holds, which stops loops like "a man in a man in a",
+            except the n-grams that training captions themselves repeat ("a small" in "a small red
+            square and a small blue circle"), which ``fit`` collects and the weights keep
+            (captioning.nn.repeats); 0 (the default) turns it off. The photo configs set 3, chosen
+            on a real validation split (docs/results.md).
         self_critical: train by self-critical sequence training (Rennie et al. 2017) instead of
             cross-entropy: ``scst_samples`` captions sampled per image, rewarded by their CIDEr-D
             against the image's references (document frequencies of the training references,
@@ -144,6 +147,8 @@ class ImageCaptioner(SelfCriticalTraining, AttentionModel):
             query=query,
             sentinel=sentinel,
         )
+        # The n-grams the training captions repeat: the repetition block lets decoding repeat them.
+        self.repeatable = RepeatableNgrams()
 
     eval_key = "image_id"
     count_name = "num_images"

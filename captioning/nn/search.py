@@ -43,6 +43,8 @@ from typing import Any, NamedTuple, Protocol, TypeVar, runtime_checkable
 import torch
 from torch import Tensor
 
+from captioning.nn.repeats import block_repeats
+
 MemoryT = TypeVar("MemoryT")
 StateT = TypeVar("StateT")
 
@@ -147,35 +149,6 @@ def _cap(logits: Tensor, step: Tensor, limits: Tensor | None, eos_id: int) -> Te
     return torch.where((limits <= step + 1).unsqueeze(1), only_eos, logits)
 
 
-def _block_repeats(logits: Tensor, seq: Tensor, t: Tensor, n: int, eos_id: int) -> Tensor:
-    """Forbid every word that would repeat an n-gram the row has already produced.
-
-    logits (N, V); seq (N, L) each row's words so far (positions < ``t`` are real); t: 0-dim step
-    counter on the device; n >= 1. A word w is banned when the row's last n-1 words followed by w
-    already occur in it. Fixed shapes and no host sync (CUDA-graph safe): every window of
-    ``seq`` is compared with the row's current prefix and windows at or past ``t - n`` ignored.
-    A row left with no word at all (a tiny vocabulary) may still end: EOS.
-    """
-    length = seq.shape[1]
-    if length < n:
-        return logits
-    starts = torch.arange(length - n + 1, device=seq.device)  # window j covers j .. j+n-1
-    usable = starts <= t - n  # the whole window, its last word included, was produced
-    if n == 1:
-        hit = usable.unsqueeze(0).expand(seq.shape[0], -1)
-    else:
-        prefix_pos = (t - (n - 1) + torch.arange(n - 1, device=seq.device)).clamp(min=0)
-        prefix = seq.index_select(1, prefix_pos)  # (N, n-1): the row's last n-1 words
-        windows = seq.unfold(1, n - 1, 1)[:, : length - n + 1]  # (N, L-n+1, n-1)
-        hit = (windows == prefix.unsqueeze(1)).all(-1) & usable
-    following = seq[:, n - 1 :]  # (N, L-n+1): the word after each window's first n-1
-    penalty = torch.zeros_like(following, dtype=logits.dtype).masked_fill_(hit, float("-inf"))
-    blocked = logits.scatter_add(1, following, penalty)
-    only_eos = torch.full_like(logits[:1], float("-inf"))
-    only_eos[0, eos_id] = 0.0
-    return torch.where(torch.isneginf(blocked).all(1, keepdim=True), only_eos, blocked)
-
-
 def _banned(ids: Sequence[int], device: torch.device) -> Tensor | None:
     return torch.tensor(sorted({int(i) for i in ids}), dtype=torch.long, device=device) if len(ids) else None
 
@@ -254,6 +227,7 @@ def greedy_search(
     max_lengths: Tensor | None = None,
     graphs: str | None = None,
     no_repeat_ngram: int = 0,
+    repeatable: Tensor | None = None,
 ) -> SearchResult:
     """Pick the most likely word at every step, for the whole batch at once.
 
@@ -261,7 +235,8 @@ def greedy_search(
     the others renormalised, at every step. ``max_lengths`` (B,): each item's own cap (tokens
     incl. EOS; once reached only EOS may follow), so an item's output does not depend on its batch.
     ``graphs``: see the module docstring (None: CUDA graphs on CUDA devices).
-    ``no_repeat_ngram``: n > 0 never emits an n-gram an item has already produced (0: off).
+    ``no_repeat_ngram``: n > 0 never emits an n-gram an item has already produced (0: off),
+    except the n-grams whose sorted keys ``repeatable`` holds (captioning.nn.repeats).
     """
     _check_ngram(no_repeat_ngram)
     expand = getattr(decoder, "expand_memory", None)
@@ -273,7 +248,7 @@ def greedy_search(
 
     return _word_by_word(
         decoder, memory, batch_size, bos_id, eos_id, pad_id, max_length, banned_ids, max_lengths,
-        no_repeat_ngram, most_likely, graphs,
+        no_repeat_ngram, repeatable, most_likely, graphs,
     )  # fmt: skip
 
 
@@ -288,6 +263,7 @@ def _word_by_word(
     banned_ids: Sequence[int],
     max_lengths: Tensor | None,
     no_repeat_ngram: int,
+    repeatable: Tensor | None,
     pick: Callable[[Tensor], tuple[Tensor, Tensor]],
     graphs: str | None,
 ) -> SearchResult:
@@ -296,6 +272,7 @@ def _word_by_word(
     state = decoder.init_state(memory)
     device = next(t for t in _leaves(state)).device
     banned = _banned(banned_ids, device)
+    repeatable = None if repeatable is None else repeatable.to(device)
     limits = None if max_lengths is None else max_lengths.to(device)
     tokens = torch.full((rows,), bos_id, dtype=torch.long, device=device)
     finished = torch.zeros(rows, dtype=torch.bool, device=device)
@@ -310,7 +287,7 @@ def _word_by_word(
         if banned is not None:
             logits.index_fill_(-1, banned, float("-inf"))
         if no_repeat_ngram:
-            logits = _block_repeats(logits, out_tokens.t(), t, no_repeat_ngram, eos_id)
+            logits = block_repeats(logits, out_tokens.t(), t, no_repeat_ngram, eos_id, repeatable)
         chosen, logp = pick(_cap(logits, t, limits, eos_id))
         chosen = chosen.masked_fill(finished, pad_id)
         scores.add_(logp.masked_fill(finished, 0.0))
@@ -353,6 +330,7 @@ def beam_search(
     max_lengths: Tensor | None = None,
     graphs: str | None = None,
     no_repeat_ngram: int = 0,
+    repeatable: Tensor | None = None,
 ) -> SearchResult:
     """Batched beam search: all B images and K beams advance together.
 
@@ -367,6 +345,7 @@ def beam_search(
         graphs: see the module docstring (None: CUDA graphs on CUDA devices).
         no_repeat_ngram: n > 0: no hypothesis ever holds the same n-gram twice (0: off). Each
             slot's words are kept in a (B*K, max_length) buffer reordered with the beams.
+        repeatable: sorted keys of the n-grams that may repeat anyway (captioning.nn.repeats), or None.
     Returns:
         the best hypothesis per item (see :class:`SearchResult`), with the attention (and the
         sentinel weight) that produced each of its words.
@@ -380,6 +359,7 @@ def beam_search(
     state = decoder.init_state(memory)
     device = next(x for x in _leaves(state)).device
     banned = _banned(banned_ids, device)
+    repeatable = None if repeatable is None else repeatable.to(device)
     limits = None if max_lengths is None else max_lengths.to(device).repeat_interleave(k)  # (B*K,)
     tokens = torch.full((b * k,), bos_id, dtype=torch.long, device=device)
     # Only beam 0 is alive at the start, so the first top-k does not pick K copies of one word.
@@ -400,7 +380,7 @@ def beam_search(
         if banned is not None:
             logits.index_fill_(-1, banned, float("-inf"))
         if words_so_far is not None:
-            logits = _block_repeats(logits, words_so_far, t, no_repeat_ngram, eos_id)
+            logits = block_repeats(logits, words_so_far, t, no_repeat_ngram, eos_id, repeatable)
         logits = _cap(logits, t, limits, eos_id)
         logp = torch.log_softmax(logits, -1).view(b, k, -1)  # (B, K, V); then in place
         vocab = logp.shape[-1]
@@ -498,5 +478,5 @@ def sample_search(
         return chosen, logp.gather(1, chosen.unsqueeze(1)).squeeze(1)
 
     return _word_by_word(
-        decoder, memory, batch_size * k, bos_id, eos_id, pad_id, max_length, banned_ids, None, 0, draw, "off"
+        decoder, memory, batch_size * k, bos_id, eos_id, pad_id, max_length, banned_ids, None, 0, None, draw, "off"
     )

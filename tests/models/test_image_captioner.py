@@ -186,3 +186,49 @@ def test_encoder_lr_null_trains_a_scratch_encoder_at_lr_and_a_pretrained_one_at_
     pretrained = ImageCaptioner(tuned, vocab, lr=4e-4, encoder_lr=None)
     assert [g["lr"] for g in pretrained.param_groups()] == [4e-4, 1e-4]
     assert ImageCaptioner(tuned, vocab, lr=4e-4, encoder_lr=3e-5).param_groups()[1]["lr"] == 3e-5  # explicit wins
+
+
+def test_repetition_block_learns_the_repeats_of_training_captions_and_keeps_them_in_files(tmp_path):
+    """Fit with no_repeat_ngram: the word pairs the training captions repeat ("a small" in the
+    built-in scenes) stay allowed; checkpoints and exported folders keep them; weights saved
+    before the model kept them load with none, and `test` learns them."""
+    import lightning.pytorch as pl
+
+    from captioning.data.shapes import ShapesDataModule
+    from captioning.io.model_folders import export_model, load_pretrained
+
+    dm = ShapesDataModule(train_size=40, val_size=4, test_size=4, batch_size=8, num_workers=0)
+    dm.setup("fit")
+    model = ImageCaptioner(
+        SmallCNN(channels=8, grid_size=4, image_size=64), dm.vocab.to_dict(), embed_dim=16, decoder_dim=16,
+        attention_dim=16, max_length=8, no_repeat_ngram=2,
+    )  # fmt: skip
+    trainer = pl.Trainer(
+        logger=False, enable_checkpointing=False, enable_progress_bar=False, max_steps=1, limit_val_batches=0
+    )
+    trainer.fit(model, datamodule=dm)
+    v = dm.vocab
+    a_small = v.stoi["a"] * len(v) + v.stoi["small"]
+    keys = model.repeatable_ngram_keys(2)
+    assert keys is not None and a_small in keys.tolist()
+    repeats = sum(
+        len(set(zip(w, w[1:]))) < len(w) - 1
+        for caps in dm.caption_references("train").values()
+        for w in (c.split() for c in caps)
+    )
+    assert repeats > 0  # the scenes' captions do repeat word pairs
+
+    path = tmp_path / "m.ckpt"
+    trainer.save_checkpoint(path)
+    assert torch.equal(load_model(path).repeatable_ngram_keys(2), keys)
+    folder = export_model(path, tmp_path / "folder")
+    assert torch.equal(load_pretrained(folder).repeatable_ngram_keys(2), keys)
+
+    old = torch.load(path, map_location="cpu", weights_only=True)
+    del old["state_dict"]["repeatable.ngrams"]
+    torch.save(old, tmp_path / "old.ckpt")
+    before = load_model(tmp_path / "old.ckpt")
+    assert before.repeatable_ngram_keys(2) is None
+    # `test` of such weights with the block on learns them from the training captions first.
+    pl.Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False).test(before, datamodule=dm)
+    assert torch.equal(before.repeatable_ngram_keys(2), keys)
