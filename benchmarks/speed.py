@@ -122,7 +122,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--beam-size", type=int, default=3)
     p.add_argument("--max-length", type=int, default=50)
     p.add_argument(
-        "--no-repeat-ngram", type=int, default=0, help="repetition block of beam/greedy search (photo configs: 2)"
+        "--no-repeat-ngram", type=int, default=0, help="repetition block of beam/greedy search (photo configs: 3)"
     )
     p.add_argument("--e2e-batch", type=int, default=8, help="images per end-to-end step (0 skips e2e)")
     p.add_argument("--e2e-repeats", type=int, default=3)

@@ -39,13 +39,13 @@ def block_repeats(
 ) -> Tensor:
     """Forbid every word that would repeat an n-gram the row has already produced (in place).
 
-    logits (N, V), changed in place and returned; seq (N, L) each row's words so far (positions < ``t`` are real); t: 0-dim step
-    counter on the device; n >= 1; ``repeatable``: sorted int64 keys (:func:`ngram_keys` with
-    V = logits.shape[1]) of the n-grams that may repeat, or None. A word w is banned when the
-    row's last n-1 words followed by w already occur in it and that n-gram is not repeatable.
-    Fixed shapes and no host sync (CUDA-graph safe): every window of ``seq`` is compared with the
-    row's current prefix and windows at or past ``t - n`` ignored. A row left with no word at
-    all (a tiny vocabulary) may still end: EOS.
+    logits (N, V), changed in place and returned; seq (N, L) each row's words so far (positions
+    < ``t`` are real); t: 0-dim step counter on the device; n >= 1; ``repeatable``: sorted int64
+    keys (:func:`ngram_keys` with V = logits.shape[1]) of the n-grams that may repeat, or None.
+    A word w is banned when the row's last n-1 words followed by w already occur in it and that
+    n-gram is not repeatable. Fixed shapes and no host sync (CUDA-graph safe): every window of
+    ``seq`` is compared with the row's current prefix and windows at or past ``t - n`` ignored.
+    A row left with no word at all (a tiny vocabulary) may still end: EOS.
     """
     length = seq.shape[1]
     if length < n:
@@ -103,6 +103,8 @@ class RepeatableNgrams(nn.Module):
     (:func:`repeated_ngrams`). Its size follows the data: loading resizes it to the stored one,
     and weights saved before it existed load with none (every repeat blocked, as then).
     """
+
+    ngrams: Tensor
 
     def __init__(self) -> None:
         super().__init__()
