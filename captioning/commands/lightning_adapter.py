@@ -16,8 +16,9 @@ Used where they act (the io layer sits below the commands, so it cannot call thi
 
 * :mod:`captioning.io.checkpoint_files`: ``Trainer._checkpoint_connector.dump_checkpoint``, the
   checkpoint written when a run fails; ``ModelCheckpoint``'s ``_should_save_on_train_epoch_end``,
-  ``_should_skip_saving_checkpoint``, ``_save_last_checkpoint``, ``_monitor_candidates`` and
-  ``_every_n_epochs``, to write ``last.ckpt`` on schedule (:mod:`captioning.io.run_folders` ``LastOnSchedule``);
+  ``_should_skip_saving_checkpoint``, ``_save_last_checkpoint``, ``_monitor_candidates``,
+  ``_every_n_epochs`` and ``_last_global_step_saved``, to write ``last.ckpt`` on schedule
+  (:mod:`captioning.io.run_folders` ``LastOnSchedule``);
 * :mod:`captioning.io.run_folders`: a CSV logger continuing an existing run folder sets the
   logger's ``_version`` / ``_experiment`` and overrides ``ExperimentWriter._check_log_dir_exists``.
 """
@@ -50,7 +51,7 @@ PRIVATE_API = {
 PRIVATE_ATTRIBUTES = {
     "lightning.pytorch.Trainer": ("_checkpoint_connector",),
     "lightning.pytorch.loggers.CSVLogger": ("_version", "_experiment"),
-    "lightning.pytorch.callbacks.ModelCheckpoint": ("_every_n_epochs",),
+    "lightning.pytorch.callbacks.ModelCheckpoint": ("_every_n_epochs", "_last_global_step_saved"),
 }
 
 

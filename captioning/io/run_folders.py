@@ -355,7 +355,12 @@ class LastOnSchedule(Checkpoint):
         continues this epoch (a checkpoint written once training ended counts it as finished)."""
         if trainer.should_stop and _time_is_up(trainer):
             for callback in self._savers(trainer):
+                saved_at = callback._last_global_step_saved
                 callback._save_last_checkpoint(trainer, callback._monitor_candidates(trainer))
+                # Lightning validates once more when training stops early, at this same step: the
+                # ModelCheckpoint must still judge that validation (it skips a step it saved at),
+                # else a better model found by the last validation is never kept as the best.
+                callback._last_global_step_saved = saved_at
 
     def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
         """No ``Timer`` state in checkpoints: ``max_time`` limits each run, so a resumed run gets the

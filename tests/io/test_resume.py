@@ -367,3 +367,43 @@ def test_last_follows_every_epoch_end_validation_when_the_metric_does_not_improv
     saved = torch.load(tmp_path / "ckpt" / "last.ckpt", map_location="cpu", weights_only=True)
     assert (saved["epoch"], saved["global_step"]) == (2, 6)
     assert len(list((tmp_path / "ckpt").glob("best*.ckpt")) or list((tmp_path / "ckpt").glob("epoch*.ckpt"))) == 1
+
+
+class _StepScore(pl.Callback):
+    """Logs val/step = the global step at every validation: each validation beats the one before."""
+
+    def on_validation_epoch_end(self, trainer, pl_module):
+        pl_module.log("val/step", float(trainer.global_step))
+
+
+def test_the_validation_at_a_max_time_stop_can_still_give_the_best_checkpoint(tmp_path):
+    """max_time stops mid-epoch, last.ckpt is written at that step, then Lightning validates once
+    more at the same step: a better score there must become the best checkpoint (the one
+    test_after_fit and `caption` use), not be skipped as "already saved at this step"."""
+    from captioning.io.run_folders import LastOnSchedule
+
+    pl.seed_everything(0)
+    dm = ShapesDataModule(train_size=4000, val_size=2, test_size=2, batch_size=2, num_workers=0)
+    best = ModelCheckpoint(
+        dirpath=tmp_path / "ckpt", monitor="val/step", mode="max", save_last=True, filename="best-{step}"
+    )
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        logger=False,
+        callbacks=[best, LastOnSchedule(), _StepScore()],
+        val_check_interval=1000,  # the stop comes first: its validation is the only one
+        limit_val_batches=1,
+        num_sanity_val_steps=0,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        max_time={"seconds": 1},
+        max_epochs=1,
+    )
+    trainer.fit(_tiny_captioner(dm), datamodule=dm)
+    stopped = trainer.global_step
+    assert 0 < stopped < 1000, "the time limit must stop the run before the first scheduled validation"
+    assert best.best_model_score == stopped
+    kept = torch.load(best.best_model_path, map_location="cpu", weights_only=True)
+    assert kept["global_step"] == stopped
+    last = torch.load(tmp_path / "ckpt" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert last["global_step"] == stopped
