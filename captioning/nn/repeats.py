@@ -55,14 +55,14 @@ def block_repeats(
     following = seq[:, n - 1 :]  # (N, L-n+1): the word after each window's first n-1
     if n == 1:
         hit = usable.unsqueeze(0).expand(seq.shape[0], -1)
-        keys = following
     else:
         prefix_pos = (t - (n - 1) + torch.arange(n - 1, device=seq.device)).clamp(min=0)
         prefix = seq.index_select(1, prefix_pos)  # (N, n-1): the row's last n-1 words
         windows = seq.unfold(1, n - 1, 1)[:, : length - n + 1]  # (N, L-n+1, n-1)
         hit = (windows == prefix.unsqueeze(1)).all(-1) & usable
-        keys = ngram_keys(prefix, logits.shape[1]).unsqueeze(1) * logits.shape[1] + following
     if repeatable is not None and repeatable.numel():
+        # The n-gram each window would repeat (the row's last n-1 words + the window's next word).
+        keys = following if n == 1 else ngram_keys(prefix, logits.shape[1]).unsqueeze(1) * logits.shape[1] + following
         keys = keys.contiguous()  # searchsorted copies a strided input anyway
         at = torch.searchsorted(repeatable, keys).clamp_(max=repeatable.numel() - 1)
         hit = hit & (repeatable[at] != keys)
@@ -78,8 +78,8 @@ def repeated_ngrams(captions: Iterable[Sequence[int]], max_n: int = MAX_LEARNT_N
     """Every n-gram (1 <= n <= ``max_n``) that occurs at least twice within one caption.
 
     captions: word-id sequences (no BOS/EOS); a negative id (a word outside the vocabulary) is in
-    no n-gram. Returns (M, max_n) int64, one n-gram per row,
-    right-aligned and left-padded with -1, sorted and unique."""
+    no n-gram. Returns (M, max_n) int64, one n-gram per row, right-aligned and left-padded with
+    -1, sorted and unique."""
     found: set[tuple[int, ...]] = set()
     for ids in captions:
         ids = list(ids)
@@ -125,7 +125,7 @@ class RepeatableNgrams(nn.Module):
         width = rows.shape[1]
         of_size = (rows[:, width - n] >= 0) & ((rows[:, : width - n] < 0).all(1) if width > n else True)
         grams = rows[of_size][:, width - n :]
-        grams = grams[(grams < vocab_size).all(1)]  # ids a stored file made up match no word
+        grams = grams[((grams >= 0) & (grams < vocab_size)).all(1)]  # ids a stored file made up: none
         if not len(grams):
             return None
         return torch.unique(ngram_keys(grams, vocab_size))  # sorted
