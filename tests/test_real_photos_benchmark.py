@@ -42,3 +42,22 @@ def test_decoding_is_the_best_one_whose_captions_do_not_loop():
     grid = [row(0, 0.389, 0.104), row(2, 0.375, 0.048), row(3, 0.387, 0.0), row(4, 0.386, 0.112)]
     assert rp.pick_decoding(grid)["no_repeat_ngram"] == 3
     assert rp.pick_decoding([row(0, 0.3, 0.2), row(2, 0.2, 0.1)])["no_repeat_ngram"] == 0  # none is clean
+
+
+def test_the_change_over_the_start_is_paired_and_its_interval_shrinks_with_the_photos():
+    rp = _module()
+    refs = {i: [f"a dog {w} on the grass" for w in ("runs", "jumps", "sits")] for i in range(40)}
+    refs.update({i: [f"a man {w} a red bike" for w in ("rides", "pushes", "fixes")] for i in range(40, 80)})
+    old = {i: ("a dog on the grass" if i < 40 else "a man on a bike") for i in refs}
+    new = dict(old)
+    for i in range(0, 80, 2):  # every other photo gets a better caption
+        new[i] = refs[i][0]
+    better = rp.paired_cider_change(new, old, refs)
+    assert better["change"] > 0 and 0 < better["low"] <= better["change"] <= better["high"]
+    same = rp.paired_cider_change(old, old, refs)
+    assert same == {"change": 0.0, "low": 0.0, "high": 0.0}
+    worse = rp.paired_cider_change(old, new, refs)
+    assert worse["high"] < 0
+    few = {i: refs[i] for i in list(range(0, 6)) + list(range(40, 46))}
+    fewer = rp.paired_cider_change(new, old, few)
+    assert fewer["high"] - fewer["low"] > better["high"] - better["low"]  # fewer photos, less certainty
