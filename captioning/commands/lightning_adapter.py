@@ -18,7 +18,9 @@ Used where they act (the io layer sits below the commands, so it cannot call thi
   checkpoint written when a run fails; ``ModelCheckpoint``'s ``_should_save_on_train_epoch_end``,
   ``_should_skip_saving_checkpoint``, ``_save_last_checkpoint``, ``_monitor_candidates``,
   ``_every_n_epochs`` and ``_last_global_step_saved``, to write ``last.ckpt`` on schedule
-  (:mod:`captioning.io.run_folders` ``LastOnSchedule``);
+  (:mod:`captioning.io.run_folders` ``LastOnSchedule``), and to let a validation of the weights
+  a fit starts from (``init_from``) save before step 0
+  (:func:`captioning.models.self_critical.validate_starting_weights`);
 * :mod:`captioning.io.run_folders`: a CSV logger continuing an existing run folder sets the
   logger's ``_version`` / ``_experiment`` and overrides ``ExperimentWriter._check_log_dir_exists``.
 """

@@ -64,7 +64,9 @@ class ImageCaptioner(SelfCriticalTraining, AttentionModel):
             the self-critical loss, which keeps a model trained on few images close to its
             references (0: pure SCST).
         init_from: a checkpoint (or run folder: its best) whose weights this model starts from
-            when ``fit`` is not resuming; its vocabulary must be this model's.
+            when ``fit`` is not resuming; its vocabulary must be this model's. Those weights are
+            validated before the first step, so they stay the best checkpoint unless training
+            beats them on validation.
         label_smoothing: cross-entropy label smoothing.
         compile_decoder: torch.compile the decoder step (GPU speed option).
         allow_unk: let decoding emit ``<unk>`` (default: never; the next likeliest word is

@@ -14,12 +14,15 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import lightning.pytorch as pl
 import torch
+from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
 from captioning.errors import UserError
 from captioning.eval.reward import SelfCriticalReward
+from captioning.io.run_folders import callbacks_of
 from captioning.nn.search import greedy_search, sample_search
 
 if TYPE_CHECKING:  # what the mixin relies on: the models' base class
@@ -72,6 +75,13 @@ class SelfCriticalTraining(_ModelBase):
         super().on_fit_start()
         if self._initial_weights is not None and not self._resumed:
             rank_zero_info(f"init_from: starting from the weights of {self._initial_weights}")
+
+    def on_train_start(self) -> None:
+        super().on_train_start()
+        if self._initial_weights is not None and not self._resumed and self.trainer.global_step == 0:
+            # The starting weights are a candidate too: a run whose updates never beat them on
+            # validation keeps them as its best checkpoint (and tests them) instead of a worse model.
+            validate_starting_weights(self.trainer)
 
     def self_critical_graph_problem(self) -> str | None:
         """Why a self-critical step cannot be a CUDA graph (its rewards are computed on the CPU), or None."""
@@ -138,3 +148,32 @@ class SelfCriticalTraining(_ModelBase):
             sample_diversity=torch.tensor(sum(distinct) / (b * k), device=loss.device),
         )
         return out
+
+
+def validate_starting_weights(trainer: pl.Trainer) -> None:
+    """Validate the weights a fit starts from before its first step, as a validation during
+    training: each ModelCheckpoint can keep them as the best checkpoint, and EarlyStopping judges
+    later validations against them.
+
+    For a fit that starts from trained weights (``init_from``, such as self-critical training
+    after cross-entropy) the first validation otherwise comes after some updates, so a run whose
+    updates never help (SCST on a small set, docs/results.md) would hand back, and test, a model
+    below the one it started from. Lightning validates only after steps, and its ModelCheckpoint
+    skips step 0 ("no steps taken"); that skip is lifted for this one validation (a private
+    attribute, listed in captioning/commands/lightning_adapter.py)."""
+    for saver in trainer.checkpoint_callbacks:
+        if isinstance(saver, ModelCheckpoint) and saver._last_global_step_saved == trainer.global_step:
+            saver._last_global_step_saved = -1
+    loop = trainer.fit_loop.epoch_loop.val_loop
+    trainer.validating = True  # as Lightning's own validation inside the training loop
+    try:
+        loop.run()
+    finally:
+        trainer.training = True
+    if loop.skip:  # no validation batches: nothing to judge
+        return
+    # Callbacks that judge a validation at the end of the training epoch (Lightning's choice when
+    # val_check_interval is 1.0) judge this one now; their epoch-end hook does nothing otherwise.
+    for judge in callbacks_of(trainer):
+        if isinstance(judge, (ModelCheckpoint, EarlyStopping)):
+            judge.on_train_epoch_end(trainer, trainer.lightning_module)

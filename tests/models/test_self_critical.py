@@ -7,12 +7,13 @@ import lightning.pytorch as pl
 import pandas as pd
 import pytest
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 
 import captioning.models.self_critical as image_captioner_module
 from captioning.data.shapes import ShapesDataModule
 from captioning.errors import UserError
+from captioning.io.run_folders import LastOnSchedule
 from captioning.models.image_captioner import ImageCaptioner
 from captioning.nn.encoders import PrecomputedFeatures, SmallCNN
 
@@ -154,6 +155,50 @@ def test_self_critical_fit_starts_from_a_cross_entropy_checkpoint_logs_rewards_a
     assert resumed.global_step == 3
     for k, v in trained["state_dict"].items():
         torch.testing.assert_close(at_start[k], v, rtol=0, atol=0)
+
+
+# 1: Lightning judges validations at the end of the training epoch; 0.5: at each validation's end.
+@pytest.mark.parametrize("val_check_interval", [1, 0.5])
+def test_a_fit_from_trained_weights_keeps_them_as_best_when_its_updates_do_not_help(tmp_path, val_check_interval):
+    dm = _shapes()
+    xe = _captioner(dm.vocab.to_dict())
+    _fit(tmp_path, xe, dm, max_steps=6, name="xe")
+    xe_ckpt = tmp_path / "xe" / "ckpt" / "last.ckpt"
+    start = torch.load(xe_ckpt, map_location="cpu", weights_only=True)["state_dict"]
+
+    # A learning rate that can only wreck the model: every validation after a step is worse.
+    scst = _captioner(dm.vocab.to_dict(), self_critical=True, scst_samples=3, init_from=str(xe_ckpt), lr=1.0)
+    pl.seed_everything(0)
+    best = ModelCheckpoint(dirpath=tmp_path / "scst" / "ckpt", monitor="val/loss", mode="min", save_last=True)
+    stop = EarlyStopping(monitor="val/loss", mode="min", patience=2)
+    trainer = pl.Trainer(
+        default_root_dir=tmp_path,
+        accelerator="cpu",
+        max_steps=2 if val_check_interval == 1 else 4,
+        val_check_interval=val_check_interval,
+        logger=CSVLogger(tmp_path, name="scst", version=0),
+        log_every_n_steps=1,
+        callbacks=[best, stop, LastOnSchedule()],  # as the command line sets them up
+        limit_val_batches=1,
+        num_sanity_val_steps=0,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(scst, datamodule=dm)
+
+    val = pd.read_csv(tmp_path / "scst" / "version_0" / "metrics.csv").dropna(subset=["val/loss"])
+    assert val["step"].tolist()[0] == 0, "the starting weights were validated before the first step"
+    assert (val["val/loss"].iloc[1:] > val["val/loss"].iloc[0]).all(), "the updates made it worse"
+    kept = torch.load(best.best_model_path, map_location="cpu", weights_only=True)
+    assert kept["global_step"] == 0
+    for k, v in start.items():
+        torch.testing.assert_close(kept["state_dict"][k], v, rtol=0, atol=0)
+    last = torch.load(tmp_path / "scst" / "ckpt" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert last["global_step"] == 2  # the run's own progress is still saved for a resume
+    # Early stopping counts from the start too: two validations worse than it end the run (step 2
+    # of 4); judged at the epoch end (val_check_interval 1) it cannot stop before the epoch ends.
+    assert stop.best_score.item() == pytest.approx(val["val/loss"].iloc[0])
+    assert trainer.global_step == 2
 
 
 def test_init_from_refuses_a_model_with_another_vocabulary(tmp_path):
