@@ -305,7 +305,9 @@ def table(rows: list[dict], nn_row: dict, args: argparse.Namespace, machine: str
                 every = r["test_blocked_every_repeat"]["cider"]
                 extra = f" {r['val_blocked']['cider']:.3f} | {every:.3f} |"
             change = r.get("change_over_start") if mode == "blocked" else None
-            if change:
+            if change and change["low"] == change["high"] == change["change"] == 0.0:
+                extra += " its start kept (no SCST validation beat it) |"  # the same captions
+            elif change:
                 c, lo, hi = (100 * change[k] for k in ("change", "low", "high"))
                 extra += f" {c:+.0f}% ({lo:+.0f}% to {hi:+.0f}%) |"
             else:

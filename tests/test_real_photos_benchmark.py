@@ -61,3 +61,27 @@ def test_the_change_over_the_start_is_paired_and_its_interval_shrinks_with_the_p
     few = {i: refs[i] for i in list(range(0, 6)) + list(range(40, 46))}
     fewer = rp.paired_cider_change(new, old, few)
     assert fewer["high"] - fewer["low"] > better["high"] - better["low"]  # fewer photos, less certainty
+
+
+def test_the_table_shows_each_scst_change_and_when_a_run_kept_its_start():
+    rp = _module()
+    q = {"bleu4": 0.1, "meteor": 0.2, "cider": 0.4, "distinct_captions": 9, "words_used": 30}
+    q["repeated_trigram_share"] = 0.0
+
+    def row(name, change=None):
+        r = {"variant": name, "plain": q, "blocked": q, "val_blocked": q, "test_blocked_every_repeat": q}
+        r["decoding"] = {"no_repeat_ngram": 3, "length_penalty": 0.0}
+        return r | ({"change_over_start": change} if change else {})
+
+    rows = [
+        row("xe_previous"),
+        row("scst_mean", {"change": 0.0, "low": 0.0, "high": 0.0}),
+        row("scst_greedy", {"change": 0.02, "low": -0.06, "high": 0.11}),
+    ]
+    args = type("Args", (), {"extractor": "x", "grid": 2, "channels": 4, "minutes": 1, "scst_minutes": 1})
+    lines = rp.table(rows, q | {"images": 9}, args, "a machine").splitlines()
+    blocked = {line.split(" | ")[0][2:]: line for line in lines if "| blocked |" in line}
+    assert blocked["scst_mean"].endswith("its start kept (no SCST validation beat it) |")
+    assert blocked["scst_greedy"].endswith("+2% (-6% to +11%) |")
+    assert blocked["xe_previous"].endswith("| |")
+    assert len({line.count("|") for line in lines if line.startswith("|")}) == 1  # every row has every column
