@@ -360,10 +360,10 @@ def main(argv: list[str] | None = None) -> None:
         decoding = row["decoding"]  # chosen once, on the first model's validation split, used for all
         start = VARIANTS[name][1]
         if start is not None:  # SCST: the change over its cross-entropy start, photo by photo
-            before = next(r for r in rows if r["variant"] == start)
-            ids, refs, _ = _references_and_features(args, "test", str(Path(args.work_dir) / start / "vocab.json"))
+            before, captions = next(r for r in rows if r["variant"] == start), row["blocked_captions"]
+            refs = _datamodule(args, str(Path(args.work_dir) / start / "vocab.json")).references("test")
             row["change_over_start"] = paired_cider_change(
-                row["blocked_captions"], before["blocked_captions"], {i: refs[i] for i in ids}
+                captions, before["blocked_captions"], {i: refs[i] for i in captions}
             )
         rows.append(row)
         print(f"{name}: plain {row['plain']}\n  blocked {row['blocked']}", flush=True)
