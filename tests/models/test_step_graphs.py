@@ -74,8 +74,11 @@ def test_a_graphed_fit_trains_as_the_plain_one(query, sentinel):
     # Caption lengths of the 8 batches fall into a few buckets; each bucket warms up twice, then replays.
     assert counts["graphs"] >= 1 and counts["replays"] >= 1 and counts["replays"] + counts["eager"] == 8
     assert not hasattr(plain, "step_graph_counts")
+    # Adam turns float-order differences in near-zero gradients into weight differences of up to
+    # about 1e-4 after 8 steps at lr 1e-2 (the plain fit alone differs by 6.5e-5 between 1 and 2
+    # threads on an AMD EPYC); a wrong step would differ by about the learning rate.
     for (name, a), b in zip(plain.named_parameters(), graphed.parameters()):
-        torch.testing.assert_close(b, a, atol=5e-5, rtol=1e-4, msg=lambda m, name=name: f"{name}: {m}")
+        torch.testing.assert_close(b, a, atol=2e-4, rtol=1e-4, msg=lambda m, name=name: f"{name}: {m}")
 
 
 def test_graphed_steps_follow_the_learning_rate_schedule_and_log_the_losses():
