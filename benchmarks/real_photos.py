@@ -100,13 +100,18 @@ def train(args: argparse.Namespace, name: str) -> None:
     extra, start = VARIANTS[name]
     if start is not None:
         extra = VARIANTS[start][0] + extra
-    done = Path(args.work_dir) / f"{name}.done"
+    run_once(Path(args.work_dir), name, fit_command(args, name, extra, start))
+
+
+def run_once(work_dir: Path, name: str, cmd: list[str]) -> None:
+    """Run a variant's training command unless ``<work_dir>/<name>.done`` says it ran: output in
+    ``<name>.log``, the marker (with the seconds it took) written only when it succeeded."""
+    done = work_dir / f"{name}.done"
     if done.exists():
         print(f"{name}: trained before ({done}); reusing it", flush=True)
         return
-    cmd = fit_command(args, name, extra, start)
     print(f"{name}: {' '.join(cmd)}", flush=True)
-    log = Path(args.work_dir) / f"{name}.log"
+    log = work_dir / f"{name}.log"
     log.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     with log.open("w") as out:
@@ -318,12 +323,15 @@ def table(rows: list[dict], nn_row: dict, args: argparse.Namespace, machine: str
     return "\n".join(lines)
 
 
-def write_results_md(path: Path, block: str) -> None:
+def write_results_md(path: Path, block: str, heading: str = "Real photos") -> None:
+    """Put ``block`` (its first and last lines are its markers) in place of the one between the
+    same markers in ``path``, or add it under a new ``heading`` at the end."""
+    begin, end = block.splitlines()[0], block.splitlines()[-1]
     text = path.read_text() if path.exists() else ""
-    if BEGIN in text and END in text:
-        text = text[: text.index(BEGIN)] + block + text[text.index(END) + len(END) :]
+    if begin in text and end in text:
+        text = text[: text.index(begin)] + block + text[text.index(end) + len(end) :]
     else:
-        text = text.rstrip() + "\n\n## Real photos\n\n" + block + "\n"
+        text = text.rstrip() + f"\n\n## {heading}\n\n" + block + "\n"
     path.write_text(text)
 
 
