@@ -68,6 +68,10 @@ VARIANTS: dict[str, list[str]] = {
     ],
     "encoder_lr_1e-4": ["--model.init_args.encoder_lr", "0.0001"],  # the config's former value
     "no_attention": ["--model.init_args.attention", "none", "--model.init_args.sentinel", "false"],
+    "no_attention_encoder_lr_1e-4": [
+        "--model.init_args.attention", "none", "--model.init_args.sentinel", "false",
+        "--model.init_args.encoder_lr", "0.0001",
+    ],
     # The seed spread: the same two decoders again from other initial weights and batch order.
     "shipped_seed1": ["--seed_everything", "1"],
     "no_sentinel_seed1": ["--seed_everything", "1", "--model.init_args.sentinel", "false"],
