@@ -242,6 +242,8 @@ def evaluate(args: argparse.Namespace, name: str, truth: dict) -> dict:
     run's model decoded differently) and score them: COCO metrics against the five references,
     digit accuracy, and the pointing game over the digits' boxes (all described words, digits,
     size words; none without attention)."""
+    from real_photos import repeats_trigram  # a sibling script
+
     from captioning.eval.metrics import caption_scores
     from captioning.io.model_loading import load_model
     from captioning.models.inference import caption_images
@@ -284,12 +286,6 @@ def localisation(words: list, attention: list, scenes: list) -> dict[str, float 
         "localisation_digits": game["localisation_nouns"],
         "localisation_sizes": (game["localisation_hits"] - game["localisation_nouns_hits"]) / sizes if sizes else None,
     }
-
-
-def repeats_trigram(caption: str) -> bool:
-    w = caption.split()
-    grams = [tuple(w[i : i + 3]) for i in range(len(w) - 2)]
-    return len(set(grams)) < len(grams)
 
 
 def table(rows: list[dict], counts: dict[str, int], args: argparse.Namespace, machine: str) -> str:

@@ -150,22 +150,23 @@ def caption_quality(predictions: dict, references: dict) -> dict[str, float]:
 
     scores = caption_scores(predictions, references)
     caps = list(predictions.values())
-
-    def repeats(c: str) -> bool:
-        w = c.split()
-        grams = [tuple(w[i : i + 3]) for i in range(len(w) - 2)]
-        return len(set(grams)) < len(grams)
-
     return {
         "bleu4": scores["bleu4"],
         "meteor": scores.get("meteor", float("nan")),
         "cider": scores["cider"],
         "distinct_captions": len(set(caps)),
         "words_used": len({w for c in caps for w in c.split()}),
-        "repeated_trigram_share": sum(map(repeats, caps)) / len(caps),
+        "repeated_trigram_share": sum(map(repeats_trigram, caps)) / len(caps),
         "mean_length": float(np.mean([len(c.split()) for c in caps])),
         "images": len(caps),
     }
+
+
+def repeats_trigram(caption: str) -> bool:
+    """Whether a caption says some three words twice ("... a white shirt and a white shirt")."""
+    w = caption.split()
+    grams = [tuple(w[i : i + 3]) for i in range(len(w) - 2)]
+    return len(set(grams)) < len(grams)
 
 
 def decode(model, feats: torch.Tensor, ids: list, no_repeat_ngram: int, length_penalty: float) -> dict:
