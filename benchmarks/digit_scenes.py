@@ -34,6 +34,7 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
+from real_photos import repeats_trigram, run_once, write_results_md  # a sibling script (benchmarks/)
 
 ROOT = Path(__file__).resolve().parent.parent
 BEGIN, END = "<!-- digit-scenes:begin -->", "<!-- digit-scenes:end -->"
@@ -232,8 +233,6 @@ def fit_command(args: argparse.Namespace, name: str) -> list[str]:
 
 
 def train(args: argparse.Namespace, name: str) -> None:
-    from real_photos import run_once  # a sibling script
-
     run_once(Path(args.work_dir), name, fit_command(args, name))
 
 
@@ -242,8 +241,6 @@ def evaluate(args: argparse.Namespace, name: str, truth: dict) -> dict:
     run's model decoded differently) and score them: COCO metrics against the five references,
     digit accuracy, and the pointing game over the digits' boxes (all described words, digits,
     size words; none without attention)."""
-    from real_photos import repeats_trigram  # a sibling script
-
     from captioning.eval.metrics import caption_scores
     from captioning.io.model_loading import load_model
     from captioning.models.inference import caption_images
@@ -350,8 +347,6 @@ def main(argv: list[str] | None = None) -> None:
     if args.json:
         Path(args.json).write_text(json.dumps({"rows": rows, "machine": machine}, indent=1))
     if args.results_md:
-        from real_photos import write_results_md  # a sibling script
-
         write_results_md(Path(args.results_md), block, "Handwritten-digit scenes")
 
 
